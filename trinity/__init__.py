@@ -1,0 +1,1 @@
+"""Trinity: reinforcement fine-tuning for LLMs that needs no local GPU."""
