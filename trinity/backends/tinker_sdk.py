@@ -1,0 +1,208 @@
+"""The Tinker backend: the official SDK over HTTP, to Thinking Machines' service or `trinity server`.
+
+Nothing here needs a GPU or model weights: the learner and sampler live behind ``base_url``.
+Transient failures (timeouts, 5xx, connection resets, a restarting server) are retried with
+exponential backoff and logged, so a run reports trouble instead of hanging silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import tinker
+from tinker import types
+
+from trinity.backends.base import CustomLoss
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRYABLE = (
+    tinker.APIConnectionError,
+    tinker.APITimeoutError,
+    tinker.InternalServerError,
+    tinker.RateLimitError,
+    asyncio.TimeoutError,
+    httpx.TransportError,
+)
+
+
+class TinkerBackendError(RuntimeError):
+    """A Tinker request failed for good (after retries, or a non-retryable error)."""
+
+
+async def with_retries(
+    what: str, make: Callable[[], Awaitable[T]], attempts: int = 6, timeout: float | None = 600.0
+) -> T:
+    """Await ``make()`` with a timeout, retrying transient failures with exponential backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await asyncio.wait_for(make(), timeout)
+        except RETRYABLE as exc:
+            if attempt == attempts:
+                raise TinkerBackendError(f"{what} failed after {attempts} attempts: {exc}") from exc
+            delay = min(2.0**attempt, 30.0)
+            log.warning(
+                "%s failed (%s: %s); retry %d/%d in %.0fs",
+                what,
+                type(exc).__name__,
+                exc,
+                attempt,
+                attempts - 1,
+                delay,
+            )
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class TinkerSession:
+    """One ServiceClient (session) and RestClient for a run."""
+
+    def __init__(self, base_url: str | None, api_key: str):
+        self.service = tinker.ServiceClient(base_url=base_url, api_key=api_key)
+        self.rest = tinker.RestClient(base_url=base_url, api_key=api_key)
+        self._tokenizer: Any = None
+
+    def supported_models(self) -> list[str]:
+        caps = self.rest.get_server_capabilities().result()
+        return [m.model_name for m in caps.supported_models if m.model_name]
+
+    def check_model(self, base_model: str) -> None:
+        """Fail before any work when the service does not serve ``base_model``."""
+        supported = self.supported_models()
+        if base_model not in supported:
+            raise TinkerBackendError(
+                f"model.tinker.base_model '{base_model}' is not served by the Tinker service "
+                f"(supported: {', '.join(supported) or 'none'})"
+            )
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.service.close)
+
+
+class TinkerTrainer:
+    def __init__(self, session: TinkerSession, client: Any):
+        self.session = session
+        self.client = client
+        self.tokenizer = client.get_tokenizer()
+
+    @classmethod
+    async def create(
+        cls,
+        session: TinkerSession,
+        base_model: str,
+        *,
+        rank: int,
+        seed: int | None,
+        train_mlp: bool,
+        train_attn: bool,
+        train_unembed: bool,
+    ) -> TinkerTrainer:
+        client = await with_retries(
+            "create_lora_training_client",
+            lambda: session.service.create_lora_training_client(
+                base_model=base_model,
+                rank=rank,
+                seed=seed,
+                train_mlp=train_mlp,
+                train_attn=train_attn,
+                train_unembed=train_unembed,
+            ),
+        )
+        return cls(session, client)
+
+    @classmethod
+    async def from_state(cls, session: TinkerSession, ref: str) -> TinkerTrainer:
+        client = await with_retries(
+            "create_training_client_from_state_with_optimizer",
+            lambda: session.service.create_training_client_from_state_with_optimizer(ref),
+        )
+        return cls(session, client)
+
+    def forward_backward(self, data, loss_fn, loss_fn_config=None):
+        return self.client.forward_backward(data, loss_fn, loss_fn_config)
+
+    def forward_backward_custom(self, data: list[types.Datum], loss_fn: CustomLoss):
+        return self.client.forward_backward_custom(data, loss_fn)
+
+    def optim_step(self, params: types.AdamParams):
+        return self.client.optim_step(params)
+
+    async def save_state(self, name: str, directory: str) -> str:
+        response = await with_retries("save_state", lambda: self.client.save_state(name))
+        return response.path
+
+    async def load_state(self, ref: str) -> None:
+        fresh = await TinkerTrainer.from_state(self.session, ref)
+        self.client = fresh.client
+
+    async def publish_sampler(self, name: str, directory: str) -> str:
+        response = await with_retries(
+            "save_weights_for_sampler", lambda: self.client.save_weights_for_sampler(name)
+        )
+        return response.path
+
+    async def export_adapter(self, directory: str) -> str:
+        """Save the weights in HF format on the service, then download every file."""
+        name = Path(directory).name or "final"
+        saved = await with_retries(
+            "save_weights_external", lambda: self.client.save_weights_external(name)
+        )
+        urls = await with_retries(
+            "get_external_weights_urls",
+            lambda: self.session.rest.get_external_weights_urls(saved.path),
+        )
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        async with httpx.AsyncClient(timeout=600, follow_redirects=True) as http:
+            for filename, url in urls.urls.items():
+                response = await http.get(url)
+                response.raise_for_status()
+                (out / filename).write_bytes(response.content)
+        return str(out)
+
+    async def close(self) -> None:
+        return None
+
+
+class TinkerSampler:
+    def __init__(self, session: TinkerSession, client: Any, ref: str | None):
+        self.session = session
+        self.client = client
+        self.ref = ref
+        self.tokenizer = client.get_tokenizer()
+
+    @classmethod
+    async def create(
+        cls, session: TinkerSession, base_model: str, ref: str | None = None
+    ) -> TinkerSampler:
+        client = await with_retries(
+            "create_sampling_client",
+            lambda: session.service.create_sampling_client(
+                model_path=ref, base_model=None if ref else base_model
+            ),
+        )
+        return cls(session, client, ref)
+
+    def sample(self, prompt_tokens: list[int], num_samples: int, params: types.SamplingParams):
+        prompt = types.ModelInput.from_ints(list(prompt_tokens))
+        return with_retries("sample", lambda: self.client.sample(prompt, num_samples, params))
+
+    async def compute_logprobs(self, tokens: list[int]) -> list[float | None]:
+        prompt = types.ModelInput.from_ints(list(tokens))
+        return await with_retries("compute_logprobs", lambda: self.client.compute_logprobs(prompt))
+
+    async def switch(self, ref: str | None) -> None:
+        old = self.ref
+        fresh = await TinkerSampler.create(self.session, self.client.get_base_model(), ref)
+        self.client, self.ref = fresh.client, ref
+        if old is not None and old != ref:
+            try:  # stale sampler weights cost storage on the service; losing this is harmless
+                await self.session.rest.delete_checkpoint_from_tinker_path(old)
+            except tinker.TinkerError as exc:
+                log.warning("could not delete stale sampler checkpoint %s: %s", old, exc)

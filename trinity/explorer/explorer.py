@@ -1,0 +1,199 @@
+"""The explorer: taskset batches -> workflows -> experiences with group advantages -> buffer.
+
+One explore step rolls out ``buffer.batch_size`` tasks, each ``repeat_times`` times, with at most
+``engine_num x runner_per_model`` workflows in flight; their sample requests meet in the
+backend, which decodes them as one batch. Advantages are computed here, per task group, so the
+trainer stays algorithm-blind and every algorithm runs on every backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from trinity.explorer.sampler import PolicySampler, RolloutSettings, derive_seed
+from trinity.workflows import WORKFLOWS
+from trinity.workflows.types import Experience, Task
+
+log = logging.getLogger(__name__)
+
+
+class Explorer:
+    def __init__(
+        self,
+        *,
+        sampler: Any,  # a backends.base.SamplerBackend
+        settings: RolloutSettings,
+        reader: Any,  # buffer.tasksets.TasksetReader
+        buffer: Any,  # buffer.experience buffer
+        synchronizer: Any,
+        monitor: Any,
+        advantage_fn: Callable[[list[Experience]], dict[str, float]],
+        runners: int = 8,
+        seed: int = 42,
+        max_retry_times: int = 2,
+        max_timeout: float = 1800.0,
+        eval_readers: dict[str, Any] | None = None,
+        eval_interval: int = 0,
+        eval_on_startup: bool = False,
+    ):
+        self.sampler = sampler
+        self.settings = settings
+        self.reader = reader
+        self.buffer = buffer
+        self.synchronizer = synchronizer
+        self.monitor = monitor
+        self.advantage_fn = advantage_fn
+        self.runners = asyncio.Semaphore(max(1, runners))
+        self.seed = seed
+        self.max_retry_times = max_retry_times
+        self.max_timeout = max_timeout
+        self.eval_readers = eval_readers or {}
+        self.eval_interval = eval_interval
+        self.eval_on_startup = eval_on_startup
+        self.model_version = 0
+
+    async def run(self, start_step: int, total_steps: int) -> int:
+        """Explore steps ``start_step+1 .. total_steps``; returns the last step done."""
+        step = start_step
+        if self.eval_on_startup and self.eval_readers and start_step == 0:
+            await self.evaluate(0)
+        try:
+            while step < total_steps:
+                await self.maybe_sync(step)
+                tasks = self.reader.read_batch()
+                if not tasks:
+                    break
+                step += 1
+                experiences, metrics = await self.explore_step(step, tasks)
+                await self.buffer.put(experiences)
+                self.monitor.log(metrics, step)
+                if self.eval_interval and step % self.eval_interval == 0 and self.eval_readers:
+                    await self.evaluate(step)
+        finally:
+            await self.buffer.close()
+        return step
+
+    async def maybe_sync(self, steps_done: int) -> None:
+        if not self.synchronizer.explorer_should_sync(steps_done):
+            return
+        started = time.monotonic()
+        wanted = self.synchronizer.required_version(steps_done, self.model_version)
+        latest = await self.synchronizer.wait_for(wanted)
+        if latest.version > self.model_version:
+            await self.sampler.switch(latest.ref)
+            self.model_version = latest.version
+            log.info(
+                "explorer synced weights at step %d, model version = %d", steps_done, latest.version
+            )
+        self.monitor.log({"explorer/time/wait_sync": time.monotonic() - started}, steps_done + 1)
+
+    async def explore_step(
+        self, step: int, tasks: list[Task]
+    ) -> tuple[list[Experience], dict[str, float]]:
+        started = time.monotonic()
+        groups = await asyncio.gather(
+            *(self.run_task(task, step, i) for i, task in enumerate(tasks))
+        )
+        experiences = [exp for group in groups for exp in group]
+        advantage_metrics = self.advantage_fn(experiences)
+        metrics = rollout_metrics(experiences, prefix="rollout")
+        metrics.update({f"experience_pipeline/{k}": v for k, v in advantage_metrics.items()})
+        metrics.update(
+            {
+                "rollout/model_version": float(self.model_version),
+                "rollout/finished_task_count": float(sum(1 for g in groups if g)),
+                "experience_pipeline/experience_count": float(len(experiences)),
+                "explorer/time/explore_step": time.monotonic() - started,
+            }
+        )
+        return experiences, metrics
+
+    async def run_task(
+        self, task: Task, step: int, index: int, *, is_eval: bool = False
+    ) -> list[Experience]:
+        """One workflow run with retries and a timeout; a task that keeps failing yields nothing."""
+        workflow_cls = WORKFLOWS.get(task.workflow)
+        for attempt in range(self.max_retry_times + 1):
+            seed = derive_seed(
+                self.seed, "eval" if is_eval else "train", step, task.task_id, attempt
+            )
+            sampler = PolicySampler(self.sampler, self.settings, seed=seed)
+            try:
+                async with self.runners:
+                    experiences = await asyncio.wait_for(
+                        workflow_cls(task, sampler).run(), self.max_timeout
+                    )
+            except Exception as exc:  # noqa: BLE001 - a workflow is user code; report and retry
+                log.warning(
+                    "task %s failed (attempt %d): %s: %s",
+                    task.task_id,
+                    attempt + 1,
+                    type(exc).__name__,
+                    exc,
+                )
+                continue
+            group_id = f"{step}/{task.task_id}"
+            for exp in experiences:
+                exp.group_id = group_id
+                exp.model_version = self.model_version
+                exp.is_eval = is_eval
+            return experiences
+        return []
+
+    async def evaluate(self, step: int) -> None:
+        started = time.monotonic()
+        metrics: dict[str, float] = {}
+        for name, reader in self.eval_readers.items():
+            tasks = reader.all_tasks()
+            groups = await asyncio.gather(
+                *(self.run_task(task, step, i, is_eval=True) for i, task in enumerate(tasks))
+            )
+            metrics.update(eval_metrics(groups, prefix=f"eval/{name}"))
+        metrics["time/eval"] = time.monotonic() - started
+        self.monitor.log(metrics, step)
+
+
+def rollout_metrics(experiences: list[Experience], prefix: str) -> dict[str, float]:
+    """``<prefix>/<component>/{mean,max,min}`` for each reward component, and the summed reward."""
+    by_key: dict[str, list[float]] = defaultdict(list)
+    for exp in experiences:
+        by_key["reward"].append(exp.reward)
+        for key, value in exp.reward_components.items():
+            by_key[key].append(value)
+        by_key["response_length"].append(float(exp.response_length))
+    metrics = {}
+    for key, values in by_key.items():
+        metrics[f"{prefix}/{key}/mean"] = statistics.fmean(values)
+        metrics[f"{prefix}/{key}/max"] = max(values)
+        metrics[f"{prefix}/{key}/min"] = min(values)
+    return metrics
+
+
+def eval_metrics(groups: list[list[Experience]], prefix: str) -> dict[str, float]:
+    """mean@k / std@k / best@k / worst@k over tasks, each task rolled out k times."""
+    per_key: dict[str, list[list[float]]] = defaultdict(list)
+    for group in groups:
+        if not group:
+            continue
+        keys = {"reward", *group[0].reward_components}
+        for key in keys:
+            per_key[key].append(
+                [
+                    exp.reward if key == "reward" else exp.reward_components.get(key, 0.0)
+                    for exp in group
+                ]
+            )
+    metrics = {}
+    for key, samples in per_key.items():
+        k = max(len(s) for s in samples)
+        metrics[f"{prefix}/{key}/mean@{k}"] = statistics.fmean(statistics.fmean(s) for s in samples)
+        metrics[f"{prefix}/{key}/std@{k}"] = statistics.fmean(statistics.pstdev(s) for s in samples)
+        metrics[f"{prefix}/{key}/best@{k}"] = statistics.fmean(max(s) for s in samples)
+        metrics[f"{prefix}/{key}/worst@{k}"] = statistics.fmean(min(s) for s in samples)
+    return metrics

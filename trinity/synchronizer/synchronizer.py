@@ -1,0 +1,143 @@
+"""When the explorer swaps to newer trained weights, and how it learns about them.
+
+Semantics follow the original (``sync_interval``, ``sync_offset``, ``sync_style``): with interval
+1 and offset 0 every explore step uses the weights trained on the previous step's data; with
+offset k the explorer runs k steps ahead, so sampling and training overlap (one-step off-policy
+for k = 1). Published weights are always recorded on disk (``latest_state_dict_iteration.txt``
+and ``global_step_N/sampler_path.txt``) so an explorer in another process can follow by polling;
+in one process an ``asyncio.Condition`` wakes it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+LATEST_FILE = "latest_state_dict_iteration.txt"
+FINISHED_FILE = "trainer_finished.txt"
+
+
+class SyncTimeoutError(TimeoutError):
+    pass
+
+
+@dataclass
+class Published:
+    version: int
+    ref: str | None
+
+
+class Synchronizer:
+    def __init__(
+        self,
+        job_dir: str | Path,
+        *,
+        sync_interval: int = 1,
+        sync_offset: int = 0,
+        sync_style: str = "fixed",
+        sync_timeout: float = 3600.0,
+        explorer_sync_interval: int | None = None,
+        trainer_sync_interval: int | None = None,
+        poll_seconds: float = 1.0,
+    ):
+        self.job_dir = Path(job_dir)
+        self.explorer_interval = explorer_sync_interval or sync_interval
+        self.trainer_interval = trainer_sync_interval or sync_interval
+        self.offset = sync_offset
+        self.style = sync_style
+        self.timeout = sync_timeout
+        self.poll_seconds = poll_seconds
+        self._latest = Published(0, None)
+        self._trainer_finished = False
+        self._changed: asyncio.Condition | None = None
+
+    def reset(self) -> None:
+        """A new trainer is starting: a finished marker from an earlier run no longer holds."""
+        (self.job_dir / FINISHED_FILE).unlink(missing_ok=True)
+        self._trainer_finished = False
+
+    # ---- trainer side -------------------------------------------------------------------------
+    def trainer_should_publish(self, train_step: int) -> bool:
+        return train_step % self.trainer_interval == 0
+
+    async def publish(self, version: int, ref: str | None) -> None:
+        step_dir = self.job_dir / f"global_step_{version}"
+        step_dir.mkdir(parents=True, exist_ok=True)
+        (step_dir / "sampler_path.txt").write_text(ref or "")
+        _atomic_write(self.job_dir / LATEST_FILE, str(version))
+        self._latest = Published(version, ref)
+        await self._notify()
+
+    async def trainer_finished(self) -> None:
+        _atomic_write(self.job_dir / FINISHED_FILE, str(self._latest.version))
+        self._trainer_finished = True
+        await self._notify()
+
+    # ---- explorer side ------------------------------------------------------------------------
+    def explorer_should_sync(self, explore_steps_done: int) -> bool:
+        """Before the next explore step: is this a sync point?"""
+        if self.style in ("trainer_driven", "fully_async"):
+            return True  # take whatever is newest at every step, never wait
+        steps = explore_steps_done - self.offset
+        return explore_steps_done > self.offset and steps % self.explorer_interval == 0
+
+    def required_version(self, explore_steps_done: int, current_version: int) -> int:
+        """The oldest weights version the explorer may use for its next step."""
+        if self.style in ("trainer_driven", "fully_async"):
+            return current_version
+        if self.style == "explorer_driven":
+            return current_version + 1
+        return explore_steps_done - self.offset
+
+    async def wait_for(self, version: int) -> Published:
+        """Newest published weights with version >= ``version``; returns early if training ended."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            latest = self.latest()
+            if latest.version >= version or self.is_trainer_finished():
+                return latest
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SyncTimeoutError(
+                    f"no trained weights of version {version} within synchronizer.sync_timeout="
+                    f"{self.timeout:g}s (latest is {latest.version})"
+                )
+            await self._wait_change(min(remaining, self.poll_seconds))
+
+    def latest(self) -> Published:
+        """In-memory state, or the files a trainer in another process wrote."""
+        latest_file = self.job_dir / LATEST_FILE
+        if latest_file.exists():
+            version = int(latest_file.read_text().strip() or 0)
+            if version > self._latest.version:
+                ref = (self.job_dir / f"global_step_{version}" / "sampler_path.txt").read_text()
+                self._latest = Published(version, ref or None)
+        return self._latest
+
+    def is_trainer_finished(self) -> bool:
+        return self._trainer_finished or (self.job_dir / FINISHED_FILE).exists()
+
+    # ---- plumbing -----------------------------------------------------------------------------
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def _notify(self) -> None:
+        async with self._condition():
+            self._condition().notify_all()
+
+    async def _wait_change(self, seconds: float) -> None:
+        try:
+            async with self._condition():
+                await asyncio.wait_for(self._condition().wait(), seconds)
+        except TimeoutError:
+            pass
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,184 @@
+"""The trainer: buffer -> datums -> learner calls -> published sampler weights and checkpoints.
+
+It is algorithm-blind below the loss plan: the plan turns experiences (whose advantages the
+explorer already computed) into Tinker datums and names the built-in loss; the trainer submits
+``forward_backward`` and ``optim_step`` back to back and only then awaits them, so a remote
+learner runs both in one clock cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tinker import types
+
+from trinity.workflows.types import Experience
+
+log = logging.getLogger(__name__)
+
+LATEST_CHECKPOINT_FILE = "latest_checkpointed_iteration.txt"
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        backend: Any,  # backends.base.TrainerBackend
+        plan: Any,  # algorithms loss plan: to_datums(), loss_fn, loss_fn_config, custom_loss
+        buffer: Any,
+        synchronizer: Any,
+        monitor: Any,
+        job_dir: str | Path,
+        train_batch_size: int,
+        adam_params: Callable[[int], types.AdamParams],
+        save_interval: int = 0,
+        max_read_timeout: float = 1800.0,
+        ref_sampler: Any | None = None,
+        checkpoint_prefix: str = "trinity",
+    ):
+        self.backend = backend
+        self.plan = plan
+        self.buffer = buffer
+        self.synchronizer = synchronizer
+        self.monitor = monitor
+        self.job_dir = Path(job_dir)
+        self.train_batch_size = train_batch_size
+        self.adam_params = adam_params
+        self.save_interval = save_interval
+        self.max_read_timeout = max_read_timeout
+        self.ref_sampler = ref_sampler
+        self.prefix = checkpoint_prefix
+
+    async def run(self, start_step: int, total_steps: int) -> int:
+        step = start_step
+        try:
+            while step < total_steps:
+                started = time.monotonic()
+                batch = await self.buffer.get_batch(
+                    self.train_batch_size, timeout=self.max_read_timeout
+                )
+                if not batch:
+                    break
+                read_time = time.monotonic() - started
+                step += 1
+                metrics = await self.train_step(step, batch)
+                metrics["time/read_experience"] = read_time
+                if self.synchronizer.trainer_should_publish(step):
+                    metrics["time/sync_weight"] = await self.publish(step)
+                if self.save_interval and step % self.save_interval == 0:
+                    metrics["time/save_checkpoint"] = await self.save_checkpoint(step)
+                metrics["perf/time_per_step"] = time.monotonic() - started
+                self.monitor.log(metrics, step)
+            if step > start_step and not (self.save_interval and step % self.save_interval == 0):
+                await self.save_checkpoint(step)
+        finally:
+            await self.synchronizer.trainer_finished()
+        return step
+
+    async def train_step(self, step: int, batch: list[Experience]) -> dict[str, float]:
+        started = time.monotonic()
+        ref_logprobs = await self.reference_logprobs(batch) if self.plan.needs_reference else None
+        datums = self.plan.to_datums(batch, ref_logprobs)
+        if self.plan.custom_loss is not None:
+            fwd_bwd = self.backend.forward_backward_custom(datums, self.plan.custom_loss)
+        else:
+            fwd_bwd = self.backend.forward_backward(
+                datums, self.plan.loss_fn, self.plan.loss_fn_config
+            )
+        optim = self.backend.optim_step(self.adam_params(step))  # queued before awaiting fwd_bwd
+        output = await fwd_bwd
+        optim_result = await optim
+        update_time = time.monotonic() - started
+
+        metrics = batch_metrics(batch)
+        metrics.update(self.plan.metrics(datums, output))
+        metrics.update(_optim_metrics(optim_result))
+        n_tokens = sum(len(exp.tokens) for exp in batch)
+        metrics.update(
+            {
+                "actor/lr": self.adam_params(step).learning_rate,
+                "time/update_actor": update_time,
+                "perf/total_num_tokens": float(n_tokens),
+                "perf/throughput": n_tokens / max(update_time, 1e-9),
+            }
+        )
+        return metrics
+
+    async def reference_logprobs(self, batch: list[Experience]) -> list[list[float]]:
+        """Base-model logprobs of each response token (for KL against the reference policy)."""
+        full = await asyncio.gather(
+            *(self.ref_sampler.compute_logprobs(exp.tokens) for exp in batch)
+        )
+        return [
+            [float(x) for x in lp[exp.prompt_length :]] for lp, exp in zip(full, batch, strict=True)
+        ]
+
+    async def publish(self, step: int) -> float:
+        started = time.monotonic()
+        step_dir = self.job_dir / f"global_step_{step}"
+        ref = await self.backend.publish_sampler(f"{self.prefix}-sampler-{step}", str(step_dir))
+        await self.synchronizer.publish(step, ref)
+        return time.monotonic() - started
+
+    async def save_checkpoint(self, step: int) -> float:
+        started = time.monotonic()
+        step_dir = self.job_dir / f"global_step_{step}"
+        step_dir.mkdir(parents=True, exist_ok=True)
+        ref = await self.backend.save_state(f"{self.prefix}-state-{step}", str(step_dir))
+        (step_dir / "checkpoint_path.txt").write_text(ref)
+        (self.job_dir / "trainer_meta.json").write_text(
+            json.dumps({"step": step, "checkpoint": ref})
+        )
+        tmp = self.job_dir / (LATEST_CHECKPOINT_FILE + ".tmp")
+        tmp.write_text(str(step))
+        tmp.replace(self.job_dir / LATEST_CHECKPOINT_FILE)  # written last: the step is complete
+        log.info("saved checkpoint for step %d: %s", step, ref)
+        return time.monotonic() - started
+
+
+def latest_checkpoint(job_dir: str | Path) -> tuple[int, str] | None:
+    """(step, state reference) of the last complete checkpoint, or None for a fresh run."""
+    job_dir = Path(job_dir)
+    marker = job_dir / LATEST_CHECKPOINT_FILE
+    if not marker.exists():
+        return None
+    step = int(marker.read_text().strip())
+    return step, (job_dir / f"global_step_{step}" / "checkpoint_path.txt").read_text().strip()
+
+
+def batch_metrics(batch: list[Experience]) -> dict[str, float]:
+    """Original metric names: critic/rewards, critic/advantages, response/prompt lengths."""
+    rewards = [exp.reward for exp in batch]
+    advantages = [
+        a for exp in batch for a, m in zip(exp.advantages or [], exp.loss_mask, strict=False) if m
+    ]
+    response_lengths = [float(exp.response_length) for exp in batch]
+    prompt_lengths = [float(exp.prompt_length) for exp in batch]
+    metrics: dict[str, float] = {}
+    for name, values in (
+        ("critic/rewards", rewards),
+        ("critic/score", rewards),
+        ("critic/advantages", advantages),
+        ("response_length", response_lengths),
+        ("prompt_length", prompt_lengths),
+    ):
+        if values:
+            metrics[f"{name}/mean"] = statistics.fmean(values)
+            metrics[f"{name}/max"] = max(values)
+            metrics[f"{name}/min"] = min(values)
+    metrics["response_length/clip_ratio"] = statistics.fmean(float(exp.truncated) for exp in batch)
+    metrics["sample/model_version/mean"] = statistics.fmean(exp.model_version for exp in batch)
+    metrics["sample/task_count"] = float(len({exp.group_id for exp in batch}))
+    return metrics
+
+
+def _optim_metrics(result: Any) -> dict[str, float]:
+    metrics = result if isinstance(result, dict) else (getattr(result, "metrics", None) or {})
+    return {f"actor/{k.split(':')[0]}": float(v) for k, v in metrics.items()}
