@@ -1,0 +1,80 @@
+"""Algorithms: advantages, KL / entropy terms, loss aggregation, loss mapping, lr schedules.
+
+Pure functions over tensors and plain lists (no model, no backend, no ``trinity.workflows``).
+The explorer calls ``explorer_advantage_fn(config)``; the trainer uses ``build_loss_plan(config)``.
+"""
+
+from trinity.algorithms.advantages import (
+    ADVANTAGE_FNS,
+    asymre_advantages,
+    compute_advantages,
+    group_advantage_fn,
+    grpo_advantages,
+    opmd_advantages,
+    reinforce_advantages,
+    reinforce_plus_plus_advantages,
+    rloo_advantages,
+)
+from trinity.algorithms.aggregation import LOSS_AGG_MODES, aggregate, token_scales
+from trinity.algorithms.kl import (
+    KL_FNS,
+    entropy_from_logits,
+    kl,
+    original_entropy_estimate,
+    sampled_entropy,
+)
+from trinity.algorithms.losses import (
+    POLICY_LOSSES,
+    DatumBatch,
+    LossPlan,
+    PolicyLoss,
+    TokenInfo,
+    build_loss_plan,
+    builtin_token_loss,
+    info_from_datum,
+)
+from trinity.algorithms.schedules import adam_params_fn, lr_at, lr_factor, warmup_steps
+from trinity.algorithms.spec import (
+    ALGORITHMS,
+    AlgorithmSettings,
+    AlgorithmSpec,
+    explorer_advantage_fn,
+    resolve_algorithm,
+)
+
+__all__ = [
+    "ADVANTAGE_FNS",
+    "ALGORITHMS",
+    "KL_FNS",
+    "LOSS_AGG_MODES",
+    "POLICY_LOSSES",
+    "AlgorithmSettings",
+    "AlgorithmSpec",
+    "DatumBatch",
+    "LossPlan",
+    "PolicyLoss",
+    "TokenInfo",
+    "adam_params_fn",
+    "aggregate",
+    "asymre_advantages",
+    "build_loss_plan",
+    "builtin_token_loss",
+    "compute_advantages",
+    "entropy_from_logits",
+    "explorer_advantage_fn",
+    "group_advantage_fn",
+    "grpo_advantages",
+    "info_from_datum",
+    "kl",
+    "lr_at",
+    "lr_factor",
+    "opmd_advantages",
+    "original_entropy_estimate",
+    "reinforce_advantages",
+    "reinforce_plus_plus_advantages",
+    "resolve_algorithm",
+    "rloo_advantages",
+    "sampled_entropy",
+    "token_scales",
+    "warmup_steps",
+]

@@ -1,0 +1,226 @@
+"""Advantage functions, computed client-side (explorer or loss plan), never by the learner.
+
+Group functions map the scalar rewards of one task's samples, ``rewards_G``, to one advantage per
+sample; the explorer broadcasts it over the sample's response tokens. ``reinforce_plus_plus``
+is batch-level (returns are whitened over every response token of the batch), so the loss plan
+runs it on the training batch, where reference logprobs for its KL penalty are also at hand.
+
+Everything works on plain tensors / lists so the layer stays below ``trinity.workflows``; the
+experience-level adapter only duck-types ``reward``, ``group_id``, ``loss_mask``, ``advantages``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trinity.registry import Registry
+
+GroupAdvantageFn = Callable[..., Tensor]
+ADVANTAGE_FNS: Registry[GroupAdvantageFn] = Registry("advantage_fn")
+
+# Advantage functions whose work happens on the whole training batch in the loss plan.
+BATCH_ADVANTAGE_FNS = {"reinforceplusplus"}
+
+
+def _as_tensor(rewards_G: Sequence[float] | Tensor) -> Tensor:
+    return torch.as_tensor(rewards_G, dtype=torch.float32).reshape(-1)
+
+
+@ADVANTAGE_FNS.register("grpo")
+def grpo_advantages(rewards_G: Sequence[float] | Tensor, epsilon: float = 1e-6) -> Tensor:
+    """A = (r - mean) / (std + eps), torch's unbiased std; a lone sample keeps A = r (mean 0, std 1)."""
+    r = _as_tensor(rewards_G)
+    if r.numel() == 1:
+        return r.clone()
+    return (r - r.mean()) / (r.std() + epsilon)
+
+
+@ADVANTAGE_FNS.register("opmd")
+def opmd_advantages(
+    rewards_G: Sequence[float] | Tensor, opmd_baseline: str = "mean", tau: float = 1.0
+) -> Tensor:
+    """A = r - b with b the group mean or tau * log(mean(exp(r / tau))); no std normalization.
+
+    A lone sample uses b = 0, as the original does.
+    """
+    r = _as_tensor(rewards_G)
+    if r.numel() == 1:
+        return r.clone()
+    if opmd_baseline == "mean":
+        baseline = r.mean()
+    elif opmd_baseline == "logavgexp":
+        baseline = tau * (torch.logsumexp(r / tau, dim=0) - math.log(r.numel()))
+    else:
+        raise ValueError(f"opmd_baseline must be 'mean' or 'logavgexp', got {opmd_baseline!r}")
+    return r - baseline
+
+
+@ADVANTAGE_FNS.register("rloo")
+def rloo_advantages(rewards_G: Sequence[float] | Tensor) -> Tensor:
+    """A_i = r_i - mean of the other samples' rewards (leave-one-out); a lone sample keeps A = r."""
+    r = _as_tensor(rewards_G)
+    n = r.numel()
+    if n == 1:
+        return r.clone()
+    return r - (r.sum() - r) / (n - 1)
+
+
+@ADVANTAGE_FNS.register("asymre")
+def asymre_advantages(rewards_G: Sequence[float] | Tensor, baseline_shift: float = -0.1) -> Tensor:
+    """A = r - (mean + shift): a shifted baseline makes positive and negative samples asymmetric."""
+    r = _as_tensor(rewards_G)
+    if r.numel() == 1:
+        return r.clone()
+    return r - (r.mean() + baseline_shift)
+
+
+@ADVANTAGE_FNS.register("reinforce")
+def reinforce_advantages(rewards_G: Sequence[float] | Tensor) -> Tensor:
+    """A = r: plain REINFORCE, no baseline."""
+    return _as_tensor(rewards_G).clone()
+
+
+def compute_advantages(
+    advantage_fn: str,
+    rewards_by_group: Mapping[Hashable, Sequence[float]],
+    std_threshold: float | None = None,
+    **fn_args: Any,
+) -> tuple[dict[Hashable, Tensor], dict[str, float]]:
+    """Run a group advantage function over every group.
+
+    ``std_threshold`` (GRPO's option, honoured for any group function) drops groups whose reward
+    std is at or below it, and lone samples, as the original does: their advantages would carry no
+    signal. Dropped groups are absent from the returned dict. Metrics use the original names.
+    ``advantage_fn`` may also name an algorithm (``dapo`` -> its ``grpo``).
+    """
+    if advantage_fn not in ADVANTAGE_FNS:
+        from trinity.algorithms.spec import ALGORITHMS  # spec imports this module
+
+        if advantage_fn in ALGORITHMS and ALGORITHMS.get(advantage_fn).advantage_fn:
+            advantage_fn = ALGORITHMS.get(advantage_fn).advantage_fn
+    fn = ADVANTAGE_FNS.get(advantage_fn)
+    advantages: dict[Hashable, Tensor] = {}
+    means, stds, dropped = [], [], 0
+    for key, rewards in rewards_by_group.items():
+        r = _as_tensor(rewards)
+        std = r.std() if r.numel() > 1 else torch.tensor(0.0)
+        means.append(float(r.mean()))
+        stds.append(float(std))
+        if std_threshold is not None and (r.numel() == 1 or float(std) <= std_threshold):
+            dropped += r.numel()
+            continue
+        advantages[key] = fn(r, **fn_args)
+    metrics: dict[str, float] = {}
+    if means:
+        metrics["group_advantages/reward_mean"] = sum(means) / len(means)
+        metrics["group_advantages/reward_std"] = sum(stds) / len(stds)
+    if std_threshold is not None:
+        metrics["group_advantages/filtered_count"] = float(dropped)
+    return advantages, metrics
+
+
+def reinforce_plus_plus_advantages(
+    rewards: Sequence[float],
+    masks: Sequence[Tensor],
+    kl: Sequence[Tensor] | None = None,
+    kl_coef: float = 0.0,
+    gamma: float = 1.0,
+    eps: float = 1e-8,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """REINFORCE++ (arXiv 2501.03262, as in veRL): token rewards, returns, batch whitening.
+
+    Per sequence i with response mask m_i: the token reward is ``-kl_coef * kl_i * m_i`` plus the
+    scalar reward on the last response token; the return is the discounted reverse cumulative sum
+    (gamma = 1 by default); advantages are the returns whitened over every masked token of the
+    batch (mean, unbiased variance, ``(x - mean) / sqrt(var + eps)``) and multiplied by the mask.
+    Sequences are unpadded here, so veRL's reset-after-EOS has nothing to do. Returns
+    ``(advantages, returns)``, one tensor per sequence.
+    """
+    if kl is not None and len(kl) != len(masks):
+        raise ValueError("need one KL tensor per sequence")
+    returns: list[Tensor] = []
+    for i, (reward, mask) in enumerate(zip(rewards, masks, strict=True)):
+        m = torch.as_tensor(mask, dtype=torch.float32)
+        token_rewards = torch.zeros_like(m)
+        if kl is not None and kl_coef:
+            token_rewards = (
+                token_rewards - kl_coef * torch.as_tensor(kl[i], dtype=torch.float32) * m
+            )
+        if m.numel():
+            token_rewards[-1] += float(reward)
+        ret = torch.zeros_like(m)
+        running = 0.0
+        for t in range(m.numel() - 1, -1, -1):
+            running = token_rewards[t] + gamma * running
+            ret[t] = running
+        returns.append(ret)
+    flat_ret = torch.cat(returns) if returns else torch.zeros(0)
+    flat_mask = (
+        torch.cat([torch.as_tensor(m, dtype=torch.float32) for m in masks]) if masks else flat_ret
+    )
+    n = float(flat_mask.sum())
+    if n == 0:
+        return [torch.zeros_like(r) for r in returns], returns
+    mean = (flat_ret * flat_mask).sum() / n
+    var = (((flat_ret - mean) ** 2) * flat_mask).sum() / n
+    if n > 1:
+        var = var * n / (n - 1)  # unbiased, like veRL's masked_whiten
+    advantages = [
+        (r - mean) * torch.rsqrt(var + eps) * torch.as_tensor(m, dtype=torch.float32)
+        for r, m in zip(returns, masks, strict=True)
+    ]
+    return advantages, returns
+
+
+def group_advantage_fn(
+    advantage_fn: str,
+    advantage_fn_args: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+) -> Callable[[list[Any]], dict[str, float]]:
+    """The explorer's hook: set ``exp.advantages`` for a list of experiences, in place.
+
+    Groups by ``group_id`` (falling back to ``task_id``). Dropped groups (``std_threshold``) are
+    removed from the list in place; with ``duplicate_experiences`` random surviving groups are
+    deep-copied to keep the batch size (Polaris). Batch-level functions (REINFORCE++) are left to
+    the loss plan, so the hook does nothing for them.
+    """
+    args = dict(advantage_fn_args or {})
+    std_threshold = args.pop("std_threshold", None)
+    duplicate = bool(args.pop("duplicate_experiences", False))
+    for unsupported in ("rank_penalty", "std_cal_level"):
+        if args.pop(unsupported, None) not in (None, "group"):
+            raise ValueError(f"advantage_fn_args.{unsupported} is not supported")
+    rng = random.Random(seed)
+
+    def apply(experiences: list[Any]) -> dict[str, float]:
+        if advantage_fn in BATCH_ADVANTAGE_FNS:
+            return {}
+        groups: dict[Hashable, list[Any]] = {}
+        for exp in experiences:
+            groups.setdefault(exp.group_id or exp.task_id, []).append(exp)
+        rewards = {key: [float(e.reward) for e in group] for key, group in groups.items()}
+        advantages, metrics = compute_advantages(
+            advantage_fn, rewards, std_threshold=std_threshold, **args
+        )
+        kept: list[Any] = []
+        for key, group in groups.items():
+            if key not in advantages:
+                continue
+            for exp, a in zip(group, advantages[key].tolist(), strict=True):
+                exp.advantages = [a * float(m) for m in exp.loss_mask]
+            kept.extend(group)
+        if duplicate and std_threshold is not None and advantages and len(advantages) < len(groups):
+            survivors = [groups[key] for key in advantages]
+            for _ in range(len(groups) - len(advantages)):
+                kept.extend(copy.deepcopy(rng.choice(survivors)))
+        experiences[:] = kept
+        return metrics
+
+    return apply
