@@ -1,0 +1,374 @@
+"""The experience buffer between explorer (producer) and trainer (consumer).
+
+Two implementations of one small interface (``put`` / ``get_batch`` / ``close`` / ``pending``):
+
+- ``ExperienceQueue``: in-process asyncio queue, for ``mode: both`` (explorer and trainer in one
+  event loop).
+- ``SqliteExperienceBuffer``: a SQLite file (WAL mode) shared by two OS processes, for
+  ``mode: explore`` + ``mode: train`` run side by side on the same job dir.
+
+Semantics, identical for both:
+
+- ``get_batch(n)`` waits until ``n`` experiences are available and returns exactly ``n``, oldest
+  first. An experience is consumed when ``get_batch`` returns it: the SQLite buffer takes a batch
+  in one transaction, so a reader killed before that commit loses nothing; one killed after it
+  has taken the batch (at-most-once delivery, as the original's queue).
+- ``close()`` (producer finished): readers then get what remains, possibly a short last batch,
+  and after that ``[]``: the end signal the trainer loop checks.
+- Waiting longer than ``max_read_timeout`` raises ``TimeoutError`` naming the config key.
+- ``put`` waits while ``capacity`` experiences are pending (backpressure); a batch is accepted
+  whenever there is room for one more, so a put larger than the capacity cannot deadlock.
+
+Optionally every experience the explorer produces is also kept, never consumed, in a table
+``explorer_output`` (``backup=True``) for inspection with any SQLite tool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from trinity.workflows.types import Experience
+
+TIMEOUT_KEY = "buffer.trainer_input.experience_buffer.max_read_timeout"
+
+
+@runtime_checkable
+class ExperienceBuffer(Protocol):
+    async def put(self, experiences: Sequence[Experience]) -> None: ...
+
+    async def get_batch(self, n: int, timeout: float | None = None) -> list[Experience]: ...
+
+    async def close(self) -> None: ...
+
+    def pending(self) -> int: ...
+
+
+def _read_timeout_error(n: int, timeout: float, available: int) -> TimeoutError:
+    return TimeoutError(
+        f"experience buffer: waited {timeout:g} s for a batch of {n} experiences but only "
+        f"{available} arrived; is the explorer running? (raise {TIMEOUT_KEY} to wait longer)"
+    )
+
+
+def _write_timeout_error(capacity: int, timeout: float) -> TimeoutError:
+    return TimeoutError(
+        f"experience buffer: full ({capacity} pending) for {timeout:g} s; is the trainer running? "
+        f"(buffer.trainer_input.experience_buffer.capacity)"
+    )
+
+
+def _check_n(n: int) -> None:
+    if n <= 0:
+        raise ValueError(f"get_batch needs n >= 1, got {n}")
+
+
+class ExperienceQueue:
+    """In-process buffer: a deque guarded by an ``asyncio.Condition``."""
+
+    def __init__(
+        self,
+        capacity: int = 10000,
+        max_read_timeout: float = 1800.0,
+        *,
+        backup_path: str | Path | None = None,
+    ):
+        self.capacity = capacity
+        self.max_read_timeout = max_read_timeout
+        self._items: collections.deque[Experience] = collections.deque()
+        self._cond = asyncio.Condition()
+        self._closed = False
+        self._archive = SqliteExperienceBuffer(backup_path, backup=True) if backup_path else None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def pending(self) -> int:
+        return len(self._items)
+
+    async def put(self, experiences: Sequence[Experience]) -> None:
+        if self._closed:
+            raise RuntimeError("put() on a closed experience buffer")
+        timeout = self.max_read_timeout
+        async with self._cond:
+            try:
+                async with asyncio.timeout(None if math.isinf(timeout) else timeout):
+                    await self._cond.wait_for(lambda: len(self._items) < self.capacity)
+            except TimeoutError:
+                raise _write_timeout_error(self.capacity, timeout) from None
+            self._items.extend(experiences)
+            self._cond.notify_all()
+        if self._archive is not None:
+            await asyncio.to_thread(self._archive.archive, experiences)
+
+    async def get_batch(self, n: int, timeout: float | None = None) -> list[Experience]:
+        _check_n(n)
+        timeout = self.max_read_timeout if timeout is None else timeout
+        async with self._cond:
+            try:
+                async with asyncio.timeout(None if math.isinf(timeout) else timeout):
+                    await self._cond.wait_for(lambda: len(self._items) >= n or self._closed)
+            except TimeoutError:
+                raise _read_timeout_error(n, timeout, len(self._items)) from None
+            batch = [self._items.popleft() for _ in range(min(n, len(self._items)))]
+            self._cond.notify_all()  # room for a blocked producer
+            return batch
+
+    async def close(self) -> None:
+        async with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._archive is not None:
+            self._archive.close_connection()
+
+    async def reopen(self) -> None:
+        """A producer starts (again): forget an earlier ``close``."""
+        async with self._cond:
+            self._closed = False
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS experience (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model_version INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS explorer_output (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model_version INTEGER NOT NULL,
+    task_id TEXT,
+    group_id TEXT,
+    reward REAL,
+    is_eval INTEGER,
+    data TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class SqliteExperienceBuffer:
+    """Buffer in a SQLite file, shared by processes on one machine (one file system).
+
+    Rows of ``experience`` are pending experiences (JSON of ``Experience.to_dict``) with their
+    ``model_version``; a reader takes the oldest ``n`` and deletes them in one ``BEGIN IMMEDIATE``
+    transaction, so concurrent readers never see the same row. A ``closed`` row in ``meta`` is the
+    producer's end marker; a producer's first ``put`` (or ``reopen``) clears a stale one left by an
+    earlier run. Readers poll with exponential backoff (50 ms to 1 s): SQLite has no notifications
+    across processes, and one query per second is nothing next to a training step.
+    """
+
+    POLL_MIN = 0.05
+    POLL_MAX = 1.0
+
+    def __init__(
+        self,
+        path: str | Path,
+        capacity: int = 10000,
+        max_read_timeout: float = 1800.0,
+        *,
+        backup: bool = False,
+    ):
+        self.path = Path(str(path).removeprefix("sqlite:///"))
+        self.capacity = capacity
+        self.max_read_timeout = max_read_timeout
+        self.backup = backup
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._producing = False
+        self._closed_here = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connection() as conn:
+            conn.executescript(_SCHEMA)
+
+    # --- connection -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _connection(self):
+        """The connection, opened lazily (so an instance pickles to a spawned process)."""
+        with self._lock:
+            if self._conn is None:
+                conn = sqlite3.connect(
+                    self.path, timeout=60.0, isolation_level=None, check_same_thread=False
+                )
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a killed process
+                self._conn = conn
+            yield self._conn
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        with self._connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def close_connection(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_conn"] = None
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    # --- synchronous core (run in a worker thread by the async API) --------------------------
+
+    def pending(self) -> int:
+        with self._connection() as conn:
+            return conn.execute("SELECT COUNT(*) FROM experience").fetchone()[0]
+
+    def is_closed(self) -> bool:
+        with self._connection() as conn:
+            return conn.execute("SELECT 1 FROM meta WHERE key = 'closed'").fetchone() is not None
+
+    def _insert(self, experiences: Sequence[Experience]) -> None:
+        now = time.time()
+        rows = [(exp.model_version, json.dumps(exp.to_dict()), now) for exp in experiences]
+        with self._transaction() as conn:
+            if not self._producing:
+                conn.execute("DELETE FROM meta WHERE key = 'closed'")
+            conn.executemany(
+                "INSERT INTO experience (model_version, data, created) VALUES (?, ?, ?)", rows
+            )
+            if self.backup:
+                self._archive_rows(conn, experiences, [r[1] for r in rows], now)
+        self._producing = True
+
+    def archive(self, experiences: Sequence[Experience]) -> None:
+        """Keep a copy in ``explorer_output`` only (the in-process queue's backup)."""
+        now = time.time()
+        with self._transaction() as conn:
+            self._archive_rows(
+                conn, experiences, [json.dumps(e.to_dict()) for e in experiences], now
+            )
+
+    @staticmethod
+    def _archive_rows(conn, experiences, datas, now) -> None:
+        conn.executemany(
+            "INSERT INTO explorer_output "
+            "(model_version, task_id, group_id, reward, is_eval, data, created) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (e.model_version, e.task_id, e.group_id, e.reward, int(e.is_eval), d, now)
+                for e, d in zip(experiences, datas, strict=True)
+            ],
+        )
+
+    def _take(self, n: int) -> tuple[list[Experience] | None, int]:
+        """Take the oldest ``n`` (or the rest once closed) in one transaction.
+
+        Returns (batch, available): batch is None when the caller should wait and poll again.
+        """
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "SELECT id, data FROM experience ORDER BY id LIMIT ?", (n,)
+            ).fetchall()
+            closed = conn.execute("SELECT 1 FROM meta WHERE key = 'closed'").fetchone()
+            if len(rows) < n and closed is None:
+                return None, len(rows)
+            if rows:
+                # AUTOINCREMENT ids only grow and we hold the write lock: these are the n oldest
+                conn.execute("DELETE FROM experience WHERE id <= ?", (rows[-1][0],))
+                self._on_taken(conn, rows)
+        return [Experience.from_dict(json.loads(data)) for _, data in rows], len(rows)
+
+    def _on_taken(self, conn: sqlite3.Connection, rows: list) -> None:
+        """Hook between delete and commit (tests kill a reader here)."""
+
+    def _mark_closed(self, closed: bool) -> None:
+        with self._transaction() as conn:
+            if closed:
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('closed', ?)",
+                    (str(time.time()),),
+                )
+            else:
+                conn.execute("DELETE FROM meta WHERE key = 'closed'")
+
+    # --- the async interface ----------------------------------------------------------------
+
+    async def put(self, experiences: Sequence[Experience]) -> None:
+        if self._closed_here:
+            raise RuntimeError("put() on a closed experience buffer")
+        if not experiences:
+            return
+        timeout = self.max_read_timeout
+        deadline = time.monotonic() + timeout
+        delay = self.POLL_MIN
+        while await asyncio.to_thread(self.pending) >= self.capacity:
+            if time.monotonic() >= deadline:
+                raise _write_timeout_error(self.capacity, timeout)
+            await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0)))
+            delay = min(delay * 1.5, self.POLL_MAX)
+        await asyncio.to_thread(self._insert, list(experiences))
+
+    async def get_batch(self, n: int, timeout: float | None = None) -> list[Experience]:
+        _check_n(n)
+        timeout = self.max_read_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        delay = self.POLL_MIN
+        while True:
+            batch, available = await asyncio.to_thread(self._take, n)
+            if batch is not None:
+                return batch
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _read_timeout_error(n, timeout, available)
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 1.5, self.POLL_MAX)
+
+    async def close(self) -> None:
+        """Producer finished: write the end marker readers in any process will see."""
+        self._closed_here = True
+        await asyncio.to_thread(self._mark_closed, True)
+        self.close_connection()
+
+    async def reopen(self) -> None:
+        """A producer starts (again): clear an end marker left by an earlier run."""
+        self._closed_here = False
+        await asyncio.to_thread(self._mark_closed, False)
+
+
+def build_experience_buffer(
+    storage_type: str = "queue",
+    path: str | Path | None = None,
+    capacity: int = 10000,
+    max_read_timeout: float = 1800.0,
+    *,
+    backup: bool = False,
+) -> ExperienceQueue | SqliteExperienceBuffer:
+    """``queue`` (in-process; with ``backup`` the path's DB keeps all explorer output) or
+    ``sqlite`` / ``sql`` (the file at ``path``, shared between explore and train processes)."""
+    kind = storage_type.lower()
+    if kind == "queue":
+        return ExperienceQueue(capacity, max_read_timeout, backup_path=path if backup else None)
+    if kind in ("sqlite", "sql"):
+        if path is None:
+            raise ValueError("a sqlite experience buffer needs a path")
+        return SqliteExperienceBuffer(path, capacity, max_read_timeout, backup=backup)
+    raise ValueError(
+        f"unknown experience buffer storage_type '{storage_type}' (known: queue, sqlite)"
+    )

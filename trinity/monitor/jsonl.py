@@ -1,0 +1,71 @@
+"""Always-on metrics log: one JSON object per ``log`` call in ``<job_dir>/monitor/metrics.jsonl``.
+
+Each line goes out in a single ``write`` on an ``O_APPEND`` descriptor: nothing sits in a user-space
+buffer (a killed run keeps every line it logged) and the explore and train processes of a split run
+can append to the same file without tearing each other's lines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from trinity.monitor.base import MONITORS, RunInfo, to_number
+
+
+def _json_value(value: Any) -> Any:
+    number = to_number(value)
+    if number is None:
+        return value if isinstance(value, str) else repr(value)
+    if isinstance(number, float) and not math.isfinite(number):
+        return None  # strict JSON (jq, pandas) has no NaN / Infinity
+    return number
+
+
+@MONITORS.register("jsonl")
+class JsonlMonitor:
+    FILE_NAME = "metrics.jsonl"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    @classmethod
+    def from_run(cls, run: RunInfo) -> JsonlMonitor:
+        return cls(run.monitor_dir / cls.FILE_NAME)
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        if self._fd is None:
+            raise RuntimeError(f"log() after close() on {self.path}")
+        record = {"step": int(step), "time": time.time()}
+        record.update({key: _json_value(value) for key, value in metrics.items()})
+        data = (json.dumps(record, allow_nan=False) + "\n").encode()
+        written = os.write(self._fd, data)
+        while written < len(data):  # only on a full disk or a signal; finish the line
+            written += os.write(self._fd, data[written:])
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a torn last line (run killed mid-write) is skipped."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
