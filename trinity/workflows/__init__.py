@@ -1,0 +1,26 @@
+"""Workflows and reward functions: the pure layer between a taskset row and an ``Experience``."""
+
+from trinity.workflows.rewards import REWARD_FUNCTIONS
+from trinity.workflows.types import Experience, Response, Sampler, Task
+from trinity.workflows.workflows import (
+    WORKFLOWS,
+    CountdownWorkflow,
+    MathBoxedWorkflow,
+    MathWorkflow,
+    SimpleWorkflow,
+    Workflow,
+)
+
+__all__ = [
+    "REWARD_FUNCTIONS",
+    "WORKFLOWS",
+    "CountdownWorkflow",
+    "Experience",
+    "MathBoxedWorkflow",
+    "MathWorkflow",
+    "Response",
+    "Sampler",
+    "SimpleWorkflow",
+    "Task",
+    "Workflow",
+]

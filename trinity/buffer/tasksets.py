@@ -1,0 +1,315 @@
+"""Tasksets: rows from a file, a directory, the Hugging Face Hub or a built-in generator -> Tasks.
+
+The reader sees the taskset as one stream of epochs, each epoch a permutation of the rows
+(identity unless shuffling is on; then seeded by ``(seed, epoch)``). Batch ``k`` is stream items
+``[k*batch_size, (k+1)*batch_size)``, so batches run across epoch boundaries without a short
+batch, ``skip_batches`` (resume) is arithmetic, and a resumed run reads exactly the batches the
+interrupted one would have. Only the very last batch may be short.
+
+Shuffling follows the original's ``data_selector.selector_type`` (``sequential`` by default;
+``shuffle`` / ``random`` shuffle each epoch) or a plain ``shuffle: true``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import math
+import random
+import socket
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import urlparse
+
+from trinity.buffer.procedural import BUILTIN_TASKSETS, build_builtin
+from trinity.workflows import REWARD_FUNCTIONS, WORKFLOWS
+from trinity.workflows.types import Task
+
+BUILTIN_PREFIX = "builtin:"
+FILE_BUILDERS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".arrow": "arrow",
+}
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+class TasksetError(ValueError):
+    """A taskset that cannot be loaded or used; the message names the taskset and its path."""
+
+
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    """``cfg.key`` for DictConfig, dataclass, namespace or dict; ``default`` when missing/None."""
+    if cfg is None:
+        return default
+    value = cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    """A plain dict (enums as their values) from a DictConfig, dataclass, namespace or mapping."""
+    if obj is None:
+        return {}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    elif isinstance(obj, SimpleNamespace):
+        obj = vars(obj)
+    elif not isinstance(obj, Mapping):
+        raise TypeError(f"expected a mapping, got {type(obj).__name__}")
+    with contextlib.suppress(ImportError):
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(obj, DictConfig):
+            obj = OmegaConf.to_container(obj, resolve=True)
+    return {str(k): _plain(v) for k, v in obj.items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _enum_text(value: Any) -> str:
+    return str(getattr(value, "value", value)).lower()
+
+
+class TasksetReader:
+    """Batches of ``Task`` for the explorer (``read_batch``) or all tasks at once (``all_tasks``)."""
+
+    def __init__(
+        self,
+        taskset_cfg: Any,
+        *,
+        repeat_times: int,
+        batch_size: int,
+        total_epochs: int = 1,
+        total_steps: int | None = None,
+        default_workflow: str | None = None,
+        default_reward_fn: str | None = None,
+        is_eval: bool = False,
+        seed: int | None = None,
+    ):
+        cfg = taskset_cfg
+        self.name = str(cfg_get(cfg, "name") or "taskset")
+        self.path = str(cfg_get(cfg, "path", ""))
+        if batch_size < 1:
+            raise TasksetError(f"taskset '{self.name}': batch_size must be >= 1, got {batch_size}")
+        self.repeat_times = int(repeat_times)
+        self.batch_size = int(batch_size)
+        self.total_epochs = max(1, int(total_epochs or 1))
+        self.max_steps = total_steps or None
+        self.is_eval = is_eval
+        selector = cfg_get(cfg, "data_selector")
+        if seed is None:  # ours (seed) over the original's (data_selector.seed)
+            seed = cfg_get(cfg, "seed", cfg_get(selector, "seed", 42))
+        self.seed = int(seed)
+        shuffle_default = _enum_text(cfg_get(selector, "selector_type", "sequential"))
+        self.shuffle = bool(cfg_get(cfg, "shuffle", shuffle_default in ("shuffle", "random")))
+        self.shuffle = self.shuffle and not is_eval
+        self.format = as_dict(cfg_get(cfg, "format"))
+        self.rollout_args = as_dict(cfg_get(cfg, "rollout_args"))
+        self.workflow_args = as_dict(cfg_get(cfg, "workflow_args"))
+        self.reward_fn_args = as_dict(cfg_get(cfg, "reward_fn_args"))
+        self.workflow = cfg_get(cfg, "default_workflow_type", default_workflow)
+        self.reward_fn = cfg_get(cfg, "default_reward_fn_type", default_reward_fn)
+        self._check_names()
+
+        self.rows = load_rows(cfg)
+        if len(self.rows) == 0:
+            raise TasksetError(f"taskset '{self.name}' ({self.path}) has no rows")
+        self._next_batch = 0
+        self._perm_epoch = -1
+        self._perm: list[int] = []
+
+    def _check_names(self) -> None:
+        if not self.workflow:
+            raise TasksetError(
+                f"taskset '{self.name}': no workflow; set default_workflow_type "
+                f"(e.g. math_workflow) on the taskset or on buffer.explorer_input"
+            )
+        if self.workflow not in WORKFLOWS:
+            raise TasksetError(f"taskset '{self.name}': {WORKFLOWS.unknown_message(self.workflow)}")
+        if self.reward_fn and self.reward_fn not in REWARD_FUNCTIONS:
+            raise TasksetError(
+                f"taskset '{self.name}': {REWARD_FUNCTIONS.unknown_message(self.reward_fn)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def total_steps(self) -> int:
+        """``total_steps`` when given, else enough batches for ``total_epochs`` passes."""
+        if self.max_steps:
+            return int(self.max_steps)
+        return math.ceil(len(self.rows) * self.total_epochs / self.batch_size)
+
+    def _stream_end(self) -> int | None:
+        return None if self.max_steps else len(self.rows) * self.total_epochs
+
+    def skip_batches(self, n: int) -> None:
+        """Resume: the next ``read_batch`` returns what batch ``n + already read`` would be."""
+        self._next_batch += int(n)
+
+    def read_batch(self) -> list[Task]:
+        """The next ``batch_size`` tasks; the last one may be short; ``[]`` once done."""
+        batch_id = self._next_batch
+        if batch_id >= self.total_steps():
+            return []
+        start = batch_id * self.batch_size
+        stop = start + self.batch_size
+        end = self._stream_end()
+        if end is not None:
+            stop = min(stop, end)
+        self._next_batch += 1
+        return [self._task_at(i, batch_id) for i in range(start, stop)]
+
+    def all_tasks(self) -> list[Task]:
+        """Every row once, in file order (evaluation)."""
+        return [self.make_task(i, task_id=f"{self.name}/{i}") for i in range(len(self.rows))]
+
+    def __iter__(self) -> Iterator[list[Task]]:
+        while batch := self.read_batch():
+            yield batch
+
+    def _task_at(self, stream_index: int, batch_id: int) -> Task:
+        epoch, offset = divmod(stream_index, len(self.rows))
+        row = self._permutation(epoch)[offset]
+        # the epoch is part of the id: with batch_size > rows one batch can hold a row twice,
+        # and the explorer groups rollouts by task id
+        return self.make_task(row, task_id=f"{self.name}/{epoch}/{row}", batch_id=batch_id)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch != self._perm_epoch:
+            self._perm = list(range(len(self.rows)))
+            if self.shuffle:
+                random.Random(f"{self.seed}:{epoch}").shuffle(self._perm)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def make_task(self, row: int, *, task_id: str, batch_id: int = 0) -> Task:
+        raw = dict(self.rows[row])
+        workflow_key = self.format.get("workflow_key")
+        reward_key = self.format.get("reward_fn_key")
+        return Task(
+            task_id=task_id,
+            raw=raw,
+            workflow=(workflow_key and raw.get(workflow_key)) or self.workflow,
+            repeat_times=self.repeat_times,
+            reward_fn=(reward_key and raw.get(reward_key)) or self.reward_fn,
+            format=dict(self.format),
+            rollout_args=dict(self.rollout_args),
+            workflow_args=dict(self.workflow_args),
+            reward_fn_args=dict(self.reward_fn_args),
+            is_eval=self.is_eval,
+            batch_id=batch_id,
+        )
+
+
+def load_rows(cfg: Any) -> Any:
+    """A sized, int-indexable collection of row dicts (a ``datasets.Dataset`` or a list)."""
+    name = str(cfg_get(cfg, "name") or "taskset")
+    path = str(cfg_get(cfg, "path", "")).strip()
+    storage = _enum_text(cfg_get(cfg, "storage_type", "file"))
+    if storage != "file":
+        raise TasksetError(
+            f"taskset '{name}': storage_type '{storage}' is not supported for tasksets; "
+            "use storage_type: file with a local file, a directory or a Hub dataset id"
+        )
+    if not path:
+        raise TasksetError(f"taskset '{name}': 'path' is empty")
+    if path.startswith(BUILTIN_PREFIX):
+        kind = path[len(BUILTIN_PREFIX) :]
+        if kind not in BUILTIN_TASKSETS:
+            raise TasksetError(f"taskset '{name}': {BUILTIN_TASKSETS.unknown_message(kind)}")
+        try:
+            return build_builtin(kind, as_dict(cfg_get(cfg, "builtin_args")))
+        except TypeError as exc:
+            raise TasksetError(f"taskset '{name}' ({path}): bad builtin_args: {exc}") from exc
+
+    import datasets
+
+    if not cfg_get(cfg, "enable_progress_bar", False):
+        datasets.disable_progress_bars()
+    split = str(cfg_get(cfg, "split", "train"))
+    subset = cfg_get(cfg, "subset_name")
+    local = Path(path).expanduser()
+    if local.is_file():
+        builder = FILE_BUILDERS.get(local.suffix.lower())
+        if builder is None:
+            raise TasksetError(
+                f"taskset '{name}': cannot read {path}: use one of {', '.join(FILE_BUILDERS)}"
+            )
+        return _load(name, path, builder, data_files=str(local), split="train")
+    if local.is_dir():
+        if (local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists():
+            loaded = datasets.load_from_disk(str(local))
+            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return _load(name, path, str(local), name=subset, split=split)
+    if local.suffix.lower() in FILE_BUILDERS or path.startswith(("/", ".", "~")):
+        raise TasksetError(f"taskset '{name}': file or directory not found: {path}")
+    offline = not _hub_reachable()
+    with _hub_offline(offline):
+        return _load(name, path, path, name=subset, split=split, hub_offline=offline)
+
+
+def _load(
+    taskset: str, path: str, *args: Any, hub_offline: bool | None = None, **kwargs: Any
+) -> Any:
+    """``datasets.load_dataset(*args, **kwargs)`` with failures turned into a TasksetError."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
+        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if hub_offline is None:
+            raise TasksetError(f"taskset '{taskset}': cannot load {path}: {detail}") from exc
+        where = "the Hugging Face Hub is unreachable" if hub_offline else "the Hub load failed"
+        raise TasksetError(
+            f"taskset '{taskset}': cannot load '{path}' (subset={kwargs.get('name')}, "
+            f"split={kwargs.get('split')}): it is not a local file or directory and {where} "
+            f"({detail}). Download the data where there is network (datasets.load_dataset(...)"
+            ".to_json('gsm8k.jsonl')) and set the taskset path to the local file."
+        ) from exc
+
+
+def _hub_reachable() -> bool:
+    """A quick TCP probe, so an offline machine fails in seconds instead of ~25 s of retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Cache-only loading while the Hub is unreachable (what ``HF_HUB_OFFLINE=1`` does)."""
+    if not offline:
+        yield
+        return
+    import datasets.config
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
