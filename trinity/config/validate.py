@@ -1,0 +1,469 @@
+"""Combination checks and derived values, in the spirit of the original's validators.
+
+Runs on the typed ``Config`` after OmegaConf has merged and resolved it. Each check raises a
+one-line ``ConfigError`` that says which key is wrong and why; each derivation writes its value
+back so ``trinity run --dry-run`` shows what the run will use. Registries (algorithms, workflows,
+rewards, builtin tasksets, monitors) are imported here, lazily, so plugins loaded before
+validation count and ``import trinity.config`` stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+from trinity.config.loader import ConfigError, did_you_mean
+from trinity.config.schema import Config, TasksetConfig
+
+log = logging.getLogger("trinity.config")
+
+MODES = ("both", "explore", "train", "bench", "serve", "colocate")
+SYNC_METHODS = ("nccl", "checkpoint", "memory")
+SYNC_METHOD_ALIASES = {"online": "nccl", "offline": "checkpoint"}
+SYNC_STYLES = ("fixed", "explorer_driven", "trainer_driven", "fully_async")
+SYNC_STYLE_ALIASES = {
+    "dynamic_by_explorer": "explorer_driven",
+    "dynamic_by_trainer": "trainer_driven",
+}
+LR_SCHEDULERS = ("constant", "cosine")
+SAMPLE_STRATEGIES = ("default", "warmup", "staleness_control", "mix")
+ENTROPY_LOSS_FNS = ("default", "mix", "none")
+TASKSET_STORAGE = ("file",)  # the original's sql tasksets are not implemented
+EXPERIENCE_STORAGE = ("queue", "sqlite", "sql", "file")
+SELECTORS = ("sequential", "shuffle", "random", "offline_easy2hard", "difficulty_based")
+PROMPT_TYPES = ("messages", "plaintext")
+CONCURRENT_MODES = ("sequential", "asynchronous", "multi-threading")
+NO_MONITOR = ("none", "null", "off", "")
+BUILTIN_PREFIX = "builtin:"
+
+
+def finalize(config: Config) -> None:
+    """Validate ``config`` in place and fill its derived values.
+
+    The top level of a multi-stage config is only a template that each stage completes (a
+    stage may bring the taskset, say), so there only the paths are derived; each stage's own
+    config gets the full treatment.
+    """
+    if config.stages:
+        _derive_paths(config)
+        return
+    _check_mode(config)
+    _check_algorithm(config)
+    _check_model(config)
+    _check_buffer(config)
+    _check_explorer_trainer(config)
+    _check_synchronizer(config)
+    _check_monitor(config)
+    _derive_paths(config)
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def choice(
+    value: Any, key: str, choices: Iterable[str], aliases: Mapping[str, str] | None = None
+) -> str:
+    """``value`` normalized (case-insensitive, aliases applied) or a ConfigError listing
+    the choices."""
+    choices = list(choices)
+    text = str(value).strip().lower()
+    text = (aliases or {}).get(text, text)
+    if text in choices:
+        return text
+    return _not_one_of(value, key, choices)
+
+
+def registered(value: str, key: str, names: Iterable[str]) -> str:
+    """``value`` if it is a registered name (exact, as registries are), else a ConfigError."""
+    names = sorted(names)
+    return value if value in names else _not_one_of(value, key, names)
+
+
+def _not_one_of(value: Any, key: str, choices: list[str]) -> NoReturn:
+    raise ConfigError(
+        f"{key}: '{value}' is not one of {', '.join(choices)}{did_you_mean(str(value), choices)}"
+    )
+
+
+def require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _at_least(value: float | None, minimum: float, key: str) -> None:
+    if value is not None and value < minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+
+
+def _positive(value: float | None, key: str) -> None:
+    if value is not None and value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+# ---- sections ---------------------------------------------------------------------------------
+def _check_mode(config: Config) -> None:
+    config.mode = choice(config.mode, "mode", MODES)
+    if config.mode == "serve":
+        raise ConfigError(
+            "mode: 'serve' (an OpenAI-compatible proxy for external agents) is not supported; "
+            "use both, explore, train or bench"
+        )
+    if config.mode == "colocate":
+        log.info("mode 'colocate' runs as 'both': the embedded runtime already shares one device")
+        config.mode = "both"
+
+
+def _check_algorithm(config: Config) -> None:
+    from trinity.algorithms import (
+        ADVANTAGE_FNS,
+        ALGORITHMS,
+        KL_FNS,
+        LOSS_AGG_MODES,
+        POLICY_LOSSES,
+        resolve_algorithm,
+    )
+    from trinity.algorithms.advantages import BATCH_ADVANTAGE_FNS
+
+    algo = config.algorithm
+    registered(algo.algorithm_type, "algorithm.algorithm_type", ALGORITHMS.names())
+    if algo.advantage_fn is not None:
+        names = [*ADVANTAGE_FNS.names(), *BATCH_ADVANTAGE_FNS]
+        registered(algo.advantage_fn, "algorithm.advantage_fn", names)
+    if algo.policy_loss_fn is not None:
+        registered(algo.policy_loss_fn, "algorithm.policy_loss_fn", POLICY_LOSSES.names())
+    for key in ("kl_loss_fn", "kl_penalty_fn"):
+        if getattr(algo, key) is not None:
+            registered(getattr(algo, key), f"algorithm.{key}", KL_FNS.names())
+    if algo.entropy_loss_fn is not None:
+        algo.entropy_loss_fn = choice(
+            algo.entropy_loss_fn, "algorithm.entropy_loss_fn", ENTROPY_LOSS_FNS
+        )
+    if algo.sample_strategy is not None:
+        algo.sample_strategy = choice(
+            algo.sample_strategy, "algorithm.sample_strategy", SAMPLE_STRATEGIES
+        )
+    registered(algo.loss_agg_mode, "algorithm.loss_agg_mode", LOSS_AGG_MODES)
+
+    opt = algo.optimizer
+    if opt.warmup_style is not None:
+        log.warning("algorithm.optimizer.warmup_style is deprecated; use lr_scheduler_type")
+        opt.lr_scheduler_type = opt.warmup_style
+    opt.lr_scheduler_type = choice(
+        opt.lr_scheduler_type, "algorithm.optimizer.lr_scheduler_type", LR_SCHEDULERS
+    )
+    _positive(opt.lr, "algorithm.optimizer.lr")
+    require(
+        0.0 <= opt.min_lr_ratio <= 1.0,
+        f"algorithm.optimizer.min_lr_ratio must be in [0, 1], got {opt.min_lr_ratio}",
+    )
+    require(
+        0.0 <= opt.lr_warmup_steps_ratio <= 1.0,
+        f"algorithm.optimizer.lr_warmup_steps_ratio must be in [0, 1], "
+        f"got {opt.lr_warmup_steps_ratio}",
+    )
+    require(
+        len(opt.betas) == 2,
+        f"algorithm.optimizer.betas: expected two numbers [beta1, beta2], got {len(opt.betas)}",
+    )
+    _at_least(opt.weight_decay, 0, "algorithm.optimizer.weight_decay")
+
+    try:
+        settings = resolve_algorithm(algo)
+    except (KeyError, ValueError) as error:
+        raise ConfigError(f"algorithm: {error.args[0]}") from None
+    if algo.repeat_times is None:
+        algo.repeat_times = settings.repeat_times
+    _at_least(algo.repeat_times, 1, "algorithm.repeat_times")
+    if settings.schema in ("sft", "dpo") and config.mode in ("both", "explore"):
+        raise ConfigError(
+            f"algorithm.algorithm_type: '{algo.algorithm_type}' trains on a fixed dataset and "
+            f"has no explorer; use mode 'train', not '{config.mode}'"
+        )
+
+
+def _check_model(config: Config) -> None:
+    model, tinker = config.model, config.model.tinker
+    if not model.model_path and tinker.base_model:
+        model.model_path = tinker.base_model
+    require(bool(model.model_path), "model.model_path is required (an HF id or a local model)")
+    if tinker.base_model is None:
+        tinker.base_model = model.model_path
+    model.critic_model_path = model.critic_model_path or model.model_path
+    _at_least(tinker.rank, 1, "model.tinker.rank")
+
+    if model.lora_configs and tinker.enable:
+        log.warning("model.lora_configs is ignored when model.tinker.enable is true")
+    elif model.lora_configs:
+        require(
+            len(model.lora_configs) == 1,
+            f"model.lora_configs: only one LoRA adapter is supported, got "
+            f"{len(model.lora_configs)}",
+        )
+        _at_least(model.lora_configs[0].lora_rank, 1, "model.lora_configs[0].lora_rank")
+
+    _derive_lengths(model)
+    _at_least(model.temperature, 0, "model.temperature")
+    require(0 < model.top_p <= 1, f"model.top_p must be in (0, 1], got {model.top_p}")
+    _at_least(model.top_k, -1, "model.top_k")
+    require(model.top_k != 0, "model.top_k must be -1 (off) or >= 1, got 0")
+    if model.chat_template_path and not Path(model.chat_template_path).is_file():
+        raise ConfigError(f"model.chat_template_path: no such file '{model.chat_template_path}'")
+
+
+def _derive_lengths(model: Any) -> None:
+    """max_model_len = prompt + response; or each half of max_model_len (the original's rule)."""
+    prompt, response, total = (
+        model.max_prompt_tokens,
+        model.max_response_tokens,
+        model.max_model_len,
+    )
+    for key, value in (
+        ("max_prompt_tokens", prompt),
+        ("max_response_tokens", response),
+        ("max_model_len", total),
+    ):
+        _at_least(value, 1, f"model.{key}")
+    if prompt is not None and response is not None:
+        if total is None:
+            model.max_model_len = prompt + response
+        elif total < prompt + response:
+            log.warning(
+                "model.max_model_len (%d) < max_prompt_tokens + max_response_tokens (%d)",
+                total,
+                prompt + response,
+            )
+        return
+    require(
+        total is not None,
+        "model.max_response_tokens is required (with max_prompt_tokens, or set max_model_len)",
+    )
+    if prompt is None and response is None:
+        model.max_prompt_tokens = model.max_response_tokens = total // 2
+    elif prompt is None:
+        require(
+            response < total,
+            f"model.max_response_tokens ({response}) must be < max_model_len ({total})",
+        )
+        model.max_prompt_tokens = total - response
+    else:
+        require(
+            prompt < total, f"model.max_prompt_tokens ({prompt}) must be < max_model_len ({total})"
+        )
+        model.max_response_tokens = total - prompt
+
+
+def _check_buffer(config: Config) -> None:
+    buffer, inputs, mode = config.buffer, config.buffer.explorer_input, config.mode
+    _at_least(buffer.batch_size, 1, "buffer.batch_size")
+    _at_least(buffer.train_batch_size, 0, "buffer.train_batch_size")
+    _at_least(buffer.total_epochs, 1, "buffer.total_epochs")
+    _at_least(buffer.total_steps, 1, "buffer.total_steps")
+    if not buffer.train_batch_size:
+        buffer.train_batch_size = buffer.batch_size * config.algorithm.repeat_times
+
+    single = inputs.taskset is not None
+    if single:
+        require(
+            not inputs.tasksets,
+            "buffer.explorer_input: set either taskset or tasksets, not both",
+        )
+        inputs.tasksets, inputs.taskset = [inputs.taskset], None
+    if mode in ("both", "explore"):
+        require(
+            bool(inputs.tasksets), f"buffer.explorer_input.taskset is required in mode '{mode}'"
+        )
+    if len(inputs.tasksets) > 1:
+        log.warning(
+            "buffer.explorer_input.tasksets: only the first of %d is used for training",
+            len(inputs.tasksets),
+        )
+    if mode == "bench":
+        require(
+            bool(inputs.eval_tasksets),
+            "buffer.explorer_input.eval_tasksets is required in mode 'bench'",
+        )
+    if mode == "train" and buffer.total_steps is None:
+        require(
+            config.trainer.total_steps is not None,
+            "buffer.total_steps is required in mode 'train' (no taskset to count steps from)",
+        )
+        buffer.total_steps = config.trainer.total_steps
+
+    from trinity.buffer.procedural import BUILTIN_TASKSETS as builtins
+    from trinity.workflows import REWARD_FUNCTIONS as rewards
+    from trinity.workflows import WORKFLOWS as workflows
+
+    prefix = "buffer.explorer_input"
+    for key in ("default_workflow_type", "default_eval_workflow_type"):
+        _check_name(getattr(inputs, key), f"{prefix}.{key}", workflows)
+    _check_name(inputs.default_reward_fn_type, f"{prefix}.default_reward_fn_type", rewards)
+    for kind, tasksets in (("tasksets", inputs.tasksets), ("eval_tasksets", inputs.eval_tasksets)):
+        seen: set[str] = set()
+        for i, taskset in enumerate(tasksets):
+            key = f"{prefix}.taskset" if single and kind == "tasksets" else f"{prefix}.{kind}[{i}]"
+            _check_taskset(taskset, key, workflows, rewards, builtins)
+            require(taskset.name not in seen, f"{key}.name: '{taskset.name}' is used twice")
+            seen.add(taskset.name)
+            if kind == "tasksets":
+                taskset.repeat_times = config.algorithm.repeat_times
+
+    exp = buffer.trainer_input.experience_buffer
+    key = "buffer.trainer_input.experience_buffer"
+    exp.storage_type = choice(exp.storage_type, f"{key}.storage_type", EXPERIENCE_STORAGE)
+    if exp.storage_type == "file":
+        require(
+            mode != "train",
+            f"{key}.storage_type: 'file' can only be written (mode explore), not read",
+        )
+        if mode == "both":
+            log.info("%s.storage_type 'file' becomes 'queue' in mode 'both'", key)
+            exp.storage_type = "queue"
+    _at_least(exp.capacity, 1, f"{key}.capacity")
+    _positive(exp.max_read_timeout, f"{key}.max_read_timeout")
+
+
+def _check_taskset(
+    taskset: TasksetConfig, key: str, workflows: Any, rewards: Any, builtins: Any
+) -> None:
+    require(bool(taskset.path), f"{key}.path is required (an HF id, a local path or builtin:NAME)")
+    path = str(taskset.path)
+    taskset.storage_type = choice(taskset.storage_type, f"{key}.storage_type", TASKSET_STORAGE)
+    if path.startswith(BUILTIN_PREFIX):
+        _check_name(path[len(BUILTIN_PREFIX) :], f"{key}.path", builtins, prefix=BUILTIN_PREFIX)
+    else:
+        require(
+            not taskset.builtin_args,
+            f"{key}.builtin_args is only used with path '{BUILTIN_PREFIX}NAME', not '{path}'",
+        )
+    if not taskset.name:
+        taskset.name = path.removeprefix(BUILTIN_PREFIX).rstrip("/").rsplit("/", 1)[-1] or "taskset"
+    taskset.format.prompt_type = choice(
+        taskset.format.prompt_type, f"{key}.format.prompt_type", PROMPT_TYPES
+    )
+    taskset.data_selector.selector_type = choice(
+        taskset.data_selector.selector_type, f"{key}.data_selector.selector_type", SELECTORS
+    )
+    _check_name(taskset.default_workflow_type, f"{key}.default_workflow_type", workflows)
+    _check_name(taskset.default_reward_fn_type, f"{key}.default_reward_fn_type", rewards)
+    _at_least(taskset.repeat_times, 1, f"{key}.repeat_times")
+    args = taskset.rollout_args
+    _at_least(args.temperature, 0, f"{key}.rollout_args.temperature")
+    _at_least(args.max_tokens, 1, f"{key}.rollout_args.max_tokens")
+    if args.top_p is not None:
+        require(
+            0 < args.top_p <= 1, f"{key}.rollout_args.top_p must be in (0, 1], got {args.top_p}"
+        )
+
+
+def _check_name(name: str | None, key: str, registry: Any, prefix: str = "") -> None:
+    if name is None or name in registry:
+        return
+    names = registry.names()
+    raise ConfigError(
+        f"{key}: unknown {registry.kind} '{prefix}{name}' (known: {', '.join(names)})"
+        f"{did_you_mean(name, names)}"
+    )
+
+
+def _check_explorer_trainer(config: Config) -> None:
+    explorer, trainer = config.explorer, config.trainer
+    _at_least(explorer.runner_per_model, 1, "explorer.runner_per_model")
+    _at_least(explorer.rollout_model.engine_num, 1, "explorer.rollout_model.engine_num")
+    _at_least(explorer.max_retry_times, 0, "explorer.max_retry_times")
+    _positive(explorer.max_timeout, "explorer.max_timeout")
+    _at_least(explorer.eval_interval, 1, "explorer.eval_interval")
+    _at_least(explorer.max_inflight_batches, 1, "explorer.max_inflight_batches")
+    explorer.concurrent_mode = choice(
+        explorer.concurrent_mode, "explorer.concurrent_mode", CONCURRENT_MODES
+    )
+    _at_least(trainer.save_interval, 0, "trainer.save_interval")
+    _at_least(trainer.grad_clip, 0, "trainer.grad_clip")
+    _at_least(trainer.total_steps, 1, "trainer.total_steps")
+    if config.model.tinker.enable:  # recorded as the original forces them
+        trainer.trainer_type = "tinker"
+        explorer.rollout_model.engine_type = "tinker"
+        for model in explorer.auxiliary_models:
+            model.engine_type = "tinker"
+
+
+def _check_synchronizer(config: Config) -> None:
+    sync = config.synchronizer
+    sync.sync_method = choice(
+        sync.sync_method, "synchronizer.sync_method", SYNC_METHODS, SYNC_METHOD_ALIASES
+    )
+    sync.sync_style = choice(
+        sync.sync_style, "synchronizer.sync_style", SYNC_STYLES, SYNC_STYLE_ALIASES
+    )
+    _at_least(sync.sync_interval, 1, "synchronizer.sync_interval")
+    _at_least(sync.sync_offset, 0, "synchronizer.sync_offset")
+    _positive(sync.sync_timeout, "synchronizer.sync_timeout")
+    for key in ("explorer_sync_interval", "trainer_sync_interval"):
+        _at_least(getattr(sync, key), 1, f"synchronizer.{key}")
+        if getattr(sync, key) is None:
+            setattr(sync, key, sync.sync_interval)
+    if sync.sync_style == "fully_async":
+        require(
+            not config.buffer.explorer_input.eval_tasksets,
+            "buffer.explorer_input.eval_tasksets are not allowed with "
+            "synchronizer.sync_style 'fully_async'",
+        )
+    if config.explorer.over_rollout.ratio > 0:
+        require(
+            sync.sync_style != "fixed",
+            "explorer.over_rollout.ratio > 0 needs a dynamic synchronizer.sync_style, not 'fixed'",
+        )
+    # As the original: only checkpoints cross process boundaries, and NCCL cannot carry
+    # LoRA adapters or Tinker sampler paths.
+    lora = bool(config.model.lora_configs) and not config.model.tinker.enable
+    if config.mode != "both":
+        sync.sync_method = "checkpoint"
+    elif sync.sync_method == "nccl" and (config.model.tinker.enable or lora):
+        sync.sync_method = "checkpoint"
+
+    interval = sync.explorer_sync_interval
+    explorer = config.explorer
+    if explorer.eval_interval % interval:
+        rounded = max(explorer.eval_interval // interval, 1) * interval
+        log.warning(
+            "explorer.eval_interval %d rounded to %d, a multiple of the sync interval",
+            explorer.eval_interval,
+            rounded,
+        )
+        explorer.eval_interval = rounded
+
+
+def _check_monitor(config: Config) -> None:
+    from trinity.monitor import MONITORS
+
+    value = config.monitor.monitor_type
+    names = value if isinstance(value, list) else [value]
+    normalized = []
+    for i, name in enumerate(names):
+        key = "monitor.monitor_type" + (f"[{i}]" if isinstance(value, list) else "")
+        if name is None or str(name).strip().lower() in NO_MONITOR:
+            normalized.append("none")
+            continue
+        require(isinstance(name, str), f"{key}: expected a string, got {name!r}")
+        normalized.append(choice(name, key, MONITORS.names()))
+    config.monitor.monitor_type = normalized if isinstance(value, list) else normalized[0]
+
+
+def _derive_paths(config: Config) -> None:
+    for key in ("project", "name"):
+        require(bool(str(getattr(config, key)).strip()), f"{key} must not be empty")
+    root = Path(os.path.abspath(os.path.expanduser(config.checkpoint_root_dir or ".")))
+    config.checkpoint_root_dir = str(root)
+    job_dir = root / config.project / config.group / config.name
+    if not config.continue_from_checkpoint and job_dir.is_dir() and any(job_dir.iterdir()):
+        renamed = f"{config.name}_{time.strftime('%Y%m%d%H%M%S')}"
+        log.warning(
+            "continue_from_checkpoint is false and %s is not empty: this run is '%s'",
+            job_dir,
+            renamed,
+        )
+        config.name = renamed
+        job_dir = root / config.project / config.group / renamed
+    config.checkpoint_job_dir = str(job_dir)
+    config.ray_namespace = config.ray_namespace or f"{config.project}/{config.group}/{config.name}"
