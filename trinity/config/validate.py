@@ -255,6 +255,8 @@ def _derive_lengths(model: Any) -> None:
 
 
 def _check_buffer(config: Config) -> None:
+    from trinity.algorithms import resolve_algorithm
+
     buffer, inputs, mode = config.buffer, config.buffer.explorer_input, config.mode
     _at_least(buffer.batch_size, 1, "buffer.batch_size")
     _at_least(buffer.train_batch_size, 0, "buffer.train_batch_size")
@@ -284,12 +286,13 @@ def _check_buffer(config: Config) -> None:
             bool(inputs.eval_tasksets),
             "buffer.explorer_input.eval_tasksets is required in mode 'bench'",
         )
+    sft = resolve_algorithm(config.algorithm).schema == "sft"
     if mode == "train" and buffer.total_steps is None:
         require(
-            config.trainer.total_steps is not None,
+            config.trainer.total_steps is not None or sft,
             "buffer.total_steps is required in mode 'train' (no taskset to count steps from)",
         )
-        buffer.total_steps = config.trainer.total_steps
+        buffer.total_steps = config.trainer.total_steps  # SFT: None = epochs of the dataset
 
     from trinity.buffer.procedural import BUILTIN_TASKSETS as builtins
     from trinity.workflows import REWARD_FUNCTIONS as rewards
@@ -312,10 +315,17 @@ def _check_buffer(config: Config) -> None:
     exp = buffer.trainer_input.experience_buffer
     key = "buffer.trainer_input.experience_buffer"
     exp.storage_type = choice(exp.storage_type, f"{key}.storage_type", EXPERIENCE_STORAGE)
-    if exp.storage_type == "file":
+    if sft and mode == "train":
+        require(
+            exp.storage_type == "file" and bool(exp.path),
+            f"{key}: algorithm '{config.algorithm.algorithm_type}' trains on a dataset; set "
+            "storage_type: file and path (a local file, a directory or a Hub dataset id)",
+        )
+    elif exp.storage_type == "file":
         require(
             mode != "train",
-            f"{key}.storage_type: 'file' can only be written (mode explore), not read",
+            f"{key}.storage_type: 'file' is read in mode train only for SFT; otherwise it is "
+            "written (mode explore)",
         )
         if mode == "both":
             log.info("%s.storage_type 'file' becomes 'queue' in mode 'both'", key)

@@ -146,7 +146,8 @@ class Explorer:
             return experiences
         return []
 
-    async def evaluate(self, step: int) -> None:
+    async def evaluate(self, step: int, prefix: str = "eval") -> None:
+        """mean@k etc. over every eval taskset, logged as ``<prefix>/<taskset>/...``."""
         started = time.monotonic()
         metrics: dict[str, float] = {}
         for name, reader in self.eval_readers.items():
@@ -154,8 +155,8 @@ class Explorer:
             groups = await asyncio.gather(
                 *(self.run_task(task, step, i, is_eval=True) for i, task in enumerate(tasks))
             )
-            metrics.update(eval_metrics(groups, prefix=f"eval/{name}"))
-        metrics["time/eval"] = time.monotonic() - started
+            metrics.update(eval_metrics(groups, prefix=f"{prefix}/{name}"))
+        metrics[f"time/{prefix}"] = time.monotonic() - started
         self.monitor.log(metrics, step)
 
 

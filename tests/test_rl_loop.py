@@ -1,0 +1,219 @@
+"""The RL loop end to end on the local backend with a tiny random model.
+
+Each run is a real ``trinity run``: config validation, taskset, workflows, explorer, buffer,
+trainer, synchronizer, checkpoints and metrics, with the engine in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trinity.cli.main import main
+from trinity.monitor import read_metrics
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+def write_config(tmp_path: Path, model_dir: Path, name: str = "run", **sections) -> Path:
+    """A small GRPO config; ``sections`` override top-level keys (dicts merge one level down)."""
+    config = {
+        "mode": "both",
+        "project": "loop",
+        "group": "tests",
+        "name": name,
+        "checkpoint_root_dir": str(tmp_path / "ckpt"),
+        "algorithm": {"algorithm_type": "grpo", "repeat_times": 4, "optimizer": {"lr": 1e-3}},
+        "model": {
+            "model_path": str(model_dir),
+            "max_prompt_tokens": 64,
+            "max_response_tokens": 6,
+            "tinker": {"rank": 4, "seed": 0},
+        },
+        "buffer": {
+            "batch_size": 2,
+            "total_steps": 3,
+            "explorer_input": {
+                "taskset": {
+                    "name": "arith",
+                    "path": "builtin:arithmetic",
+                    "builtin_args": {"size": 64},
+                    "format": {"prompt_key": "question", "response_key": "answer"},
+                },
+                "default_workflow_type": "simple_workflow",
+                "default_reward_fn_type": "digit_share_reward",
+            },
+        },
+        "explorer": {"runner_per_model": 4, "rollout_model": {"engine_num": 1, "seed": 7}},
+        "trainer": {"save_interval": 2},
+        "monitor": {"monitor_type": "none"},
+        "synchronizer": {"sync_method": "memory", "sync_interval": 1, "sync_offset": 0},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(config_path: Path) -> None:
+    assert main(["run", "--config", str(config_path), "--plugin-dir", str(PLUGINS)]) == 0
+
+
+def job_dir(tmp_path: Path, name: str = "run") -> Path:
+    return tmp_path / "ckpt" / "loop" / "tests" / name
+
+
+def trainer_records(job: Path) -> dict[int, dict]:
+    """Per step, the merged metrics the trainer logged (the records carrying a loss)."""
+    steps: dict[int, dict] = {}
+    for record in read_metrics(job / "monitor" / "metrics.jsonl"):
+        if "actor/final_loss" in record or "rollout/model_version" in record:
+            steps.setdefault(record["step"], {}).update(record)
+    return steps
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_grpo_three_steps_then_resume(tmp_path, tiny_model_dir, offset):
+    config = write_config(
+        tmp_path, tiny_model_dir, synchronizer={"sync_interval": 1, "sync_offset": offset}
+    )
+    run_cli(config)
+    job = job_dir(tmp_path)
+    steps = trainer_records(job)
+    assert sorted(steps) == [1, 2, 3]
+    for record in steps.values():
+        assert record["actor/final_loss"] == pytest.approx(record["actor/final_loss"])  # not NaN
+        assert 0.0 <= record["critic/rewards/mean"] <= 1.0
+    # offset k: the explorer runs k steps ahead of the weights it samples with
+    assert steps[3]["rollout/model_version"] == 2 - offset
+    assert (job / "latest_checkpointed_iteration.txt").read_text() == "3"
+    assert (job / "global_step_2" / "checkpoint_path.txt").exists()
+    assert (job / "global_step_3" / "checkpoint_path.txt").exists()
+    assert (job / "final_adapter" / "adapter_config.json").exists()
+
+    # the same config with more steps resumes after step 3 instead of starting over
+    resumed = yaml.safe_load(config.read_text())
+    resumed["buffer"]["total_steps"] = 5
+    config.write_text(yaml.safe_dump(resumed))
+    run_cli(config)
+    steps = trainer_records(job)
+    assert sorted(steps) == [1, 2, 3, 4, 5]
+    logged_steps = [
+        r["step"]
+        for r in read_metrics(job / "monitor" / "metrics.jsonl")
+        if "actor/final_loss" in r
+    ]
+    assert logged_steps == [1, 2, 3, 4, 5]
+    assert steps[4]["rollout/model_version"] == 3 - offset if offset == 0 else 3
+
+
+@pytest.mark.parametrize("algorithm", ["opmd", "rloo", "reinforceplusplus"])
+def test_algorithm_runs_a_step(tmp_path, tiny_model_dir, algorithm):
+    config = write_config(
+        tmp_path,
+        tiny_model_dir,
+        algorithm={"algorithm_type": algorithm, "repeat_times": 4, "optimizer": {"lr": 1e-3}},
+        buffer={
+            **yaml.safe_load(write_config(tmp_path, tiny_model_dir).read_text())["buffer"],
+            "total_steps": 1,
+        },
+    )
+    run_cli(config)
+    steps = trainer_records(job_dir(tmp_path))
+    assert sorted(steps) == [1]
+    assert steps[1]["actor/final_loss"] == pytest.approx(steps[1]["actor/final_loss"])
+
+
+def test_sft_trains_on_a_dataset(tmp_path, tiny_model_dir):
+    data = tmp_path / "chats.jsonl"
+    rows = [{"prompt": f"What is {i} + {i}?", "response": str(2 * i)} for i in range(6)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = write_config(
+        tmp_path,
+        tiny_model_dir,
+        mode="train",
+        algorithm={"algorithm_type": "sft", "optimizer": {"lr": 1e-2}},
+        buffer={
+            "batch_size": 3,
+            "train_batch_size": 3,
+            "total_epochs": 3,
+            "total_steps": None,
+            "trainer_input": {
+                "experience_buffer": {"name": "sft", "storage_type": "file", "path": str(data)}
+            },
+        },
+    )
+    run_cli(config)
+    steps = trainer_records(job_dir(tmp_path))
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]  # 6 rows x 3 epochs / 3 per step
+    losses = [steps[s]["actor/final_loss"] for s in sorted(steps)]
+    assert losses[-1] < losses[0]  # a tiny model memorises six answers
+
+
+def test_explore_and_train_as_two_processes(tmp_path, tiny_model_dir):
+    commands = []
+    for mode in ("explore", "train"):
+        config = write_config(
+            tmp_path,
+            tiny_model_dir,
+            name="split",
+            mode=mode,
+            synchronizer={
+                "sync_method": "checkpoint",
+                "sync_interval": 1,
+                "sync_offset": 1,
+                "sync_timeout": 300,
+            },
+        )
+        config = config.rename(tmp_path / f"{mode}.yaml")
+        commands.append(
+            [
+                sys.executable,
+                "-m",
+                "trinity.cli.main",
+                "run",
+                "--config",
+                str(config),
+                "--plugin-dir",
+                str(PLUGINS),
+            ]
+        )
+    processes = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for cmd in commands]
+    for process in processes:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-3000:]
+    steps = trainer_records(job_dir(tmp_path, "split"))
+    assert sorted(steps) == [1, 2, 3]
+    assert "actor/final_loss" in steps[3] and "rollout/model_version" in steps[3]
+    assert (job_dir(tmp_path, "split") / "global_step_3" / "checkpoint_path.txt").exists()
+
+
+def test_bench_mode_evaluates_each_checkpoint(tmp_path, tiny_model_dir):
+    eval_taskset = {
+        "name": "heldout",
+        "path": "builtin:arithmetic",
+        "repeat_times": 2,
+        "builtin_args": {"size": 4, "seed": 99},
+        "format": {"prompt_key": "question", "response_key": "answer"},
+    }
+    base = yaml.safe_load(write_config(tmp_path, tiny_model_dir).read_text())
+    buffer = {**base["buffer"], "total_steps": 2}
+    run_cli(write_config(tmp_path, tiny_model_dir, buffer=buffer))
+    buffer["explorer_input"] = {**buffer["explorer_input"], "eval_tasksets": [eval_taskset]}
+    run_cli(write_config(tmp_path, tiny_model_dir, mode="bench", buffer=buffer))
+    bench = [
+        r
+        for r in read_metrics(job_dir(tmp_path) / "monitor" / "metrics.jsonl")
+        if any(k.startswith("bench/heldout/") for k in r)
+    ]
+    assert [r["step"] for r in bench] == [0, 2]
+    assert all(0.0 <= r["bench/heldout/digit_share/mean@2"] <= 1.0 for r in bench)
