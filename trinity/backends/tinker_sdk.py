@@ -81,8 +81,9 @@ class TinkerSession:
                 f"(supported: {', '.join(supported) or 'none'})"
             )
 
-    async def close(self) -> None:
-        await asyncio.to_thread(self.service.close)
+    async def close(self, status: str = "success", detail: str | None = None) -> None:
+        """Finish the session on the service (status: success | errored | interrupted)."""
+        await asyncio.to_thread(lambda: self.service.close(status, detail).result())
 
 
 class TinkerTrainer:

@@ -94,7 +94,14 @@ class Backends:
     tokenizer: Any = None
     closers: list = field(default_factory=list)
 
-    async def close(self) -> None:
+    session: Any = None  # a TinkerSession, told at the end how the run went
+
+    async def close(self, error: BaseException | None = None) -> None:
+        if self.session is not None:  # first: an embedded server is among the closers
+            status = "success" if error is None else "errored"
+            if isinstance(error, KeyboardInterrupt | asyncio.CancelledError):
+                status = "interrupted"
+            await self.session.close(status, None if error is None else repr(error)[:500])
         for close in reversed(self.closers):
             result = close()
             if asyncio.iscoroutine(result):
@@ -146,7 +153,7 @@ async def build_backends(
     if base_url == LOCAL_SERVER:
         base_url, api_key, base_model = _start_local_server(config, backends)
     session = TinkerSession(base_url, api_key)
-    backends.closers.append(session.close)
+    backends.session = session
     await asyncio.to_thread(session.check_model, base_model)
     if train:
         if resume_ref:
@@ -229,7 +236,7 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
         total_steps=total_steps,
         monitor_args=config.monitor.monitor_args,
     )
-    backends = None
+    backends, error = None, None
     try:
         backends = await build_backends(config, explore=explore, train=train, resume_ref=resume_ref)
         synchronizer = _synchronizer(config)
@@ -272,10 +279,13 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
             out = job_dir / "final_adapter"
             await backends.trainer.export_adapter(str(out))
             log.info("exported the trained adapter to %s", out)
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
         monitor.close()
         if backends is not None:
-            await backends.close()
+            await backends.close(error)
 
 
 async def _feed_sft(
@@ -409,7 +419,7 @@ async def run_bench(config: Any) -> None:
         total_steps=len(steps) + 1,
         monitor_args=config.monitor.monitor_args,
     )
-    backends = None
+    backends, error = None, None
     try:
         backends = await build_backends(config, explore=True, train=bool(steps), resume_ref=None)
         explorer = _explorer(config, backends.sampler, None, None, None, monitor)
@@ -424,10 +434,13 @@ async def run_bench(config: Any) -> None:
             explorer.model_version = step
             await explorer.evaluate(step, prefix="bench")
             log.info("evaluated %s", f"checkpoint global_step_{step}" if step else "the base model")
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
         monitor.close()
         if backends is not None:
-            await backends.close()
+            await backends.close(error)
 
 
 def _setup_logging(job_dir: Path) -> None:
