@@ -194,3 +194,35 @@ def test_usage_errors_exit_2(capsys):
         main(["run"])
     assert info.value.code == 2
     assert "--config" in capsys.readouterr().err
+
+
+def test_run_overrides_config_keys(capsys):
+    assert main(["run", "--config", str(DEMO), "--dry-run", "buffer.total_steps=5"]) == 0
+    assert "  total_steps: 5\n" in capsys.readouterr().out
+
+
+def test_run_bad_override_is_one_line(capsys):
+    assert main(["run", "--config", str(DEMO), "--dry-run", "model.tinker.rnak=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["trinity: error: unknown key 'model.tinker.rnak' (did you mean 'rank'?)"]
+
+
+def test_unreachable_hub_dataset_is_one_line_before_training(tmp_path, capsys, monkeypatch):
+    """The seed's ``openai/gsm8k`` with no network: exit 2 naming the path, no model loaded."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline even where CI has network
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    code = main(
+        [
+            "run",
+            "--config",
+            str(SEED),
+            f"checkpoint_root_dir={tmp_path}",
+            "model.tinker.base_url=local",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "openai/gsm8k" in err[0] and "local file" in err[0]

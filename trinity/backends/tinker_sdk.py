@@ -18,6 +18,7 @@ import tinker
 from tinker import types
 
 from trinity.backends.base import CustomLoss
+from trinity.config import ConfigError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,7 +77,7 @@ class TinkerSession:
         """Fail before any work when the service does not serve ``base_model``."""
         supported = self.supported_models()
         if base_model not in supported:
-            raise TinkerBackendError(
+            raise ConfigError(
                 f"model.tinker.base_model '{base_model}' is not served by the Tinker service "
                 f"(supported: {', '.join(supported) or 'none'})"
             )

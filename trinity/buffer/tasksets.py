@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from trinity.buffer.procedural import BUILTIN_TASKSETS, build_builtin
+from trinity.config import ConfigError
 from trinity.workflows import REWARD_FUNCTIONS, WORKFLOWS
 from trinity.workflows.types import Task
 
@@ -39,8 +40,11 @@ FILE_BUILDERS = {
 HUB_PROBE_TIMEOUT_S = 3.0
 
 
-class TasksetError(ValueError):
-    """A taskset that cannot be loaded or used; the message names the taskset and its path."""
+class TasksetError(ConfigError):
+    """A taskset that cannot be loaded or used; the message names the taskset and its path.
+
+    A ``ConfigError``: the CLI reports it in one line with exit status 2, like any bad config.
+    """
 
 
 def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:

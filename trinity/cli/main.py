@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", parents=[shared], help="run an RFT job from a YAML config")
     run.add_argument("--config", "-c", required=True, help="the YAML config")
     run.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="override config keys (a.b.c=value)"
+    )
+    run.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and exit without running"
     )
     run.set_defaults(func=_run)
@@ -83,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _load(path: str, plugin_dirs: list[str]) -> Any:
+def _load(path: str, plugin_dirs: list[str], overrides: list[str] | None = None) -> Any:
     """Plugins first, so the workflows, rewards and algorithms they register validate."""
     load_plugins(plugin_dirs)
-    return load_config(path)
+    return load_config(path, overrides=overrides or None)
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = _load(args.config, args.plugin_dir)
+    config = _load(args.config, args.plugin_dir, args.overrides)
     if args.dry_run:
         print(to_yaml(config), end="")
         return 0

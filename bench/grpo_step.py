@@ -1,0 +1,164 @@
+"""Wall time per GRPO step: Trinity (local backend) vs TRL's ``GRPOTrainer``, side by side.
+
+    pip install trl --no-deps      # the benchmark's only extra; not a Trinity dependency
+    python bench/grpo_step.py [--steps 4]
+
+Identical shapes on both sides: the demo model (SmolLM2-135M-Instruct, bf16 compute), the same
+arithmetic prompts, 4 prompts x 4 samples per step, at most 64 new tokens (both stop at EOS; the
+mean completion length of each side is reported next to its time), LoRA rank 32 / alpha 32 on
+all linear layers, one optimizer step per batch, no KL term, no gradient checkpointing. The first
+step of each side is warm-up and not counted.
+Results go to docs/benchmarks.md under "GRPO step vs TRL".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPTS_PER_STEP = 4
+SAMPLES_PER_PROMPT = 4
+NEW_TOKENS = 64
+RANK = 32
+LR = 1e-5
+
+
+def prompts(n: int) -> list[dict]:
+    from trinity.buffer.procedural import build_builtin
+
+    rows = build_builtin("arithmetic", {"size": n, "seed": 0})
+    return [{"question": r["question"], "answer": str(r["answer"])} for r in rows]
+
+
+def accuracy(text: str, answer: str) -> float:
+    return float(text.strip().split("\n")[0].strip() == answer)
+
+
+def run_trl(model_path: str, rows: list[dict], steps: int) -> tuple[list[float], list[float]]:
+    """Seconds and mean completion length of each step."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    def reward(completions, answer, **_):
+        return [accuracy(c[0]["content"], a) for c, a in zip(completions, answer, strict=True)]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: list[float] = []
+            self.lengths: list[float] = []
+            self.start = 0.0
+
+        def on_step_begin(self, *args, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            self.times.append(time.perf_counter() - self.start)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "completions/mean_length" in logs:
+                self.lengths.append(float(logs["completions/mean_length"]))
+
+    data = Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": r["question"]}], "answer": r["answer"]}
+            for r in rows
+        ]
+    )
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as out:
+        args = GRPOConfig(
+            output_dir=out,
+            use_cpu=True,
+            bf16=True,
+            max_steps=steps,
+            learning_rate=LR,
+            per_device_train_batch_size=PROMPTS_PER_STEP * SAMPLES_PER_PROMPT,
+            num_generations=SAMPLES_PER_PROMPT,
+            max_completion_length=NEW_TOKENS,
+            generation_kwargs={"min_new_tokens": NEW_TOKENS},
+            beta=0.0,
+            gradient_checkpointing=False,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            model_init_kwargs={"dtype": torch.bfloat16},
+            seed=0,
+        )
+        trainer = GRPOTrainer(
+            model=model_path,
+            reward_funcs=reward,
+            args=args,
+            train_dataset=data,
+            peft_config=LoraConfig(r=RANK, lora_alpha=RANK, target_modules="all-linear"),
+            callbacks=[timer],
+        )
+        trainer.train()
+    return timer.times, timer.lengths
+
+
+def run_trinity(model_path: str, rows: list[dict], steps: int) -> tuple[list[float], list[float]]:
+    """Seconds and mean completion length of each step."""
+    from trinity.config import load_config
+    from trinity.launcher.launcher import run
+    from trinity.monitor import read_metrics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "prompts.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        config = load_config(
+            ROOT / "bench" / "grpo_step.yaml",
+            overrides=[
+                f"checkpoint_root_dir={tmp}/ckpt",
+                f"model.model_path={model_path}",
+                f"buffer.total_steps={steps}",
+                f"buffer.explorer_input.taskset.path={data}",
+            ],
+        )
+        run(config)
+        metrics = read_metrics(Path(config.checkpoint_job_dir) / "monitor" / "metrics.jsonl")
+        trained = [m for m in metrics if "perf/time_per_step" in m]
+        return (
+            [m["perf/time_per_step"] for m in trained],
+            [m["response_length/mean"] for m in trained],
+        )
+
+
+def main() -> None:
+    from trinity.engine.demo_model import ensure_demo_model
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4, help="steps per side, first is warm-up")
+    args = parser.parse_args()
+    model_path = str(ensure_demo_model())
+    rows = prompts(PROMPTS_PER_STEP * args.steps)
+    trinity_s, trinity_len = (
+        statistics.mean(v[1:]) for v in run_trinity(model_path, rows, args.steps)
+    )
+    trl_s, trl_len = (statistics.mean(v[1:]) for v in run_trl(model_path, rows, args.steps))
+    lines = [
+        f"- shapes: {PROMPTS_PER_STEP} prompts x {SAMPLES_PER_PROMPT} samples x <= {NEW_TOKENS} "
+        f"new tokens, LoRA rank {RANK}, demo model, bf16, {args.steps - 1} timed steps each",
+        f"- Trinity (local backend): {trinity_s:.2f} s/step (mean completion {trinity_len:.1f} "
+        "tokens)",
+        f"- TRL GRPOTrainer: {trl_s:.2f} s/step (mean completion {trl_len:.1f} tokens)",
+        f"- speedup: **{trl_s / trinity_s:.1f}x** (target >= 5x)",
+    ]
+    print("\n".join(lines))
+    from bench.engine import write_section
+
+    write_section("GRPO step vs TRL", lines, ROOT / "docs" / "benchmarks.md")
+
+
+if __name__ == "__main__":
+    main()
