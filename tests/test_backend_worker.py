@@ -3,7 +3,7 @@
 import asyncio
 import threading
 
-from trinity.backends.worker import EngineWorker
+from trinity.engine.worker import EngineWorker
 
 
 class RecordingEngine:

@@ -12,7 +12,7 @@ from typing import Any
 from tinker import types
 
 from trinity.backends.base import CustomLoss, custom_loss_as_weights
-from trinity.backends.worker import EngineWorker
+from trinity.engine.worker import EngineWorker
 
 
 class LocalRuntime:

@@ -1,0 +1,135 @@
+"""``trinity server``: run the Tinker-compatible service, or export a checkpoint as a peft adapter.
+
+    trinity server --model PATH|demo [--model NAME=PATH ...] [--host 127.0.0.1] [--port 8000]
+        [--state-dir DIR] [--api-key tml-KEY=USER ...]
+    trinity server export tinker://RUN/weights/NAME OUT_DIR [--state-dir DIR] [--model PATH]
+
+Clients: ``TINKER_BASE_URL=http://HOST:PORT TINKER_API_KEY=tml-... python train.py`` with the
+official ``tinker`` SDK. ``--api-key`` (repeatable; a file of such lines works too; default env
+``TRINITY_SERVER_API_KEYS``) maps keys to users, who never see each other's runs or checkpoints.
+With no keys any ``tml-`` key is accepted and every client is one user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_STATE_DIR = "trinity-server-state"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "server",
+        help="run a Tinker-compatible training service over the engine",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(parser)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="tml-KEY=USER",
+        help="an API key and its user (repeatable), or a file of such lines",
+    )
+    actions = parser.add_subparsers(dest="server_action", metavar="{export}")
+    export = actions.add_parser("export", help="write a checkpoint as a peft adapter directory")
+    export.add_argument("tinker_path")
+    export.add_argument("out_dir")
+    _common(export)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS on both levels, so `server --state-dir X export ...` and `export --state-dir X`
+    # both work without the subcommand's default overwriting the parent's value.
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=argparse.SUPPRESS,
+        help="HF model dir, 'demo', or NAME=DIR to serve; repeat for several",
+    )
+    parser.add_argument(
+        "--state-dir",
+        "--data-dir",
+        dest="state_dir",
+        default=argparse.SUPPRESS,
+        help=f"SQLite + checkpoints live here (default ./{DEFAULT_STATE_DIR})",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from trinity.server import build_service, parse_api_keys, serve
+
+    state_dir = getattr(args, "state_dir", DEFAULT_STATE_DIR)
+    models = getattr(args, "model", None)
+    if getattr(args, "server_action", None) == "export":
+        return _export(args.tinker_path, args.out_dir, state_dir, models)
+    if not models:
+        print(
+            "trinity server: error: at least one --model PATH (or --model demo) is required",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        keys: dict[str, str] = {}
+        for spec in args.api_key or [os.environ.get("TRINITY_SERVER_API_KEYS", "")]:
+            keys.update(parse_api_keys(spec))
+        service = build_service(models, state_dir, keys)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"trinity server: error: {exc}", file=sys.stderr)
+        return 2
+    if not service.api_keys:
+        print("trinity server: no API keys configured; any tml- key is accepted", file=sys.stderr)
+    print(
+        f"trinity server: serving {[m.name for m in service.models]} on "
+        f"http://{args.host}:{args.port} (state in {state_dir})",
+        file=sys.stderr,
+    )
+    serve(service, args.host, args.port)
+    return 0
+
+
+def _export(path: str, out_dir: str, state_dir: str, models: list[str] | None) -> int:
+    """Offline: reads the state dir directly, so the server need not be running."""
+    from trinity.server import ServiceError, build_service, parse_tinker_path
+    from trinity.server.store import Store
+
+    try:
+        run_id, kind, name = parse_tinker_path(path)
+    except ServiceError as exc:
+        print(f"trinity server export: error: {exc.message}", file=sys.stderr)
+        return 2
+    store = Store(os.path.join(state_dir, "server.sqlite"))
+    ckpt, run = store.checkpoint(run_id, f"{kind}/{name}"), store.run(run_id)
+    store.close()
+    if ckpt is None or run is None:
+        print(f"trinity server export: error: {path} not found in {state_dir}", file=sys.stderr)
+        return 1
+    service = build_service(models or [run["base_model"]], state_dir, {}, recover=False)
+    try:
+        service.export_peft(ckpt["tenant"], path, out_dir).result()
+    except ServiceError as exc:
+        print(f"trinity server export: error: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        service.close(autosave=False)
+    print(f"trinity server export: wrote a peft adapter to {out_dir}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trinity.cli.server ...``: the same as ``trinity server ...``."""
+    parser = argparse.ArgumentParser(prog="trinity")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["server", *(argv if argv is not None else sys.argv[1:])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

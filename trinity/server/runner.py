@@ -1,0 +1,109 @@
+"""Building and running a server: model specs, uvicorn in the foreground or in a thread.
+
+``ServerThread`` is for ``trinity run``'s embedded server (``base_url: local``), tests and the
+overhead benchmark: the real app on a real loopback port, so the official SDK talks to it over
+HTTP exactly as it would to a remote service.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from trinity.server.app import create_app
+from trinity.server.service import ServedModel, Service, parse_api_keys
+
+
+def served_model(spec: str, engine: Any | None = None) -> ServedModel:
+    """``PATH``, ``demo`` or ``NAME=PATH``.
+
+    Without a name the model is served under its absolute path: the SDK's ``get_tokenizer``
+    calls ``AutoTokenizer.from_pretrained(base_model)``, which then reads the local directory and
+    needs no hub access. The directory name and the engine's model name work as aliases.
+    """
+    from trinity.engine.demo_model import ALIASES, resolve_model_path
+
+    name, sep, path = spec.partition("=")
+    if not sep:
+        name, path = "", spec
+    resolved = Path(resolve_model_path(path)).expanduser().resolve()
+    if engine is None:
+        from trinity.engine import Engine
+
+        engine = Engine(str(resolved))
+    aliases = {str(resolved), path, resolved.name, *(ALIASES if path in ALIASES else ())}
+    if isinstance(getattr(engine, "model_name", None), str):
+        aliases.add(engine.model_name)
+    return ServedModel(name or str(resolved), resolved, engine, aliases)
+
+
+def build_service(models: list[str] | list[ServedModel], data_dir: str | Path,
+                  api_keys: str | dict[str, str] | None = None, **kwargs: Any) -> Service:
+    """``api_keys``: a dict, or a spec for ``parse_api_keys``; None reads the environment."""
+    if api_keys is None:
+        api_keys = os.environ.get("TRINITY_SERVER_API_KEYS")
+    keys = api_keys if isinstance(api_keys, dict) else parse_api_keys(api_keys)
+    served = [m if isinstance(m, ServedModel) else served_model(m) for m in models]
+    return Service(served, data_dir, keys, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(service: Service, host: str, port: int, log_level: str) -> uvicorn.Config:
+    # A pending long-poll must not hold shutdown for its full window.
+    return uvicorn.Config(create_app(service), host=host, port=port, log_level=log_level,
+                          access_log=False, timeout_graceful_shutdown=5)
+
+
+class ServerThread:
+    """The app under uvicorn in a daemon thread; ``stop()`` shuts it down cleanly."""
+
+    def __init__(self, service: Service, host: str = "127.0.0.1", port: int | None = None):
+        self.service = service
+        self.host, self.port = host, port or free_port()
+        self.server = uvicorn.Server(_config(service, self.host, self.port, "warning"))
+        self.thread = threading.Thread(target=self.server.run, name="trinity-server",
+                                       daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"trinity server did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, then close the service (which saves live models for a restart)."""
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.service.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(service: Service, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run in the foreground until interrupted."""
+    try:
+        uvicorn.Server(_config(service, host, port, "info")).run()
+    finally:
+        service.close()

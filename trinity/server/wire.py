@@ -1,0 +1,230 @@
+"""Protobuf in and out, with the SDK's own generated module (``tinker_public_pb2``).
+
+Requests: ``ForwardBackwardRequest`` (optionally zstd-compressed) becomes ``tinker.types.Datum``s
+with dense numpy ``TensorData`` (sparse CSR inputs are densified here, so the engine only ever
+sees dense tensors). Results: ``ForwardBackwardOutput`` and ``SampleResponse`` are written in the
+exact layout the SDK's ``response_conv`` reads back. Validation errors raise ``WireError`` with a
+message that names the offending datum and field; the HTTP layer turns it into a 400.
+
+Extension: ``loss_fn_config={"return_entropy": 1}`` (a number, so the unmodified SDK carries it)
+adds a per-token ``entropy`` field to every ``loss_fn_outputs`` entry, next to ``logprobs``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from google.protobuf.message import DecodeError
+from tinker import types
+from tinker.proto import tinker_public_pb2 as pb
+from tinker.proto.response_conv import _tensor_data_from_proto
+
+from trinity.engine import losses
+
+PROTO_CONTENT_TYPE = "application/x-protobuf"
+_FLOAT_INPUTS = {"weights", "logprobs", "advantages", "clip_low_threshold", "clip_high_threshold",
+                 "sequence_ratio_mask"}
+
+
+class WireError(ValueError):
+    """A malformed or semantically invalid request; becomes HTTP 400 with this message."""
+
+
+@dataclass
+class FwdBwdRequest:
+    model_id: str
+    seq_id: int
+    data: list[types.Datum]
+    loss_fn: str
+    loss_fn_config: dict[str, float | str]
+    forward_only: bool
+    return_entropy: bool  # our extension: loss_fn_config["return_entropy"] = 1
+
+
+def decode_forward_backward(body: bytes, content_encoding: str | None = None) -> FwdBwdRequest:
+    """Parse the SDK's protobuf ``/forward_backward`` body (structure only, not the model)."""
+    if content_encoding and "zstd" in content_encoding.lower():
+        import zstandard
+
+        try:
+            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 31)
+        except zstandard.ZstdError as exc:
+            raise WireError(f"body is not valid zstd: {exc}") from None
+    msg = pb.ForwardBackwardRequest()
+    try:
+        msg.ParseFromString(body)
+    except DecodeError as exc:
+        raise WireError(f"body is not a valid ForwardBackwardRequest protobuf: {exc}") from None
+    if not msg.model_id:
+        raise WireError("ForwardBackwardRequest.model_id is empty")
+    if not msg.loss_fn:
+        raise WireError("ForwardBackwardRequest.loss_fn is empty")
+    config: dict[str, float | str] = {k: float(v) for k, v in msg.loss_fn_config.items()}
+    for key, value in msg.loss_fn_config_v2.items():  # v2 wins where both are set
+        kind = value.WhichOneof("value")
+        config[key] = value.text if kind == "text" else float(value.number)
+    data = [_decode_datum(i, d) for i, d in enumerate(msg.data)]
+    if not data:
+        raise WireError("ForwardBackwardRequest has no data")
+    entropy = bool(config.pop("return_entropy", 0))
+    return FwdBwdRequest(msg.model_id, msg.seq_id, data, msg.loss_fn, config, msg.forward_only,
+                         entropy)
+
+
+def _decode_datum(index: int, d: pb.Datum) -> types.Datum:
+    tokens: list[int] = []
+    for chunk in d.model_input:
+        kind = chunk.WhichOneof("chunk")
+        if kind != "encoded_text":
+            raise WireError(f"datum {index}: model_input chunk type {kind!r} is not supported "
+                            "(text tokens only)")
+        raw = chunk.encoded_text.tokens
+        if len(raw) % 4:
+            raise WireError(f"datum {index}: encoded_text.tokens is {len(raw)} bytes, "
+                            "not a whole number of int32")
+        tokens.extend(np.frombuffer(raw, dtype=np.int32).tolist())
+    inputs: dict[str, types.TensorData] = {}
+    for name, tensor in d.loss_fn_inputs.items():
+        if not tensor.shape and tensor.WhichOneof("encoding") == "dense":
+            tensor = _with_flat_shape(tensor)  # a shapeless dense tensor is 1-D
+        try:
+            td = _tensor_data_from_proto(tensor)
+            arr = td.to_numpy()
+        except Exception as exc:  # noqa: BLE001 - any decode failure is the client's
+            raise WireError(f"datum {index}: loss_fn_inputs[{name!r}] cannot be decoded: "
+                            f"{exc}") from None
+        want = np.float32 if name in _FLOAT_INPUTS else None
+        if name == "target_tokens":
+            want = np.int64
+        if want is not None and arr.dtype != want:
+            arr = arr.astype(want)
+        inputs[name] = types.TensorData.from_numpy(np.ascontiguousarray(arr))
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens), loss_fn_inputs=inputs)
+
+
+_ITEMSIZE = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_INT64: 8, pb.DTYPE_INT32: 4, pb.DTYPE_BFLOAT16: 2}
+
+
+def _with_flat_shape(tensor: pb.Tensor) -> pb.Tensor:
+    flat = pb.Tensor()
+    flat.CopyFrom(tensor)
+    size = _ITEMSIZE.get(tensor.dtype)
+    if size:
+        flat.shape.append(len(tensor.dense) // size)
+    return flat
+
+
+def validate_request(req: FwdBwdRequest, vocab_size: int, max_context: int | None) -> None:
+    """Check loss, config, shapes and token ranges before anything reaches the engine, so a bad
+    request is a 400 at submission rather than a failed future later."""
+    if req.loss_fn not in losses.LOSSES:
+        raise WireError(f"loss_fn {req.loss_fn!r} is not supported; this server implements "
+                        f"{', '.join(losses.LOSSES)} (client-side custom losses work via "
+                        "forward_backward_custom)")
+    try:
+        losses.resolve_config(req.loss_fn, req.loss_fn_config)
+    except ValueError as exc:
+        raise WireError(str(exc)) from None
+    loss_fn, loss = req.loss_fn, losses.LOSSES[req.loss_fn]
+    required, per_token = loss.inputs, {*loss.inputs, *loss.optional_inputs}
+    for i, datum in enumerate(req.data):
+        tokens = np.asarray(datum.model_input.to_ints(), dtype=np.int64)
+        n = len(tokens)
+        if n == 0:
+            raise WireError(f"datum {i}: model_input is empty")
+        if max_context and n > max_context:
+            raise WireError(f"datum {i}: model_input has {n} tokens, more than the model's "
+                            f"context length {max_context}")
+        _check_ids(tokens, vocab_size, f"datum {i}: model_input")
+        missing = [k for k in required if k not in datum.loss_fn_inputs]
+        if missing:
+            raise WireError(f"datum {i}: loss_fn {loss_fn!r} needs loss_fn_inputs "
+                            f"{list(required)}; missing {missing}")
+        for name, td in datum.loss_fn_inputs.items():
+            shape = list(td.to_numpy().shape)
+            if name in per_token and shape != [n]:
+                raise WireError(f"datum {i}: loss_fn_inputs[{name!r}] has shape {shape}, "
+                                f"expected [{n}] (one value per model_input token)")
+        _check_ids(datum.loss_fn_inputs["target_tokens"].to_numpy(), vocab_size,
+                   f"datum {i}: target_tokens")
+
+
+def _check_ids(ids: np.ndarray, vocab_size: int, where: str) -> None:
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise WireError(f"{where} has token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+def check_metric_names(metrics: dict[str, float]) -> dict[str, float]:
+    """The SDK splits every fwd/bwd metric key on ':' into ``name:reduction``; fix bare names."""
+    out = {}
+    for key, value in metrics.items():
+        out[key if key.count(":") == 1 else f"{key.replace(':', '_')}:mean"] = float(value)
+    return out
+
+
+_NP_TO_PROTO = {np.dtype(np.float32): pb.DTYPE_FLOAT32, np.dtype(np.int64): pb.DTYPE_INT64,
+                np.dtype(np.int32): pb.DTYPE_INT32}
+
+
+def encode_forward_backward_output(out: types.ForwardBackwardOutput) -> bytes:
+    """One ``ArrayRecord`` per run of datums whose fields share dtype and trailing shape."""
+    msg = pb.ForwardBackwardOutput()
+    msg.loss_fn_output_type = out.loss_fn_output_type or "ArrayRecord"
+    for key, value in check_metric_names(dict(out.metrics)).items():
+        msg.metrics[key] = value
+    arrays = [{name: _as_array(td) for name, td in o.items()} for o in out.loss_fn_outputs]
+
+    def signature(datum: dict[str, np.ndarray]) -> tuple:
+        return tuple(sorted((k, a.dtype.str, a.shape[1:]) for k, a in datum.items()))
+
+    runs: list[list[dict[str, np.ndarray]]] = []
+    for datum in arrays:
+        if runs and signature(runs[-1][0]) == signature(datum):
+            runs[-1].append(datum)
+        else:
+            runs.append([datum])
+    for run in runs:
+        record = msg.loss_fn_outputs.add()
+        record.type_tag = "ArrayRecord"
+        record.num_datums = len(run)
+        for name in run[0]:
+            parts = [d[name] for d in run]
+            bt = record.fields[name]
+            bt.dtype = _NP_TO_PROTO[parts[0].dtype]
+            bt.trailing_shape.extend(parts[0].shape[1:])
+            offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+            offsets[1:] = np.cumsum([p.nbytes for p in parts])
+            bt.offsets = offsets.tobytes()
+            bt.data = b"".join(p.tobytes() for p in parts)
+    return msg.SerializeToString()
+
+
+def _as_array(td: types.TensorData) -> np.ndarray:
+    arr = np.asarray(td.to_numpy())
+    if arr.dtype.kind == "f":
+        arr = arr.astype(np.float32)
+    elif arr.dtype.kind in "iub":
+        arr = arr.astype(np.int64)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    return np.ascontiguousarray(arr)
+
+
+def encode_sample_response(resp: types.SampleResponse) -> bytes:
+    msg = pb.SampleResponse()
+    for seq in resp.sequences:
+        s = msg.sequences.add()
+        length = seq.stop_reason == "length"
+        s.stop_reason = pb.STOP_REASON_LENGTH if length else pb.STOP_REASON_STOP
+        s.tokens = np.asarray(seq.tokens, dtype=np.int32).tobytes()
+        if seq.logprobs is not None:
+            s.logprobs = np.asarray(seq.logprobs, dtype=np.float32).tobytes()
+    prompt_lp = resp.prompt_logprobs
+    if prompt_lp is not None:
+        msg.prompt_logprobs = np.asarray(
+            [math.nan if v is None else v for v in prompt_lp], dtype=np.float32).tobytes()
+    msg.prompt_cache_hit_tokens = int(resp.prompt_cache_hit_tokens or 0)
+    return msg.SerializeToString()
