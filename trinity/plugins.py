@@ -18,6 +18,7 @@ from pathlib import Path
 
 ENV_VAR = "TRINITY_PLUGIN_DIRS"
 _loaded: dict[Path, str] = {}  # resolved file -> module name
+_loaded_dirs: list[Path] = []  # in load order: what a Ray actor must load too
 
 
 class PluginError(RuntimeError):
@@ -46,10 +47,17 @@ def load_plugins(dirs: Iterable[str | os.PathLike[str]] | None = None) -> list[s
             raise PluginError(f"plugin directory not found: {directory}")
         if str(directory) not in sys.path:
             sys.path.insert(0, str(directory))
+        if directory not in _loaded_dirs:
+            _loaded_dirs.append(directory)
         for file in sorted(directory.glob("*.py")):
             if not file.name.startswith("_"):
                 names.append(load_plugin_file(file))
     return names
+
+
+def loaded_plugin_dirs() -> list[Path]:
+    """Every directory ``load_plugins`` loaded in this process (``--plugin-dir`` and env)."""
+    return list(_loaded_dirs)
 
 
 def load_plugin_file(file: Path) -> str:

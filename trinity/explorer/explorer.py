@@ -13,7 +13,7 @@ import logging
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from trinity.explorer.sampler import PolicySampler, RolloutSettings, derive_seed
@@ -41,7 +41,10 @@ class Explorer:
         eval_readers: dict[str, Any] | None = None,
         eval_interval: int = 0,
         eval_on_startup: bool = False,
+        remote_rollout: Callable[[Task, int], Awaitable[list[Experience]]] | None = None,
     ):
+        """``remote_rollout(task, seed)``: run workflows elsewhere (Ray runner actors) instead of
+        in this event loop; retries, timeouts and bookkeeping stay here either way."""
         self.sampler = sampler
         self.settings = settings
         self.reader = reader
@@ -56,6 +59,7 @@ class Explorer:
         self.eval_readers = eval_readers or {}
         self.eval_interval = eval_interval
         self.eval_on_startup = eval_on_startup
+        self.remote_rollout = remote_rollout
         self.model_version = 0
 
     async def run(self, start_step: int, total_steps: int) -> int:
@@ -118,16 +122,17 @@ class Explorer:
         self, task: Task, step: int, index: int, *, is_eval: bool = False
     ) -> list[Experience]:
         """One workflow run with retries and a timeout; a task that keeps failing yields nothing."""
-        workflow_cls = WORKFLOWS.get(task.workflow)
         for attempt in range(self.max_retry_times + 1):
             seed = derive_seed(
                 self.seed, "eval" if is_eval else "train", step, task.task_id, attempt
             )
-            sampler = PolicySampler(self.sampler, self.settings, seed=seed)
             try:
                 async with self.runners:
                     experiences = await asyncio.wait_for(
-                        workflow_cls(task, sampler).run(), self.max_timeout
+                        self.remote_rollout(task, seed)
+                        if self.remote_rollout
+                        else rollout(task, self.sampler, self.settings, seed),
+                        self.max_timeout,
                     )
             except Exception as exc:  # noqa: BLE001 - a workflow is user code; report and retry
                 log.warning(
@@ -158,6 +163,13 @@ class Explorer:
             metrics.update(eval_metrics(groups, prefix=f"{prefix}/{name}"))
         metrics[f"time/{prefix}"] = time.monotonic() - started
         self.monitor.log(metrics, step)
+
+
+def rollout(
+    task: Task, backend: Any, settings: RolloutSettings, seed: int
+) -> Awaitable[list[Experience]]:
+    """One run of the task's workflow against a backend sampler (here or in a runner actor)."""
+    return WORKFLOWS.get(task.workflow)(task, PolicySampler(backend, settings, seed=seed)).run()
 
 
 def rollout_metrics(experiences: list[Experience], prefix: str) -> dict[str, float]:

@@ -25,12 +25,14 @@ from trinity.algorithms import (
     resolve_algorithm,
 )
 from trinity.backends.local import LocalRuntime, LocalSampler, LocalTrainer
+from trinity.backends.ray_actors import TinkerSamplers
 from trinity.backends.tinker_sdk import TinkerSampler, TinkerSession, TinkerTrainer
 from trinity.buffer.experience import build_experience_buffer
 from trinity.buffer.sft import sft_dataset, sft_sequence
 from trinity.buffer.tasksets import TasksetReader
 from trinity.explorer.explorer import Explorer
 from trinity.explorer.sampler import RolloutSettings
+from trinity.launcher.cluster import RayCluster, connect, runner_env
 from trinity.monitor import build_monitors
 from trinity.synchronizer.synchronizer import Synchronizer
 from trinity.trainer.trainer import Trainer, latest_checkpoint
@@ -95,6 +97,7 @@ class Backends:
     closers: list = field(default_factory=list)
 
     session: Any = None  # a TinkerSession, told at the end how the run went
+    runners: Any = None  # Ray mode: the RunnerPool the explorer's workflows run on
 
     async def close(self, error: BaseException | None = None) -> None:
         if self.session is not None:  # first: an embedded server is among the closers
@@ -125,26 +128,43 @@ def _lora_spec(config: Any) -> Any:
 
 
 async def build_backends(
-    config: Any, *, explore: bool, train: bool, resume_ref: str | None
+    config: Any,
+    *,
+    explore: bool,
+    train: bool,
+    resume_ref: str | None,
+    cluster: RayCluster | None = None,
 ) -> Backends:
+    """With ``cluster``, the explorer's sampling happens on Ray actors (``backends.runners``)."""
     from trinity.engine.demo_model import resolve_model_path
 
     backends = Backends()
     tinker_cfg = config.model.tinker
     needs_reference = build_loss_plan(config.algorithm).needs_reference
+    remote = explore and cluster is not None
     if not tinker_cfg.enable:
-        runtime = LocalRuntime(str(resolve_model_path(config.model.model_path)))
-        backends.closers.append(runtime.close)
-        backends.tokenizer = runtime.tokenizer
+        model_path = str(resolve_model_path(config.model.model_path))
+        if train or not remote:
+            runtime = LocalRuntime(model_path)
+            backends.closers.append(runtime.close)
+            backends.tokenizer = runtime.tokenizer
         if train:
+            # rollout model actors load published weights from disk, as another process would
             backends.trainer = LocalTrainer(
-                runtime, "policy", _lora_spec(config), persist_samplers=not explore
+                runtime, "policy", _lora_spec(config), persist_samplers=remote or not explore
             )
             if resume_ref:
                 await backends.trainer.load_state(resume_ref)
             if needs_reference:
                 backends.ref_sampler = LocalSampler(runtime)
-        if explore:
+        if remote:
+            env = runner_env(config)
+            backends.sampler = await cluster.rollout_models(model_path, env)
+            backends.tokenizer = backends.sampler.tokenizer
+            backends.runners = await cluster.runner_pool(
+                backends.sampler, backends.sampler, _rollout_settings(config), env
+            )
+        elif explore:
             backends.sampler = LocalSampler(runtime)
         return backends
 
@@ -174,6 +194,17 @@ async def build_backends(
     if explore:
         backends.sampler = await TinkerSampler.create(session, base_model)
         backends.tokenizer = backends.sampler.tokenizer
+    if remote:  # each runner opens its own session, with this run's endpoint and key
+        endpoint = {
+            "TRINITY_API_KEY": api_key,
+            **({"TINKER_BASE_URL": base_url} if base_url else {}),
+        }
+        backends.runners = await cluster.runner_pool(
+            TinkerSamplers(base_model),
+            backends.sampler,
+            _rollout_settings(config),
+            runner_env(config, endpoint),
+        )
     return backends
 
 
@@ -236,9 +267,12 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
         total_steps=total_steps,
         monitor_args=config.monitor.monitor_args,
     )
-    backends, error = None, None
+    backends, error, cluster = None, None, None
     try:
-        backends = await build_backends(config, explore=explore, train=train, resume_ref=resume_ref)
+        cluster = connect(config, explore=explore)
+        backends = await build_backends(
+            config, explore=explore, train=train, resume_ref=resume_ref, cluster=cluster
+        )
         synchronizer = _synchronizer(config)
         buffer = await _experience_buffer(
             config, shared=explore != train and not sft, reopen=explore
@@ -271,7 +305,9 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
         if sft:
             jobs.append(_feed_sft(sft_data, buffer, config, start_step, total_steps))
         if explore:
-            explorer = _explorer(config, backends.sampler, reader, buffer, synchronizer, monitor)
+            explorer = _explorer(
+                config, backends.sampler, reader, buffer, synchronizer, monitor, backends.runners
+            )
             explorer.model_version = start_step
             jobs.append(explorer.run(start_step, total_steps))
         await asyncio.gather(*jobs)
@@ -286,6 +322,8 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
         monitor.close()
         if backends is not None:
             await backends.close(error)
+        if cluster is not None:
+            cluster.close()
 
 
 async def _feed_sft(
@@ -352,7 +390,7 @@ async def _experience_buffer(config: Any, *, shared: bool, reopen: bool) -> Any:
     return buffer
 
 
-def _explorer(config, sampler, reader, buffer, synchronizer, monitor) -> Explorer:
+def _explorer(config, sampler, reader, buffer, synchronizer, monitor, runners=None) -> Explorer:
     rollout = config.explorer.rollout_model
     return Explorer(
         sampler=sampler,
@@ -369,6 +407,7 @@ def _explorer(config, sampler, reader, buffer, synchronizer, monitor) -> Explore
         eval_readers=_eval_readers(config),
         eval_interval=config.explorer.eval_interval,
         eval_on_startup=config.explorer.eval_on_startup,
+        remote_rollout=runners.run if runners else None,
     )
 
 
