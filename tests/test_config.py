@@ -250,11 +250,17 @@ def test_continue_from_checkpoint_false_renames_a_used_dir(tmp_path):
     assert Path(renamed.checkpoint_job_dir).parent == job_dir.parent
 
 
+SFT_DATA = (  # an SFT stage reads its dataset through the trainer's experience buffer
+    "    trainer_input:\n      experience_buffer:\n        storage_type: file\n"
+    "        path: chats.jsonl\n"
+)
+
+
 def test_stages_are_full_configs(tmp_path):
     text = MINIMAL + (
         "name: run\nstages:\n"
         "- stage_name: sft\n  mode: train\n  algorithm:\n    algorithm_type: sft\n"
-        "  buffer:\n    total_steps: 3\n"
+        "  buffer:\n    total_steps: 3\n" + SFT_DATA +
         "- stage_name: rl\n  algorithm:\n    repeat_times: 4\n"
     )
     config = load_config(write(tmp_path, text))
@@ -274,6 +280,7 @@ def test_stage_may_complete_the_template(tmp_path):
     )
     text = template + (
         "stages:\n- stage_name: sft\n  mode: train\n  algorithm:\n    algorithm_type: sft\n"
+        "  buffer:\n" + SFT_DATA +
         "- stage_name: rl\n  buffer:\n    explorer_input:\n      taskset:\n"
         "        path: builtin:countdown\n"
     )

@@ -47,11 +47,11 @@ def load_plugins(dirs: Iterable[str | os.PathLike[str]] | None = None) -> list[s
             raise PluginError(f"plugin directory not found: {directory}")
         if str(directory) not in sys.path:
             sys.path.insert(0, str(directory))
-        if directory not in _loaded_dirs:
-            _loaded_dirs.append(directory)
         for file in sorted(directory.glob("*.py")):
             if not file.name.startswith("_"):
                 names.append(load_plugin_file(file))
+        if directory not in _loaded_dirs:  # only once every file loaded: actors load these too
+            _loaded_dirs.append(directory)
     return names
 
 

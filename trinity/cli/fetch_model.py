@@ -12,11 +12,17 @@ import sys
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "fetch-model", help="convert the demo model into the cache and print its path",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache-dir", default=None,
-                        help="target directory (default: $TRINITY_CACHE_DIR/models/"
-                             "SmolLM2-135M-Instruct or ~/.cache/trinity/models/...)")
+        "fetch-model",
+        help="convert the demo model into the cache and print its path",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="target directory (default: $TRINITY_CACHE_DIR/models/"
+        "SmolLM2-135M-Instruct or ~/.cache/trinity/models/...)",
+    )
     parser.set_defaults(func=run)
     return parser
 

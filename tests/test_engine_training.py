@@ -1,0 +1,339 @@
+"""Engine training numerics on the tiny random Llama in fp32.
+
+References are written here from the Tinker formulas (notes/tinker-api.md §1.6): per-token terms,
+then sums, on logprobs from a plain peft / transformers forward pass; gradients are compared
+parameter by parameter. Tolerances: fp32 on CPU, chunked vs full-vocab log-softmax.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from tinker import types
+from transformers import AutoModelForCausalLM
+
+from trinity.engine import Engine, LoraSpec
+from trinity.engine.optim import AdamW
+
+LENGTHS = (9, 14, 5)
+BIG_STEP = types.AdamParams(learning_rate=0.05)  # moves B away from 0 so the adapter matters
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return Engine(str(tiny_model_dir), dtype=torch.float32)
+
+
+def make_sequences(seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 49152, (n + 1,), generator=g).tolist() for n in LENGTHS]
+
+
+def ce_datums(sequences, weights=None) -> list[types.Datum]:
+    datums = []
+    for i, seq in enumerate(sequences):
+        w = weights[i] if weights is not None else [1.0] * (len(seq) - 1)
+        datums.append(types.Datum(model_input=types.ModelInput.from_ints(seq[:-1]),
+                                  loss_fn_inputs={"target_tokens": seq[1:], "weights": w}))
+    return datums
+
+
+def rl_inputs(sequences, sampler_lp, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Advantages of both signs, sampler logprobs spread so ratios fall on both sides of clips."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for seq, lp in zip(sequences, sampler_lp, strict=True):
+        n = len(seq) - 1
+        out.append({"target_tokens": torch.tensor(seq[1:]),
+                    "logprobs": lp + 0.4 * torch.randn(n, generator=g),
+                    "advantages": torch.randn(n, generator=g)})
+    return out
+
+
+def rl_datums(sequences, inputs) -> list[types.Datum]:
+    return [types.Datum(model_input=types.ModelInput.from_ints(seq[:-1]),
+                        loss_fn_inputs={k: v.tolist() for k, v in inp.items()})
+            for seq, inp in zip(sequences, inputs, strict=True)]
+
+
+def reference_loss(loss_fn: str, lp: torch.Tensor, inp: dict, config: dict) -> torch.Tensor:
+    """Per-token Tinker loss terms, written out independently of trinity.engine.losses."""
+    if loss_fn == "cross_entropy":
+        return -(inp["weights"] * lp)
+    q, adv = inp["logprobs"], inp["advantages"]
+    ratio = torch.exp(lp - q)
+    if loss_fn == "importance_sampling":
+        return -(ratio * adv)
+    if loss_fn == "ppo":
+        lo, hi = config.get("clip_low_threshold", 0.8), config.get("clip_high_threshold", 1.2)
+        unclipped = ratio * adv
+        clipped = torch.where(ratio < lo, lo, torch.where(ratio > hi, hi, ratio)) * adv
+        return -torch.where(unclipped < clipped, unclipped, clipped)
+    if loss_fn == "cispo":
+        lo, hi = config.get("clip_low_threshold", 0.0), config.get("clip_high_threshold", 4.0)
+        weight = torch.where(ratio < lo, lo, torch.where(ratio > hi, hi, ratio)).detach()
+        return -(weight * lp * adv)
+    if loss_fn == "dro":
+        return -(lp * adv - 0.5 * config["beta"] * (lp - q) ** 2)
+    raise AssertionError(loss_fn)
+
+
+def engine_params(engine: Engine, model_id: str) -> dict[str, torch.nn.Parameter]:
+    return engine._models[model_id].params
+
+
+def reference_lora(engine: Engine, model_id: str, tiny_model_dir, tmp_path) -> PeftModel:
+    """An independent peft model with the engine adapter's current weights (via export_peft)."""
+    engine.export_peft(model_id, str(tmp_path / "adapter"))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(tmp_path / "adapter"), is_trainable=True)
+    return model.eval()
+
+
+def reference_logprobs(model, seq: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    logits_TV = model(input_ids=torch.tensor([seq[:-1]])).logits[0].float()
+    logprobs_TV = logits_TV.log_softmax(-1)
+    lp = logprobs_TV.gather(1, torch.tensor(seq[1:])[:, None]).squeeze(1)
+    entropy = -(logprobs_TV.exp() * logprobs_TV).sum(-1)
+    return lp, entropy
+
+
+def assert_grads_close(got: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """fp32 noise (sums in another order; about 1e-5, as a float64 reference shows) scales
+    with the largest entry."""
+    atol = 2e-5 * max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(got, expected, atol=atol, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def lora_grads(model: PeftModel) -> dict[str, torch.Tensor]:
+    """peft parameter names -> engine checkpoint names (``MODULE.lora_A.weight``)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name and p.grad is not None:
+            key = name.removeprefix("base_model.model.").replace(".default.", ".")
+            out[key] = p.grad
+    return out
+
+
+def trained_lora(engine: Engine, model_id: str, spec: LoraSpec | None = None) -> None:
+    engine.create_model(model_id, spec or LoraSpec(rank=4, seed=0))
+    engine.forward_backward(model_id, ce_datums(make_sequences(7)), "cross_entropy")
+    engine.optim_step(model_id, BIG_STEP)
+
+
+@pytest.fixture(scope="module")
+def parity(engine, tiny_model_dir, tmp_path_factory):
+    """A trained LoRA (all targets, incl. the tied unembedding) and its peft twin."""
+    trained_lora(engine, "parity")
+    reference = reference_lora(engine, "parity", tiny_model_dir, tmp_path_factory.mktemp("ref"))
+    yield reference
+    engine.remove_model("parity")
+
+
+def test_logprobs_and_entropy_match_plain_forward(engine, parity):
+    sequences = make_sequences()
+    out = engine.forward_backward("parity", ce_datums(sequences), "cross_entropy",
+                                  forward_only=True, return_entropy=True)
+    with torch.no_grad():
+        for seq, got in zip(sequences, out.loss_fn_outputs, strict=True):
+            lp, entropy = reference_logprobs(parity, seq)
+            torch.testing.assert_close(got["logprobs"].to_torch(), lp, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got["entropy"].to_torch(), entropy, atol=1e-4, rtol=1e-5)
+
+
+CASES = [
+    ("cross_entropy", None),
+    ("importance_sampling", None),
+    ("ppo", None),
+    ("ppo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.05}),
+    ("cispo", None),
+    ("cispo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}),
+    ("dro", {"beta": 0.05}),
+    ("dro", {"beta": 0.7}),
+]
+
+
+@pytest.mark.parametrize(("loss_fn", "config"), CASES)
+def test_loss_and_gradients_match_reference(engine, parity, loss_fn, config):
+    sequences = make_sequences()
+    with torch.no_grad():
+        sampler_lp = [reference_logprobs(parity, seq)[0] for seq in sequences]
+    if loss_fn == "cross_entropy":
+        g = torch.Generator().manual_seed(3)
+        inputs = [{"target_tokens": torch.tensor(s[1:]), "weights": torch.rand(len(s) - 1,
+                                                                               generator=g)}
+                  for s in sequences]
+    else:
+        inputs = rl_inputs(sequences, sampler_lp)
+    got = engine_params(engine, "parity")
+    for p in got.values():
+        p.grad = None
+    out = engine.forward_backward("parity", rl_datums(sequences, inputs), loss_fn, config)
+
+    parity.zero_grad(set_to_none=True)
+    total = torch.zeros(())
+    for seq, inp in zip(sequences, inputs, strict=True):
+        lp, _ = reference_logprobs(parity, seq)
+        total = total + reference_loss(loss_fn, lp, inp, config or {}).sum()
+    total.backward()
+    assert out.metrics["loss:sum"] == pytest.approx(total.item(), rel=1e-5, abs=1e-4)
+    expected = lora_grads(parity)
+    assert set(expected) == set(got)
+    for name, grad in expected.items():
+        assert_grads_close(got[name].grad, grad, name)
+
+
+def test_clipping_is_exercised():
+    """The parity cases above only mean something if ratios fall outside the clip range."""
+    lp = torch.zeros(2000)
+    inputs = rl_inputs([[0] * 2001], [lp])[0]
+    ratio = torch.exp(lp - inputs["logprobs"])
+    assert (ratio < 0.8).any() and (ratio > 1.2).any()
+
+
+def test_per_token_clip_thresholds_from_datum(engine):
+    engine.create_model("thresholds", LoraSpec(rank=4, seed=0))
+    sequences = make_sequences()
+    lp = [o["logprobs"].to_torch() for o in engine.forward_backward(
+        "thresholds", ce_datums(sequences), "cross_entropy", forward_only=True).loss_fn_outputs]
+    inputs = rl_inputs(sequences, lp)
+    config = {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}
+    by_config = engine.forward_backward("thresholds", rl_datums(sequences, inputs), "ppo",
+                                        config, forward_only=True).metrics["loss:sum"]
+    for inp in inputs:
+        n = len(inp["advantages"])
+        inp["clip_low_threshold"] = torch.full((n,), 0.9)
+        inp["clip_high_threshold"] = torch.full((n,), 1.1)
+    by_datum = engine.forward_backward("thresholds", rl_datums(sequences, inputs), "ppo",
+                                       forward_only=True).metrics["loss:sum"]
+    assert by_datum == pytest.approx(by_config, rel=1e-6)
+    for inp in inputs[1:]:  # mixed: datums without thresholds fall back to the config
+        del inp["clip_low_threshold"], inp["clip_high_threshold"]
+    mixed = engine.forward_backward("thresholds", rl_datums(sequences, inputs), "ppo", config,
+                                    forward_only=True).metrics["loss:sum"]
+    assert mixed == pytest.approx(by_config, rel=1e-6)
+    engine.remove_model("thresholds")
+
+
+def test_full_finetune_gradients_match_reference(engine, tiny_model_dir):
+    engine.create_model("full-parity", None)
+    sequences = make_sequences()
+    g = torch.Generator().manual_seed(5)
+    weights = [torch.rand(len(s) - 1, generator=g).tolist() for s in sequences]
+    out = engine.forward_backward("full-parity", ce_datums(sequences, weights), "cross_entropy")
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    total = sum(-(torch.tensor(w) * reference_logprobs(reference, s)[0]).sum()
+                for s, w in zip(sequences, weights, strict=True))
+    total.backward()
+    assert out.metrics["loss:sum"] == pytest.approx(total.item(), rel=1e-5)
+    got = engine_params(engine, "full-parity")
+    expected = {n: p.grad for n, p in reference.named_parameters()}
+    assert set(got) == set(expected)  # the tied embedding appears once
+    for name, grad in expected.items():
+        assert_grads_close(got[name].grad, grad, name)
+    engine.remove_model("full-parity")
+
+
+def test_grad_accumulation_over_calls_and_micro_batches(engine):
+    sequences = make_sequences()
+    datums = ce_datums(sequences)
+    engine.create_model("once", LoraSpec(rank=4, seed=1))
+    engine.create_model("split", LoraSpec(rank=4, seed=1))
+    once = engine.forward_backward("once", datums, "cross_entropy").metrics["loss:sum"]
+    first = engine.forward_backward("split", datums[:1], "cross_entropy").metrics["loss:sum"]
+    saved = engine.micro_batch_tokens
+    engine.micro_batch_tokens = 10  # the remaining two datums go through separate passes
+    try:
+        rest = engine.forward_backward("split", datums[1:], "cross_entropy").metrics["loss:sum"]
+    finally:
+        engine.micro_batch_tokens = saved
+    assert first + rest == pytest.approx(once, rel=1e-5)
+    for name, p in engine_params(engine, "once").items():
+        assert_grads_close(engine_params(engine, "split")[name].grad, p.grad, name)
+    a = engine.optim_step("once", BIG_STEP)
+    b = engine.optim_step("split", BIG_STEP)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    for name, p in engine_params(engine, "once").items():
+        assert p.grad is None
+        torch.testing.assert_close(engine_params(engine, "split")[name], p, atol=1e-6, rtol=1e-5)
+    engine.remove_model("once")
+    engine.remove_model("split")
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_adamw_matches_torch(clip):
+    torch.manual_seed(0)
+    ours = {"a": torch.nn.Parameter(torch.randn(5, 3)), "b": torch.nn.Parameter(torch.randn(7))}
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours.values()]
+    optimizer = AdamW(ours)
+    schedule = [types.AdamParams(learning_rate=lr, beta1=0.9, beta2=0.95, eps=1e-8,
+                                 weight_decay=wd, grad_clip_norm=clip)
+                for lr, wd in ((1e-2, 0.0), (5e-3, 0.1), (2e-2, 0.01), (1e-3, 0.0))]
+    reference = torch.optim.AdamW(theirs, lr=1.0)
+    for hp in schedule:
+        grads = [torch.randn_like(p) for p in theirs]
+        for p, q, grad in zip(ours.values(), theirs, grads, strict=True):
+            p.grad, q.grad = grad.clone(), grad.clone()
+        norm = float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))
+        if clip:
+            torch.nn.utils.clip_grad_norm_(theirs, clip)
+        for group in reference.param_groups:
+            group.update(lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), eps=hp.eps,
+                         weight_decay=hp.weight_decay)
+        reference.step()
+        assert optimizer.step(hp)["grad_norm"] == pytest.approx(norm, rel=1e-6)
+        for p, q in zip(ours.values(), theirs, strict=True):
+            torch.testing.assert_close(p.detach(), q.detach(), atol=1e-7, rtol=1e-6)
+            assert p.grad is None
+
+
+def test_cross_entropy_steps_reduce_loss(engine):
+    engine.create_model("learn", LoraSpec(rank=8, seed=0))
+    datums = ce_datums(make_sequences(11)[:1])
+    losses = []
+    for _ in range(6):
+        losses.append(engine.forward_backward("learn", datums, "cross_entropy").metrics["loss:sum"])
+        engine.optim_step("learn", types.AdamParams(learning_rate=1e-2))
+    assert losses[-1] < 0.7 * losses[0]
+    assert engine.model_info("learn")["step"] == 6
+    engine.remove_model("learn")
+
+
+def test_bad_arguments_raise_value_error(engine):
+    engine.create_model("errors", LoraSpec(rank=2))
+    datums = ce_datums(make_sequences()[:1])
+    with pytest.raises(ValueError, match="unknown model_id 'nope'"):
+        engine.forward_backward("nope", datums, "cross_entropy")
+    with pytest.raises(ValueError, match="unknown model_id"):
+        engine.optim_step("nope", types.AdamParams())
+    with pytest.raises(ValueError, match="unknown loss_fn 'mse'"):
+        engine.forward_backward("errors", datums, "mse")
+    with pytest.raises(ValueError, match="lacks \\['logprobs', 'advantages'\\]"):
+        engine.forward_backward("errors", datums, "ppo")
+    with pytest.raises(ValueError, match="unknown loss_fn_config keys"):
+        engine.forward_backward("errors", datums, "cross_entropy", {"clip_low_threshold": 0.5})
+    with pytest.raises(ValueError, match="needs loss_fn_config\\['beta'\\]"):
+        engine.forward_backward("errors", rl_datums(make_sequences()[:1], rl_inputs(
+            make_sequences()[:1], [torch.zeros(LENGTHS[0])])), "dro")
+    bad = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]),
+                      loss_fn_inputs={"target_tokens": [1, 2], "weights": [1.0, 1.0]})
+    with pytest.raises(ValueError, match="expected \\(3,\\)"):
+        engine.forward_backward("errors", [bad], "cross_entropy")
+    with pytest.raises(ValueError, match="already exists"):
+        engine.create_model("errors", None)
+    engine.remove_model("errors")
+    with pytest.raises(ValueError, match="unknown model_id"):
+        engine.remove_model("errors")
+
+
+def test_empty_datum_gives_empty_logprobs(engine):
+    engine.create_model("empty", LoraSpec(rank=2))
+    empty = types.Datum(model_input=types.ModelInput.from_ints([]),
+                        loss_fn_inputs={"target_tokens": [], "weights": []})
+    out = engine.forward_backward("empty", [empty], "cross_entropy")
+    assert out.metrics["loss:sum"] == 0.0 and out.loss_fn_outputs[0]["logprobs"].shape == [0]
+    both = engine.forward_backward("empty", [empty, *ce_datums(make_sequences()[:1])],
+                                   "cross_entropy")
+    assert [o["logprobs"].shape for o in both.loss_fn_outputs] == [[0], [LENGTHS[0]]]
+    engine.remove_model("empty")
