@@ -3,7 +3,8 @@
     pip install trl --no-deps      # the benchmark's only extra; not a Trinity dependency
     python bench/grpo_step.py [--steps 4]
 
-Identical shapes on both sides: the demo model (SmolLM2-135M-Instruct, bf16 compute), the same
+Identical shapes on both sides: the demo model (SmolLM2-135M-Instruct) in the engine's dtype
+(bf16 where the CPU has it natively, else fp32) on both sides, the same
 arithmetic prompts, 4 prompts x 4 samples per step, at most 64 new tokens (both stop at EOS; the
 mean completion length of each side is reported next to its time), LoRA rank 32 / alpha 32 on
 all linear layers, one optimizer step per batch, no KL term, no gradient checkpointing. The first
@@ -50,6 +51,8 @@ def run_trl(model_path: str, rows: list[dict], steps: int) -> tuple[list[float],
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from trinity.engine.engine import default_dtype
+
     def reward(completions, answer, **_):
         return [accuracy(c[0]["content"], a) for c, a in zip(completions, answer, strict=True)]
 
@@ -69,6 +72,7 @@ def run_trl(model_path: str, rows: list[dict], steps: int) -> tuple[list[float],
             if logs and "completions/mean_length" in logs:
                 self.lengths.append(float(logs["completions/mean_length"]))
 
+    dtype = default_dtype(torch.device("cpu"))  # the dtype Trinity's engine computes in here
     data = Dataset.from_list(
         [
             {"prompt": [{"role": "user", "content": r["question"]}], "answer": r["answer"]}
@@ -80,7 +84,7 @@ def run_trl(model_path: str, rows: list[dict], steps: int) -> tuple[list[float],
         args = GRPOConfig(
             output_dir=out,
             use_cpu=True,
-            bf16=True,
+            bf16=dtype == torch.bfloat16,
             max_steps=steps,
             learning_rate=LR,
             per_device_train_batch_size=PROMPTS_PER_STEP * SAMPLES_PER_PROMPT,
@@ -92,7 +96,7 @@ def run_trl(model_path: str, rows: list[dict], steps: int) -> tuple[list[float],
             logging_steps=1,
             save_strategy="no",
             report_to="none",
-            model_init_kwargs={"dtype": torch.bfloat16},
+            model_init_kwargs={"dtype": dtype},
             seed=0,
         )
         trainer = GRPOTrainer(
@@ -135,7 +139,10 @@ def run_trinity(model_path: str, rows: list[dict], steps: int) -> tuple[list[flo
 
 
 def main() -> None:
+    import torch
+
     from trinity.engine.demo_model import ensure_demo_model
+    from trinity.engine.engine import default_dtype
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="steps per side, first is warm-up")
@@ -148,7 +155,7 @@ def main() -> None:
     trl_s, trl_len = (statistics.mean(v[1:]) for v in run_trl(model_path, rows, args.steps))
     lines = [
         f"- shapes: {PROMPTS_PER_STEP} prompts x {SAMPLES_PER_PROMPT} samples x <= {NEW_TOKENS} "
-        f"new tokens, LoRA rank {RANK}, demo model, bf16, {args.steps - 1} timed steps each",
+        f"new tokens, LoRA rank {RANK}, demo model, {default_dtype(torch.device('cpu'))}, {args.steps - 1} timed steps each",
         f"- Trinity (local backend): {trinity_s:.2f} s/step (mean completion {trinity_len:.1f} "
         "tokens)",
         f"- TRL GRPOTrainer: {trl_s:.2f} s/step (mean completion {trl_len:.1f} tokens)",
