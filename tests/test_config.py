@@ -109,7 +109,7 @@ def test_demo_example_validates():
     assert taskset.path == "builtin:arithmetic"
     assert taskset.builtin_args == {"num_terms": 2, "max_operand": 9}
     assert taskset.format.system_prompt == "Answer with the number only."
-    assert config.buffer.train_batch_size == 64
+    assert config.buffer.train_batch_size == 48  # 6 prompts x 8 samples
     assert config.model.tinker.base_model == "demo"
     assert config.synchronizer.sync_method == "memory"
 
