@@ -267,10 +267,9 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
         total_steps=total_steps,
         monitor_args=config.monitor.monitor_args,
     )
-    backends, error, cluster = None, None, None
-    try:
-        cluster = connect(config, explore=explore)
-        backends = await build_backends(
+    async with _owned(monitor) as owned:
+        cluster = owned.cluster = connect(config, explore=explore)
+        backends = owned.backends = await build_backends(
             config, explore=explore, train=train, resume_ref=resume_ref, cluster=cluster
         )
         synchronizer = _synchronizer(config)
@@ -315,15 +314,32 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
             out = job_dir / "final_adapter"
             await backends.trainer.export_adapter(str(out))
             log.info("exported the trained adapter to %s", out)
+
+
+@dataclass
+class _Owned:
+    """What a run must release at the end, whichever way it ends."""
+
+    monitor: Any
+    backends: Backends | None = None
+    cluster: Any = None
+
+
+@contextlib.asynccontextmanager
+async def _owned(monitor: Any):
+    """Close the monitor, the backends (telling a remote session how the run ended), the cluster."""
+    owned, error = _Owned(monitor), None
+    try:
+        yield owned
     except BaseException as exc:
         error = exc
         raise
     finally:
         monitor.close()
-        if backends is not None:
-            await backends.close(error)
-        if cluster is not None:
-            cluster.close()
+        if owned.backends is not None:
+            await owned.backends.close(error)
+        if owned.cluster is not None:
+            owned.cluster.close()
 
 
 async def _feed_sft(
@@ -458,9 +474,10 @@ async def run_bench(config: Any) -> None:
         total_steps=len(steps) + 1,
         monitor_args=config.monitor.monitor_args,
     )
-    backends, error = None, None
-    try:
-        backends = await build_backends(config, explore=True, train=bool(steps), resume_ref=None)
+    async with _owned(monitor) as owned:
+        backends = owned.backends = await build_backends(
+            config, explore=True, train=bool(steps), resume_ref=None
+        )
         explorer = _explorer(config, backends.sampler, None, None, None, monitor)
         for step in [0, *steps]:
             if step:
@@ -473,13 +490,6 @@ async def run_bench(config: Any) -> None:
             explorer.model_version = step
             await explorer.evaluate(step, prefix="bench")
             log.info("evaluated %s", f"checkpoint global_step_{step}" if step else "the base model")
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
-        monitor.close()
-        if backends is not None:
-            await backends.close(error)
 
 
 def _setup_logging(job_dir: Path) -> None:
