@@ -55,6 +55,8 @@ def sampling_section(ctx: dict) -> list[str]:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=ctx["dtype"]).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bound_steps_s = BANDWIDTH_GBS * 1e9 / weight_bytes
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    compute_bound_tps = ctx["peak_tflops"] * 1e12 / (2 * matmul_params)
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Write a short story about a robot learning to paint."}],
         add_generation_prompt=True,
@@ -68,8 +70,12 @@ def sampling_section(ctx: dict) -> list[str]:
         f"{len(prompt)} tokens, {new_tokens} new tokens per row (EOS ignored, temperature 1).",
         f"Memory-bandwidth bound: {bound_steps_s:.0f} decode steps/s (weights / "
         f"{BANDWIDTH_GBS:.0f} GB/s), i.e. batch x {bound_steps_s:.0f} tokens/s before the KV cache.",
+        f"Compute bound: {compute_bound_tps:.0f} tokens/s at any batch (2 x {matmul_params / 1e6:.0f}M "
+        f"matmul FLOPs per token at the measured peak): no sampler on this CPU can exceed it.",
+        "Trinity prefills the shared prompt once (its rows are one request's samples); HF "
+        "prefills every row.",
         "",
-        "| batch | trinity tokens/s | HF generate tokens/s | ratio | bound tokens/s |",
+        "| batch | trinity tokens/s | HF generate tokens/s | ratio | bound tokens/s (memory, compute) |",
         "|---:|---:|---:|---:|---:|",
     ]
     params = types.SamplingParams(max_tokens=new_tokens, temperature=1.0, stop=[], seed=0)
@@ -104,7 +110,7 @@ def sampling_section(ctx: dict) -> list[str]:
         hf_tps = batch * new_tokens / hf_s
         lines.append(
             f"| {batch} | {ours_tps:.0f} | {hf_tps:.0f} | {ours_tps / hf_tps:.2f}x | "
-            f"{batch * bound_steps_s:.0f} |"
+            f"{batch * bound_steps_s:.0f}, {compute_bound_tps:.0f} |"
         )
         print(lines[-1], flush=True)
     return lines
@@ -234,6 +240,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="batch 1 and 16, 32 new tokens")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--only", choices=["sampling", "training"], help="run one section")
     args = parser.parse_args()
     torch.set_num_threads(2)
     ctx = {
@@ -245,6 +252,8 @@ def main() -> None:
     machine = machine_section(ctx)
     print("\n".join(machine))
     for title, section in SECTIONS[1:]:
+        if args.only and args.only not in title.lower():
+            continue
         lines = section(ctx)
         if not lines:
             continue

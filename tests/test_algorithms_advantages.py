@@ -40,6 +40,9 @@ def test_grpo_lone_sample_keeps_reward():
 
 def test_grpo_equal_rewards_give_zero():
     close(grpo_advantages([1.0, 1.0, 1.0]), [0.0, 0.0, 0.0])
+    # -0.1 is not exact in float32: mean - r leaves ~1e-9, which (std + eps) used to blow up
+    # to a constant 0.0074 advantage on every response of the group.
+    assert grpo_advantages([-0.1] * 8).abs().max().item() == 0.0
 
 
 def test_opmd_mean_and_logavgexp_baselines():

@@ -111,6 +111,7 @@ def test_demo_example_validates():
     assert taskset.format.system_prompt == "Answer with the number only."
     assert config.buffer.train_batch_size == 48  # 6 prompts x 8 samples
     assert config.model.tinker.base_model == "demo"
+    assert config.model.tinker.enable and config.model.tinker.base_url == "local"
     assert config.synchronizer.sync_method == "memory"
 
 

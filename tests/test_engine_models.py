@@ -95,18 +95,26 @@ def test_save_load_continues_like_uninterrupted(engine, tmp_path):
         engine.remove_model(model_id)
 
 
+def assert_same(got: tuple, expected: tuple) -> None:
+    """Same greedy tokens; logprobs equal up to fp32 rounding (a frozen sampler decodes on a
+    merged copy, W + BA, while a trainable model runs W and BA separately)."""
+    assert got[0] == expected[0]
+    torch.testing.assert_close(torch.tensor(got[1]), torch.tensor(expected[1]), atol=1e-5, rtol=0)
+
+
 def test_snapshot_sampler_is_isolated_from_training(engine):
     engine.create_model("policy", LoraSpec(rank=4, seed=0))
     train(engine, "policy", 2)
     engine.snapshot_sampler("policy", "/samplers/v1")  # a path-like name is fine
     assert engine.has_sampler("/samplers/v1")
     before = greedy(engine, "/samplers/v1")
-    assert before == greedy(engine, "policy")
+    assert engine._merged_adapter is not None  # decoded on the merged copy
+    assert_same(before, greedy(engine, "policy"))
     train(engine, "policy", 3, seed=5)
     assert greedy(engine, "/samplers/v1") == before
     assert greedy(engine, "policy")[1] != before[1]
     engine.snapshot_sampler("policy", "/samplers/v1")  # replaced in place by the newer weights
-    assert greedy(engine, "/samplers/v1") == greedy(engine, "policy")
+    assert_same(greedy(engine, "/samplers/v1"), greedy(engine, "policy"))
     engine.drop_sampler("/samplers/v1")
     assert not engine.has_sampler("/samplers/v1")
     with pytest.raises(ValueError, match="unknown"):
@@ -120,7 +128,7 @@ def test_save_and_load_sampler(engine, tmp_path):
     engine.snapshot_sampler("pub", "s")
     engine.save_sampler("s", str(tmp_path / "s"))
     engine.load_sampler("s-loaded", str(tmp_path / "s"))
-    assert greedy(engine, "s-loaded") == greedy(engine, "s")
+    assert_same(greedy(engine, "s-loaded"), greedy(engine, "s"))
     for name in ("s", "s-loaded"):
         engine.drop_sampler(name)
     engine.remove_model("pub")

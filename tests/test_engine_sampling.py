@@ -49,8 +49,19 @@ def params(**kw):
 def test_sampled_logprobs_equal_teacher_forcing(tiny):
     requests = [SampleRequest(prompt_tokens=p, num_samples=2, params=params(seed=i))
                 for i, p in enumerate(PROMPTS)]
-    for request, response in zip(requests, run(tiny, requests), strict=True):
-        assert len(response.sequences) == 2
+    requests.append(SampleRequest(prompt_tokens=PROMPTS[0], params=params(seed=7)))
+    batch_shapes = []
+    hook = tiny[0].register_forward_pre_hook(
+        lambda _, args, kwargs: batch_shapes.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True)
+    try:
+        responses = run(tiny, requests)
+    finally:
+        hook.remove()
+    # One prefill row per distinct prompt (7 rows, 3 prompts), then 7 rows decode.
+    assert batch_shapes[0] == (3, max(map(len, PROMPTS))) and batch_shapes[1] == (7, 1)
+    for request, response in zip(requests, responses, strict=True):
+        assert len(response.sequences) == request.num_samples
         for seq in response.sequences:
             assert len(seq.tokens) == 8 and seq.stop_reason == "length"
             expected, _ = teacher_logprobs(tiny[0], request.prompt_tokens + seq.tokens)
@@ -160,7 +171,7 @@ def test_mixed_adapter_batch_equals_separate_runs(tiny_model_dir, tiny):
             if "lora_B" in name:
                 p.mul_(50)
     model.eval()
-    adapters = ["a", "b", None, "a"]
+    adapters = ["a", "b", None, "b", "a"]  # one prompt under a and b: prefills not shared
     requests = [SampleRequest(prompt_tokens=PROMPTS[i % 3], adapter=a,
                               params=params(temperature=0), prompt_logprobs=True)
                 for i, a in enumerate(adapters)]

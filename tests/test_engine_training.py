@@ -13,7 +13,7 @@ from peft import PeftModel
 from tinker import types
 from transformers import AutoModelForCausalLM
 
-from trinity.engine import Engine, LoraSpec
+from trinity.engine import Engine, LoraSpec, losses
 from trinity.engine.optim import AdamW
 
 LENGTHS = (9, 14, 5)
@@ -259,6 +259,38 @@ def test_grad_accumulation_over_calls_and_micro_batches(engine):
         torch.testing.assert_close(engine_params(engine, "split")[name], p, atol=1e-6, rtol=1e-5)
     engine.remove_model("once")
     engine.remove_model("split")
+
+
+def test_shared_prefix_runs_once_and_matches_separate_passes(engine):
+    """GRPO-shaped datums (one prompt, several responses) share the prompt's forward pass; loss,
+    per-datum logprobs and entropy, and gradients equal running every datum on its own."""
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 49152, (24,), generator=g).tolist()
+    sequences = [prompt + torch.randint(0, 49152, (n,), generator=g).tolist() for n in (6, 9, 3)]
+    sequences.append(torch.randint(0, 49152, (15,), generator=g).tolist())  # unrelated
+    inputs = rl_inputs(sequences, [torch.full((len(s) - 1,), -9.0) for s in sequences])
+    inputs[1]["target_tokens"][5] = 7  # a target that differs inside the shared prefix
+    datums = rl_datums(sequences, inputs)
+    engine.create_model("shared", LoraSpec(rank=4, seed=2))
+    engine.create_model("separate", LoraSpec(rank=4, seed=2))
+    for model_id in ("shared", "separate"):  # move B off zero so every LoRA factor has gradients
+        engine.forward_backward(model_id, ce_datums(make_sequences(4)), "cross_entropy")
+        engine.optim_step(model_id, BIG_STEP)
+    examples = [engine._example(i, d, losses.get_loss("ppo")) for i, d in enumerate(datums)]
+    assert sorted(p for p, _ in engine._micro_batches(examples)) == [0, 24]
+    shared = engine.forward_backward("shared", datums, "ppo", return_entropy=True)
+    separate = [engine.forward_backward("separate", [d], "ppo", return_entropy=True)
+                for d in datums]
+    assert shared.metrics["loss:sum"] == pytest.approx(
+        sum(o.metrics["loss:sum"] for o in separate), rel=1e-5)
+    for got, alone in zip(shared.loss_fn_outputs, separate, strict=True):
+        for key in ("logprobs", "entropy"):
+            torch.testing.assert_close(got[key].to_torch(), alone.loss_fn_outputs[0][key].to_torch(),
+                                       atol=1e-5, rtol=0)
+    for name, p in engine_params(engine, "shared").items():
+        assert_grads_close(p.grad, engine_params(engine, "separate")[name].grad, name)
+    engine.remove_model("shared")
+    engine.remove_model("separate")
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.5])

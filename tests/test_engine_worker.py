@@ -38,14 +38,19 @@ def test_one_bad_request_does_not_fail_its_batch_mates():
 
 
 def test_batch_window_waits_for_samples_arriving_a_moment_apart():
+    """The batch stays open while samples keep coming less than the window apart (here 0.3 s
+    in all, past a fixed 0.2 s deadline) and closes after a longer gap."""
     engine = PickyEngine()
     worker = EngineWorker(engine, batch_window_s=0.2)
     try:
-        first = worker.sample(1)
-        time.sleep(0.05)  # e.g. a second client's HTTP request, a few ms later
-        second = worker.sample(2)
-        assert (first.result(5), second.result(5)) == (10, 20)
-        assert engine.batches == [[1, 2]]
-        assert worker.batch_sizes == [2]
+        futures = [worker.sample(1)]
+        for r in (2, 3):
+            time.sleep(0.15)  # e.g. another client's HTTP request, a moment later
+            futures.append(worker.sample(r))
+        time.sleep(0.5)
+        futures.append(worker.sample(4))
+        assert [f.result(5) for f in futures] == [10, 20, 30, 40]
+        assert engine.batches == [[1, 2, 3], [4]]
+        assert worker.batch_sizes == [3, 1]
     finally:
         worker.close()

@@ -508,8 +508,10 @@ def test_parallel_chunks_execute_in_seq_order(tmp_path):
     assert out.loss_fn_outputs[0]["logprobs"].tolist() == [-2.0]
 
 
-def test_long_running_requests_answer_try_again_until_done(tmp_path):
-    """A result slower than the long-poll window: the SDK gets try_again and polls on."""
+def test_long_running_requests_answer_try_again_until_done(tmp_path, caplog):
+    """A result slower than the long-poll window: the SDK gets try_again (HTTP 408) and polls on
+    quietly; a 200 try_again would log a warning per poll."""
+    import logging
     import time
 
     class SlowEngine(FakeEngine):
@@ -520,13 +522,16 @@ def test_long_running_requests_answer_try_again_until_done(tmp_path):
     model = ServedModel("fake-model", tmp_path / "model", SlowEngine(), {"fake"})
     with ServerThread(Service([model], tmp_path, dict(KEYS), long_poll_s=0.1)) as srv:
         tc = client(srv).create_lora_training_client(base_model="fake-model", rank=4).result()
-        assert tc.optim_step(types.AdamParams(learning_rate=1e-3)).result().metrics == \
-            {"grad_norm": 1.0}
+        with caplog.at_level(logging.INFO):
+            assert tc.optim_step(types.AdamParams(learning_rate=1e-3)).result().metrics == \
+                {"grad_norm": 1.0}
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
         http = httpx.Client(base_url=srv.url, headers={"X-API-Key": "tml-alice-key"})
         rid = http.post("/api/v1/optim_step", json={
             "model_id": tc.model_id, "seq_id": 2,
             "adam_params": {"learning_rate": 0.1}}).json()["request_id"]
         r = http.post("/api/v1/retrieve_future", json={"request_id": rid})
+        assert r.status_code == 408
         assert r.json() == {"type": "try_again", "request_id": rid, "queue_state": "active"}
         http.close()
 

@@ -285,3 +285,12 @@ def test_builtin_taskset_through_the_reader():
         reader(taskset("builtin:arithmetik"))
     with pytest.raises(TasksetError, match="bad builtin_args"):
         reader(taskset("builtin:countdown", builtin_args={"bogus": 1}))
+
+
+def test_example_arithmetic_file_is_the_builtin_set_in_gsm8k_form():
+    """examples/data/arithmetic.jsonl (the seed Tinker config's local taskset here) is
+    reproducible: builtin arithmetic, two one-digit operands, seed 1, answers as ``#### N``."""
+    path = Path(__file__).parents[1] / "examples" / "data" / "arithmetic.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    expected = build_builtin("arithmetic", {"num_terms": 2, "max_operand": 9, "size": 400, "seed": 1})
+    assert rows == [{"question": r["question"], "answer": f"#### {r['answer']}"} for r in expected]

@@ -35,10 +35,17 @@ def _as_tensor(rewards_G: Sequence[float] | Tensor) -> Tensor:
 
 @ADVANTAGE_FNS.register("grpo")
 def grpo_advantages(rewards_G: Sequence[float] | Tensor, epsilon: float = 1e-6) -> Tensor:
-    """A = (r - mean) / (std + eps), torch's unbiased std; a lone sample keeps A = r (mean 0, std 1)."""
+    """A = (r - mean) / (std + eps), torch's unbiased std; a lone sample keeps A = r (mean 0, std 1).
+
+    A group whose rewards are all equal gets exactly 0: in float32 the rounding residue of
+    ``r - mean`` (~1e-9) divided by ``std + eps`` (~1e-6) would otherwise be a constant ~0.007
+    that pushes every response up.
+    """
     r = _as_tensor(rewards_G)
     if r.numel() == 1:
         return r.clone()
+    if bool((r == r[0]).all()):
+        return torch.zeros_like(r)
     return (r - r.mean()) / (r.std() + epsilon)
 
 

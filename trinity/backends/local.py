@@ -22,7 +22,9 @@ class LocalRuntime:
         from trinity.engine import Engine
 
         self.engine = Engine(model_path)
-        self.worker = EngineWorker(self.engine)
+        # Workflows submit a moment apart (each tokenizes its prompt first): without a window the
+        # worker starts decoding the first alone and the rest wait for a second batch.
+        self.worker = EngineWorker(self.engine, batch_window_s=0.005)
         self.tokenizer = self.engine.tokenizer
 
     def close(self) -> None:

@@ -20,8 +20,13 @@
   most ``micro_batch_tokens`` (padded) tokens; no attention mask is needed since right padding
   never precedes a real token. Logprobs go through ``logprobs.target_logprobs`` (chunked, no full
   fp32 logits). Losses are token sums (``losses.py``), gradients accumulate until ``optim_step``.
+- Datums sharing a prefix of at least ``MIN_SHARED_PREFIX`` tokens (GRPO's samples of one
+  prompt) run it once per micro-batch: its cache feeds every member's suffix, and gradients flow
+  back through the shared part (``_prefix_clusters``).
 - Snapshots (``snapshot_sampler``) are frozen copies: a LoRA snapshot is another peft adapter, a
-  full fine-tune snapshot a ``dtype`` copy of the whole model.
+  full fine-tune snapshot a ``dtype`` copy of the whole model. In fp32, a sampling batch on one
+  LoRA snapshot alone decodes on a merged plain copy of the model (one more copy of the weights
+  in memory), rebuilt when the snapshot changes.
 
 Not thread-safe: callers serialize calls (docs/architecture.md, "Engine API").
 """
@@ -31,6 +36,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import json
+import os
 import sys
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -41,7 +47,7 @@ import numpy as np
 import torch
 from tinker import types
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from trinity.engine import checkpoint, losses
 from trinity.engine.demo_model import ALIASES as DEMO_ALIASES
@@ -54,6 +60,8 @@ DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SAMPLER_META = "trinity_sampler.json"
 _ATTN_PARTS = ("attn", "attention")
 _MLP_PARTS = ("mlp", "feed_forward", "ffn")
+# Shorter common prefixes are not worth a second forward call per micro-batch.
+MIN_SHARED_PREFIX = 16
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -86,6 +94,25 @@ def keep_freed_memory() -> None:
         return
     libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD, glibc's maximum
     libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+
+
+def _prefix_clusters(examples: list[dict]) -> list[tuple[int, list[dict]]]:
+    """(shared prefix length, members): lexicographic neighbours join a cluster while that saves
+    more prefix tokens than it gives up; a prefix leaves every member at least one token of its
+    own and is 0 (no sharing) under ``MIN_SHARED_PREFIX`` or for a lone example."""
+    clusters: list[tuple[list[int], list[dict]]] = []
+    for example in sorted(examples, key=lambda e: e["tokens"]):
+        tokens = example["tokens"][:max(example["length"] - 1, 0)]
+        if clusters:
+            prefix, members = clusters[-1]
+            joined = tokens[:len(os.path.commonprefix([prefix, tokens]))]
+            if len(joined) * len(members) >= len(prefix) * (len(members) - 1) + 1 \
+                    and len(joined) >= MIN_SHARED_PREFIX:
+                clusters[-1] = (joined, [*members, example])
+                continue
+        clusters.append((tokens, [example]))
+    return [(len(prefix) if len(members) > 1 and len(prefix) >= MIN_SHARED_PREFIX else 0,
+             members) for prefix, members in clusters]
 
 
 @dataclass(frozen=True)
@@ -160,6 +187,10 @@ class Engine:
         self._models: dict[str, _Trainable] = {}
         self._samplers: dict[str, _Sampler] = {}
         self._adapter_ids = count()
+        # A plain copy of the model with one frozen sampler adapter merged in (fp32 only), and
+        # that adapter's name while the merge is current.
+        self._merged: nn.Module | None = None
+        self._merged_adapter: str | None = None
 
     # ------------------------------------------------------------------ loading
     def _load_causal_lm(self, dtype: torch.dtype) -> nn.Module:
@@ -240,6 +271,8 @@ class Engine:
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             # Intended: an unembedding LoRA on a tied model adapts the output side only.
             warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+            # peft reads transformers' deprecated property; nothing for a user to act on.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
             if spec.seed is not None:
                 torch.manual_seed(spec.seed)
             if self._peft is None:
@@ -316,9 +349,9 @@ class Engine:
             self._peft.set_adapter(model.adapter)
         outputs: list[dict[str, types.TensorData]] = [{} for _ in datums]
         total = 0.0
-        for group in self._micro_batches(examples):
+        for prefix, group in self._micro_batches(examples):
             with torch.set_grad_enabled(not forward_only):
-                logprobs_N, entropy_N = self._logprobs(model, group, return_entropy)
+                logprobs_N, entropy_N = self._logprobs(model, prefix, group, return_entropy)
                 inputs = self._batch_inputs(group, config)
                 loss = losses.token_losses(loss_fn, logprobs_N, inputs, config).sum()
                 if not forward_only and loss.requires_grad:  # (False for empty datums only)
@@ -369,36 +402,88 @@ class Engine:
                               else torch.full((e["length"],), config[k]) for e in group])
                 .to(self.device) for k in keys}
 
-    def _micro_batches(self, examples: list[dict]) -> list[list[dict]]:
-        """Longest first; each batch's rows x longest row stays within micro_batch_tokens."""
-        batches: list[list[dict]] = []
-        for example in sorted(examples, key=lambda e: -e["length"]):
-            if batches and (len(batches[-1]) + 1) * batches[-1][0]["length"] \
-                    <= self.micro_batch_tokens:
-                batches[-1].append(example)
-            else:
-                batches.append([example])
-        return batches
+    def _micro_batches(self, examples: list[dict]) -> list[tuple[int, list[dict]]]:
+        """(shared prefix length, examples) per forward pass, each within micro_batch_tokens.
 
-    def _logprobs(self, model: _Trainable, group: list[dict], want_entropy: bool):
-        """(logprobs_N, entropy_N) over the real tokens of the micro-batch, rows concatenated."""
+        Examples that share a long prefix (GRPO's samples of one prompt) run it once: the
+        prefix's cache and hidden states are reused by every member. The rest are packed longest
+        first, each batch's rows x longest row within micro_batch_tokens.
+        """
+        batches: list[tuple[int, list[dict]]] = []
+        alone: list[dict] = []
+        for prefix, members in _prefix_clusters(examples):
+            if prefix == 0:
+                alone.extend(members)
+                continue
+            rows = max(1, self.micro_batch_tokens
+                       // max(e["length"] - prefix for e in members))
+            batches += [(prefix, members[i:i + rows]) for i in range(0, len(members), rows)]
+        packed: list[list[dict]] = []
+        for example in sorted(alone, key=lambda e: -e["length"]):
+            if packed and (len(packed[-1]) + 1) * packed[-1][0]["length"] \
+                    <= self.micro_batch_tokens:
+                packed[-1].append(example)
+            else:
+                packed.append([example])
+        return batches + [(0, group) for group in packed]
+
+    def _logprobs(self, model: _Trainable, prefix: int, group: list[dict], want_entropy: bool):
+        """(logprobs_N, entropy_N) over the real tokens of the micro-batch, rows concatenated.
+
+        With ``prefix`` > 0 every row starts with the same ``prefix`` tokens: they run once, the
+        rows' suffixes attend to their cache, and the prefix positions whose targets also agree
+        go through the unembedding once; gradients flow back through the shared part.
+        """
         width = max(e["length"] for e in group)
-        ids_BT = torch.full((len(group), width), self.pad_token_id, dtype=torch.long)
-        mask_BT = torch.zeros((len(group), width), dtype=torch.bool)
-        for row, e in enumerate(group):
-            ids_BT[row, :e["length"]] = torch.tensor(e["tokens"], dtype=torch.long)
-            mask_BT[row, :e["length"]] = True
-        targets_N = torch.cat([e["inputs"]["target_tokens"] for e in group]).to(self.device)
         if width == 0:
             empty = torch.zeros(0, device=self.device)
             return empty, empty
+        targets = [e["inputs"]["target_tokens"].to(self.device) for e in group]
+        decoder = model.module.get_decoder()
+        if not prefix:
+            ids_BT = torch.full((len(group), width), self.pad_token_id, dtype=torch.long)
+            mask_BT = torch.zeros((len(group), width), dtype=torch.bool)
+            for row, e in enumerate(group):
+                ids_BT[row, :e["length"]] = torch.tensor(e["tokens"], dtype=torch.long)
+                mask_BT[row, :e["length"]] = True
+            with self._autocast():
+                hidden_BTH = decoder(input_ids=ids_BT.to(self.device),
+                                     use_cache=False).last_hidden_state
+            if bool(mask_BT.all()):  # equal lengths: a view, no gather
+                hidden_NH = hidden_BTH.flatten(0, 1).to(self.dtype)
+            else:
+                hidden_NH = hidden_BTH[mask_BT.to(self.device)].to(self.dtype)
+            return self._head_logprobs(model, hidden_NH, torch.cat(targets), want_entropy)
+        suffix = width - prefix
+        ids_BS = torch.full((len(group), suffix), self.pad_token_id, dtype=torch.long)
+        for row, e in enumerate(group):
+            ids_BS[row, :e["length"] - prefix] = torch.tensor(e["tokens"][prefix:])
+        cache = DynamicCache()
         with self._autocast():
-            hidden_BTH = model.module.get_decoder()(
-                input_ids=ids_BT.to(self.device), use_cache=False).last_hidden_state
-        if bool(mask_BT.all()):  # equal lengths: a view, no gather
-            hidden_NH = hidden_BTH.flatten(0, 1).to(self.dtype)
-        else:
-            hidden_NH = hidden_BTH[mask_BT.to(self.device)].to(self.dtype)
+            shared_PH = decoder(input_ids=torch.tensor([group[0]["tokens"][:prefix]],
+                                                       device=self.device),
+                                cache=cache, use_cache=True).last_hidden_state[0]
+            cache.batch_repeat_interleave(len(group))
+            # Right padding needs no mask: a padded position never precedes a real token.
+            hidden_BSH = decoder(input_ids=ids_BS.to(self.device), cache=cache,
+                                 use_cache=True).last_hidden_state
+        # Positions [0, same) have one hidden state and one target for every row.
+        same = min(prefix - 1, len(os.path.commonprefix([t.tolist()[:prefix] for t in targets])))
+        hidden_parts, target_parts, index_parts = [shared_PH[:same]], [targets[0][:same]], []
+        start = same
+        for row, (e, target) in enumerate(zip(group, targets, strict=True)):
+            hidden_parts += [shared_PH[same:], hidden_BSH[row, :e["length"] - prefix]]
+            target_parts.append(target[same:])
+            own = e["length"] - same
+            index_parts += [torch.arange(same), torch.arange(start, start + own)]
+            start += own
+        logprobs_M, entropy_M = self._head_logprobs(
+            model, torch.cat(hidden_parts).to(self.dtype), torch.cat(target_parts), want_entropy)
+        index_N = torch.cat(index_parts).to(self.device)
+        return logprobs_M[index_N], entropy_M[index_N] if want_entropy else entropy_M
+
+    def _head_logprobs(self, model: _Trainable, hidden_NH: torch.Tensor, targets_N: torch.Tensor,
+                       want_entropy: bool):
         head = model.module.get_output_embeddings()
         weight_VH = getattr(head, "base_layer", head).weight.to(self.dtype)
         adapter = model.adapter
@@ -452,6 +537,7 @@ class Engine:
         model = self._model(model_id)
         if name in self._models:
             raise ValueError(f"sampler name {name!r} is a model_id")
+        self._merged_adapter = None
         old = self._samplers.get(name)
         if model.adapter is not None and old is not None and old.adapter is not None \
                 and model.spec.same_shape(old.spec):
@@ -477,6 +563,7 @@ class Engine:
         sampler = self._samplers.pop(name, None)
         if sampler is None:
             raise ValueError(f"unknown sampler {name!r}")
+        self._merged_adapter = None
         if sampler.adapter is not None:
             self._drop_adapter(sampler.adapter)
 
@@ -499,6 +586,7 @@ class Engine:
             raise ValueError(f"sampler name {name!r} is a model_id")
         if name in self._samplers:
             self.drop_sampler(name)
+        self._merged_adapter = None
         directory = Path(directory)
         if not (directory / "adapter_config.json").is_file():
             module = AutoModelForCausalLM.from_pretrained(directory, dtype=self.dtype)
@@ -528,7 +616,11 @@ class Engine:
 
     # ------------------------------------------------------------------ sampling
     def sample(self, requests: list[SampleRequest]) -> list[types.SampleResponse]:
-        """One batch per model object: base and every LoRA adapter decode together."""
+        """One batch per model object: base and every LoRA adapter decode together.
+
+        A batch on one frozen sampler adapter alone (an RL rollout) decodes on a merged copy
+        instead: plain Linear layers, no per-layer LoRA matmuls or peft's per-adapter routing.
+        """
         groups: dict[int, tuple[nn.Module, list[tuple[int, SampleRequest]]]] = {}
         for index, request in enumerate(requests):
             module, adapter = self._sampling_target(request.adapter)
@@ -536,6 +628,10 @@ class Engine:
             groups.setdefault(id(module), (module, []))[1].append((index, routed))
         responses: list[types.SampleResponse | None] = [None] * len(requests)
         for module, items in groups.values():
+            adapters = {r.adapter for _, r in items}
+            if module is self._peft and len(adapters) == 1 and self._mergeable(*adapters):
+                module = self._merged_model(*adapters)
+                items = [(i, replace(r, adapter=None)) for i, r in items]
             with self._autocast():
                 out = sample_batch(module, [r for _, r in items], eos_token_ids=self.eos_token_ids,
                                    pad_token_id=self.pad_token_id, device=self.device,
@@ -544,6 +640,20 @@ class Engine:
             for (index, _), response in zip(items, out, strict=True):
                 responses[index] = response
         return responses
+
+    def _mergeable(self, adapter: str | None) -> bool:
+        """Frozen sampler adapters, in fp32: merging into bf16 weights would round small LoRA
+        deltas away, so the sampler would lag the trainer."""
+        return (adapter is not None and self.dtype == torch.float32
+                and any(s.adapter == adapter for s in self._samplers.values()))
+
+    def _merged_model(self, adapter: str) -> nn.Module:
+        if self._merged is None:
+            self._merged = self._load_causal_lm(self.dtype)
+        if self._merged_adapter != adapter:
+            self._merge_into(self._merged, adapter)
+            self._merged_adapter = adapter
+        return self._merged
 
     def _sampling_target(self, name: str | None) -> tuple[nn.Module, str | None]:
         shared = self._peft if self._peft is not None and self._peft.peft_config else self.base
@@ -575,17 +685,20 @@ class Engine:
 
     @torch.no_grad()
     def _merge_into(self, model: nn.Module, adapter: str) -> None:
-        """W += scaling * B @ A for every adapted module; an adapted tied head gets untied."""
+        """Every LoRA target of ``model`` := base + scaling * B @ A for ``adapter`` (the plain base
+        weight where the adapter has no LoRA); an adapted tied head gets untied."""
         head_name = self._module_groups["unembed"][0]
         for name, module in self.base.named_modules():
-            if not hasattr(module, "lora_A") or adapter not in module.lora_A:
+            if not hasattr(module, "lora_A"):
                 continue
             target = model.get_submodule(name)
-            delta = module.scaling[adapter] * (module.lora_B[adapter].weight.float()
-                                               @ module.lora_A[adapter].weight.float())
-            merged = (target.weight.float() + delta).to(target.weight.dtype)
-            if name == head_name:
-                target.weight = nn.Parameter(merged, requires_grad=False)
-                model.config.tie_word_embeddings = False
-            else:
-                target.weight.copy_(merged)
+            weight = module.base_layer.weight
+            if adapter in module.lora_A:
+                delta = module.scaling[adapter] * (module.lora_B[adapter].weight.float()
+                                                   @ module.lora_A[adapter].weight.float())
+                weight = (weight.float() + delta).to(target.weight.dtype)
+                if name == head_name and model.config.tie_word_embeddings:
+                    target.weight = nn.Parameter(weight, requires_grad=False)
+                    model.config.tie_word_embeddings = False
+                    continue
+            target.weight.copy_(weight)

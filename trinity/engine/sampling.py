@@ -1,8 +1,9 @@
 """Batched, KV-cached decoding over a Hugging Face causal LM (optionally a peft multi-adapter model).
 
 Every request is expanded into ``num_samples`` rows; all rows (from every request, whatever
-adapter they name) are left-padded into one batch, prefilled once and decoded step by step with a
-``DynamicCache``. Rows that stop are dropped from the batch (and the cache) so the remaining rows
+adapter they name) are decoded as one batch step by step with a KV cache that grows in place. The prefill runs
+once per distinct (adapter, prompt), left-padded, and its cache is gathered out to the rows that
+share it: GRPO's n samples of a prompt cost one prefill, not n. Rows that stop are dropped from the batch (and the cache) so the remaining rows
 do not pay for them.
 
 Semantics (Tinker's ``SamplingParams``):
@@ -21,7 +22,7 @@ Semantics (Tinker's ``SamplingParams``):
 - ``prompt_logprobs``: position 0 is ``None``; position i is log p(prompt[i] | prompt[:i]).
 
 Simplification: when any row asks for prompt logprobs, the prefill keeps logits for every prompt
-position of the whole batch (memory ~ rows x prompt length x vocab x 4 bytes).
+position of every distinct prompt (memory ~ prompts x prompt length x vocab x 4 bytes).
 """
 
 from __future__ import annotations
@@ -32,9 +33,47 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from tinker import types
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 BASE_ADAPTER = "__base__"
+
+
+class _GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` that appends into spare room (doubling it when full) instead of
+    ``torch.cat``: a decode step writes one position rather than copying the whole cache, which
+    is a quarter of a batch-64 decode step at 100 tokens and grows with the length."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.used = 0
+        self.key_room = self.value_room = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.used + key_states.shape[-2]
+        if self.key_room is None or end > self.key_room.shape[-2]:
+            capacity = max(end, 2 * self.used)
+            self.key_room = _moved(self.key_room, key_states, capacity, self.used)
+            self.value_room = _moved(self.value_room, value_states, capacity, self.used)
+        self.key_room[..., self.used:end, :] = key_states
+        self.value_room[..., self.used:end, :] = value_states
+        self.used = end
+        self.keys, self.values = self.key_room[..., :end, :], self.value_room[..., :end, :]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.used:
+            self.key_room, self.value_room = self.key_room[indices], self.value_room[indices]
+            self.keys = self.key_room[..., :self.used, :]
+            self.values = self.value_room[..., :self.used, :]
+
+
+def _moved(room: torch.Tensor | None, like: torch.Tensor, capacity: int, used: int) -> torch.Tensor:
+    bigger = like.new_empty(*like.shape[:-2], capacity, like.shape[-1])
+    if room is not None:
+        bigger[..., :used, :] = room[..., :used, :]
+    return bigger
 
 
 @dataclass
@@ -166,7 +205,7 @@ def _forward(model, input_ids, attention_mask, position_ids, cache, adapters, lo
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=cache,  # (renamed `cache` in newer transformers)
+        cache=cache,
         use_cache=True,
         logits_to_keep=logits_to_keep,
         **kwargs,
@@ -246,38 +285,46 @@ def sample_batch(
 
 def _decode(model, requests, rows, adapters, pad_token_id, device, tokenizer, tail_tokens):
     batch = len(rows)
-    prompt_len_B = torch.tensor([len(row.prompt) for row in rows])
-    width = int(prompt_len_B.max())
-    input_ids_BT = torch.full((batch, width), pad_token_id, dtype=torch.long)
-    mask_BT = torch.zeros((batch, width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids_BT[i, width - len(row.prompt):] = torch.tensor(row.prompt)
-        mask_BT[i, width - len(row.prompt):] = 1
-    position_BT = (mask_BT.cumsum(dim=1) - 1).clamp(min=0)
+    # Rows with the same prompt and adapter (a request's samples, GRPO's repeats) share one
+    # prefill row; its cache and last logits are then gathered out to every such row.
+    unique: dict[tuple, int] = {}
+    source_B = torch.tensor([unique.setdefault((row.adapter, *row.prompt), len(unique))
+                             for row in rows])
+    first_U = [source_B.tolist().index(u) for u in range(len(unique))]
+    prompts_U = [rows[i].prompt for i in first_U]
+    width = max(len(p) for p in prompts_U)
+    input_ids_UT = torch.full((len(prompts_U), width), pad_token_id, dtype=torch.long)
+    mask_UT = torch.zeros((len(prompts_U), width), dtype=torch.long)
+    for u, prompt in enumerate(prompts_U):
+        input_ids_UT[u, width - len(prompt):] = torch.tensor(prompt)
+        mask_UT[u, width - len(prompt):] = 1
+    position_UT = (mask_UT.cumsum(dim=1) - 1).clamp(min=0)
     want_prompt_logprobs = any(request.prompt_logprobs for request in requests)
 
-    cache = DynamicCache()
+    cache = Cache(layer_class_to_replicate=_GrowingLayer)
     logits = _forward(
-        model, input_ids_BT.to(device), mask_BT.to(device), position_BT.to(device), cache,
-        adapters, 0 if want_prompt_logprobs else 1,
+        model, input_ids_UT.to(device), mask_UT.to(device), position_UT.to(device), cache,
+        None if adapters is None else [adapters[i] for i in first_U],
+        0 if want_prompt_logprobs else 1,
     )
     prompt_logprobs: dict[int, list[float | None]] = {}
     if want_prompt_logprobs:
-        done_requests = set()
         for i, row in enumerate(rows):
-            if not requests[row.request_index].prompt_logprobs or row.request_index in done_requests:
+            if not requests[row.request_index].prompt_logprobs or row.request_index in prompt_logprobs:
                 continue
-            done_requests.add(row.request_index)
             n = len(row.prompt)
-            logprobs_TV = logits[i, width - n: width - 1].float().log_softmax(dim=-1)
+            logprobs_TV = logits[source_B[i], width - n: width - 1].float().log_softmax(dim=-1)
             targets_T = torch.tensor(row.prompt[1:], device=logprobs_TV.device)
             scored = logprobs_TV.gather(1, targets_T.unsqueeze(1)).squeeze(1).tolist()
             prompt_logprobs[row.request_index] = [None, *scored]
-    logits_BV = logits[:, -1]
+    source_B = source_B.to(device)
+    logits_BV = logits[:, -1][source_B]
+    if len(unique) < batch:
+        cache.batch_select_indices(source_B)
+    mask_BT = mask_UT.to(device)[source_B]
+    next_position_B = torch.tensor([len(row.prompt) for row in rows], device=device)
 
     active = list(range(batch))  # indices into rows of the rows still decoding
-    mask_BT = mask_BT.to(device)
-    next_position_B = prompt_len_B.to(device)
     while True:
         active_rows = [rows[i] for i in active]
         logits_BV = logits_BV.float()

@@ -4,8 +4,10 @@ The engine is not thread-safe and a CPU has no spare cores to overlap model work
 call on an engine goes through its single worker (the local backend and ``trinity server`` both
 use this). Sample requests that queue up while the worker is busy (many workflows sampling at
 once, several server tenants) are decoded together in one ``Engine.sample`` batch, which is where
-batched decoding gets its throughput. ``batch_window_s`` lets a sample that finds the queue empty
-wait a few milliseconds for company: worth it when requests arrive over HTTP a moment apart.
+batched decoding gets its throughput. ``batch_window_s`` keeps a batch open while samples keep
+arriving less than that apart: worth a few milliseconds when requests come a moment apart (over
+HTTP, or from workflows that each tokenize their prompt before submitting while the worker thread
+has already woken up on the first).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -92,13 +93,13 @@ class EngineWorker:
                 _run(job.future, job.fn, *job.args)
                 continue
             samples = [job]
-            # Consecutive queued samples join this batch; the first other job waits its turn,
-            # so submission order still holds between calls and the samples around them.
-            deadline = time.monotonic() + self.batch_window_s
+            # Consecutive queued samples join this batch until none has come for batch_window_s;
+            # the first other job waits its turn, so submission order still holds between calls
+            # and the samples around them.
             while len(samples) < self.max_sample_batch:
-                wait = deadline - time.monotonic()
                 try:
-                    nxt = self._jobs.get(timeout=wait) if wait > 0 else self._jobs.get_nowait()
+                    nxt = self._jobs.get(timeout=self.batch_window_s) if self.batch_window_s \
+                        else self._jobs.get_nowait()
                 except queue.Empty:
                     break
                 if not isinstance(nxt, _Sample):

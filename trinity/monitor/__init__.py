@@ -6,6 +6,7 @@ Plugins add monitor types with ``@MONITORS.register("name")`` on a class with ``
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 _NONE = {"", "none", "null", "off"}
+logger = logging.getLogger(__name__)
 
 
 def _plain(args: Any) -> dict[str, Any]:
@@ -67,7 +69,8 @@ def build_monitors(
     """jsonl (always) + each configured type + console (unless ``console=False``).
 
     ``monitor_type`` is the config's ``monitor.monitor_type``: one name, a list, or none/empty.
-    A type whose package is missing raises ImportError naming the package.
+    A type whose package is missing is skipped with a warning naming the package: configs written
+    for a machine with wandb still run here, with their metrics in metrics.jsonl.
     """
     names = (
         [monitor_type] if isinstance(monitor_type, str) or monitor_type is None else monitor_type
@@ -91,7 +94,10 @@ def build_monitors(
     built: list[Monitor] = []
     try:
         for factory in factories:
-            built.append(factory.from_run(run))
+            try:
+                built.append(factory.from_run(run))
+            except ImportError as exc:
+                logger.warning("%s; skipping it, metrics still go to metrics.jsonl", exc)
     except BaseException:
         CompositeMonitor(built).close()
         raise

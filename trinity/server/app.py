@@ -190,8 +190,9 @@ def create_app(service: Service) -> FastAPI:
         t = auth(request)
         req = await body(request, types.FutureRetrieveRequest)
         result = await service.futures.retrieve(t, req.request_id)
-        if result is None:
-            return out(TryAgainResponse(request_id=req.request_id, queue_state="active"))
+        if result is None:  # 408: the SDK polls again without logging a warning (200 would)
+            pending = TryAgainResponse(request_id=req.request_id, queue_state="active")
+            return JSONResponse(pending.model_dump(mode="json"), status_code=408)
         content_type, payload = result
         return Response(content=payload, media_type=content_type)
 
