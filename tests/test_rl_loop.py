@@ -64,6 +64,14 @@ def write_config(tmp_path: Path, model_dir: Path, name: str = "run", **sections)
     return path
 
 
+def backend_model(tmp_path: Path, model_dir: Path, backend: str) -> dict:
+    """The ``model`` section for ``local`` (engine in-process) or ``tinker`` (the official SDK
+    against a ``trinity server`` the run starts on a loopback port)."""
+    model = yaml.safe_load(write_config(tmp_path, model_dir).read_text())["model"]
+    model["tinker"].update(enable=backend == "tinker", base_url="local")
+    return model
+
+
 def run_cli(config_path: Path) -> None:
     assert main(["run", "--config", str(config_path), "--plugin-dir", str(PLUGINS)]) == 0
 
@@ -81,10 +89,11 @@ def trainer_records(job: Path) -> dict[int, dict]:
     return steps
 
 
-@pytest.mark.parametrize("offset", [0, 1])
-def test_grpo_three_steps_then_resume(tmp_path, tiny_model_dir, offset):
+@pytest.mark.parametrize(("offset", "backend"), [(0, "local"), (1, "local"), (1, "tinker")])
+def test_grpo_three_steps_then_resume(tmp_path, tiny_model_dir, offset, backend):
     config = write_config(
-        tmp_path, tiny_model_dir, synchronizer={"sync_interval": 1, "sync_offset": offset}
+        tmp_path, tiny_model_dir, synchronizer={"sync_interval": 1, "sync_offset": offset},
+        model=backend_model(tmp_path, tiny_model_dir, backend),
     )
     run_cli(config)
     job = job_dir(tmp_path)
@@ -116,11 +125,13 @@ def test_grpo_three_steps_then_resume(tmp_path, tiny_model_dir, offset):
     assert steps[4]["rollout/model_version"] == 3  # resumed from the step-3 weights
 
 
+@pytest.mark.parametrize("backend", ["local", "tinker"])
 @pytest.mark.parametrize("algorithm", ["opmd", "rloo", "reinforceplusplus"])
-def test_algorithm_runs_a_step(tmp_path, tiny_model_dir, algorithm):
+def test_algorithm_runs_a_step(tmp_path, tiny_model_dir, algorithm, backend):
     config = write_config(
         tmp_path,
         tiny_model_dir,
+        model=backend_model(tmp_path, tiny_model_dir, backend),
         algorithm={"algorithm_type": algorithm, "repeat_times": 4, "optimizer": {"lr": 1e-3}},
         buffer={
             **yaml.safe_load(write_config(tmp_path, tiny_model_dir).read_text())["buffer"],
@@ -133,7 +144,8 @@ def test_algorithm_runs_a_step(tmp_path, tiny_model_dir, algorithm):
     assert steps[1]["actor/final_loss"] == pytest.approx(steps[1]["actor/final_loss"])
 
 
-def test_sft_trains_on_a_dataset(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("backend", ["local", "tinker"])
+def test_sft_trains_on_a_dataset(tmp_path, tiny_model_dir, backend):
     data = tmp_path / "chats.jsonl"
     rows = [{"prompt": f"What is {i} + {i}?", "response": str(2 * i)} for i in range(6)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -141,6 +153,7 @@ def test_sft_trains_on_a_dataset(tmp_path, tiny_model_dir):
         tmp_path,
         tiny_model_dir,
         mode="train",
+        model=backend_model(tmp_path, tiny_model_dir, backend),
         algorithm={"algorithm_type": "sft", "optimizer": {"lr": 1e-2}},
         buffer={
             "batch_size": 3,
