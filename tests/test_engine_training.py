@@ -262,11 +262,15 @@ def test_grad_accumulation_over_calls_and_micro_batches(engine):
 
 
 def test_shared_prefix_runs_once_and_matches_separate_passes(engine):
-    """GRPO-shaped datums (one prompt, several responses) share the prompt's forward pass; loss,
-    per-datum logprobs and entropy, and gradients equal running every datum on its own."""
+    """GRPO-shaped datums (prompts with several responses each) share each prompt's forward pass,
+    two prompts of different lengths in one pass; loss, per-datum logprobs and entropy, and
+    gradients equal running every datum on its own."""
     g = torch.Generator().manual_seed(3)
-    prompt = torch.randint(0, 49152, (24,), generator=g).tolist()
-    sequences = [prompt + torch.randint(0, 49152, (n,), generator=g).tolist() for n in (6, 9, 3)]
+    sequences = []
+    for prompt_length, responses in ((24, (6, 9, 3)), (19, (4, 7))):
+        prompt = torch.randint(0, 49152, (prompt_length,), generator=g).tolist()
+        sequences += [prompt + torch.randint(0, 49152, (n,), generator=g).tolist()
+                      for n in responses]
     sequences.append(torch.randint(0, 49152, (15,), generator=g).tolist())  # unrelated
     inputs = rl_inputs(sequences, [torch.full((len(s) - 1,), -9.0) for s in sequences])
     inputs[1]["target_tokens"][5] = 7  # a target that differs inside the shared prefix
@@ -277,7 +281,9 @@ def test_shared_prefix_runs_once_and_matches_separate_passes(engine):
         engine.forward_backward(model_id, ce_datums(make_sequences(4)), "cross_entropy")
         engine.optim_step(model_id, BIG_STEP)
     examples = [engine._example(i, d, losses.get_loss("ppo")) for i, d in enumerate(datums)]
-    assert sorted(p for p, _ in engine._micro_batches(examples)) == [0, 24]
+    passes = [sorted(prefix for prefix, _ in clusters)
+              for clusters in engine._micro_batches(examples)]
+    assert passes == [[19, 24], [0]]
     shared = engine.forward_backward("shared", datums, "ppo", return_entropy=True)
     separate = [engine.forward_backward("separate", [d], "ppo", return_entropy=True)
                 for d in datums]

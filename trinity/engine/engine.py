@@ -349,9 +349,10 @@ class Engine:
             self._peft.set_adapter(model.adapter)
         outputs: list[dict[str, types.TensorData]] = [{} for _ in datums]
         total = 0.0
-        for prefix, group in self._micro_batches(examples):
+        for clusters in self._micro_batches(examples):
+            group = [e for _, members in clusters for e in members]
             with torch.set_grad_enabled(not forward_only):
-                logprobs_N, entropy_N = self._logprobs(model, prefix, group, return_entropy)
+                logprobs_N, entropy_N = self._logprobs(model, clusters, return_entropy)
                 inputs = self._batch_inputs(group, config)
                 loss = losses.token_losses(loss_fn, logprobs_N, inputs, config).sum()
                 if not forward_only and loss.requires_grad:  # (False for empty datums only)
@@ -402,22 +403,31 @@ class Engine:
                               else torch.full((e["length"],), config[k]) for e in group])
                 .to(self.device) for k in keys}
 
-    def _micro_batches(self, examples: list[dict]) -> list[tuple[int, list[dict]]]:
-        """(shared prefix length, examples) per forward pass, each within micro_batch_tokens.
+    def _micro_batches(self, examples: list[dict]) -> list[list[tuple[int, list[dict]]]]:
+        """Forward passes as lists of (shared prefix length, members) clusters.
 
-        Examples that share a long prefix (GRPO's samples of one prompt) run it once: the
-        prefix's cache and hidden states are reused by every member. The rest are packed longest
-        first, each batch's rows x longest row within micro_batch_tokens.
+        Examples that share a long prefix (GRPO's samples of one prompt) run it once: a pass
+        holds several such clusters (prefix rows + member suffix rows within micro_batch_tokens).
+        The rest go alone, longest first, rows x longest row within micro_batch_tokens, as one
+        cluster with prefix 0.
         """
-        batches: list[tuple[int, list[dict]]] = []
+        shared: list[list[tuple[int, list[dict]]]] = []
         alone: list[dict] = []
+        cost = 0  # padded tokens of the pass being filled (an upper bound: every row at max width)
         for prefix, members in _prefix_clusters(examples):
             if prefix == 0:
                 alone.extend(members)
                 continue
-            rows = max(1, self.micro_batch_tokens
-                       // max(e["length"] - prefix for e in members))
-            batches += [(prefix, members[i:i + rows]) for i in range(0, len(members), rows)]
+            suffix = max(e["length"] - prefix for e in members)
+            rows = max(1, (self.micro_batch_tokens - prefix) // suffix)
+            for i in range(0, len(members), rows):
+                chunk = members[i:i + rows]
+                size = prefix + len(chunk) * suffix
+                if not shared or cost + size > self.micro_batch_tokens:
+                    shared.append([])
+                    cost = 0
+                shared[-1].append((prefix, chunk))
+                cost += size
         packed: list[list[dict]] = []
         for example in sorted(alone, key=lambda e: -e["length"]):
             if packed and (len(packed[-1]) + 1) * packed[-1][0]["length"] \
@@ -425,62 +435,87 @@ class Engine:
                 packed[-1].append(example)
             else:
                 packed.append([example])
-        return batches + [(0, group) for group in packed]
+        return shared + [[(0, group)] for group in packed]
 
-    def _logprobs(self, model: _Trainable, prefix: int, group: list[dict], want_entropy: bool):
+    def _logprobs(self, model: _Trainable, clusters: list[tuple[int, list[dict]]],
+                  want_entropy: bool):
         """(logprobs_N, entropy_N) over the real tokens of the micro-batch, rows concatenated.
 
-        With ``prefix`` > 0 every row starts with the same ``prefix`` tokens: they run once, the
-        rows' suffixes attend to their cache, and the prefix positions whose targets also agree
-        go through the unembedding once; gradients flow back through the shared part.
+        Clusters with a shared prefix: one pass over the prefixes (right-padded), then one over
+        every member's suffix attending to its cluster's prefix cache (padding masked, positions
+        continuing the prefix); the prefix positions whose targets also agree go through the
+        unembedding once per cluster. Gradients flow back through the shared parts.
         """
-        width = max(e["length"] for e in group)
-        if width == 0:
-            empty = torch.zeros(0, device=self.device)
-            return empty, empty
-        targets = [e["inputs"]["target_tokens"].to(self.device) for e in group]
+        if clusters[0][0] == 0:
+            return self._unshared_logprobs(model, clusters[0][1], want_entropy)
+        prefix_C = torch.tensor([prefix for prefix, _ in clusters])
+        members = [(c, e) for c, (_, chunk) in enumerate(clusters) for e in chunk]
+        cluster_B = torch.tensor([c for c, _ in members])
+        suffix_B = torch.tensor([e["length"] for _, e in members]) - prefix_C[cluster_B]
+        width_p, width_s = int(prefix_C.max()), int(suffix_B.max())
+        prefix_ids_CP = torch.full((len(clusters), width_p), self.pad_token_id, dtype=torch.long)
+        for c, (prefix, chunk) in enumerate(clusters):
+            prefix_ids_CP[c, :prefix] = torch.tensor(chunk[0]["tokens"][:prefix])
+        suffix_ids_BS = torch.full((len(members), width_s), self.pad_token_id, dtype=torch.long)
+        for row, (c, e) in enumerate(members):
+            suffix_ids_BS[row, :suffix_B[row]] = torch.tensor(e["tokens"][int(prefix_C[c]):])
+        # A suffix sees its own cluster's prefix only; right padding after real tokens needs no
+        # mask (causal), so ones for every suffix position.
+        mask_BK = torch.cat([torch.arange(width_p)[None] < prefix_C[cluster_B, None],
+                             torch.ones(len(members), width_s, dtype=torch.bool)], dim=1)
+        position_BS = prefix_C[cluster_B, None] + torch.arange(width_s)[None]
         decoder = model.module.get_decoder()
-        if not prefix:
-            ids_BT = torch.full((len(group), width), self.pad_token_id, dtype=torch.long)
-            mask_BT = torch.zeros((len(group), width), dtype=torch.bool)
-            for row, e in enumerate(group):
-                ids_BT[row, :e["length"]] = torch.tensor(e["tokens"], dtype=torch.long)
-                mask_BT[row, :e["length"]] = True
-            with self._autocast():
-                hidden_BTH = decoder(input_ids=ids_BT.to(self.device),
-                                     use_cache=False).last_hidden_state
-            if bool(mask_BT.all()):  # equal lengths: a view, no gather
-                hidden_NH = hidden_BTH.flatten(0, 1).to(self.dtype)
-            else:
-                hidden_NH = hidden_BTH[mask_BT.to(self.device)].to(self.dtype)
-            return self._head_logprobs(model, hidden_NH, torch.cat(targets), want_entropy)
-        suffix = width - prefix
-        ids_BS = torch.full((len(group), suffix), self.pad_token_id, dtype=torch.long)
-        for row, e in enumerate(group):
-            ids_BS[row, :e["length"] - prefix] = torch.tensor(e["tokens"][prefix:])
         cache = DynamicCache()
         with self._autocast():
-            shared_PH = decoder(input_ids=torch.tensor([group[0]["tokens"][:prefix]],
-                                                       device=self.device),
-                                cache=cache, use_cache=True).last_hidden_state[0]
-            cache.batch_repeat_interleave(len(group))
-            # Right padding needs no mask: a padded position never precedes a real token.
-            hidden_BSH = decoder(input_ids=ids_BS.to(self.device), cache=cache,
+            shared_CPH = decoder(input_ids=prefix_ids_CP.to(self.device), cache=cache,
                                  use_cache=True).last_hidden_state
-        # Positions [0, same) have one hidden state and one target for every row.
-        same = min(prefix - 1, len(os.path.commonprefix([t.tolist()[:prefix] for t in targets])))
-        hidden_parts, target_parts, index_parts = [shared_PH[:same]], [targets[0][:same]], []
-        start = same
-        for row, (e, target) in enumerate(zip(group, targets, strict=True)):
-            hidden_parts += [shared_PH[same:], hidden_BSH[row, :e["length"] - prefix]]
-            target_parts.append(target[same:])
-            own = e["length"] - same
-            index_parts += [torch.arange(same), torch.arange(start, start + own)]
-            start += own
+            cache.batch_select_indices(cluster_B.to(self.device))
+            hidden_BSH = decoder(input_ids=suffix_ids_BS.to(self.device),
+                                 attention_mask=mask_BK.long().to(self.device),
+                                 position_ids=position_BS.to(self.device), cache=cache,
+                                 use_cache=True).last_hidden_state
+        hidden_parts, target_parts, index_parts = [], [], []
+        start, row = 0, 0
+        for c, (prefix, chunk) in enumerate(clusters):
+            targets = [e["inputs"]["target_tokens"].to(self.device) for e in chunk]
+            # Positions [0, same) have one hidden state and one target for every member.
+            same = min(prefix - 1,
+                       len(os.path.commonprefix([t.tolist()[:prefix] for t in targets])))
+            hidden_parts.append(shared_CPH[c, :same])
+            target_parts.append(targets[0][:same])
+            common = torch.arange(start, start + same)
+            start += same
+            for e, target in zip(chunk, targets, strict=True):
+                hidden_parts += [shared_CPH[c, same:prefix], hidden_BSH[row, :e["length"] - prefix]]
+                target_parts.append(target[same:])
+                own = e["length"] - same
+                index_parts += [common, torch.arange(start, start + own)]
+                start += own
+                row += 1
         logprobs_M, entropy_M = self._head_logprobs(
             model, torch.cat(hidden_parts).to(self.dtype), torch.cat(target_parts), want_entropy)
         index_N = torch.cat(index_parts).to(self.device)
         return logprobs_M[index_N], entropy_M[index_N] if want_entropy else entropy_M
+
+    def _unshared_logprobs(self, model: _Trainable, group: list[dict], want_entropy: bool):
+        width = max(e["length"] for e in group)
+        if width == 0:
+            empty = torch.zeros(0, device=self.device)
+            return empty, empty
+        ids_BT = torch.full((len(group), width), self.pad_token_id, dtype=torch.long)
+        mask_BT = torch.zeros((len(group), width), dtype=torch.bool)
+        for row, e in enumerate(group):
+            ids_BT[row, :e["length"]] = torch.tensor(e["tokens"], dtype=torch.long)
+            mask_BT[row, :e["length"]] = True
+        with self._autocast():
+            hidden_BTH = model.module.get_decoder()(input_ids=ids_BT.to(self.device),
+                                                    use_cache=False).last_hidden_state
+        if bool(mask_BT.all()):  # equal lengths: a view, no gather
+            hidden_NH = hidden_BTH.flatten(0, 1).to(self.dtype)
+        else:
+            hidden_NH = hidden_BTH[mask_BT.to(self.device)].to(self.dtype)
+        targets_N = torch.cat([e["inputs"]["target_tokens"] for e in group]).to(self.device)
+        return self._head_logprobs(model, hidden_NH, targets_N, want_entropy)
 
     def _head_logprobs(self, model: _Trainable, hidden_NH: torch.Tensor, targets_N: torch.Tensor,
                        want_entropy: bool):
