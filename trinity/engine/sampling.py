@@ -1,10 +1,10 @@
 """Batched, KV-cached decoding over a Hugging Face causal LM (optionally a peft multi-adapter model).
 
 Every request is expanded into ``num_samples`` rows; all rows (from every request, whatever
-adapter they name) are decoded as one batch step by step with a KV cache that grows in place. The prefill runs
-once per distinct (adapter, prompt), left-padded, and its cache is gathered out to the rows that
-share it: GRPO's n samples of a prompt cost one prefill, not n. Rows that stop are dropped from the batch (and the cache) so the remaining rows
-do not pay for them.
+adapter they name) are decoded as one batch step by step with a KV cache that grows in place.
+The prefill runs once per distinct (adapter, prompt), left-padded, and its cache is gathered out
+to the rows that share it: GRPO's n samples of a prompt cost one prefill, not n. Rows that stop
+are dropped from the batch (and the cache) so the remaining rows do not pay for them.
 
 Semantics (Tinker's ``SamplingParams``):
 
@@ -288,9 +288,9 @@ def _decode(model, requests, rows, adapters, pad_token_id, device, tokenizer, ta
     # Rows with the same prompt and adapter (a request's samples, GRPO's repeats) share one
     # prefill row; its cache and last logits are then gathered out to every such row.
     unique: dict[tuple, int] = {}
-    source_B = torch.tensor([unique.setdefault((row.adapter, *row.prompt), len(unique))
-                             for row in rows])
-    first_U = [source_B.tolist().index(u) for u in range(len(unique))]
+    sources = [unique.setdefault((row.adapter, *row.prompt), len(unique)) for row in rows]
+    source_B = torch.tensor(sources)
+    first_U = [sources.index(u) for u in range(len(unique))]
     prompts_U = [rows[i].prompt for i in first_U]
     width = max(len(p) for p in prompts_U)
     input_ids_UT = torch.full((len(prompts_U), width), pad_token_id, dtype=torch.long)
