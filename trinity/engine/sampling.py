@@ -287,10 +287,16 @@ def _decode(model, requests, rows, adapters, pad_token_id, device, tokenizer, ta
     batch = len(rows)
     # Rows with the same prompt and adapter (a request's samples, GRPO's repeats) share one
     # prefill row; its cache and last logits are then gathered out to every such row.
-    unique: dict[tuple, int] = {}
-    sources = [unique.setdefault((row.adapter, *row.prompt), len(unique)) for row in rows]
+    unique: dict[tuple, int] = {}  # (adapter, *prompt) -> prefill row
+    first_U: list[int] = []  # the first row of each prefill row
+    sources = []
+    for i, row in enumerate(rows):
+        key = (row.adapter, *row.prompt)
+        if key not in unique:
+            unique[key] = len(first_U)
+            first_U.append(i)
+        sources.append(unique[key])
     source_B = torch.tensor(sources)
-    first_U = [sources.index(u) for u in range(len(unique))]
     prompts_U = [rows[i].prompt for i in first_U]
     width = max(len(p) for p in prompts_U)
     input_ids_UT = torch.full((len(prompts_U), width), pad_token_id, dtype=torch.long)

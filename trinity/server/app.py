@@ -18,6 +18,7 @@ import logging
 import secrets
 import time
 import urllib.parse
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -90,6 +91,27 @@ def create_app(service: Service) -> FastAPI:
     def out(response: pydantic.BaseModel) -> JSONResponse:
         return JSONResponse(response.model_dump(mode="json"))
 
+    def one_call(path: str, request_type: type[pydantic.BaseModel], call: Callable) -> None:
+        """POST ``path``: one typed JSON request -> one service call for the caller's tenant."""
+
+        async def endpoint(request: Request) -> Response:
+            return out(call(auth(request), await body(request, request_type)))
+
+        endpoint.__name__ = path  # FastAPI's operation id
+        app.post(f"{API}/{path}")(endpoint)
+
+    for path, request_type, call in (
+        ("create_model", types.CreateModelRequest, service.create_model),
+        ("optim_step", types.OptimStepRequest, service.optim_step),
+        ("load_weights", types.LoadWeightsRequest, service.load_weights),
+        ("save_weights", types.SaveWeightsRequest, service.save_weights),
+        ("save_weights_for_sampler", types.SaveWeightsForSamplerRequest,
+         service.save_weights_for_sampler),
+        ("save_weights_external", types.SaveWeightsExternalRequest, service.save_weights_external),
+        ("asample", types.SampleRequest, service.asample),
+    ):
+        one_call(path, request_type, call)
+
     # --------------------------------------------------------------------- sessions
     @app.get(f"{API}/healthz")
     async def healthz() -> dict:
@@ -137,11 +159,6 @@ def create_app(service: Service) -> FastAPI:
         return out(service.capabilities())
 
     # --------------------------------------------------------------------- training
-    @app.post(f"{API}/create_model")
-    async def create_model(request: Request) -> Response:
-        t = auth(request)
-        return out(service.create_model(t, await body(request, types.CreateModelRequest)))
-
     @app.post(f"{API}/get_info")
     async def get_info(request: Request) -> Response:
         t = auth(request)
@@ -157,33 +174,6 @@ def create_app(service: Service) -> FastAPI:
         req = wire.decode_forward_backward(await request.body(),
                                            request.headers.get("content-encoding"))
         return out(service.forward_backward(t, req))
-
-    @app.post(f"{API}/optim_step")
-    async def optim_step(request: Request) -> Response:
-        t = auth(request)
-        return out(service.optim_step(t, await body(request, types.OptimStepRequest)))
-
-    @app.post(f"{API}/load_weights")
-    async def load_weights(request: Request) -> Response:
-        t = auth(request)
-        return out(service.load_weights(t, await body(request, types.LoadWeightsRequest)))
-
-    @app.post(f"{API}/save_weights")
-    async def save_weights(request: Request) -> Response:
-        t = auth(request)
-        return out(service.save_weights(t, await body(request, types.SaveWeightsRequest)))
-
-    @app.post(f"{API}/save_weights_for_sampler")
-    async def save_weights_for_sampler(request: Request) -> Response:
-        t = auth(request)
-        req = await body(request, types.SaveWeightsForSamplerRequest)
-        return out(service.save_weights_for_sampler(t, req))
-
-    @app.post(f"{API}/save_weights_external")
-    async def save_weights_external(request: Request) -> Response:
-        t = auth(request)
-        req = await body(request, types.SaveWeightsExternalRequest)
-        return out(service.save_weights_external(t, req))
 
     @app.post(f"{API}/retrieve_future")
     async def retrieve_future(request: Request) -> Response:
@@ -208,10 +198,6 @@ def create_app(service: Service) -> FastAPI:
     async def get_sampler(sampler_id: str, request: Request) -> Response:
         return out(service.get_sampler(auth(request), sampler_id))
 
-    @app.post(f"{API}/asample")
-    async def asample(request: Request) -> Response:
-        t = auth(request)
-        return out(service.asample(t, await body(request, types.SampleRequest)))
 
     # --------------------------------------------------------------------- runs, checkpoints
     @app.get(f"{API}/training_runs")

@@ -255,14 +255,23 @@ class Service:
         if lora is not None and lora["rank"] <= 0:
             raise ServiceError(400, f"CreateModelRequest.lora_config.rank must be positive, got "
                                     f"{lora['rank']}")
-        model_id = f"{req.session_id}:train:{req.model_seq_id}"
-        future, new = self.futures.open(f"{model_id}:create", tenant)
+        return self._open_model(tenant, req.session_id, req.model_seq_id, base, lora,
+                                req.user_metadata, "create",
+                                lambda model_id: _json(types.CreateModelResponse(model_id=model_id)))
+
+    def _open_model(self, tenant: str, session_id: str, model_seq_id: int, base: ServedModel,
+                    lora: dict | None, user_metadata: dict | None, action: str,
+                    then: Callable[[str], Result]) -> types.UntypedAPIFuture:
+        """Model ``<session>:train:<seq>``, registered once per request id (a retried request
+        finds its future); the worker creates it in the engine, then ``then(model_id)`` answers."""
+        model_id = f"{session_id}:train:{model_seq_id}"
+        future, new = self.futures.open(f"{model_id}:{action}", tenant)
         if new:
-            self._add_model(tenant, req.session_id, model_id, base, lora, req.user_metadata)
+            self._add_model(tenant, session_id, model_id, base, lora, user_metadata)
 
             def create() -> Result:
                 base.engine.create_model(model_id, _lora_spec(lora))
-                return _json(types.CreateModelResponse(model_id=model_id))
+                return then(model_id)
 
             self.futures.run(future, base.worker, create)
         return types.UntypedAPIFuture(request_id=future.request_id, model_id=model_id)
@@ -412,19 +421,14 @@ class Service:
         if base is not self._find_base(run["base_model"]):
             raise ServiceError(400, f"checkpoint {req.path!r} was trained on "
                                     f"{run['base_model']!r}, not {req.base_model!r}")
-        model_id = f"{req.session_id}:train:{req.model_seq_id}"
-        future, new = self.futures.open(f"{model_id}:load", tenant)
-        if new:
-            self._add_model(tenant, req.session_id, model_id, base, lora, req.user_metadata)
 
-            def create() -> Result:
-                base.engine.create_model(model_id, _lora_spec(lora))
-                base.engine.load_state(model_id, directory, optimizer=optimizer)
-                return _json(types.LoadWeightsResponse(path=req.path, model_id=model_id,
-                                                       type="load_weights"))
+        def loaded(model_id: str) -> Result:
+            base.engine.load_state(model_id, directory, optimizer=optimizer)
+            return _json(types.LoadWeightsResponse(path=req.path, model_id=model_id,
+                                                   type="load_weights"))
 
-            self.futures.run(future, base.worker, create)
-        return types.UntypedAPIFuture(request_id=future.request_id, model_id=model_id)
+        return self._open_model(tenant, req.session_id, req.model_seq_id, base, lora,
+                                req.user_metadata, "load", loaded)
 
     # --------------------------------------------------------------------- checkpoints
     def save_weights(self, tenant: str, req: types.SaveWeightsRequest) -> types.UntypedAPIFuture:
