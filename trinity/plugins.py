@@ -39,8 +39,6 @@ def plugin_dirs(dirs: Iterable[str | os.PathLike[str]] | None = None) -> list[Pa
 
 def load_plugins(dirs: Iterable[str | os.PathLike[str]] | None = None) -> list[str]:
     """Import every ``*.py`` (not ``_*.py``) in each directory; returns the module names loaded."""
-    import trinity.workflows  # noqa: F401 - the registries exist before any plugin uses them
-
     names = []
     for directory in plugin_dirs(dirs):
         if not directory.is_dir():

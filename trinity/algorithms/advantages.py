@@ -20,13 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trinity.registry import Registry
-
-GroupAdvantageFn = Callable[..., Tensor]
-ADVANTAGE_FNS: Registry[GroupAdvantageFn] = Registry("advantage_fn")
-
-# Advantage functions whose work happens on the whole training batch in the loss plan.
-BATCH_ADVANTAGE_FNS = {"reinforceplusplus"}
+from trinity.registry import ADVANTAGE_FNS, ALGORITHMS, BATCH_ADVANTAGE_FNS
 
 
 def _as_tensor(rewards_G: Sequence[float] | Tensor) -> Tensor:
@@ -108,8 +102,6 @@ def compute_advantages(
     ``advantage_fn`` may also name an algorithm (``dapo`` -> its ``grpo``).
     """
     if advantage_fn not in ADVANTAGE_FNS:
-        from trinity.algorithms.spec import ALGORITHMS  # spec imports this module
-
         if advantage_fn in ALGORITHMS and ALGORITHMS.get(advantage_fn).advantage_fn:
             advantage_fn = ALGORITHMS.get(advantage_fn).advantage_fn
     fn = ADVANTAGE_FNS.get(advantage_fn)
@@ -133,6 +125,7 @@ def compute_advantages(
     return advantages, metrics
 
 
+@BATCH_ADVANTAGE_FNS.register("reinforceplusplus")
 def reinforce_plus_plus_advantages(
     rewards: Sequence[float],
     masks: Sequence[Tensor],

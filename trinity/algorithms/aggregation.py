@@ -16,12 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-LOSS_AGG_MODES = (
-    "token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-)
+from trinity.registry import LOSS_AGG_MODES
 
 
 def _masks(masks: Sequence[Tensor | Sequence[float]]) -> list[Tensor]:
@@ -40,23 +35,31 @@ def token_scales(
       ``norm_length`` (pass ``max_response_tokens`` to keep it constant) or the longest response.
     Sequences (or batches) with no masked token get zero scale instead of a division by zero.
     """
-    ms = _masks(masks)
-    n = len(ms)
-    if mode == "token-mean":
-        total = float(sum(m.sum() for m in ms))
-        return [m / total if total > 0 else torch.zeros_like(m) for m in ms]
-    if mode == "seq-mean-token-sum":
-        return [m / n for m in ms]
-    if mode == "seq-mean-token-mean":
-        out = []
-        for m in ms:
-            length = float(m.sum())
-            out.append(m / (n * length) if length > 0 else torch.zeros_like(m))
-        return out
-    if mode == "seq-mean-token-sum-norm":
-        length = norm_length if norm_length is not None else max((m.numel() for m in ms), default=0)
-        return [m / length if length > 0 else torch.zeros_like(m) for m in ms]
-    raise ValueError(f"unknown loss_agg_mode {mode!r} (known: {', '.join(LOSS_AGG_MODES)})")
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(LOSS_AGG_MODES.unknown_message(mode))
+    return LOSS_AGG_MODES.get(mode)(_masks(masks), norm_length)
+
+
+@LOSS_AGG_MODES.register("token-mean")
+def _token_mean(ms: list[Tensor], norm_length: int | None) -> list[Tensor]:
+    total = float(sum(m.sum() for m in ms))
+    return [m / total if total > 0 else torch.zeros_like(m) for m in ms]
+
+
+@LOSS_AGG_MODES.register("seq-mean-token-sum")
+def _seq_mean_token_sum(ms: list[Tensor], norm_length: int | None) -> list[Tensor]:
+    return [m / len(ms) for m in ms]
+
+
+@LOSS_AGG_MODES.register("seq-mean-token-mean")
+def _seq_mean_token_mean(ms: list[Tensor], norm_length: int | None) -> list[Tensor]:
+    return [m / (len(ms) * float(m.sum())) if m.sum() > 0 else torch.zeros_like(m) for m in ms]
+
+
+@LOSS_AGG_MODES.register("seq-mean-token-sum-norm")
+def _seq_mean_token_sum_norm(ms: list[Tensor], norm_length: int | None) -> list[Tensor]:
+    length = norm_length if norm_length is not None else max((m.numel() for m in ms), default=0)
+    return [m / length if length > 0 else torch.zeros_like(m) for m in ms]
 
 
 def aggregate(
@@ -80,4 +83,4 @@ def aggregate(
         return ((loss_mat * mask_mat).sum(-1) / mask_mat.sum(-1)).mean()
     if mode == "seq-mean-token-sum-norm":
         return (loss_mat * mask_mat).sum() / mask_mat.shape[-1]
-    raise ValueError(f"unknown loss_agg_mode {mode!r} (known: {', '.join(LOSS_AGG_MODES)})")
+    raise ValueError(LOSS_AGG_MODES.unknown_message(mode))

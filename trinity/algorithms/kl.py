@@ -7,15 +7,10 @@ original's ``kl_loss_fn`` / ``kl_penalty_fn`` values.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
-from trinity.registry import Registry
-
-KLFn = Callable[..., Tensor]
-KL_FNS: Registry[KLFn] = Registry("kl_fn")
+from trinity.registry import KL_FNS
 
 
 @KL_FNS.register("none")

@@ -33,11 +33,11 @@ import torch
 from tinker import types
 from torch import Tensor
 
-from trinity.algorithms.advantages import BATCH_ADVANTAGE_FNS, reinforce_plus_plus_advantages
+from trinity.algorithms.advantages import reinforce_plus_plus_advantages
 from trinity.algorithms.aggregation import token_scales
-from trinity.algorithms.kl import KL_FNS, sampled_entropy
+from trinity.algorithms.kl import sampled_entropy
 from trinity.algorithms.spec import AlgorithmSettings, resolve_algorithm
-from trinity.registry import Registry
+from trinity.registry import BATCH_ADVANTAGE_FNS, KL_FNS, POLICY_LOSSES
 
 LOG_RATIO_CLAMP = 20.0  # the original clamps log(pi / pi_old) before exp; Tinker's built-ins do not
 
@@ -77,7 +77,6 @@ class PolicyLoss:
     clipped: Callable[[Tensor, Tensor, Tensor, dict[str, Any]], Tensor] | None = None
 
 
-POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy_loss_fn")
 
 
 def _rl_inputs(q: Tensor, sA: Tensor, s: Tensor, args: dict[str, Any]) -> dict[str, Tensor]:

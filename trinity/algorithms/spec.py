@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trinity.algorithms.advantages import group_advantage_fn
-from trinity.registry import Registry
+from trinity.registry import ALGORITHMS, POLICY_LOSSES
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,6 @@ class AlgorithmSpec:
     policy_loss_fn_args: Mapping[str, Any] = field(default_factory=dict)
 
 
-ALGORITHMS: Registry[AlgorithmSpec] = Registry("algorithm")
 for _name, _spec in {
     "sft": AlgorithmSpec(
         None,
@@ -133,8 +132,6 @@ def _args(config: Any, key: str) -> dict[str, Any]:
 
 def resolve_algorithm(config: Any) -> AlgorithmSettings:
     """Fill an ``algorithm:`` section (mapping or object) with the algorithm's defaults."""
-    from trinity.algorithms.losses import POLICY_LOSSES  # losses imports this module
-
     name = _get(config, "algorithm_type", "grpo")
     spec = ALGORITHMS.get(name)
     advantage_fn = _get(config, "advantage_fn", spec.advantage_fn)

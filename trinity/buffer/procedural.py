@@ -13,11 +13,8 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
-from trinity.registry import Registry
+from trinity.registry import BUILTIN_TASKSETS
 from trinity.workflows.workflows import countdown_question
-
-BuiltinTaskset = Callable[..., list[dict[str, Any]]]
-BUILTIN_TASKSETS: Registry[BuiltinTaskset] = Registry("builtin taskset")
 
 MAX_TRIES = 1000
 _OPS: dict[str, Callable[[Fraction, Fraction], Fraction]] = {

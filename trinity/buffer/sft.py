@@ -12,23 +12,23 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-from trinity.buffer.tasksets import TasksetError, cfg_get, load_rows
+from trinity.buffer.tasksets import TasksetError, load_rows
+from trinity.config.schema import ExperienceBufferConfig, FormatConfig, TasksetConfig
 from trinity.workflows.types import Experience
 
 
-def chat_messages(row: dict[str, Any], fmt: Any) -> list[dict[str, str]]:
+def chat_messages(row: dict[str, Any], fmt: FormatConfig) -> list[dict[str, str]]:
     """The row as chat messages: ``messages_key`` if present, else system + prompt + response."""
-    messages = row.get(cfg_get(fmt, "messages_key", "messages"))
+    messages = row.get(fmt.messages_key)
     if messages:
         return [{"role": m["role"], "content": m["content"]} for m in messages]
-    prompt_key = cfg_get(fmt, "prompt_key", "prompt")
-    response_key = cfg_get(fmt, "response_key", "response")
+    prompt_key, response_key = fmt.prompt_key, fmt.response_key
     if prompt_key not in row or response_key not in row:
         raise TasksetError(
-            f"SFT row has neither '{cfg_get(fmt, 'messages_key', 'messages')}' nor "
+            f"SFT row has neither '{fmt.messages_key}' nor "
             f"'{prompt_key}' + '{response_key}' (keys: {', '.join(sorted(row))})"
         )
-    system = cfg_get(fmt, "system_prompt")
+    system = fmt.system_prompt
     head = [{"role": "system", "content": system}] if system else []
     return [
         *head,
@@ -69,16 +69,18 @@ def sft_experience(
 
 
 def sft_dataset(
-    exp_cfg: Any, tokenizer: Any, *, chat_template: str | None, max_len: int
+    exp_cfg: ExperienceBufferConfig, tokenizer: Any, *, chat_template: str | None, max_len: int
 ) -> list[Experience]:
     """Every row of ``buffer.trainer_input.experience_buffer`` (path, split, format) tokenized."""
-    rows = load_rows(exp_cfg)
+    source = TasksetConfig(
+        name=exp_cfg.name, path=exp_cfg.path, split=exp_cfg.split, subset_name=exp_cfg.subset_name
+    )
+    rows = load_rows(source)
     if len(rows) == 0:
-        raise TasksetError(f"SFT dataset '{cfg_get(exp_cfg, 'path')}' has no rows")
-    fmt = cfg_get(exp_cfg, "format")
+        raise TasksetError(f"SFT dataset '{exp_cfg.path}' has no rows")
     return [
         sft_experience(
-            chat_messages(dict(rows[i]), fmt),
+            chat_messages(dict(rows[i]), exp_cfg.format),
             tokenizer,
             chat_template=chat_template,
             max_len=max_len,

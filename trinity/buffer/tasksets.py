@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import math
 import random
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlparse
 
 from trinity.buffer.procedural import BUILTIN_TASKSETS, build_builtin
-from trinity.config import ConfigError
+from trinity.config import ConfigError, load_section
+from trinity.config.schema import TasksetConfig
 from trinity.workflows import REWARD_FUNCTIONS, WORKFLOWS
 from trinity.workflows.types import Task
 
@@ -47,52 +46,12 @@ class TasksetError(ConfigError):
     """
 
 
-def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    """``cfg.key`` for DictConfig, dataclass, namespace or dict; ``default`` when missing/None."""
-    if cfg is None:
-        return default
-    value = cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
-    return default if value is None else value
-
-
-def as_dict(obj: Any) -> dict[str, Any]:
-    """A plain dict (enums as their values) from a DictConfig, dataclass, namespace or mapping."""
-    if obj is None:
-        return {}
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = dataclasses.asdict(obj)
-    elif isinstance(obj, SimpleNamespace):
-        obj = vars(obj)
-    elif not isinstance(obj, Mapping):
-        raise TypeError(f"expected a mapping, got {type(obj).__name__}")
-    with contextlib.suppress(ImportError):
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(obj, DictConfig):
-            obj = OmegaConf.to_container(obj, resolve=True)
-    return {str(k): _plain(v) for k, v in obj.items()}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _enum_text(value: Any) -> str:
-    return str(getattr(value, "value", value)).lower()
-
-
 class TasksetReader:
     """Batches of ``Task`` for the explorer (``read_batch``) or all tasks at once (``all_tasks``)."""
 
     def __init__(
         self,
-        taskset_cfg: Any,
+        taskset_cfg: TasksetConfig | Any,
         *,
         repeat_times: int,
         batch_size: int,
@@ -103,9 +62,9 @@ class TasksetReader:
         is_eval: bool = False,
         seed: int | None = None,
     ):
-        cfg = taskset_cfg
-        self.name = str(cfg_get(cfg, "name") or "taskset")
-        self.path = str(cfg_get(cfg, "path", ""))
+        cfg = load_section(TasksetConfig, taskset_cfg)
+        self.name = cfg.name or "taskset"
+        self.path = cfg.path or ""
         if batch_size < 1:
             raise TasksetError(f"taskset '{self.name}': batch_size must be >= 1, got {batch_size}")
         self.repeat_times = int(repeat_times)
@@ -113,19 +72,24 @@ class TasksetReader:
         self.total_epochs = max(1, int(total_epochs or 1))
         self.max_steps = total_steps or None
         self.is_eval = is_eval
-        selector = cfg_get(cfg, "data_selector")
+        selector = cfg.data_selector
         if seed is None:  # ours (seed) over the original's (data_selector.seed)
-            seed = cfg_get(cfg, "seed", cfg_get(selector, "seed", 42))
+            seed = selector.seed if cfg.seed is None else cfg.seed
         self.seed = int(seed)
-        shuffle_default = _enum_text(cfg_get(selector, "selector_type", "sequential"))
-        self.shuffle = bool(cfg_get(cfg, "shuffle", shuffle_default in ("shuffle", "random")))
-        self.shuffle = self.shuffle and not is_eval
-        self.format = as_dict(cfg_get(cfg, "format"))
-        self.rollout_args = as_dict(cfg_get(cfg, "rollout_args"))
-        self.workflow_args = as_dict(cfg_get(cfg, "workflow_args"))
-        self.reward_fn_args = as_dict(cfg_get(cfg, "reward_fn_args"))
-        self.workflow = cfg_get(cfg, "default_workflow_type", default_workflow)
-        self.reward_fn = cfg_get(cfg, "default_reward_fn_type", default_reward_fn)
+        shuffle = cfg.shuffle
+        if shuffle is None:
+            shuffle = selector.selector_type.lower() in ("shuffle", "random")
+        self.shuffle = shuffle and not is_eval
+        self.format = dataclasses.asdict(cfg.format)
+        self.rollout_args = {
+            key: value
+            for key, value in dataclasses.asdict(cfg.rollout_args).items()
+            if value is not None
+        }
+        self.workflow_args = dict(cfg.workflow_args)
+        self.reward_fn_args = dict(cfg.reward_fn_args)
+        self.workflow = cfg.default_workflow_type or default_workflow
+        self.reward_fn = cfg.default_reward_fn_type or default_reward_fn
         self._check_names()
 
         self.rows = load_rows(cfg)
@@ -219,11 +183,11 @@ class TasksetReader:
         )
 
 
-def load_rows(cfg: Any) -> Any:
+def load_rows(cfg: TasksetConfig) -> Any:
     """A sized, int-indexable collection of row dicts (a ``datasets.Dataset`` or a list)."""
-    name = str(cfg_get(cfg, "name") or "taskset")
-    path = str(cfg_get(cfg, "path", "")).strip()
-    storage = _enum_text(cfg_get(cfg, "storage_type", "file"))
+    name = cfg.name or "taskset"
+    path = (cfg.path or "").strip()
+    storage = cfg.storage_type.lower()
     if storage != "file":
         raise TasksetError(
             f"taskset '{name}': storage_type '{storage}' is not supported for tasksets; "
@@ -236,16 +200,15 @@ def load_rows(cfg: Any) -> Any:
         if kind not in BUILTIN_TASKSETS:
             raise TasksetError(f"taskset '{name}': {BUILTIN_TASKSETS.unknown_message(kind)}")
         try:
-            return build_builtin(kind, as_dict(cfg_get(cfg, "builtin_args")))
+            return build_builtin(kind, dict(cfg.builtin_args))
         except TypeError as exc:
             raise TasksetError(f"taskset '{name}' ({path}): bad builtin_args: {exc}") from exc
 
     import datasets
 
-    if not cfg_get(cfg, "enable_progress_bar", False):
+    if not cfg.enable_progress_bar:
         datasets.disable_progress_bars()
-    split = str(cfg_get(cfg, "split", "train"))
-    subset = cfg_get(cfg, "subset_name")
+    split, subset = cfg.split, cfg.subset_name
     local = Path(path).expanduser()
     if local.is_file():
         builder = FILE_BUILDERS.get(local.suffix.lower())

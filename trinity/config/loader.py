@@ -11,17 +11,17 @@ derived values of the original's validators follow (``validate.py``).
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import enum
 import io
 import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
     GrammarParseError,
     InterpolationKeyError,
@@ -31,17 +31,9 @@ from omegaconf.errors import (
     UnsupportedInterpolationType,
 )
 
+from trinity.config.errors import ConfigError, did_you_mean
 from trinity.config.schema import Config
-
-
-class ConfigError(ValueError):
-    """A config problem, as one line that names the key path and what was expected."""
-
-
-def did_you_mean(name: str, choices: Sequence[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest choice, or an empty string."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+from trinity.config.validate import finalize
 
 
 def load_config(
@@ -81,8 +73,6 @@ def read_yaml(path: str | Path) -> DictConfig:
 
 def build_config(raw: DictConfig) -> Config:
     """Schema-check, merge onto the defaults, resolve, then validate and derive."""
-    from trinity.config.validate import finalize
-
     container = OmegaConf.to_container(raw, resolve=False)
     check_types(container, Config, "")
     try:
@@ -95,6 +85,47 @@ def build_config(raw: DictConfig) -> Config:
     for index, stage in enumerate(config.stages):
         stage.config = _build_stage(raw, config, index)
     return config
+
+
+Section = TypeVar("Section")
+
+
+def load_section(cls: type[Section], value: Any) -> Section:
+    """``value`` as the schema section ``cls``, merged onto its defaults by the same OmegaConf merge
+    as a YAML file, so that defaults live in the schema alone.
+
+    The way in for sections handed to the Python API (and by tests) as a mapping, an OmegaConf
+    node, a namespace or another dataclass (enums become their values); everything below the
+    launcher then reads typed fields. A section that already is a ``cls`` is returned as is.
+    """
+    if isinstance(value, cls):
+        return value
+    data = _plain(value)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__}: expected a mapping, got {_show(data)}")
+    check_types(data, cls, "")
+    try:
+        section = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), data))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{cls.__name__}: {_first_line(error)}") from None
+    return typing.cast(Section, section)
+
+
+def _plain(value: Any) -> Any:
+    """Plain dicts, lists and scalars from OmegaConf nodes, dataclasses, namespaces and enums."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    elif isinstance(value, types.SimpleNamespace):
+        value = vars(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
 
 
 def _build_stage(raw: DictConfig, config: Config, index: int) -> Config:

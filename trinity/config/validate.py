@@ -2,9 +2,9 @@
 
 Runs on the typed ``Config`` after OmegaConf has merged and resolved it. Each check raises a
 one-line ``ConfigError`` that says which key is wrong and why; each derivation writes its value
-back so ``trinity run --dry-run`` shows what the run will use. Registries (algorithms, workflows,
-rewards, builtin tasksets, monitors) are imported here, lazily, so plugins loaded before
-validation count and ``import trinity.config`` stays light.
+back so ``trinity run --dry-run`` shows what the run will use. Names (algorithms, workflows,
+rewards, builtin tasksets, monitors) are checked against the registries of the ``trinity.registry``
+leaf, so plugins loaded before validation count and the config layer imports no layer above it.
 """
 
 from __future__ import annotations
@@ -16,8 +16,21 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
-from trinity.config.loader import ConfigError, did_you_mean
+from trinity.config.errors import ConfigError, did_you_mean
 from trinity.config.schema import Config, TasksetConfig
+from trinity.registry import (
+    ADVANTAGE_FNS,
+    ALGORITHMS,
+    BATCH_ADVANTAGE_FNS,
+    BUILTIN_TASKSETS,
+    KL_FNS,
+    LOSS_AGG_MODES,
+    MONITORS,
+    POLICY_LOSSES,
+    REWARD_FUNCTIONS,
+    WORKFLOWS,
+    Registry,
+)
 
 log = logging.getLogger("trinity.config")
 
@@ -116,20 +129,11 @@ def _check_mode(config: Config) -> None:
 
 
 def _check_algorithm(config: Config) -> None:
-    from trinity.algorithms import (
-        ADVANTAGE_FNS,
-        ALGORITHMS,
-        KL_FNS,
-        LOSS_AGG_MODES,
-        POLICY_LOSSES,
-        resolve_algorithm,
-    )
-    from trinity.algorithms.advantages import BATCH_ADVANTAGE_FNS
-
     algo = config.algorithm
     registered(algo.algorithm_type, "algorithm.algorithm_type", ALGORITHMS.names())
+    spec = ALGORITHMS.get(algo.algorithm_type)  # the algorithm's defaults
     if algo.advantage_fn is not None:
-        names = [*ADVANTAGE_FNS.names(), *BATCH_ADVANTAGE_FNS]
+        names = [*ADVANTAGE_FNS.names(), *BATCH_ADVANTAGE_FNS.names()]
         registered(algo.advantage_fn, "algorithm.advantage_fn", names)
     if algo.policy_loss_fn is not None:
         registered(algo.policy_loss_fn, "algorithm.policy_loss_fn", POLICY_LOSSES.names())
@@ -169,14 +173,15 @@ def _check_algorithm(config: Config) -> None:
     )
     _at_least(opt.weight_decay, 0, "algorithm.optimizer.weight_decay")
 
-    try:
-        settings = resolve_algorithm(algo)
-    except (KeyError, ValueError) as error:
-        raise ConfigError(f"algorithm: {error.args[0]}") from None
+    for key in ("kl_loss_fn_args", "kl_penalty_fn_args"):
+        require(
+            not getattr(algo, key).get("adaptive"),
+            f"algorithm: algorithm.{key}.adaptive is not supported; use a fixed kl_coef",
+        )
     if algo.repeat_times is None:
-        algo.repeat_times = settings.repeat_times
+        algo.repeat_times = spec.repeat_times
     _at_least(algo.repeat_times, 1, "algorithm.repeat_times")
-    if settings.schema in ("sft", "dpo") and config.mode in ("both", "explore"):
+    if spec.schema in ("sft", "dpo") and config.mode in ("both", "explore"):
         raise ConfigError(
             f"algorithm.algorithm_type: '{algo.algorithm_type}' trains on a fixed dataset and "
             f"has no explorer; use mode 'train', not '{config.mode}'"
@@ -255,8 +260,6 @@ def _derive_lengths(model: Any) -> None:
 
 
 def _check_buffer(config: Config) -> None:
-    from trinity.algorithms import resolve_algorithm
-
     buffer, inputs, mode = config.buffer, config.buffer.explorer_input, config.mode
     _at_least(buffer.batch_size, 1, "buffer.batch_size")
     _at_least(buffer.train_batch_size, 0, "buffer.train_batch_size")
@@ -286,7 +289,7 @@ def _check_buffer(config: Config) -> None:
             bool(inputs.eval_tasksets),
             "buffer.explorer_input.eval_tasksets is required in mode 'bench'",
         )
-    sft = resolve_algorithm(config.algorithm).schema == "sft"
+    sft = ALGORITHMS.get(config.algorithm.algorithm_type).schema == "sft"
     if mode == "train" and buffer.total_steps is None:
         require(
             config.trainer.total_steps is not None or sft,
@@ -294,19 +297,15 @@ def _check_buffer(config: Config) -> None:
         )
         buffer.total_steps = config.trainer.total_steps  # SFT: None = epochs of the dataset
 
-    from trinity.buffer.procedural import BUILTIN_TASKSETS as builtins
-    from trinity.workflows import REWARD_FUNCTIONS as rewards
-    from trinity.workflows import WORKFLOWS as workflows
-
     prefix = "buffer.explorer_input"
     for key in ("default_workflow_type", "default_eval_workflow_type"):
-        _check_name(getattr(inputs, key), f"{prefix}.{key}", workflows)
-    _check_name(inputs.default_reward_fn_type, f"{prefix}.default_reward_fn_type", rewards)
+        _check_name(getattr(inputs, key), f"{prefix}.{key}", WORKFLOWS)
+    _check_name(inputs.default_reward_fn_type, f"{prefix}.default_reward_fn_type", REWARD_FUNCTIONS)
     for kind, tasksets in (("tasksets", inputs.tasksets), ("eval_tasksets", inputs.eval_tasksets)):
         seen: set[str] = set()
         for i, taskset in enumerate(tasksets):
             key = f"{prefix}.taskset" if single and kind == "tasksets" else f"{prefix}.{kind}[{i}]"
-            _check_taskset(taskset, key, workflows, rewards, builtins)
+            _check_taskset(taskset, key)
             require(taskset.name not in seen, f"{key}.name: '{taskset.name}' is used twice")
             seen.add(taskset.name)
             if kind == "tasksets":
@@ -334,14 +333,13 @@ def _check_buffer(config: Config) -> None:
     _positive(exp.max_read_timeout, f"{key}.max_read_timeout")
 
 
-def _check_taskset(
-    taskset: TasksetConfig, key: str, workflows: Any, rewards: Any, builtins: Any
-) -> None:
+def _check_taskset(taskset: TasksetConfig, key: str) -> None:
     require(bool(taskset.path), f"{key}.path is required (an HF id, a local path or builtin:NAME)")
     path = str(taskset.path)
     taskset.storage_type = choice(taskset.storage_type, f"{key}.storage_type", TASKSET_STORAGE)
     if path.startswith(BUILTIN_PREFIX):
-        _check_name(path[len(BUILTIN_PREFIX) :], f"{key}.path", builtins, prefix=BUILTIN_PREFIX)
+        name = path[len(BUILTIN_PREFIX) :]
+        _check_name(name, f"{key}.path", BUILTIN_TASKSETS, prefix=BUILTIN_PREFIX)
     else:
         require(
             not taskset.builtin_args,
@@ -355,8 +353,8 @@ def _check_taskset(
     taskset.data_selector.selector_type = choice(
         taskset.data_selector.selector_type, f"{key}.data_selector.selector_type", SELECTORS
     )
-    _check_name(taskset.default_workflow_type, f"{key}.default_workflow_type", workflows)
-    _check_name(taskset.default_reward_fn_type, f"{key}.default_reward_fn_type", rewards)
+    _check_name(taskset.default_workflow_type, f"{key}.default_workflow_type", WORKFLOWS)
+    _check_name(taskset.default_reward_fn_type, f"{key}.default_reward_fn_type", REWARD_FUNCTIONS)
     _at_least(taskset.repeat_times, 1, f"{key}.repeat_times")
     args = taskset.rollout_args
     _at_least(args.temperature, 0, f"{key}.rollout_args.temperature")
@@ -367,7 +365,7 @@ def _check_taskset(
         )
 
 
-def _check_name(name: str | None, key: str, registry: Any, prefix: str = "") -> None:
+def _check_name(name: str | None, key: str, registry: Registry, prefix: str = "") -> None:
     if name is None or name in registry:
         return
     names = registry.names()
@@ -445,8 +443,6 @@ def _check_synchronizer(config: Config) -> None:
 
 
 def _check_monitor(config: Config) -> None:
-    from trinity.monitor import MONITORS
-
     value = config.monitor.monitor_type
     names = value if isinstance(value, list) else [value]
     normalized = []

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from trinity.monitor.base import (
-    MONITORS,
     CompositeMonitor,
     Monitor,
     RunInfo,
@@ -23,6 +22,7 @@ from trinity.monitor.console import ConsoleMonitor
 from trinity.monitor.external import MlflowMonitor, TensorboardMonitor, WandbMonitor
 from trinity.monitor.jsonl import JsonlMonitor, read_metrics
 from trinity.monitor.plot import metric_series, plot_metrics
+from trinity.registry import MONITORS
 
 __all__ = [
     "MONITORS",

@@ -1,4 +1,4 @@
-"""The monitor interface, the registry of monitor types, and fan-out to several monitors.
+"""The monitor interface, what a monitor type is built from, and fan-out to several monitors.
 
 A monitor receives flat ``{"name": number}`` dicts keyed by step, as the original's monitors do
 (metric names in ``notes/trinity-reference.md`` §6). Explorer and trainer share one monitor and log
@@ -15,8 +15,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
-
-from trinity.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +40,6 @@ class RunInfo:
     @property
     def monitor_dir(self) -> Path:
         return Path(self.job_dir) / "monitor"
-
-
-# Entries are classes (or callables) with ``from_run(run: RunInfo) -> Monitor``.
-MONITORS: Registry[Any] = Registry("monitor")
 
 
 def require(module: str, package: str, feature: str, extra: str | None = "monitors") -> Any:

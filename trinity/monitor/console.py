@@ -17,7 +17,8 @@ import time
 from collections.abc import Mapping
 from typing import IO, Any
 
-from trinity.monitor.base import MONITORS, RunInfo, scalar_metrics
+from trinity.monitor.base import RunInfo, scalar_metrics
+from trinity.registry import MONITORS
 
 REWARD_KEYS = (
     "critic/rewards/mean",

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from trinity.monitor.base import MONITORS, RunInfo, require, scalar_metrics
+from trinity.monitor.base import RunInfo, require, scalar_metrics
+from trinity.registry import MONITORS
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from trinity.monitor.base import MONITORS, RunInfo, to_number
+from trinity.monitor.base import RunInfo, to_number
+from trinity.registry import MONITORS
 
 
 def _json_value(value: Any) -> Any:

@@ -19,13 +19,9 @@ import operator
 import re
 import threading
 import unicodedata
-from collections.abc import Callable
 from typing import Any
 
-from trinity.registry import Registry
-
-RewardFn = Callable[..., dict[str, float]]
-REWARD_FUNCTIONS: Registry[RewardFn] = Registry("reward function")
+from trinity.registry import REWARD_FUNCTIONS
 
 THINK_ANSWER_RE = re.compile(r".*?<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.S | re.M)
 THINK_RE = re.compile(r"<think>.*?</think>", re.S)

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from trinity.registry import Registry
+from trinity.registry import WORKFLOWS
 from trinity.workflows.rewards import REWARD_FUNCTIONS
 from trinity.workflows.types import Experience, Response, Sampler, Task
-
-WORKFLOWS: Registry[type[Workflow]] = Registry("workflow")
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "stop")
 
