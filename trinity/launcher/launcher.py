@@ -32,10 +32,11 @@ from trinity.buffer.sft import sft_dataset, sft_sequence
 from trinity.buffer.tasksets import TasksetReader
 from trinity.explorer.explorer import Explorer
 from trinity.explorer.sampler import RolloutSettings
+from trinity.jobdir import JobDir
 from trinity.launcher.cluster import RayCluster, connect, runner_env
 from trinity.monitor import build_monitors
 from trinity.synchronizer.synchronizer import Synchronizer
-from trinity.trainer.trainer import Trainer, latest_checkpoint
+from trinity.trainer.trainer import Trainer
 
 log = logging.getLogger("trinity")
 
@@ -50,9 +51,9 @@ def run(config: Any) -> int:
     if config.stages:
         return 0
     check_credentials(config)
-    job_dir = Path(config.checkpoint_job_dir)
-    job_dir.mkdir(parents=True, exist_ok=True)
-    _setup_logging(job_dir)
+    job_dir = JobDir(config.checkpoint_job_dir)
+    job_dir.path.mkdir(parents=True, exist_ok=True)
+    _setup_logging(job_dir.log_dir)
     mode = config.mode
     if mode == "bench":
         asyncio.run(run_bench(config))
@@ -217,7 +218,7 @@ def _start_local_server(config: Any, backends: Backends) -> tuple[str, str, str]
     model_path = str(resolve_model_path(config.model.tinker.base_model or config.model.model_path))
     api_key = f"tml-{secrets.token_hex(16)}"
     service = build_service(
-        [model_path], Path(config.checkpoint_job_dir) / "server", f"{api_key}=local"
+        [model_path], JobDir(config.checkpoint_job_dir).server_dir, f"{api_key}=local"
     )
     server = ServerThread(service).start()
     backends.closers.append(server.stop)
@@ -226,8 +227,8 @@ def _start_local_server(config: Any, backends: Backends) -> tuple[str, str, str]
 
 
 async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
-    job_dir = Path(config.checkpoint_job_dir)
-    resume = latest_checkpoint(job_dir) if config.continue_from_checkpoint else None
+    job_dir = JobDir(config.checkpoint_job_dir)
+    resume = job_dir.latest_checkpoint() if config.continue_from_checkpoint else None
     start_step, resume_ref = resume if resume else (0, None)
     if resume:
         log.info("resuming after step %d from %s", start_step, resume_ref)
@@ -260,7 +261,7 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
         )
     monitor = build_monitors(
         config.monitor.monitor_type,
-        job_dir=job_dir,
+        job_dir=job_dir.path,
         project=config.project,
         group=config.group,
         name=config.name,
@@ -285,7 +286,7 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
                 buffer=buffer,
                 synchronizer=synchronizer,
                 monitor=monitor,
-                job_dir=job_dir,
+                job_dir=job_dir.path,
                 train_batch_size=buffer_cfg.train_batch_size,
                 adam_params=adam_params_fn(
                     algorithm.optimizer, total_steps, config.trainer.grad_clip
@@ -311,7 +312,7 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
             jobs.append(explorer.run(start_step, total_steps))
         await asyncio.gather(*jobs)
         if train:
-            out = job_dir / "final_adapter"
+            out = job_dir.final_adapter_dir
             await backends.trainer.export_adapter(str(out))
             log.info("exported the trained adapter to %s", out)
 
@@ -389,7 +390,7 @@ def _synchronizer(config: Any) -> Synchronizer:
 async def _experience_buffer(config: Any, *, shared: bool, reopen: bool) -> Any:
     """SQLite when explorer and trainer are two processes; otherwise an in-memory queue."""
     exp_cfg = config.buffer.trainer_input.experience_buffer
-    default_path = Path(config.checkpoint_job_dir) / "buffer" / f"{exp_cfg.name}.db"
+    default_path = JobDir(config.checkpoint_job_dir).buffer_db(exp_cfg.name)
     storage = "sqlite" if shared or exp_cfg.storage_type in ("sqlite", "sql") else "queue"
     buffer = build_experience_buffer(
         storage,
@@ -457,17 +458,13 @@ def _eval_readers(config: Any) -> dict[str, TasksetReader]:
 
 async def run_bench(config: Any) -> None:
     """Evaluate the base model, then every saved ``global_step_N`` checkpoint, on eval_tasksets."""
-    job_dir = Path(config.checkpoint_job_dir)
-    steps = sorted(
-        int(p.name.removeprefix("global_step_"))
-        for p in job_dir.glob("global_step_*")
-        if (p / "checkpoint_path.txt").exists()
-    )
+    job_dir = JobDir(config.checkpoint_job_dir)
+    steps = job_dir.checkpointed_steps()
     if config.explorer.bench_on_latest_checkpoint:
         steps = steps[-1:]
     monitor = build_monitors(
         config.monitor.monitor_type,
-        job_dir=job_dir,
+        job_dir=job_dir.path,
         project=config.project,
         group=config.group,
         name=f"{config.name}-bench",
@@ -481,9 +478,8 @@ async def run_bench(config: Any) -> None:
         explorer = _explorer(config, backends.sampler, None, None, None, monitor)
         for step in [0, *steps]:
             if step:
-                ref = (job_dir / f"global_step_{step}" / "checkpoint_path.txt").read_text().strip()
-                await backends.trainer.load_state(ref)
-                bench_dir = job_dir / "bench" / f"global_step_{step}"
+                await backends.trainer.load_state(job_dir.checkpoint_ref(step))
+                bench_dir = job_dir.bench_dir(step)
                 await explorer.sampler.switch(
                     await backends.trainer.publish_sampler(f"bench-{step}", str(bench_dir))
                 )
@@ -492,8 +488,7 @@ async def run_bench(config: Any) -> None:
             log.info("evaluated %s", f"checkpoint global_step_{step}" if step else "the base model")
 
 
-def _setup_logging(job_dir: Path) -> None:
-    log_dir = job_dir / "log"
+def _setup_logging(log_dir: Path) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     level = os.environ.get("TRINITY_LOG_LEVEL", "INFO").upper()
     root = logging.getLogger()

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from trinity.jobdir import JobDir
+
 log = logging.getLogger(__name__)
 
 
@@ -39,7 +41,7 @@ class RunInfo:
 
     @property
     def monitor_dir(self) -> Path:
-        return Path(self.job_dir) / "monitor"
+        return JobDir(self.job_dir).monitor_dir
 
 
 def require(module: str, package: str, feature: str, extra: str | None = "monitors") -> Any:

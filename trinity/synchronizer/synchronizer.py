@@ -3,9 +3,9 @@
 Semantics follow the original (``sync_interval``, ``sync_offset``, ``sync_style``): with interval
 1 and offset 0 every explore step uses the weights trained on the previous step's data; with
 offset k the explorer runs k steps ahead, so sampling and training overlap (one-step off-policy
-for k = 1). Published weights are always recorded on disk (``latest_state_dict_iteration.txt``
-and ``global_step_N/sampler_path.txt``) so an explorer in another process can follow by polling;
-in one process an ``asyncio.Condition`` wakes it at once.
+for k = 1). Published weights are always recorded in the run directory (``JobDir.write_sampler``)
+so an explorer in another process can follow by polling; in one process an ``asyncio.Condition``
+wakes it at once.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-LATEST_FILE = "latest_state_dict_iteration.txt"
-FINISHED_FILE = "trainer_finished.txt"
+from trinity.jobdir import JobDir, atomic_write
 
 
 class SyncTimeoutError(TimeoutError):
@@ -42,7 +41,7 @@ class Synchronizer:
         trainer_sync_interval: int | None = None,
         poll_seconds: float = 1.0,
     ):
-        self.job_dir = Path(job_dir)
+        self.job_dir = JobDir(job_dir)
         self.explorer_interval = explorer_sync_interval or sync_interval
         self.trainer_interval = trainer_sync_interval or sync_interval
         self.offset = sync_offset
@@ -55,7 +54,7 @@ class Synchronizer:
 
     def reset(self) -> None:
         """A new trainer is starting: a finished marker from an earlier run no longer holds."""
-        (self.job_dir / FINISHED_FILE).unlink(missing_ok=True)
+        self.job_dir.trainer_finished_file.unlink(missing_ok=True)
         self._trainer_finished = False
 
     # ---- trainer side -------------------------------------------------------------------------
@@ -63,15 +62,12 @@ class Synchronizer:
         return train_step % self.trainer_interval == 0
 
     async def publish(self, version: int, ref: str | None) -> None:
-        step_dir = self.job_dir / f"global_step_{version}"
-        step_dir.mkdir(parents=True, exist_ok=True)
-        (step_dir / "sampler_path.txt").write_text(ref or "")
-        _atomic_write(self.job_dir / LATEST_FILE, str(version))
+        self.job_dir.write_sampler(version, ref)
         self._latest = Published(version, ref)
         await self._notify()
 
     async def trainer_finished(self) -> None:
-        _atomic_write(self.job_dir / FINISHED_FILE, str(self._latest.version))
+        atomic_write(self.job_dir.trainer_finished_file, str(self._latest.version))
         self._trainer_finished = True
         await self._notify()
 
@@ -108,16 +104,13 @@ class Synchronizer:
 
     def latest(self) -> Published:
         """In-memory state, or the files a trainer in another process wrote."""
-        latest_file = self.job_dir / LATEST_FILE
-        if latest_file.exists():
-            version = int(latest_file.read_text().strip() or 0)
-            if version > self._latest.version:
-                ref = (self.job_dir / f"global_step_{version}" / "sampler_path.txt").read_text()
-                self._latest = Published(version, ref or None)
+        version = self.job_dir.latest_sampler_version()
+        if version > self._latest.version:
+            self._latest = Published(version, self.job_dir.sampler_ref(version))
         return self._latest
 
     def is_trainer_finished(self) -> bool:
-        return self._trainer_finished or (self.job_dir / FINISHED_FILE).exists()
+        return self._trainer_finished or self.job_dir.trainer_finished_file.exists()
 
     # ---- plumbing -----------------------------------------------------------------------------
     def _condition(self) -> asyncio.Condition:
@@ -136,8 +129,3 @@ class Synchronizer:
         except TimeoutError:
             pass
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

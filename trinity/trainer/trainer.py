@@ -9,7 +9,6 @@ learner runs both in one clock cycle.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import statistics
 import time
@@ -19,11 +18,10 @@ from typing import Any
 
 from tinker import types
 
+from trinity.jobdir import JobDir
 from trinity.workflows.types import Experience
 
 log = logging.getLogger(__name__)
-
-LATEST_CHECKPOINT_FILE = "latest_checkpointed_iteration.txt"
 
 
 class Trainer:
@@ -48,7 +46,7 @@ class Trainer:
         self.buffer = buffer
         self.synchronizer = synchronizer
         self.monitor = monitor
-        self.job_dir = Path(job_dir)
+        self.job_dir = JobDir(job_dir)
         self.train_batch_size = train_batch_size
         self.adam_params = adam_params
         self.save_interval = save_interval
@@ -122,35 +120,19 @@ class Trainer:
 
     async def publish(self, step: int) -> float:
         started = time.monotonic()
-        step_dir = self.job_dir / f"global_step_{step}"
+        step_dir = self.job_dir.step_dir(step)
         ref = await self.backend.publish_sampler(f"{self.prefix}-sampler-{step}", str(step_dir))
         await self.synchronizer.publish(step, ref)
         return time.monotonic() - started
 
     async def save_checkpoint(self, step: int) -> float:
         started = time.monotonic()
-        step_dir = self.job_dir / f"global_step_{step}"
+        step_dir = self.job_dir.step_dir(step)
         step_dir.mkdir(parents=True, exist_ok=True)
         ref = await self.backend.save_state(f"{self.prefix}-state-{step}", str(step_dir))
-        (step_dir / "checkpoint_path.txt").write_text(ref)
-        (self.job_dir / "trainer_meta.json").write_text(
-            json.dumps({"step": step, "checkpoint": ref})
-        )
-        tmp = self.job_dir / (LATEST_CHECKPOINT_FILE + ".tmp")
-        tmp.write_text(str(step))
-        tmp.replace(self.job_dir / LATEST_CHECKPOINT_FILE)  # written last: the step is complete
+        self.job_dir.write_checkpoint(step, ref)
         log.info("saved checkpoint for step %d: %s", step, ref)
         return time.monotonic() - started
-
-
-def latest_checkpoint(job_dir: str | Path) -> tuple[int, str] | None:
-    """(step, state reference) of the last complete checkpoint, or None for a fresh run."""
-    job_dir = Path(job_dir)
-    marker = job_dir / LATEST_CHECKPOINT_FILE
-    if not marker.exists():
-        return None
-    step = int(marker.read_text().strip())
-    return step, (job_dir / f"global_step_{step}" / "checkpoint_path.txt").read_text().strip()
 
 
 def batch_metrics(batch: list[Experience]) -> dict[str, float]:

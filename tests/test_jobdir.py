@@ -1,0 +1,29 @@
+"""The run directory's layout: checkpoints and published samplers as the original names them."""
+
+from trinity.jobdir import JobDir
+
+
+def test_checkpoints_are_complete_only_once_the_marker_names_them(tmp_path):
+    job = JobDir(tmp_path / "run")
+    assert job.latest_checkpoint() is None and job.checkpointed_steps() == []
+    job.write_checkpoint(2, "tinker://run/weights/s2")
+    job.write_checkpoint(4, "tinker://run/weights/s4")
+    assert job.latest_checkpoint() == (4, "tinker://run/weights/s4")
+    assert job.checkpointed_steps() == [2, 4]
+    assert (tmp_path / "run" / "global_step_4" / "checkpoint_path.txt").exists()
+    assert (tmp_path / "run" / "latest_checkpointed_iteration.txt").read_text() == "4"
+    # a step whose state was written but whose marker was not (killed in between) is not resumed
+    (job.step_dir(6)).mkdir()
+    (job.step_dir(6) / "checkpoint_path.txt").write_text("tinker://run/weights/s6")
+    assert job.latest_checkpoint() == (4, "tinker://run/weights/s4")
+    assert not list(job.path.glob("*.tmp"))
+
+
+def test_published_samplers(tmp_path):
+    job = JobDir(tmp_path)
+    assert job.latest_sampler_version() == 0
+    job.write_sampler(3, "tinker://run/sampler_weights/s3")
+    job.write_sampler(5, None)  # the base model
+    assert job.latest_sampler_version() == 5
+    assert job.sampler_ref(3) == "tinker://run/sampler_weights/s3" and job.sampler_ref(5) is None
+    assert (tmp_path / "latest_state_dict_iteration.txt").read_text() == "5"

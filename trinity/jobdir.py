@@ -1,0 +1,109 @@
+"""One run's directory, ``<checkpoint_root_dir>/<project>/<group>/<name>``, named in one place.
+
+The trainer writes checkpoints here, the synchronizer publishes sampler weights (an explorer in
+another process follows by polling the files), the launcher resumes and benchmarks from it, and
+tools read finished runs through it. File names are the original's where it has one
+(``global_step_N``, ``latest_checkpointed_iteration.txt``, ``latest_state_dict_iteration.txt``), so
+its run directories read the same. Markers are replaced atomically and written last: a step is
+complete once its marker says so, whenever a process is killed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+STEP_PREFIX = "global_step_"
+
+
+class JobDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # ---- layout -------------------------------------------------------------------------------
+    def step_dir(self, step: int) -> Path:
+        return self.path / f"{STEP_PREFIX}{step}"
+
+    @property
+    def latest_checkpoint_file(self) -> Path:
+        return self.path / "latest_checkpointed_iteration.txt"
+
+    @property
+    def latest_sampler_file(self) -> Path:
+        return self.path / "latest_state_dict_iteration.txt"
+
+    @property
+    def trainer_finished_file(self) -> Path:
+        return self.path / "trainer_finished.txt"
+
+    @property
+    def final_adapter_dir(self) -> Path:
+        return self.path / "final_adapter"
+
+    @property
+    def monitor_dir(self) -> Path:
+        return self.path / "monitor"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.path / "log"
+
+    @property
+    def server_dir(self) -> Path:
+        """``model.tinker.base_url: local``: the data of the run's own ``trinity server``."""
+        return self.path / "server"
+
+    def buffer_db(self, name: str) -> Path:
+        return self.path / "buffer" / f"{name}.db"
+
+    def bench_dir(self, step: int) -> Path:
+        return self.path / "bench" / f"{STEP_PREFIX}{step}"
+
+    # ---- checkpoints (trainer state a run resumes from) ----------------------------------------
+    def write_checkpoint(self, step: int, ref: str) -> None:
+        """Record the state reference of ``step``; the marker goes last, so the step is complete."""
+        step_dir = self.step_dir(step)
+        step_dir.mkdir(parents=True, exist_ok=True)
+        (step_dir / "checkpoint_path.txt").write_text(ref)
+        (self.path / "trainer_meta.json").write_text(json.dumps({"step": step, "checkpoint": ref}))
+        atomic_write(self.latest_checkpoint_file, str(step))
+
+    def checkpoint_ref(self, step: int) -> str:
+        return (self.step_dir(step) / "checkpoint_path.txt").read_text().strip()
+
+    def latest_checkpoint(self) -> tuple[int, str] | None:
+        """(step, state reference) of the last complete checkpoint, or None for a fresh run."""
+        if not self.latest_checkpoint_file.exists():
+            return None
+        step = int(self.latest_checkpoint_file.read_text().strip())
+        return step, self.checkpoint_ref(step)
+
+    def checkpointed_steps(self) -> list[int]:
+        """Every step with a saved checkpoint, in order."""
+        return sorted(
+            int(p.name.removeprefix(STEP_PREFIX))
+            for p in self.path.glob(f"{STEP_PREFIX}*")
+            if (p / "checkpoint_path.txt").exists()
+        )
+
+    # ---- published sampler weights (what the explorer samples from) -----------------------------
+    def write_sampler(self, version: int, ref: str | None) -> None:
+        step_dir = self.step_dir(version)
+        step_dir.mkdir(parents=True, exist_ok=True)
+        (step_dir / "sampler_path.txt").write_text(ref or "")
+        atomic_write(self.latest_sampler_file, str(version))
+
+    def latest_sampler_version(self) -> int:
+        """The newest published version on disk (0: none yet)."""
+        if not self.latest_sampler_file.exists():
+            return 0
+        return int(self.latest_sampler_file.read_text().strip() or 0)
+
+    def sampler_ref(self, version: int) -> str | None:
+        return (self.step_dir(version) / "sampler_path.txt").read_text() or None
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
