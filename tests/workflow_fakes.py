@@ -21,6 +21,7 @@ class CharTokenizer:
         messages: list[dict[str, str]],
         tokenize: bool = False,
         add_generation_prompt: bool = True,
+        chat_template: str | None = None,
     ) -> str:
         text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
         return text + ("<|assistant|>" if add_generation_prompt else "")
