@@ -14,9 +14,13 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from typing import Any
 
+from trinity.backends.base import SamplerBackend
+from trinity.buffer.experience import ExperienceBuffer
+from trinity.buffer.tasksets import TasksetReader
 from trinity.explorer.sampler import PolicySampler, RolloutSettings, derive_seed
+from trinity.monitor.base import Monitor
+from trinity.synchronizer.synchronizer import Synchronizer
 from trinity.workflows import WORKFLOWS
 from trinity.workflows.types import Experience, Task
 
@@ -27,18 +31,18 @@ class Explorer:
     def __init__(
         self,
         *,
-        sampler: Any,  # a backends.base.SamplerBackend
+        sampler: SamplerBackend,
         settings: RolloutSettings,
-        reader: Any,  # buffer.tasksets.TasksetReader
-        buffer: Any,  # buffer.experience buffer
-        synchronizer: Any,
-        monitor: Any,
+        reader: TasksetReader | None,  # None: evaluation only (mode bench)
+        buffer: ExperienceBuffer | None,
+        synchronizer: Synchronizer | None,
+        monitor: Monitor,
         advantage_fn: Callable[[list[Experience]], dict[str, float]],
         runners: int = 8,
         seed: int = 42,
         max_retry_times: int = 2,
         max_timeout: float = 1800.0,
-        eval_readers: dict[str, Any] | None = None,
+        eval_readers: dict[str, TasksetReader] | None = None,
         eval_interval: int = 0,
         eval_on_startup: bool = False,
         remote_rollout: Callable[[Task, int], Awaitable[list[Experience]]] | None = None,
@@ -166,7 +170,7 @@ class Explorer:
 
 
 def rollout(
-    task: Task, backend: Any, settings: RolloutSettings, seed: int
+    task: Task, backend: SamplerBackend, settings: RolloutSettings, seed: int
 ) -> Awaitable[list[Experience]]:
     """One run of the task's workflow against a backend sampler (here or in a runner actor)."""
     return WORKFLOWS.get(task.workflow)(task, PolicySampler(backend, settings, seed=seed)).run()
