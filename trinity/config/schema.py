@@ -1,6 +1,6 @@
 """The typed config schema: every key a Trinity-RFT 0.6.0 YAML may hold, with its defaults.
 
-Keys mirror the original (notes/trinity-reference.md §2) so its configs load unchanged. Keys that
+Keys mirror the original Trinity-RFT 0.6 schema, so its configs load unchanged. Keys that
 only mean something to GPU engines (vLLM, veRL, Megatron) are accepted and recorded even where
 this implementation ignores them; a typo is still an error because the schema is closed.
 

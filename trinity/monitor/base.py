@@ -1,8 +1,9 @@
 """The monitor interface, what a monitor type is built from, and fan-out to several monitors.
 
-A monitor receives flat ``{"name": number}`` dicts keyed by step, as the original's monitors do
-(metric names in ``notes/trinity-reference.md`` §6). Explorer and trainer share one monitor and log
-the same step numbers independently, so a monitor must accept steps out of order.
+A monitor receives flat ``{"name": number}`` dicts keyed by step, with the original's metric names
+(``critic/rewards/mean``, ``actor/pg_loss``, ``rollout/...``), as its monitors do. Explorer and
+trainer share one monitor and log the same step numbers independently, so a monitor must accept
+steps out of order.
 """
 
 from __future__ import annotations
