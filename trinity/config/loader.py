@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import io
+import logging
 import re
 import types
 import typing
@@ -32,8 +33,11 @@ from omegaconf.errors import (
 )
 
 from trinity.config.errors import ConfigError, did_you_mean
+from trinity.config.inert import inert_keys, inert_warning
 from trinity.config.schema import Config
 from trinity.config.validate import finalize
+
+log = logging.getLogger("trinity.config")
 
 
 def load_config(
@@ -72,7 +76,19 @@ def read_yaml(path: str | Path) -> DictConfig:
 
 
 def build_config(raw: DictConfig) -> Config:
-    """Schema-check, merge onto the defaults, resolve, then validate and derive."""
+    """Schema-check, merge onto the defaults, resolve, then validate and derive; then warn once,
+    in one line, about every key set that does nothing here (``inert.py``)."""
+    config = _build(raw)
+    resolved = OmegaConf.merge(OmegaConf.structured(Config), raw)
+    inert = inert_keys(
+        OmegaConf.to_container(raw, resolve=False), OmegaConf.to_container(resolved, resolve=True)
+    )
+    if inert:
+        log.warning(inert_warning(inert))
+    return config
+
+
+def _build(raw: DictConfig) -> Config:
     container = OmegaConf.to_container(raw, resolve=False)
     check_types(container, Config, "")
     try:
@@ -143,7 +159,7 @@ def _build_stage(raw: DictConfig, config: Config, index: int) -> Config:
             node = OmegaConf.merge(node, {section: stage_raw[section]})
     node.name = f"{config.name}/{stage.stage_name}"
     try:
-        return build_config(node)
+        return _build(node)
     except ConfigError as error:
         raise ConfigError(f"{label} ('{stage.stage_name}'): {error}") from None
 

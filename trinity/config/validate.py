@@ -51,6 +51,7 @@ SELECTORS = ("sequential", "shuffle", "random", "offline_easy2hard", "difficulty
 PROMPT_TYPES = ("messages", "plaintext")
 CONCURRENT_MODES = ("sequential", "asynchronous", "multi-threading")
 NO_MONITOR = ("none", "null", "off", "")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -443,6 +444,7 @@ def _check_synchronizer(config: Config) -> None:
 
 
 def _check_monitor(config: Config) -> None:
+    config.log.level = choice(config.log.level, "log.level", LOG_LEVELS).upper()
     value = config.monitor.monitor_type
     names = value if isinstance(value, list) else [value]
     normalized = []

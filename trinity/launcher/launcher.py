@@ -53,7 +53,7 @@ def run(config: Any) -> int:
     check_credentials(config)
     job_dir = JobDir(config.checkpoint_job_dir)
     job_dir.path.mkdir(parents=True, exist_ok=True)
-    _setup_logging(job_dir.log_dir)
+    _setup_logging(job_dir.log_dir, os.environ.get("TRINITY_LOG_LEVEL") or config.log.level)
     mode = config.mode
     if mode == "bench":
         asyncio.run(run_bench(config))
@@ -488,9 +488,11 @@ async def run_bench(config: Any) -> None:
             log.info("evaluated %s", f"checkpoint global_step_{step}" if step else "the base model")
 
 
-def _setup_logging(log_dir: Path) -> None:
+def _setup_logging(log_dir: Path, level: str) -> None:
+    """Root level ``log.level`` (``TRINITY_LOG_LEVEL`` overrides it), and a copy of
+    every record in ``log/trinity.log``."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    level = os.environ.get("TRINITY_LOG_LEVEL", "INFO").upper()
+    level = level.upper()
     root = logging.getLogger()
     root.setLevel(level)
     with contextlib.suppress(Exception):
