@@ -12,6 +12,7 @@ Shuffling follows the original's ``data_selector.selector_type`` (``sequential``
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
 import math
@@ -36,6 +37,7 @@ FILE_BUILDERS = {
     ".csv": "csv",
     ".arrow": "arrow",
 }
+TEXT_BUILDERS = ("json", "csv")
 HUB_PROBE_TIMEOUT_S = 3.0
 
 
@@ -95,6 +97,8 @@ class TasksetReader:
         self.rows = load_rows(cfg)
         if len(self.rows) == 0:
             raise TasksetError(f"taskset '{self.name}' ({self.path}) has no rows")
+        if not self.format.get("workflow_key"):  # rows that pick their own workflow are not
+            self._check_rows()
         self._next_batch = 0
         self._perm_epoch = -1
         self._perm: list[int] = []
@@ -111,6 +115,28 @@ class TasksetReader:
             raise TasksetError(
                 f"taskset '{self.name}': {REWARD_FUNCTIONS.unknown_message(self.reward_fn)}"
             )
+
+    def _check_rows(self) -> None:
+        """Every row holds what the workflow reads (``Workflow.required_fields``), non-null."""
+        required = WORKFLOWS.get(self.workflow).required_fields(self.format)
+        columns = _columns(self.rows)
+        for what, keys in required.items():
+            present = [key for key in keys if key in columns]
+            where = f"taskset '{self.name}' ({self.path})"
+            if not present:
+                raise TasksetError(
+                    f"{where}: the rows have no field for {what}, which {self.workflow} needs "
+                    f"(fields: {', '.join(columns)}); set the taskset's format keys"
+                )
+            values = [_column(self.rows, key) for key in present]
+            missing = [i for i, row in enumerate(zip(*values, strict=True)) if all(
+                v is None or (isinstance(v, str) and not v.strip()) for v in row
+            )]
+            if missing:
+                raise TasksetError(
+                    f"{where}: {len(missing)} of {len(self.rows)} rows have no value for {what} "
+                    f"(first: row {missing[0]}); fix or drop them"
+                )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -183,6 +209,17 @@ class TasksetReader:
         )
 
 
+def _columns(rows: Any) -> list[str]:
+    names = getattr(rows, "column_names", None)  # a datasets.Dataset
+    return list(names) if names is not None else list(dict.fromkeys(k for r in rows for k in r))
+
+
+def _column(rows: Any, key: str) -> list[Any]:
+    if getattr(rows, "column_names", None) is not None:
+        return list(rows[key])
+    return [row.get(key) for row in rows]
+
+
 def load_rows(cfg: TasksetConfig) -> Any:
     """A sized, int-indexable collection of row dicts (a ``datasets.Dataset`` or a list)."""
     name = cfg.name or "taskset"
@@ -216,6 +253,8 @@ def load_rows(cfg: TasksetConfig) -> Any:
             raise TasksetError(
                 f"taskset '{name}': cannot read {path}: use one of {', '.join(FILE_BUILDERS)}"
             )
+        if builder in TEXT_BUILDERS:
+            _check_text_file(name, local)
         return _load(name, path, builder, data_files=str(local), split="train")
     if local.is_dir():
         if (local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists():
@@ -229,6 +268,28 @@ def load_rows(cfg: TasksetConfig) -> Any:
         return _load(name, path, path, name=subset, split=split, hub_offline=offline)
 
 
+def _check_text_file(taskset: str, path: Path) -> None:
+    """Empty and non-UTF-8 files fail here, in one line, instead of mid-run (the datasets loader
+    accepts undecodable bytes and fails only when that row is read)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, blank = 0, True
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                at = offset + error.start
+                line = path.read_bytes()[:at].count(b"\n") + 1
+                raise TasksetError(
+                    f"taskset '{taskset}': {path} is not UTF-8 text (byte 0x{chunk[error.start]:02x}"
+                    f" at line {line}); save it as UTF-8"
+                ) from None
+            blank = blank and not text.strip()
+            offset += len(chunk)
+    if blank:
+        raise TasksetError(f"taskset '{taskset}': {path} is empty")
+
+
 def _load(
     taskset: str, path: str, *args: Any, hub_offline: bool | None = None, **kwargs: Any
 ) -> Any:
@@ -238,7 +299,10 @@ def _load(
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
-        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        cause: BaseException = exc  # the reason, not "An error occurred while generating..."
+        while cause.__cause__ is not None and str(cause.__cause__):
+            cause = cause.__cause__
+        detail = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
         if hub_offline is None:
             raise TasksetError(f"taskset '{taskset}': cannot load {path}: {detail}") from exc
         where = "the Hugging Face Hub is unreachable" if hub_offline else "the Hub load failed"

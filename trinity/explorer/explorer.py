@@ -26,6 +26,10 @@ from trinity.workflows.types import Experience, Task
 
 log = logging.getLogger(__name__)
 
+# Training tasks in a row that may end with no experience before the run stops: a workflow that
+# fails on every task would otherwise leave the trainer waiting for max_read_timeout.
+MAX_FAILED_TASKS_IN_A_ROW = 8
+
 
 class Explorer:
     def __init__(
@@ -65,6 +69,8 @@ class Explorer:
         self.eval_on_startup = eval_on_startup
         self.remote_rollout = remote_rollout
         self.model_version = 0
+        self.failed_in_a_row = 0
+        self.last_failure = ""
 
     async def run(self, start_step: int, total_steps: int) -> int:
         """Explore steps ``start_step+1 .. total_steps``; returns the last step done."""
@@ -108,6 +114,7 @@ class Explorer:
         groups = await asyncio.gather(
             *(self.run_task(task, step, i) for i, task in enumerate(tasks))
         )
+        self._count_failures(groups)
         experiences = [exp for group in groups for exp in group]
         advantage_metrics = self.advantage_fn(experiences)
         metrics = rollout_metrics(experiences, prefix="rollout")
@@ -121,6 +128,16 @@ class Explorer:
             }
         )
         return experiences, metrics
+
+    def _count_failures(self, groups: list[list[Experience]]) -> None:
+        for group in groups:
+            self.failed_in_a_row = 0 if group else self.failed_in_a_row + 1
+            if self.failed_in_a_row >= MAX_FAILED_TASKS_IN_A_ROW:
+                raise RuntimeError(
+                    f"{self.failed_in_a_row} tasks in a row produced no experience "
+                    f"(last failure: {self.last_failure or 'the workflow returned none'}); "
+                    "stopping instead of waiting for experiences that will not come"
+                )
 
     async def run_task(
         self, task: Task, step: int, index: int, *, is_eval: bool = False
@@ -139,6 +156,7 @@ class Explorer:
                         self.max_timeout,
                     )
             except Exception as exc:  # noqa: BLE001 - a workflow is user code; report and retry
+                self.last_failure = f"task {task.task_id}: {type(exc).__name__}: {exc}"
                 log.warning(
                     "task %s failed (attempt %d): %s: %s",
                     task.task_id,

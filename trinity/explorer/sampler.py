@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from tinker import types
 
 from trinity.workflows.types import Response
+
+log = logging.getLogger(__name__)
+_prompts_cut = itertools.count(1)  # in this process
 
 
 @dataclass
@@ -62,6 +67,15 @@ class PolicySampler:
             if not self.settings.enable_prompt_truncation:
                 raise ValueError(
                     f"prompt has {len(prompt_tokens)} tokens > model.max_prompt_tokens={limit}"
+                )
+            cut = next(_prompts_cut)
+            if cut & (cut - 1) == 0:  # at 1, 2, 4, 8, ...: counted, without a line per prompt
+                log.warning(
+                    "a prompt of %d tokens was cut to its last %d (model.max_prompt_tokens); "
+                    "%d prompt(s) cut so far",
+                    len(prompt_tokens),
+                    limit,
+                    cut,
                 )
             prompt_tokens = prompt_tokens[-limit:]
         params = self._params(sampling_args)

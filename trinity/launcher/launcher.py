@@ -234,10 +234,11 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
         log.info("resuming after step %d from %s", start_step, resume_ref)
     buffer_cfg = config.buffer
     algorithm = config.algorithm
-    reader = None
-    if explore:
+    reader, eval_readers = None, {}
+    if explore:  # every taskset is read and checked before any server or engine starts
         reader = _reader(config, buffer_cfg.explorer_input.tasksets[0])
         reader.skip_batches(start_step)
+        eval_readers = _eval_readers(config)
     sft = train and not explore and resolve_algorithm(algorithm).schema == "sft"
     sft_data = None
     if sft:
@@ -306,7 +307,14 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
             jobs.append(_feed_sft(sft_data, buffer, config, start_step, total_steps))
         if explore:
             explorer = _explorer(
-                config, backends.sampler, reader, buffer, synchronizer, monitor, backends.runners
+                config,
+                backends.sampler,
+                reader,
+                buffer,
+                synchronizer,
+                monitor,
+                eval_readers,
+                backends.runners,
             )
             explorer.model_version = start_step
             jobs.append(explorer.run(start_step, total_steps))
@@ -407,7 +415,9 @@ async def _experience_buffer(config: Any, *, shared: bool, reopen: bool) -> Any:
     return buffer
 
 
-def _explorer(config, sampler, reader, buffer, synchronizer, monitor, runners=None) -> Explorer:
+def _explorer(
+    config, sampler, reader, buffer, synchronizer, monitor, eval_readers, runners=None
+) -> Explorer:
     rollout = config.explorer.rollout_model
     return Explorer(
         sampler=sampler,
@@ -421,7 +431,7 @@ def _explorer(config, sampler, reader, buffer, synchronizer, monitor, runners=No
         seed=rollout.seed,
         max_retry_times=config.explorer.max_retry_times,
         max_timeout=config.explorer.max_timeout,
-        eval_readers=_eval_readers(config),
+        eval_readers=eval_readers,
         eval_interval=config.explorer.eval_interval,
         eval_on_startup=config.explorer.eval_on_startup,
         remote_rollout=runners.run if runners else None,
@@ -462,6 +472,7 @@ async def run_bench(config: Any) -> None:
     steps = job_dir.checkpointed_steps()
     if config.explorer.bench_on_latest_checkpoint:
         steps = steps[-1:]
+    eval_readers = _eval_readers(config)
     monitor = build_monitors(
         config.monitor.monitor_type,
         job_dir=job_dir.path,
@@ -475,7 +486,7 @@ async def run_bench(config: Any) -> None:
         backends = owned.backends = await build_backends(
             config, explore=True, train=bool(steps), resume_ref=None
         )
-        explorer = _explorer(config, backends.sampler, None, None, None, monitor)
+        explorer = _explorer(config, backends.sampler, None, None, None, monitor, eval_readers)
         for step in [0, *steps]:
             if step:
                 await backends.trainer.load_state(job_dir.checkpoint_ref(step))

@@ -37,6 +37,15 @@ class Workflow:
         self.task = task
         self.sampler = sampler
 
+    @classmethod
+    def required_fields(cls, fmt: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+        """What every row must hold: ``{what (for the message): keys, any one of them non-null}``.
+
+        The taskset is checked against it before any work, so a dataset whose rows lack the
+        prompt fails in one line at start instead of task by task (or, worse, as the text "None").
+        """
+        return {}
+
     async def run(self) -> list[Experience]:
         raise NotImplementedError
 
@@ -92,6 +101,16 @@ class SimpleWorkflow(Workflow):
                 "set default_reward_fn_type on the taskset or explorer_input"
             )
         self.reward_fn = REWARD_FUNCTIONS.get(name)
+
+    @classmethod
+    def required_fields(cls, fmt: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+        prompt_key = fmt.get("prompt_key") or "prompt"
+        return {
+            f"format.prompt_key '{prompt_key}'": (prompt_key, fmt.get("messages_key") or "message"),
+            f"format.response_key '{fmt.get('response_key') or 'response'}' (the reward's truth)": (
+                fmt.get("response_key") or "response",
+            ),
+        }
 
     def prompt(self) -> str:
         key = self.format.get("prompt_key") or "prompt"
@@ -204,6 +223,15 @@ class CountdownWorkflow(SimpleWorkflow):
 
     default_system_prompt = R1_SYSTEM_PROMPT
     default_reward_fn = "countdown_reward"
+
+    @classmethod
+    def required_fields(cls, fmt: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+        prompt_key = fmt.get("prompt_key") or "prompt"
+        truth_key = fmt.get("response_key") or "response"
+        return {
+            f"format.prompt_key '{prompt_key}' (or 'nums')": (prompt_key, "nums"),
+            f"format.response_key '{truth_key}' (or 'target')": (truth_key, "target"),
+        }
 
     def prompt(self) -> str:
         raw = self.task.raw
