@@ -72,11 +72,15 @@ class FakeLearner:
     async def load_state(self, ref: str) -> None:
         self.events.append(("load_state", ref))
 
+    async def delete_state(self, ref: str) -> None:
+        self.events.append(("delete_state", ref))
+
     async def publish_sampler(self, name: str, directory: str) -> str:
         self.events.append(("publish_sampler", name))
         return f"sampler://{name}"
 
     async def export_adapter(self, directory: str) -> str:
+        self.events.append(("export_adapter", directory))
         return directory
 
     async def close(self) -> None:

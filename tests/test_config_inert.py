@@ -85,7 +85,7 @@ def test_features_switched_on_are_named_and_their_harmless_values_are_not(caplog
         "algorithm.sample_strategy=staleness_control",
         "model.repetition_penalty=1.1",
         "explorer.rollout_model.enable_openai_api=true",
-        "trainer.max_checkpoints_to_keep=2",
+        "model.min_response_tokens=4",
         "log.group_by_node=true",
         "buffer.explorer_input.taskset.data_selector.selector_type=difficulty_based",
         "explorer.over_rollout.ratio=0.5",

@@ -122,3 +122,23 @@ def test_resume_continues_the_step_count(tmp_path):
     assert asyncio.run(trainer.run(4, 5)) == 5
     assert [step for step, _ in monitor.records] == [5]
     assert JobDir(tmp_path).latest_checkpoint()[0] == 5
+
+
+def test_max_checkpoints_to_keep_frees_older_states_and_always_exports_each(tmp_path):
+    batch = [experience(i, float(i % 2)) for i in range(8)]
+    trainer, learner, _, _ = trainer_for(
+        tmp_path,
+        {"algorithm_type": "grpo", "kl_loss_fn": "none"},
+        batch,
+        save_interval=1,
+        max_checkpoints_to_keep=2,
+        save_hf_checkpoint="always",
+    )
+    asyncio.run(trainer.run(0, 4))
+    job = JobDir(tmp_path)
+    assert job.checkpointed_steps() == [3, 4]
+    assert not job.step_dir(1).exists() and not job.step_dir(2).exists()
+    deleted = [e[1] for e in learner.events if e[0] == "delete_state"]
+    assert [ref.rsplit("-", 1)[-1] for ref in deleted] == ["1", "2"]
+    exported = [e[1] for e in learner.events if e[0] == "export_adapter"]
+    assert exported == [str(job.hf_adapter_dir(step)) for step in (1, 2, 3, 4)]

@@ -11,6 +11,7 @@ complete once its marker says so, whenever a process is killed.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 STEP_PREFIX = "global_step_"
@@ -77,6 +78,14 @@ class JobDir:
             return None
         step = int(self.latest_checkpoint_file.read_text().strip())
         return step, self.checkpoint_ref(step)
+
+    def hf_adapter_dir(self, step: int) -> Path:
+        """``trainer.save_hf_checkpoint: always``: the weights of ``step`` as a peft adapter."""
+        return self.step_dir(step) / "huggingface"
+
+    def remove_step(self, step: int) -> None:
+        """Forget ``step`` (an older checkpoint past ``max_checkpoints_to_keep``)."""
+        shutil.rmtree(self.step_dir(step), ignore_errors=True)
 
     def checkpointed_steps(self) -> list[int]:
         """Every step with a saved checkpoint, in order."""

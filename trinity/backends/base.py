@@ -34,6 +34,9 @@ class TrainerBackend(Protocol):
 
     async def load_state(self, ref: str) -> None: ...
 
+    async def delete_state(self, ref: str) -> None:
+        """Free a saved state (``trainer.max_checkpoints_to_keep``)."""
+
     async def publish_sampler(self, name: str, directory: str) -> str:
         """Freeze the current weights for sampling; returns a reference samplers can load."""
 

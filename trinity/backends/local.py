@@ -6,6 +6,7 @@ sample requests go through it in submission order, and concurrent samples decode
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,9 @@ class LocalTrainer:
 
     async def load_state(self, ref: str) -> None:
         await self._call(self.runtime.engine.load_state, self.model_id, ref, True)
+
+    async def delete_state(self, ref: str) -> None:
+        shutil.rmtree(ref, ignore_errors=True)
 
     async def publish_sampler(self, name: str, directory: str) -> str:
         """Snapshot the weights under a name that is also the directory they may be saved to."""

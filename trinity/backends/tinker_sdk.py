@@ -82,6 +82,13 @@ class TinkerSession:
                 f"(supported: {', '.join(supported) or 'none'})"
             )
 
+    async def delete_checkpoint(self, path: str) -> None:
+        """Free a checkpoint on the service; failing to is logged, never fatal (storage only)."""
+        try:
+            await self.rest.delete_checkpoint_from_tinker_path(path)
+        except tinker.TinkerError as exc:
+            log.warning("could not delete checkpoint %s: %s", path, exc)
+
     async def close(self, status: str = "success", detail: str | None = None) -> None:
         """Finish the session on the service (status: success | errored | interrupted)."""
         await asyncio.to_thread(lambda: self.service.close(status, detail).result())
@@ -143,6 +150,9 @@ class TinkerTrainer:
         fresh = await TinkerTrainer.from_state(self.session, ref)
         self.client = fresh.client
 
+    async def delete_state(self, ref: str) -> None:
+        await self.session.delete_checkpoint(ref)
+
     async def publish_sampler(self, name: str, directory: str) -> str:
         response = await with_retries(
             "save_weights_for_sampler", lambda: self.client.save_weights_for_sampler(name)
@@ -151,7 +161,7 @@ class TinkerTrainer:
 
     async def export_adapter(self, directory: str) -> str:
         """Save the weights in HF format on the service, then download every file."""
-        name = Path(directory).name or "final"
+        name = "-".join(Path(directory).parts[-2:])  # unique per run and step: names are final
         saved = await with_retries(
             "save_weights_external", lambda: self.client.save_weights_external(name)
         )
@@ -204,7 +214,4 @@ class TinkerSampler:
         fresh = await TinkerSampler.create(self.session, self.client.get_base_model(), ref)
         self.client, self.ref = fresh.client, ref
         if old is not None and old != ref:
-            try:  # stale sampler weights cost storage on the service; losing this is harmless
-                await self.session.rest.delete_checkpoint_from_tinker_path(old)
-            except tinker.TinkerError as exc:
-                log.warning("could not delete stale sampler checkpoint %s: %s", old, exc)
+            await self.session.delete_checkpoint(old)

@@ -51,6 +51,7 @@ SELECTORS = ("sequential", "shuffle", "random", "offline_easy2hard", "difficulty
 PROMPT_TYPES = ("messages", "plaintext")
 CONCURRENT_MODES = ("sequential", "asynchronous", "multi-threading")
 NO_MONITOR = ("none", "null", "off", "")
+SAVE_HF_CHECKPOINT = ("last", "always", "never")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 BUILTIN_PREFIX = "builtin:"
 
@@ -388,6 +389,10 @@ def _check_explorer_trainer(config: Config) -> None:
         explorer.concurrent_mode, "explorer.concurrent_mode", CONCURRENT_MODES
     )
     _at_least(trainer.save_interval, 0, "trainer.save_interval")
+    _at_least(trainer.max_checkpoints_to_keep, 0, "trainer.max_checkpoints_to_keep")
+    trainer.save_hf_checkpoint = choice(
+        trainer.save_hf_checkpoint, "trainer.save_hf_checkpoint", SAVE_HF_CHECKPOINT
+    )
     _at_least(trainer.grad_clip, 0, "trainer.grad_clip")
     _at_least(trainer.total_steps, 1, "trainer.total_steps")
     if config.model.tinker.enable:  # recorded as the original forces them

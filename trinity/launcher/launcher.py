@@ -298,6 +298,8 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
                 checkpoint_prefix=f"{config.project}-{config.group}-{config.name}".replace(
                     "/", "-"
                 ),
+                max_checkpoints_to_keep=config.trainer.max_checkpoints_to_keep,
+                save_hf_checkpoint=config.trainer.save_hf_checkpoint,
             )
             if resume and explore:
                 # the explorer continues from the trained weights, not from the base model
@@ -319,7 +321,7 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
             explorer.model_version = start_step
             jobs.append(explorer.run(start_step, total_steps))
         await asyncio.gather(*jobs)
-        if train:
+        if train and config.trainer.save_hf_checkpoint != "never":
             out = job_dir.final_adapter_dir
             await backends.trainer.export_adapter(str(out))
             log.info("exported the trained adapter to %s", out)

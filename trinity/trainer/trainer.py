@@ -40,7 +40,12 @@ class Trainer:
         max_read_timeout: float = 1800.0,
         ref_sampler: Any | None = None,
         checkpoint_prefix: str = "trinity",
+        max_checkpoints_to_keep: int = 0,
+        save_hf_checkpoint: str = "last",
     ):
+        """``max_checkpoints_to_keep``: 0 keeps all; ``save_hf_checkpoint`` "always" also exports
+        the weights as a peft adapter beside every checkpoint ("last" and "never" are the
+        launcher's final export)."""
         self.backend = backend
         self.plan = plan
         self.buffer = buffer
@@ -53,6 +58,8 @@ class Trainer:
         self.max_read_timeout = max_read_timeout
         self.ref_sampler = ref_sampler
         self.prefix = checkpoint_prefix
+        self.max_checkpoints_to_keep = max_checkpoints_to_keep
+        self.save_hf_checkpoint = save_hf_checkpoint
 
     async def run(self, start_step: int, total_steps: int) -> int:
         step = start_step
@@ -131,6 +138,12 @@ class Trainer:
         step_dir.mkdir(parents=True, exist_ok=True)
         ref = await self.backend.save_state(f"{self.prefix}-state-{step}", str(step_dir))
         self.job_dir.write_checkpoint(step, ref)
+        if self.save_hf_checkpoint == "always":
+            await self.backend.export_adapter(str(self.job_dir.hf_adapter_dir(step)))
+        if self.max_checkpoints_to_keep:
+            for old in self.job_dir.checkpointed_steps()[: -self.max_checkpoints_to_keep]:
+                await self.backend.delete_state(self.job_dir.checkpoint_ref(old))
+                self.job_dir.remove_step(old)
         log.info("saved checkpoint for step %d: %s", step, ref)
         return time.monotonic() - started
 
