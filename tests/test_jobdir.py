@@ -19,11 +19,12 @@ def test_checkpoints_are_complete_only_once_the_marker_names_them(tmp_path):
     assert not list(job.path.glob("*.tmp"))
 
 
-def test_published_samplers(tmp_path):
+def test_published_samplers_make_no_step_directories(tmp_path):
     job = JobDir(tmp_path)
-    assert job.latest_sampler_version() == 0
+    assert job.latest_sampler() == (0, None)
     job.write_sampler(3, "tinker://run/sampler_weights/s3")
+    assert job.latest_sampler() == (3, "tinker://run/sampler_weights/s3")
     job.write_sampler(5, None)  # the base model
-    assert job.latest_sampler_version() == 5
-    assert job.sampler_ref(3) == "tinker://run/sampler_weights/s3" and job.sampler_ref(5) is None
+    assert job.latest_sampler() == (5, None)
     assert (tmp_path / "latest_state_dict_iteration.txt").read_text() == "5"
+    assert not list(tmp_path.glob("global_step_*"))

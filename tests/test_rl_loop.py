@@ -107,6 +107,7 @@ def test_grpo_three_steps_then_resume(tmp_path, tiny_model_dir, offset, backend)
     assert (job / "latest_checkpointed_iteration.txt").read_text() == "3"
     assert (job / "global_step_2" / "checkpoint_path.txt").exists()
     assert (job / "global_step_3" / "checkpoint_path.txt").exists()
+    assert sorted(p.name for p in job.glob("global_step_*")) == ["global_step_2", "global_step_3"]
     assert (job / "final_adapter" / "adapter_config.json").exists()
 
     # the same config with more steps resumes after step 3 instead of starting over

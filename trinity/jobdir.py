@@ -31,7 +31,17 @@ class JobDir:
 
     @property
     def latest_sampler_file(self) -> Path:
+        """The original's marker: the newest published version, a number."""
         return self.path / "latest_state_dict_iteration.txt"
+
+    @property
+    def latest_sampler_ref_file(self) -> Path:
+        """The newest published version with its reference, one JSON object written at once."""
+        return self.path / "latest_sampler.json"
+
+    def sampler_dir(self, version: int) -> Path:
+        """Where the local backend may write published weights (another process loads them)."""
+        return self.path / "samplers" / f"{STEP_PREFIX}{version}"
 
     @property
     def trainer_finished_file(self) -> Path:
@@ -97,19 +107,17 @@ class JobDir:
 
     # ---- published sampler weights (what the explorer samples from) -----------------------------
     def write_sampler(self, version: int, ref: str | None) -> None:
-        step_dir = self.step_dir(version)
-        step_dir.mkdir(parents=True, exist_ok=True)
-        (step_dir / "sampler_path.txt").write_text(ref or "")
+        """Publish; no ``global_step_N`` directory per publication, only per saved checkpoint."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.latest_sampler_ref_file, json.dumps({"version": version, "ref": ref}))
         atomic_write(self.latest_sampler_file, str(version))
 
-    def latest_sampler_version(self) -> int:
-        """The newest published version on disk (0: none yet)."""
-        if not self.latest_sampler_file.exists():
-            return 0
-        return int(self.latest_sampler_file.read_text().strip() or 0)
-
-    def sampler_ref(self, version: int) -> str | None:
-        return (self.step_dir(version) / "sampler_path.txt").read_text() or None
+    def latest_sampler(self) -> tuple[int, str | None]:
+        """(version, reference) of the newest publication on disk; (0, None) before the first."""
+        if not self.latest_sampler_ref_file.exists():
+            return 0, None
+        latest = json.loads(self.latest_sampler_ref_file.read_text())
+        return int(latest["version"]), latest["ref"]
 
 
 def atomic_write(path: Path, text: str) -> None:

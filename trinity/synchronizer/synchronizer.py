@@ -104,9 +104,9 @@ class Synchronizer:
 
     def latest(self) -> Published:
         """In-memory state, or the files a trainer in another process wrote."""
-        version = self.job_dir.latest_sampler_version()
+        version, ref = self.job_dir.latest_sampler()
         if version > self._latest.version:
-            self._latest = Published(version, self.job_dir.sampler_ref(version))
+            self._latest = Published(version, ref)
         return self._latest
 
     def is_trainer_finished(self) -> bool:

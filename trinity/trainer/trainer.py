@@ -127,8 +127,9 @@ class Trainer:
 
     async def publish(self, step: int) -> float:
         started = time.monotonic()
-        step_dir = self.job_dir.step_dir(step)
-        ref = await self.backend.publish_sampler(f"{self.prefix}-sampler-{step}", str(step_dir))
+        ref = await self.backend.publish_sampler(
+            f"{self.prefix}-sampler-{step}", str(self.job_dir.sampler_dir(step))
+        )
         await self.synchronizer.publish(step, ref)
         return time.monotonic() - started
 
