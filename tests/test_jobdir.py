@@ -10,11 +10,12 @@ def test_checkpoints_are_complete_only_once_the_marker_names_them(tmp_path):
     job.write_checkpoint(4, "tinker://run/weights/s4")
     assert job.latest_checkpoint() == (4, "tinker://run/weights/s4")
     assert job.checkpointed_steps() == [2, 4]
-    assert (tmp_path / "run" / "global_step_4" / "checkpoint_path.txt").exists()
+    assert (tmp_path / "run" / "global_step_4" / "remote_checkpoint_path.txt").exists()
+    assert (tmp_path / "run" / "global_step_4" / ".full_checkpoint").exists()
     assert (tmp_path / "run" / "latest_checkpointed_iteration.txt").read_text() == "4"
     # a step whose state was written but whose marker was not (killed in between) is not resumed
     (job.step_dir(6)).mkdir()
-    (job.step_dir(6) / "checkpoint_path.txt").write_text("tinker://run/weights/s6")
+    (job.step_dir(6) / "remote_checkpoint_path.txt").write_text("tinker://run/weights/s6")
     assert job.latest_checkpoint() == (4, "tinker://run/weights/s4")
     assert not list(job.path.glob("*.tmp"))
 
@@ -28,3 +29,14 @@ def test_published_samplers_make_no_step_directories(tmp_path):
     assert job.latest_sampler() == (5, None)
     assert (tmp_path / "latest_state_dict_iteration.txt").read_text() == "5"
     assert not list(tmp_path.glob("global_step_*"))
+
+
+def test_a_run_directory_written_by_the_original_resumes(tmp_path):
+    """The original's Tinker backend leaves exactly these files (and no weights) per checkpoint."""
+    (tmp_path / "global_step_100").mkdir()
+    (tmp_path / "global_step_100" / "remote_checkpoint_path.txt").write_text(
+        "tinker://abc/weights/trinity-state-100\n"
+    )
+    (tmp_path / "global_step_100" / ".full_checkpoint").touch()
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("100")
+    assert JobDir(tmp_path).latest_checkpoint() == (100, "tinker://abc/weights/trinity-state-100")

@@ -105,8 +105,8 @@ def test_grpo_three_steps_then_resume(tmp_path, tiny_model_dir, offset, backend)
     # offset k: the explorer runs k steps ahead of the weights it samples with
     assert steps[3]["rollout/model_version"] == 2 - offset
     assert (job / "latest_checkpointed_iteration.txt").read_text() == "3"
-    assert (job / "global_step_2" / "checkpoint_path.txt").exists()
-    assert (job / "global_step_3" / "checkpoint_path.txt").exists()
+    assert (job / "global_step_2" / "remote_checkpoint_path.txt").exists()
+    assert (job / "global_step_3" / "remote_checkpoint_path.txt").exists()
     assert sorted(p.name for p in job.glob("global_step_*")) == ["global_step_2", "global_step_3"]
     assert (job / "final_adapter" / "adapter_config.json").exists()
 
@@ -208,7 +208,7 @@ def test_explore_and_train_as_two_processes(tmp_path, tiny_model_dir):
     steps = trainer_records(job_dir(tmp_path, "split"))
     assert sorted(steps) == [1, 2, 3]
     assert "actor/final_loss" in steps[3] and "rollout/model_version" in steps[3]
-    assert (job_dir(tmp_path, "split") / "global_step_3" / "checkpoint_path.txt").exists()
+    assert (job_dir(tmp_path, "split") / "global_step_3" / "remote_checkpoint_path.txt").exists()
 
 
 def test_bench_mode_evaluates_each_checkpoint(tmp_path, tiny_model_dir):

@@ -39,7 +39,7 @@ def test_grpo_local_and_tinker_backends_agree(tmp_path, tiny_model_dir):
             local[step]["actor/final_loss"], rel=1e-3, abs=1e-6
         )
     job = job_dir(tmp_path, "tinker")
-    assert (job / "global_step_3" / "checkpoint_path.txt").read_text().startswith("tinker://")
+    assert (job / "global_step_3" / "remote_checkpoint_path.txt").read_text().startswith("tinker://")
     assert (job / "final_adapter" / "adapter_config.json").exists()
     # Each sync deletes the sampler weights the explorer stopped using on the service.
     (samplers,) = (job / "server" / "checkpoints").glob("*/*/sampler_weights")

@@ -4,8 +4,10 @@ The trainer writes checkpoints here, the synchronizer publishes sampler weights 
 another process follows by polling the files), the launcher resumes and benchmarks from it, and
 tools read finished runs through it. File names are the original's where it has one
 (``global_step_N``, ``latest_checkpointed_iteration.txt``, ``latest_state_dict_iteration.txt``), so
-its run directories read the same. Markers are replaced atomically and written last: a step is
-complete once its marker says so, whenever a process is killed.
+its run directories read the same: a run directory the original's Tinker backend wrote resumes
+here (``remote_checkpoint_path.txt``), and the original resumes ours. Markers are replaced
+atomically and written last: a step is complete once its marker says so, whenever a process is
+killed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import shutil
 from pathlib import Path
 
 STEP_PREFIX = "global_step_"
+CHECKPOINT_REF = "remote_checkpoint_path.txt"  # the original's name, whatever the backend
+FULL_CHECKPOINT = ".full_checkpoint"  # the original's flag: weights and optimizer state
 
 
 class JobDir:
@@ -75,12 +79,13 @@ class JobDir:
         """Record the state reference of ``step``; the marker goes last, so the step is complete."""
         step_dir = self.step_dir(step)
         step_dir.mkdir(parents=True, exist_ok=True)
-        (step_dir / "checkpoint_path.txt").write_text(ref)
+        (step_dir / CHECKPOINT_REF).write_text(ref)
+        (step_dir / FULL_CHECKPOINT).touch()
         (self.path / "trainer_meta.json").write_text(json.dumps({"step": step, "checkpoint": ref}))
         atomic_write(self.latest_checkpoint_file, str(step))
 
     def checkpoint_ref(self, step: int) -> str:
-        return (self.step_dir(step) / "checkpoint_path.txt").read_text().strip()
+        return (self.step_dir(step) / CHECKPOINT_REF).read_text().strip()
 
     def latest_checkpoint(self) -> tuple[int, str] | None:
         """(step, state reference) of the last complete checkpoint, or None for a fresh run."""
@@ -102,7 +107,7 @@ class JobDir:
         return sorted(
             int(p.name.removeprefix(STEP_PREFIX))
             for p in self.path.glob(f"{STEP_PREFIX}*")
-            if (p / "checkpoint_path.txt").exists()
+            if (p / CHECKPOINT_REF).exists()
         )
 
     # ---- published sampler weights (what the explorer samples from) -----------------------------
