@@ -264,3 +264,31 @@ def test_plot_metrics(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="not found"):
         plot_metrics(path, ["nope"], tmp_path / "x.png")
+
+
+def test_a_resumed_run_forgets_exactly_its_own_records_of_the_steps_it_redoes(tmp_path):
+    from trinity.monitor.base import RoleMonitor
+    from trinity.monitor.jsonl import forget_steps_after
+
+    path = tmp_path / "metrics.jsonl"
+    other_process = JsonlMonitor(path)  # the trainer of a split run, still appending
+    explorer, trainer = (
+        RoleMonitor(JsonlMonitor(path), "explorer"),
+        RoleMonitor(other_process, "trainer"),
+    )
+    for step in (1, 2, 3):
+        explorer.log({"rollout/reward/mean": step}, step)
+        trainer.log({"actor/pg_loss": step}, step)
+    with open(path, "ab") as f:
+        f.write(b'{"step": 3, "rollout/rew')  # torn by a kill
+    assert forget_steps_after(path, 1, ["explorer"]) == 3  # explorer steps 2, 3 and the torn line
+    trainer.log({"actor/pg_loss": 4}, 4)  # appends to the same file after the rewrite
+    records = [(r["step"], r["role"]) for r in read_metrics(path)]
+    assert records == [
+        (1, "explorer"),
+        (1, "trainer"),
+        (2, "trainer"),
+        (3, "trainer"),
+        (4, "trainer"),
+    ]
+    assert forget_steps_after(tmp_path / "absent.jsonl", 0, ["trainer"]) == 0

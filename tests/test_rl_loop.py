@@ -92,7 +92,9 @@ def trainer_records(job: Path) -> dict[int, dict]:
 @pytest.mark.parametrize(("offset", "backend"), [(0, "local"), (1, "local"), (1, "tinker")])
 def test_grpo_three_steps_then_resume(tmp_path, tiny_model_dir, offset, backend):
     config = write_config(
-        tmp_path, tiny_model_dir, synchronizer={"sync_interval": 1, "sync_offset": offset},
+        tmp_path,
+        tiny_model_dir,
+        synchronizer={"sync_interval": 1, "sync_offset": offset},
         model=backend_model(tmp_path, tiny_model_dir, backend),
     )
     run_cli(config)
@@ -124,6 +126,18 @@ def test_grpo_three_steps_then_resume(tmp_path, tiny_model_dir, offset, backend)
     ]
     assert logged_steps == [1, 2, 3, 4, 5]
     assert steps[4]["rollout/model_version"] == 3  # resumed from the step-3 weights
+
+
+def test_a_killed_run_resumes_with_each_step_logged_once(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path, tiny_model_dir)
+    run_cli(config)
+    job = job_dir(tmp_path)
+    # as if killed after step 3 was explored, trained and logged, but before its checkpoint
+    (job / "latest_checkpointed_iteration.txt").write_text("2")
+    run_cli(config)
+    records = read_metrics(job / "monitor" / "metrics.jsonl")
+    for role, key in (("explorer", "rollout/reward/mean"), ("trainer", "actor/final_loss")):
+        assert [r["step"] for r in records if r.get("role") == role and key in r] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("backend", ["local", "tinker"])

@@ -34,7 +34,9 @@ from trinity.explorer.explorer import Explorer
 from trinity.explorer.sampler import RolloutSettings
 from trinity.jobdir import JobDir
 from trinity.launcher.cluster import RayCluster, connect, runner_env
-from trinity.monitor import build_monitors
+from trinity.monitor import JsonlMonitor, build_monitors
+from trinity.monitor.base import RoleMonitor
+from trinity.monitor.jsonl import forget_steps_after
 from trinity.synchronizer.synchronizer import Synchronizer
 from trinity.trainer.trainer import Trainer
 
@@ -260,6 +262,9 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
             if sft
             else reader.total_steps()
         )
+    roles = [role for role, on in (("explorer", explore), ("trainer", train)) if on]
+    if resume:  # the steps after the checkpoint are redone: each is logged once
+        forget_steps_after(job_dir.monitor_dir / JsonlMonitor.FILE_NAME, start_step, roles)
     monitor = build_monitors(
         config.monitor.monitor_type,
         job_dir=job_dir.path,
@@ -286,7 +291,7 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
                 plan=build_loss_plan(algorithm, norm_length=config.model.max_response_tokens),
                 buffer=buffer,
                 synchronizer=synchronizer,
-                monitor=monitor,
+                monitor=RoleMonitor(monitor, "trainer"),
                 job_dir=job_dir.path,
                 train_batch_size=buffer_cfg.train_batch_size,
                 adam_params=adam_params_fn(
@@ -314,7 +319,7 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
                 reader,
                 buffer,
                 synchronizer,
-                monitor,
+                RoleMonitor(monitor, "explorer"),
                 eval_readers,
                 backends.runners,
             )

@@ -94,6 +94,22 @@ def stats(prefix: str, values: Iterable[float]) -> dict[str, float]:
     }
 
 
+class RoleMonitor:
+    """One loop's view of the run's monitor: its records carry ``role`` (explorer, trainer), so
+    that a resumed run can drop exactly the records of the steps it redoes
+    (``jsonl.forget_steps_after``), in one process or in two that share the file."""
+
+    def __init__(self, monitor: Monitor, role: str):
+        self.monitor = monitor
+        self.role = role
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        self.monitor.log({**metrics, "role": self.role}, step)
+
+    def close(self) -> None:
+        """The run's monitor is closed by whoever built it."""
+
+
 class CompositeMonitor:
     """Fans out to several monitors.
 
