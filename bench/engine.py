@@ -27,8 +27,9 @@ sys.path.insert(0, str(ROOT))
 from tinker import types  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from trinity.engine import configure_process  # noqa: E402
 from trinity.engine.demo_model import ensure_demo_model  # noqa: E402
-from trinity.engine.engine import default_dtype  # noqa: E402
+from trinity.engine.forward import default_dtype  # noqa: E402
 from trinity.engine.sampling import SampleRequest, sample_batch  # noqa: E402
 
 BANDWIDTH_GBS = 30.0  # this machine's memory bandwidth, as measured by the platform notes
@@ -207,8 +208,8 @@ TRAINING_NOTES = [
     "What the engine does for speed (trinity/engine): logprobs of the targets through a chunked "
     "unembedding kernel (no full-vocabulary fp32 logits; a frozen unembedding gets no weight "
     "gradient), fused torch AdamW (one memory pass), micro-batches of 2048 padded tokens, and "
-    "`keep_freed_memory` (glibc otherwise unmaps every freed tensor of more than 128 KiB, and "
-    "the page faults of the next allocation made an elementwise op into a fresh 4 MiB tensor "
+    "`configure_process` keeping freed memory (glibc otherwise unmaps every freed tensor of "
+    "more than 128 KiB, and the page faults of the next allocation made an elementwise op into a fresh 4 MiB tensor "
     "10x slower on this VM, a rank-32 LoRA matmul 6x). bf16 is used only where the CPU "
     "computes it natively: on this AVX2-only "
     "machine a bf16 matmul runs at well under 1 GFLOP/s. torch.compile is not used (minutes of "
@@ -245,6 +246,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["sampling", "training"], help="run one section")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    configure_process()
     ctx = {
         "new_tokens": 32 if args.quick else 64,
         "batches": [1, 16] if args.quick else [1, 16, 64],

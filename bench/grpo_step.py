@@ -51,7 +51,7 @@ def run_trl(model_path: str, rows: list[dict], steps: int) -> tuple[list[float],
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from trinity.engine.engine import default_dtype
+    from trinity.engine.forward import default_dtype
 
     def reward(completions, answer, **_):
         return [accuracy(c[0]["content"], a) for c, a in zip(completions, answer, strict=True)]
@@ -141,12 +141,14 @@ def run_trinity(model_path: str, rows: list[dict], steps: int) -> tuple[list[flo
 def main() -> None:
     import torch
 
+    from trinity.engine import configure_process
     from trinity.engine.demo_model import ensure_demo_model
-    from trinity.engine.engine import default_dtype
+    from trinity.engine.forward import default_dtype
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="steps per side, first is warm-up")
     args = parser.parse_args()
+    configure_process()
     model_path = str(ensure_demo_model())
     rows = prompts(PROMPTS_PER_STEP * args.steps)
     trinity_s, trinity_len = (

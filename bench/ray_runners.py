@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from engine import write_section  # noqa: E402
 
 from trinity.config import load_config  # noqa: E402
+from trinity.engine import configure_process  # noqa: E402
 from trinity.launcher.cluster import connect  # noqa: E402
 from trinity.launcher.launcher import _explorer, _reader, build_backends  # noqa: E402
 from trinity.plugins import load_plugins  # noqa: E402
@@ -76,6 +77,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    configure_process()
     load_plugins([ROOT / "bench" / "plugins"])  # the runners load the same dir
     ray.init(
         num_cpus=4,

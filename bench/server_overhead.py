@@ -33,7 +33,7 @@ import tinker  # noqa: E402
 import torch  # noqa: E402
 from tinker import types  # noqa: E402
 
-from trinity.engine import Engine, LoraSpec, SampleRequest  # noqa: E402
+from trinity.engine import Engine, LoraSpec, SampleRequest, configure_process  # noqa: E402
 from trinity.engine.demo_model import ensure_demo_model  # noqa: E402
 from trinity.server import ServerThread, build_service, served_model  # noqa: E402
 
@@ -47,11 +47,15 @@ def datums(batch: int, tokens: int, vocab: int) -> list[types.Datum]:
     for _ in range(batch):
         seq = [rng.randrange(3, vocab) for _ in range(tokens + 1)]
         advantage = rng.choice([-1.0, 1.0])
-        inputs = {"target_tokens": seq[1:], "weights": [1.0] * tokens,
-                  "logprobs": [-rng.uniform(1, 8) for _ in range(tokens)],
-                  "advantages": [advantage] * tokens}
-        out.append(types.Datum(model_input=types.ModelInput.from_ints(seq[:-1]),
-                               loss_fn_inputs=inputs))
+        inputs = {
+            "target_tokens": seq[1:],
+            "weights": [1.0] * tokens,
+            "logprobs": [-rng.uniform(1, 8) for _ in range(tokens)],
+            "advantages": [advantage] * tokens,
+        }
+        out.append(
+            types.Datum(model_input=types.ModelInput.from_ints(seq[:-1]), loss_fn_inputs=inputs)
+        )
     return out
 
 
@@ -83,6 +87,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
 
+    configure_process()
     model = args.model or str(ensure_demo_model())
     engine = Engine(model)
     data = datums(args.batch, args.tokens, engine.vocab_size)
@@ -153,8 +158,9 @@ def main() -> None:
                 # the local backend runs them on its worker: torch's per-thread OpenMP pools
                 # would otherwise compete and bill the server for it.
                 on_worker = lambda fn=local: worker.call(fn).result()  # noqa: E731
-                a, b = side_by_side(on_worker, remote,
-                                    max(args.repeats, 20) if cheap else args.repeats)
+                a, b = side_by_side(
+                    on_worker, remote, max(args.repeats, 20) if cheap else args.repeats
+                )
                 rows.append((label, a, b))
                 print(
                     f"{label}: in-process {a * 1e3:.0f} ms, server {b * 1e3:.0f} ms "

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from bench.engine import write_section  # noqa: E402
 from trinity.algorithms import build_loss_plan  # noqa: E402
 from trinity.config import load_config  # noqa: E402
+from trinity.engine import configure_process  # noqa: E402
 from trinity.launcher import launcher  # noqa: E402
 from trinity.monitor import read_metrics  # noqa: E402
 
@@ -63,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="steps per run, first is warm-up")
     args = parser.parse_args()
+    configure_process()
     with tempfile.TemporaryDirectory() as tmp:
         local_step, local_update = run(tmp, "local", args.steps, tinker=False)
         tinker_step, tinker_update = run(tmp, "tinker", args.steps, tinker=True)

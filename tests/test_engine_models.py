@@ -28,8 +28,12 @@ def datums(seed: int, count: int = 2, length: int = 12) -> list[types.Datum]:
     out = []
     for _ in range(count):
         seq = torch.randint(0, 49152, (length + 1,), generator=g).tolist()
-        out.append(types.Datum(model_input=types.ModelInput.from_ints(seq[:-1]),
-                               loss_fn_inputs={"target_tokens": seq[1:], "weights": [1.0] * length}))
+        out.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(seq[:-1]),
+                loss_fn_inputs={"target_tokens": seq[1:], "weights": [1.0] * length},
+            )
+        )
     return out
 
 
@@ -60,8 +64,12 @@ def plain_logprobs(model) -> torch.Tensor:
 
 
 def greedy(engine: Engine, adapter: str | None) -> tuple[list[int], list[float]]:
-    request = SampleRequest(prompt_tokens=PROMPT, adapter=adapter, prompt_logprobs=True,
-                            params=types.SamplingParams(max_tokens=6, temperature=0, stop=[]))
+    request = SampleRequest(
+        prompt_tokens=PROMPT,
+        adapter=adapter,
+        prompt_logprobs=True,
+        params=types.SamplingParams(max_tokens=6, temperature=0, stop=[]),
+    )
     (response,) = engine.sample([request])
     return response.sequences[0].tokens, response.prompt_logprobs[1:]
 
@@ -75,15 +83,15 @@ def test_save_load_continues_like_uninterrupted(engine, tmp_path):
     assert engine.model_info("resumed")["step"] == 2
     assert engine.model_info("resumed")["rank"] == 4
     train(engine, "resumed", 2, seed=2)
-    torch.testing.assert_close(logprobs(engine, "resumed"), logprobs(engine, "run"),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        logprobs(engine, "resumed"), logprobs(engine, "run"), atol=1e-6, rtol=0
+    )
 
     # Weights only: a fresh optimizer makes the next steps differ.
     engine.load_state("fresh-optim", str(tmp_path / "state"), optimizer=False)
     assert engine.model_info("fresh-optim")["step"] == 0
     train(engine, "fresh-optim", 2, seed=2)
-    assert not torch.allclose(logprobs(engine, "fresh-optim"), logprobs(engine, "run"),
-                              atol=1e-4)
+    assert not torch.allclose(logprobs(engine, "fresh-optim"), logprobs(engine, "run"), atol=1e-4)
     meta = json.loads((tmp_path / "state" / "trinity_state.json").read_text())
     assert meta["lora"]["rank"] == 4 and meta["step"] == 2 and meta["optimizer"]
 
@@ -108,7 +116,7 @@ def test_snapshot_sampler_is_isolated_from_training(engine):
     engine.snapshot_sampler("policy", "/samplers/v1")  # a path-like name is fine
     assert engine.has_sampler("/samplers/v1")
     before = greedy(engine, "/samplers/v1")
-    assert engine._merged_adapter is not None  # decoded on the merged copy
+    assert engine._samplers.merged_adapter is not None  # decoded on the merged copy
     assert_same(before, greedy(engine, "policy"))
     train(engine, "policy", 3, seed=5)
     assert greedy(engine, "/samplers/v1") == before
@@ -153,8 +161,7 @@ def test_export_merged_matches(engine, tmp_path, unembed):
     train(engine, "merge", 2)
     engine.export_merged("merge", str(tmp_path / "merged"))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    torch.testing.assert_close(plain_logprobs(model), logprobs(engine, "merge"), atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(plain_logprobs(model), logprobs(engine, "merge"), atol=1e-5, rtol=0)
     tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert tied != unembed
     engine.remove_model("merge")
@@ -183,8 +190,9 @@ def test_full_finetune(engine, tiny_model_dir, tmp_path):
 
     engine.export_merged("full", str(tmp_path / "merged"))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
-    torch.testing.assert_close(plain_logprobs(model.eval()), logprobs(engine, "full"),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        plain_logprobs(model.eval()), logprobs(engine, "full"), atol=1e-5, rtol=0
+    )
     with pytest.raises(ValueError, match="full fine-tune"):
         engine.export_peft("full", str(tmp_path / "nope"))
 
@@ -193,8 +201,9 @@ def test_full_finetune(engine, tiny_model_dir, tmp_path):
     torch.testing.assert_close(logprobs(engine, "full-copy"), logprobs(engine, "full"))
     train(engine, "full", 1, seed=20)
     train(engine, "full-copy", 1, seed=20)
-    torch.testing.assert_close(logprobs(engine, "full-copy"), logprobs(engine, "full"),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        logprobs(engine, "full-copy"), logprobs(engine, "full"), atol=1e-6, rtol=0
+    )
     engine.drop_sampler("full-v1")
     engine.remove_model("full")
     engine.remove_model("full-copy")
@@ -218,8 +227,14 @@ def test_lora_models_on_one_base_are_isolated(engine):
     assert not torch.allclose(logprobs(engine, "b"), b_before)
     assert greedy(engine, None) == base_before
     # One sample call serves the base and both adapters in one batch.
-    requests = [SampleRequest(prompt_tokens=PROMPT, adapter=a, params=types.SamplingParams(
-        max_tokens=4, temperature=0, stop=[])) for a in ("a", None, "b")]
+    requests = [
+        SampleRequest(
+            prompt_tokens=PROMPT,
+            adapter=a,
+            params=types.SamplingParams(max_tokens=4, temperature=0, stop=[]),
+        )
+        for a in ("a", None, "b")
+    ]
     batched = [r.sequences[0].tokens for r in engine.sample(requests)]
     assert batched == [greedy(engine, a)[0][:4] for a in ("a", None, "b")]
     for model_id in ("alone", "a", "b"):
@@ -227,15 +242,33 @@ def test_lora_models_on_one_base_are_isolated(engine):
     assert greedy(engine, None) == base_before
 
 
-@pytest.mark.parametrize(("flags", "expected"), [
-    ({"train_attn": True, "train_mlp": False, "train_unembed": False},
-     {"q_proj", "k_proj", "v_proj", "o_proj"}),
-    ({"train_attn": False, "train_mlp": True, "train_unembed": False},
-     {"gate_proj", "up_proj", "down_proj"}),
-    ({"train_attn": False, "train_mlp": False, "train_unembed": True}, {"lm_head"}),
-    ({}, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-          "lm_head"}),
-])
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (
+            {"train_attn": True, "train_mlp": False, "train_unembed": False},
+            {"q_proj", "k_proj", "v_proj", "o_proj"},
+        ),
+        (
+            {"train_attn": False, "train_mlp": True, "train_unembed": False},
+            {"gate_proj", "up_proj", "down_proj"},
+        ),
+        ({"train_attn": False, "train_mlp": False, "train_unembed": True}, {"lm_head"}),
+        (
+            {},
+            {
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+                "lm_head",
+            },
+        ),
+    ],
+)
 def test_lora_flags_choose_modules(engine, tmp_path, flags, expected):
     engine.create_model("flags", LoraSpec(rank=2, **flags))
     engine.export_peft("flags", str(tmp_path / "a"))
@@ -249,8 +282,9 @@ def test_lora_flags_choose_modules(engine, tmp_path, flags, expected):
     assert set(config["target_modules"]) == expected
     engine.remove_model("flags")
     with pytest.raises(ValueError, match="at least one"):
-        engine.create_model("none", LoraSpec(train_attn=False, train_mlp=False,
-                                             train_unembed=False))
+        engine.create_model(
+            "none", LoraSpec(train_attn=False, train_mlp=False, train_unembed=False)
+        )
 
 
 def test_seed_makes_lora_init_reproducible(engine):
@@ -284,11 +318,13 @@ def test_bf16_autocast_path_tracks_fp32(tiny_model_dir):
         for model_id in ("m", "full"):
             train(e, model_id, 1)
     for model_id in ("m", "full"):
-        torch.testing.assert_close(logprobs(fast, model_id), logprobs(exact, model_id),
-                                   atol=0.1, rtol=0.02)
+        torch.testing.assert_close(
+            logprobs(fast, model_id), logprobs(exact, model_id), atol=0.1, rtol=0.02
+        )
         assert fast.model_info(model_id)["step"] == 1
     fast.snapshot_sampler("m", "snap")
     tokens, prompt_lp = greedy(fast, "snap")
     assert len(tokens) == 6
-    torch.testing.assert_close(torch.tensor(prompt_lp), torch.tensor(greedy(exact, "m")[1]),
-                               atol=0.1, rtol=0.02)
+    torch.testing.assert_close(
+        torch.tensor(prompt_lp), torch.tensor(greedy(exact, "m")[1]), atol=0.1, rtol=0.02
+    )

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from trinity.engine import Engine, LoraSpec, losses
 from trinity.engine.optim import AdamW
+from trinity.engine.packing import micro_batches, prepare_example
 
 LENGTHS = (9, 14, 5)
 BIG_STEP = types.AdamParams(learning_rate=0.05)  # moves B away from 0 so the adapter matters
@@ -34,8 +35,12 @@ def ce_datums(sequences, weights=None) -> list[types.Datum]:
     datums = []
     for i, seq in enumerate(sequences):
         w = weights[i] if weights is not None else [1.0] * (len(seq) - 1)
-        datums.append(types.Datum(model_input=types.ModelInput.from_ints(seq[:-1]),
-                                  loss_fn_inputs={"target_tokens": seq[1:], "weights": w}))
+        datums.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(seq[:-1]),
+                loss_fn_inputs={"target_tokens": seq[1:], "weights": w},
+            )
+        )
     return datums
 
 
@@ -45,16 +50,24 @@ def rl_inputs(sequences, sampler_lp, seed: int = 1) -> list[dict[str, torch.Tens
     out = []
     for seq, lp in zip(sequences, sampler_lp, strict=True):
         n = len(seq) - 1
-        out.append({"target_tokens": torch.tensor(seq[1:]),
-                    "logprobs": lp + 0.4 * torch.randn(n, generator=g),
-                    "advantages": torch.randn(n, generator=g)})
+        out.append(
+            {
+                "target_tokens": torch.tensor(seq[1:]),
+                "logprobs": lp + 0.4 * torch.randn(n, generator=g),
+                "advantages": torch.randn(n, generator=g),
+            }
+        )
     return out
 
 
 def rl_datums(sequences, inputs) -> list[types.Datum]:
-    return [types.Datum(model_input=types.ModelInput.from_ints(seq[:-1]),
-                        loss_fn_inputs={k: v.tolist() for k, v in inp.items()})
-            for seq, inp in zip(sequences, inputs, strict=True)]
+    return [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(seq[:-1]),
+            loss_fn_inputs={k: v.tolist() for k, v in inp.items()},
+        )
+        for seq, inp in zip(sequences, inputs, strict=True)
+    ]
 
 
 def reference_loss(loss_fn: str, lp: torch.Tensor, inp: dict, config: dict) -> torch.Tensor:
@@ -133,8 +146,9 @@ def parity(engine, tiny_model_dir, tmp_path_factory):
 
 def test_logprobs_and_entropy_match_plain_forward(engine, parity):
     sequences = make_sequences()
-    out = engine.forward_backward("parity", ce_datums(sequences), "cross_entropy",
-                                  forward_only=True, return_entropy=True)
+    out = engine.forward_backward(
+        "parity", ce_datums(sequences), "cross_entropy", forward_only=True, return_entropy=True
+    )
     with torch.no_grad():
         for seq, got in zip(sequences, out.loss_fn_outputs, strict=True):
             lp, entropy = reference_logprobs(parity, seq)
@@ -161,9 +175,10 @@ def test_loss_and_gradients_match_reference(engine, parity, loss_fn, config):
         sampler_lp = [reference_logprobs(parity, seq)[0] for seq in sequences]
     if loss_fn == "cross_entropy":
         g = torch.Generator().manual_seed(3)
-        inputs = [{"target_tokens": torch.tensor(s[1:]), "weights": torch.rand(len(s) - 1,
-                                                                               generator=g)}
-                  for s in sequences]
+        inputs = [
+            {"target_tokens": torch.tensor(s[1:]), "weights": torch.rand(len(s) - 1, generator=g)}
+            for s in sequences
+        ]
     else:
         inputs = rl_inputs(sequences, sampler_lp)
     got = engine_params(engine, "parity")
@@ -195,23 +210,30 @@ def test_clipping_is_exercised():
 def test_per_token_clip_thresholds_from_datum(engine):
     engine.create_model("thresholds", LoraSpec(rank=4, seed=0))
     sequences = make_sequences()
-    lp = [o["logprobs"].to_torch() for o in engine.forward_backward(
-        "thresholds", ce_datums(sequences), "cross_entropy", forward_only=True).loss_fn_outputs]
+    lp = [
+        o["logprobs"].to_torch()
+        for o in engine.forward_backward(
+            "thresholds", ce_datums(sequences), "cross_entropy", forward_only=True
+        ).loss_fn_outputs
+    ]
     inputs = rl_inputs(sequences, lp)
     config = {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}
-    by_config = engine.forward_backward("thresholds", rl_datums(sequences, inputs), "ppo",
-                                        config, forward_only=True).metrics["loss:sum"]
+    by_config = engine.forward_backward(
+        "thresholds", rl_datums(sequences, inputs), "ppo", config, forward_only=True
+    ).metrics["loss:sum"]
     for inp in inputs:
         n = len(inp["advantages"])
         inp["clip_low_threshold"] = torch.full((n,), 0.9)
         inp["clip_high_threshold"] = torch.full((n,), 1.1)
-    by_datum = engine.forward_backward("thresholds", rl_datums(sequences, inputs), "ppo",
-                                       forward_only=True).metrics["loss:sum"]
+    by_datum = engine.forward_backward(
+        "thresholds", rl_datums(sequences, inputs), "ppo", forward_only=True
+    ).metrics["loss:sum"]
     assert by_datum == pytest.approx(by_config, rel=1e-6)
     for inp in inputs[1:]:  # mixed: datums without thresholds fall back to the config
         del inp["clip_low_threshold"], inp["clip_high_threshold"]
-    mixed = engine.forward_backward("thresholds", rl_datums(sequences, inputs), "ppo", config,
-                                    forward_only=True).metrics["loss:sum"]
+    mixed = engine.forward_backward(
+        "thresholds", rl_datums(sequences, inputs), "ppo", config, forward_only=True
+    ).metrics["loss:sum"]
     assert mixed == pytest.approx(by_config, rel=1e-6)
     engine.remove_model("thresholds")
 
@@ -223,8 +245,10 @@ def test_full_finetune_gradients_match_reference(engine, tiny_model_dir):
     weights = [torch.rand(len(s) - 1, generator=g).tolist() for s in sequences]
     out = engine.forward_backward("full-parity", ce_datums(sequences, weights), "cross_entropy")
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    total = sum(-(torch.tensor(w) * reference_logprobs(reference, s)[0]).sum()
-                for s, w in zip(sequences, weights, strict=True))
+    total = sum(
+        -(torch.tensor(w) * reference_logprobs(reference, s)[0]).sum()
+        for s, w in zip(sequences, weights, strict=True)
+    )
     total.backward()
     assert out.metrics["loss:sum"] == pytest.approx(total.item(), rel=1e-5)
     got = engine_params(engine, "full-parity")
@@ -269,8 +293,9 @@ def test_shared_prefix_runs_once_and_matches_separate_passes(engine):
     sequences = []
     for prompt_length, responses in ((24, (6, 9, 3)), (19, (4, 7))):
         prompt = torch.randint(0, 49152, (prompt_length,), generator=g).tolist()
-        sequences += [prompt + torch.randint(0, 49152, (n,), generator=g).tolist()
-                      for n in responses]
+        sequences += [
+            prompt + torch.randint(0, 49152, (n,), generator=g).tolist() for n in responses
+        ]
     sequences.append(torch.randint(0, 49152, (15,), generator=g).tolist())  # unrelated
     inputs = rl_inputs(sequences, [torch.full((len(s) - 1,), -9.0) for s in sequences])
     inputs[1]["target_tokens"][5] = 7  # a target that differs inside the shared prefix
@@ -280,19 +305,33 @@ def test_shared_prefix_runs_once_and_matches_separate_passes(engine):
     for model_id in ("shared", "separate"):  # move B off zero so every LoRA factor has gradients
         engine.forward_backward(model_id, ce_datums(make_sequences(4)), "cross_entropy")
         engine.optim_step(model_id, BIG_STEP)
-    examples = [engine._example(i, d, losses.get_loss("ppo")) for i, d in enumerate(datums)]
-    passes = [sorted(prefix for prefix, _ in clusters)
-              for clusters in engine._micro_batches(examples)]
+    examples = [
+        prepare_example(
+            i,
+            d,
+            losses.get_loss("ppo"),
+            vocab_size=engine.vocab_size,
+            max_context_length=engine.max_context_length,
+        )
+        for i, d in enumerate(datums)
+    ]
+    passes = [
+        sorted(prefix for prefix, _ in clusters)
+        for clusters in micro_batches(examples, engine.micro_batch_tokens)
+    ]
     assert passes == [[19, 24], [0]]
     shared = engine.forward_backward("shared", datums, "ppo", return_entropy=True)
-    separate = [engine.forward_backward("separate", [d], "ppo", return_entropy=True)
-                for d in datums]
+    separate = [
+        engine.forward_backward("separate", [d], "ppo", return_entropy=True) for d in datums
+    ]
     assert shared.metrics["loss:sum"] == pytest.approx(
-        sum(o.metrics["loss:sum"] for o in separate), rel=1e-5)
+        sum(o.metrics["loss:sum"] for o in separate), rel=1e-5
+    )
     for got, alone in zip(shared.loss_fn_outputs, separate, strict=True):
         for key in ("logprobs", "entropy"):
-            torch.testing.assert_close(got[key].to_torch(), alone.loss_fn_outputs[0][key].to_torch(),
-                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                got[key].to_torch(), alone.loss_fn_outputs[0][key].to_torch(), atol=1e-5, rtol=0
+            )
     for name, p in engine_params(engine, "shared").items():
         assert_grads_close(p.grad, engine_params(engine, "separate")[name].grad, name)
     engine.remove_model("shared")
@@ -305,9 +344,12 @@ def test_adamw_matches_torch(clip):
     ours = {"a": torch.nn.Parameter(torch.randn(5, 3)), "b": torch.nn.Parameter(torch.randn(7))}
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours.values()]
     optimizer = AdamW(ours)
-    schedule = [types.AdamParams(learning_rate=lr, beta1=0.9, beta2=0.95, eps=1e-8,
-                                 weight_decay=wd, grad_clip_norm=clip)
-                for lr, wd in ((1e-2, 0.0), (5e-3, 0.1), (2e-2, 0.01), (1e-3, 0.0))]
+    schedule = [
+        types.AdamParams(
+            learning_rate=lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=wd, grad_clip_norm=clip
+        )
+        for lr, wd in ((1e-2, 0.0), (5e-3, 0.1), (2e-2, 0.01), (1e-3, 0.0))
+    ]
     reference = torch.optim.AdamW(theirs, lr=1.0)
     for hp in schedule:
         grads = [torch.randn_like(p) for p in theirs]
@@ -317,8 +359,12 @@ def test_adamw_matches_torch(clip):
         if clip:
             torch.nn.utils.clip_grad_norm_(theirs, clip)
         for group in reference.param_groups:
-            group.update(lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), eps=hp.eps,
-                         weight_decay=hp.weight_decay)
+            group.update(
+                lr=hp.learning_rate,
+                betas=(hp.beta1, hp.beta2),
+                eps=hp.eps,
+                weight_decay=hp.weight_decay,
+            )
         reference.step()
         assert optimizer.step(hp)["grad_norm"] == pytest.approx(norm, rel=1e-6)
         for p, q in zip(ours.values(), theirs, strict=True):
@@ -352,10 +398,17 @@ def test_bad_arguments_raise_value_error(engine):
     with pytest.raises(ValueError, match="unknown loss_fn_config keys"):
         engine.forward_backward("errors", datums, "cross_entropy", {"clip_low_threshold": 0.5})
     with pytest.raises(ValueError, match="needs loss_fn_config\\['beta'\\]"):
-        engine.forward_backward("errors", rl_datums(make_sequences()[:1], rl_inputs(
-            make_sequences()[:1], [torch.zeros(LENGTHS[0])])), "dro")
-    bad = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]),
-                      loss_fn_inputs={"target_tokens": [1, 2], "weights": [1.0, 1.0]})
+        engine.forward_backward(
+            "errors",
+            rl_datums(
+                make_sequences()[:1], rl_inputs(make_sequences()[:1], [torch.zeros(LENGTHS[0])])
+            ),
+            "dro",
+        )
+    bad = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 2, 3]),
+        loss_fn_inputs={"target_tokens": [1, 2], "weights": [1.0, 1.0]},
+    )
     with pytest.raises(ValueError, match="expected \\(3,\\)"):
         engine.forward_backward("errors", [bad], "cross_entropy")
     with pytest.raises(ValueError, match="already exists"):
@@ -367,11 +420,14 @@ def test_bad_arguments_raise_value_error(engine):
 
 def test_empty_datum_gives_empty_logprobs(engine):
     engine.create_model("empty", LoraSpec(rank=2))
-    empty = types.Datum(model_input=types.ModelInput.from_ints([]),
-                        loss_fn_inputs={"target_tokens": [], "weights": []})
+    empty = types.Datum(
+        model_input=types.ModelInput.from_ints([]),
+        loss_fn_inputs={"target_tokens": [], "weights": []},
+    )
     out = engine.forward_backward("empty", [empty], "cross_entropy")
     assert out.metrics["loss:sum"] == 0.0 and out.loss_fn_outputs[0]["logprobs"].shape == [0]
-    both = engine.forward_backward("empty", [empty, *ce_datums(make_sequences()[:1])],
-                                   "cross_entropy")
+    both = engine.forward_backward(
+        "empty", [empty, *ce_datums(make_sequences()[:1])], "cross_entropy"
+    )
     assert [o["logprobs"].shape for o in both.loss_fn_outputs] == [[0], [LENGTHS[0]]]
     engine.remove_model("empty")

@@ -34,6 +34,9 @@ class RolloutModel:
     """
 
     def __init__(self, model_path: str):
+        from trinity.engine import configure_process
+
+        configure_process()  # the actor's process is this engine's own
         self.runtime = LocalRuntime(model_path)
         self.current = LocalSampler(self.runtime)  # the weights loaded for the runners
 

@@ -97,8 +97,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(config), end="")
         return 0
+    from trinity.engine import configure_process
     from trinity.launcher.launcher import run
 
+    configure_process()
     return run(config)
 
 

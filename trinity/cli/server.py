@@ -64,8 +64,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trinity.engine import configure_process
     from trinity.server import build_service, parse_api_keys, serve
 
+    configure_process()
     state_dir = getattr(args, "state_dir", DEFAULT_STATE_DIR)
     models = getattr(args, "model", None)
     if getattr(args, "server_action", None) == "export":

@@ -1,6 +1,29 @@
-"""The training engine: model loading, LoRA, Tinker losses, AdamW, sampling, checkpoints."""
+"""The training engine: model loading, LoRA, Tinker losses, AdamW, sampling, checkpoints.
 
-from trinity.engine.engine import Engine, LoraSpec
+Modules: ``engine`` (the ``Engine`` facade: loading, Tinker's calls), ``adapters`` (peft LoRA
+bookkeeping), ``packing`` (datums into forward passes, no model), ``forward`` (a pass's
+logprobs), ``logprobs`` (the chunked unembedding kernel), ``losses``, ``optim``, ``sampling``
+(decoding), ``checkpoint``, ``demo_model``, ``worker`` (the thread that owns an engine),
+``process`` (``configure_process``, for entry points). Only ``config`` is below this layer.
+
+Tensor names end in their shape, one letter per dimension (``hidden_NH``: N x H):
+
+- N: real tokens of every row of a pass, rows concatenated (one per target token)
+- M: the unembedding's rows in a shared-prefix pass: N with shared positions counted once
+- B: rows of a batch (a pass's sequences; in ``sampling`` the rows still decoding)
+- T: token positions of a row (padded where rows differ in length)
+- C: clusters of a shared-prefix pass (``logprobs``: a chunk of tokens or vocabulary entries)
+- P, S: prefix and suffix positions of a shared-prefix pass, each padded; K = P + S, the
+  positions a suffix attends to (``sampling``: K = the rows that keep decoding)
+- H: hidden size; V: vocabulary size; R: LoRA rank
+- ``sampling`` only: U = distinct prompts (one prefill row each), S = rows that sample rather
+  than decode greedily, F = those of them with top-k / top-p filtering
+- G: a task's group of samples (``trinity.algorithms``); 1: a broadcast dimension of size 1
+"""
+
+from trinity.engine.adapters import LoraSpec
+from trinity.engine.engine import Engine
+from trinity.engine.process import configure_process
 from trinity.engine.sampling import SampleRequest
 
-__all__ = ["Engine", "LoraSpec", "SampleRequest"]
+__all__ = ["Engine", "LoraSpec", "SampleRequest", "configure_process"]

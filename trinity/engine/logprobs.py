@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-CHUNK_ELEMENTS = 1 << 22  # fp32 logits per chunk: 16 MiB, reused by malloc (engine.py)
+CHUNK_ELEMENTS = 1 << 22  # fp32 logits per chunk: 16 MiB, reused by malloc (process.py)
 
 
 def _logits(hidden, weight, low, b, rows=slice(None), cols=slice(None)) -> Tensor:

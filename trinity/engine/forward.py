@@ -1,0 +1,145 @@
+"""The model side of ``forward_backward``: per-token logprobs of one packed forward pass.
+
+A pass (trinity/engine/packing.py) is either rows run alone, right-padded (no attention mask:
+right padding never precedes a real token), or clusters with a shared prefix: one decoder call
+over the prefixes, then one over every member's suffix attending to its cluster's prefix cache.
+Hidden states of the real tokens go through ``logprobs.target_logprobs`` (chunked, no full fp32
+logits); gradients flow back through the shared parts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from trinity.engine.logprobs import target_logprobs
+from trinity.engine.packing import Cluster, Example, padded_rows, prefix_pass
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the hardware computes it fast (AMX / AVX512-BF16, CUDA), else fp32.
+
+    Without native bf16 (e.g. AVX2-only CPUs) bf16 matmuls fall back to slow reference loops,
+    hundreds of times slower than fp32.
+    """
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        native = (
+            getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+            or getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        )
+        return torch.bfloat16 if native else torch.float32
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Where and in which precision the engine computes: matmuls under ``autocast`` in ``dtype``
+    (off for fp32), hidden states cast to ``dtype`` for the unembedding."""
+
+    device: torch.device
+    dtype: torch.dtype
+    pad_token_id: int
+
+    def autocast(self):
+        return torch.autocast(
+            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
+        )
+
+    def logprobs(
+        self, module: nn.Module, adapter: str | None, clusters: list[Cluster], want_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprobs_N, entropy_N) over the real tokens of the pass, rows concatenated in
+        cluster and member order; ``entropy_N`` is empty unless wanted.
+
+        In a shared-prefix pass the prefix positions whose targets also agree go through the
+        unembedding once per cluster.
+        """
+        if clusters[0].prefix == 0:
+            return self._unshared(module, adapter, clusters[0].members, want_entropy)
+        inputs = prefix_pass(clusters, self.pad_token_id)
+        decoder = module.get_decoder()
+        cache = DynamicCache()
+        with self.autocast():
+            shared_CPH = decoder(
+                input_ids=inputs.prefix_ids_CP.to(self.device), cache=cache, use_cache=True
+            ).last_hidden_state
+            cache.batch_select_indices(inputs.cluster_B.to(self.device))
+            hidden_BSH = decoder(
+                input_ids=inputs.suffix_ids_BS.to(self.device),
+                attention_mask=inputs.mask_BK.long().to(self.device),
+                position_ids=inputs.position_BS.to(self.device),
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state
+        hidden_parts, target_parts, index_parts = [], [], []
+        start, row = 0, 0
+        for c, (prefix, chunk) in enumerate(clusters):
+            targets = [e.inputs["target_tokens"].to(self.device) for e in chunk]
+            # Positions [0, same) have one hidden state and one target for every member.
+            same = min(
+                prefix - 1, len(os.path.commonprefix([t.tolist()[:prefix] for t in targets]))
+            )
+            hidden_parts.append(shared_CPH[c, :same])
+            target_parts.append(targets[0][:same])
+            common = torch.arange(start, start + same)
+            start += same
+            for e, target in zip(chunk, targets, strict=True):
+                hidden_parts += [shared_CPH[c, same:prefix], hidden_BSH[row, : e.length - prefix]]
+                target_parts.append(target[same:])
+                own = e.length - same
+                index_parts += [common, torch.arange(start, start + own)]
+                start += own
+                row += 1
+        logprobs_M, entropy_M = self._head_logprobs(
+            module,
+            adapter,
+            torch.cat(hidden_parts).to(self.dtype),
+            torch.cat(target_parts),
+            want_entropy,
+        )
+        index_N = torch.cat(index_parts).to(self.device)
+        return logprobs_M[index_N], entropy_M[index_N] if want_entropy else entropy_M
+
+    def _unshared(
+        self, module: nn.Module, adapter: str | None, group: list[Example], want_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if max(e.length for e in group) == 0:
+            empty = torch.zeros(0, device=self.device)
+            return empty, empty
+        ids_BT, mask_BT = padded_rows(group, self.pad_token_id)
+        with self.autocast():
+            hidden_BTH = (
+                module.get_decoder()(input_ids=ids_BT.to(self.device), use_cache=False)
+            ).last_hidden_state
+        if bool(mask_BT.all()):  # equal lengths: a view, no gather
+            hidden_NH = hidden_BTH.flatten(0, 1).to(self.dtype)
+        else:
+            hidden_NH = hidden_BTH[mask_BT.to(self.device)].to(self.dtype)
+        targets_N = torch.cat([e.inputs["target_tokens"] for e in group]).to(self.device)
+        return self._head_logprobs(module, adapter, hidden_NH, targets_N, want_entropy)
+
+    def _head_logprobs(
+        self,
+        module: nn.Module,
+        adapter: str | None,
+        hidden_NH: torch.Tensor,
+        targets_N: torch.Tensor,
+        want_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target logprobs through the unembedding of ``module``, with ``adapter``'s LoRA on it."""
+        head = module.get_output_embeddings()
+        weight_VH = getattr(head, "base_layer", head).weight.to(self.dtype)
+        if adapter is None or not hasattr(head, "lora_A") or adapter not in head.lora_A:
+            return target_logprobs(hidden_NH, weight_VH, targets_N, want_entropy=want_entropy)
+        # A LoRA on the unembedding adds (s * h A^T) B^T to the logits: the kernel takes the
+        # low-rank term separately, so the frozen weight gets no gradient computed.
+        a_RH = head.lora_A[adapter].weight.to(self.dtype)
+        low_NR = head.scaling[adapter] * (hidden_NH @ a_RH.T)
+        b_VR = head.lora_B[adapter].weight.to(self.dtype)
+        return target_logprobs(hidden_NH, weight_VH, targets_N, low_NR, b_VR, want_entropy)

@@ -1,0 +1,197 @@
+"""How ``forward_backward`` packs datums into forward passes: pure bookkeeping, no model.
+
+Datums become validated ``Example`` rows (``prepare_example``). Rows that share a prefix of at
+least ``MIN_SHARED_PREFIX`` tokens (GRPO's samples of one prompt) form a ``Cluster`` that runs the
+prefix once (``prefix_clusters``); ``micro_batches`` packs clusters, and the rest longest first,
+into passes of at most ``max_tokens`` padded tokens. ``padded_rows`` and ``prefix_pass`` lay a
+pass out as the tensors the decoder takes (trinity/engine/forward.py runs them).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from tinker import types
+
+from trinity.engine.losses import LossFn
+
+# Shorter common prefixes are not worth a second forward call per micro-batch.
+MIN_SHARED_PREFIX = 16
+
+
+@dataclass
+class Example:
+    """One datum, checked against the model and the loss: its tokens and per-token inputs."""
+
+    index: int  # position in the forward_backward call, where its outputs go
+    tokens: list[int]
+    inputs: dict[str, torch.Tensor]  # loss_fn_inputs, one value per token, on the CPU
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+class Cluster(NamedTuple):
+    """Examples whose first ``prefix`` tokens are the same and run once (0: no sharing)."""
+
+    prefix: int
+    members: list[Example]
+
+
+def prepare_example(
+    index: int, datum: types.Datum, loss: LossFn, vocab_size: int, max_context_length: int
+) -> Example:
+    """The datum as an ``Example``; a ValueError names the datum when it cannot run."""
+    tokens = datum.model_input.to_ints()
+    n = len(tokens)
+    if n > max_context_length:
+        raise ValueError(
+            f"datum {index}: {n} tokens exceed the context length {max_context_length}"
+        )
+    missing = [key for key in loss.inputs if key not in datum.loss_fn_inputs]
+    if missing:
+        raise ValueError(
+            f"datum {index}: loss_fn_inputs lacks {missing} "
+            f"(this loss needs {', '.join(loss.inputs)})"
+        )
+    inputs = {}
+    for key in (*loss.inputs, *loss.optional_inputs):
+        if key not in datum.loss_fn_inputs:
+            continue
+        value = torch.from_numpy(np.asarray(datum.loss_fn_inputs[key].to_numpy()))
+        if value.shape != (n,):
+            raise ValueError(
+                f"datum {index}: loss_fn_inputs[{key!r}] has shape "
+                f"{tuple(value.shape)}, expected ({n},) like model_input"
+            )
+        inputs[key] = value.long() if key == "target_tokens" else value.float()
+    for name, ids in (
+        ("model_input", torch.tensor(tokens, dtype=torch.long)),
+        ("target_tokens", inputs["target_tokens"]),
+    ):
+        if n and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise ValueError(f"datum {index}: {name} has token ids outside [0, {vocab_size})")
+    return Example(index, tokens, inputs)
+
+
+def prefix_clusters(examples: list[Example]) -> list[Cluster]:
+    """Lexicographic neighbours join a cluster while that saves more prefix tokens than it gives
+    up; a prefix leaves every member at least one token of its own and is 0 (no sharing) under
+    ``MIN_SHARED_PREFIX`` or for a lone example."""
+    clusters: list[tuple[list[int], list[Example]]] = []
+    for example in sorted(examples, key=lambda e: e.tokens):
+        tokens = example.tokens[: max(example.length - 1, 0)]
+        if clusters:
+            prefix, members = clusters[-1]
+            joined = tokens[: len(os.path.commonprefix([prefix, tokens]))]
+            if (
+                len(joined) * len(members) >= len(prefix) * (len(members) - 1) + 1
+                and len(joined) >= MIN_SHARED_PREFIX
+            ):
+                clusters[-1] = (joined, [*members, example])
+                continue
+        clusters.append((tokens, [example]))
+    return [
+        Cluster(
+            len(prefix) if len(members) > 1 and len(prefix) >= MIN_SHARED_PREFIX else 0, members
+        )
+        for prefix, members in clusters
+    ]
+
+
+def micro_batches(examples: list[Example], max_tokens: int) -> list[list[Cluster]]:
+    """Forward passes, each a list of clusters within ``max_tokens`` padded tokens.
+
+    Clusters with a shared prefix fill passes of their own (prefix rows + member suffix rows; a
+    cluster too big for one pass is split into chunks of members). The rest go alone, longest
+    first, rows x longest row within ``max_tokens``, as one cluster with prefix 0 per pass.
+    """
+    shared: list[list[Cluster]] = []
+    alone: list[Example] = []
+    cost = 0  # padded tokens of the pass being filled (an upper bound: every row at max width)
+    for prefix, members in prefix_clusters(examples):
+        if prefix == 0:
+            alone.extend(members)
+            continue
+        suffix = max(e.length - prefix for e in members)
+        rows = max(1, (max_tokens - prefix) // suffix)
+        for i in range(0, len(members), rows):
+            chunk = members[i : i + rows]
+            size = prefix + len(chunk) * suffix
+            if not shared or cost + size > max_tokens:
+                shared.append([])
+                cost = 0
+            shared[-1].append(Cluster(prefix, chunk))
+            cost += size
+    packed: list[list[Example]] = []
+    for example in sorted(alone, key=lambda e: -e.length):
+        if packed and (len(packed[-1]) + 1) * packed[-1][0].length <= max_tokens:
+            packed[-1].append(example)
+        else:
+            packed.append([example])
+    return shared + [[Cluster(0, group)] for group in packed]
+
+
+def batch_inputs(group: list[Example], config: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Per-token loss inputs, rows concatenated; a datum without an optional per-token input
+    (clip thresholds) gets the config value."""
+    keys = {k for e in group for k in e.inputs}
+    return {
+        k: torch.cat(
+            [e.inputs[k] if k in e.inputs else torch.full((e.length,), config[k]) for e in group]
+        )
+        for k in keys
+    }
+
+
+def padded_rows(group: list[Example], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids_BT, mask_BT): one right-padded row per example; the mask marks its real tokens."""
+    width = max(e.length for e in group)
+    ids_BT = torch.full((len(group), width), pad_token_id, dtype=torch.long)
+    mask_BT = torch.zeros((len(group), width), dtype=torch.bool)
+    for row, e in enumerate(group):
+        ids_BT[row, : e.length] = torch.tensor(e.tokens, dtype=torch.long)
+        mask_BT[row, : e.length] = True
+    return ids_BT, mask_BT
+
+
+@dataclass
+class PrefixPass:
+    """A shared-prefix pass as decoder inputs: every cluster's prefix once (right-padded), then
+    every member's suffix, which attends to its own cluster's prefix only."""
+
+    prefix_ids_CP: torch.Tensor
+    suffix_ids_BS: torch.Tensor
+    mask_BK: torch.Tensor  # K = P + S: the cluster's real prefix positions, then every suffix one
+    position_BS: torch.Tensor  # suffix positions continue the prefix
+    cluster_B: torch.Tensor  # cluster of each suffix row: selects its row of the prefix cache
+
+
+def prefix_pass(clusters: list[Cluster], pad_token_id: int) -> PrefixPass:
+    """The ``PrefixPass`` of clusters with nonzero prefixes, members in cluster order."""
+    prefix_C = torch.tensor([prefix for prefix, _ in clusters])
+    members = [(c, e) for c, (_, chunk) in enumerate(clusters) for e in chunk]
+    cluster_B = torch.tensor([c for c, _ in members])
+    suffix_B = torch.tensor([e.length for _, e in members]) - prefix_C[cluster_B]
+    width_p, width_s = int(prefix_C.max()), int(suffix_B.max())
+    prefix_ids_CP = torch.full((len(clusters), width_p), pad_token_id, dtype=torch.long)
+    for c, (prefix, chunk) in enumerate(clusters):
+        prefix_ids_CP[c, :prefix] = torch.tensor(chunk[0].tokens[:prefix])
+    suffix_ids_BS = torch.full((len(members), width_s), pad_token_id, dtype=torch.long)
+    for row, (c, e) in enumerate(members):
+        suffix_ids_BS[row, : suffix_B[row]] = torch.tensor(e.tokens[int(prefix_C[c]) :])
+    # Right padding after real tokens needs no mask (causal), so ones for every suffix position.
+    mask_BK = torch.cat(
+        [
+            torch.arange(width_p)[None] < prefix_C[cluster_B, None],
+            torch.ones(len(members), width_s, dtype=torch.bool),
+        ],
+        dim=1,
+    )
+    position_BS = prefix_C[cluster_B, None] + torch.arange(width_s)[None]
+    return PrefixPass(prefix_ids_CP, suffix_ids_BS, mask_BK, position_BS, cluster_B)
