@@ -12,7 +12,6 @@ from tinker import types
 
 from trinity.explorer.conversation import Conversations
 from trinity.explorer.history import experiences_from_history
-from trinity.explorer.openai_api import openai_client
 from trinity.workflows.types import Experience, Response
 
 log = logging.getLogger(__name__)
@@ -164,10 +163,15 @@ class PolicySampler:
         return kept
 
     def get_openai_client(self) -> Any:
-        """An ``openai.OpenAI`` client answered by this policy (``trinity.explorer.openai_api``)."""
+        """An ``openai.OpenAI`` client answered by this policy (``trinity.explorer.openai_api``,
+        imported on first use: the SDK and the web stack cost runners seconds at start)."""
+        from trinity.explorer.openai_api import openai_client
+
         return openai_client(self, is_async=False)
 
     def get_openai_async_client(self) -> Any:
+        from trinity.explorer.openai_api import openai_client
+
         return openai_client(self, is_async=True)
 
     def sampling_params(self, args: dict[str, Any]) -> types.SamplingParams:
