@@ -84,7 +84,7 @@ def test_features_switched_on_are_named_and_their_harmless_values_are_not(caplog
     switched_on = [
         "algorithm.sample_strategy=staleness_control",
         "model.repetition_penalty=1.1",
-        "explorer.rollout_model.enable_openai_api=true",
+        "explorer.rollout_model.enable_log_requests=true",
         "model.min_response_tokens=4",
         "log.group_by_node=true",
         "buffer.explorer_input.taskset.data_selector.selector_type=difficulty_based",
@@ -98,7 +98,7 @@ def test_features_switched_on_are_named_and_their_harmless_values_are_not(caplog
     harmless = [
         "algorithm.sample_strategy=warmup",
         "model.repetition_penalty=1",
-        "explorer.rollout_model.enable_openai_api=false",
+        "explorer.rollout_model.enable_log_requests=false",
         "buffer.explorer_input.taskset.data_selector.selector_type=SHUFFLE",
     ]
     (message,) = warnings_of(caplog, EVERY_KEY, harmless)

@@ -41,6 +41,7 @@ from trinity.algorithms.spec import (
     explorer_advantage_fn,
     resolve_algorithm,
 )
+from trinity.algorithms.step_wise import explorer_hook, per_episode
 
 __all__ = [
     "ADVANTAGE_FNS",
@@ -62,6 +63,7 @@ __all__ = [
     "compute_advantages",
     "entropy_from_logits",
     "explorer_advantage_fn",
+    "explorer_hook",
     "group_advantage_fn",
     "grpo_advantages",
     "info_from_datum",
@@ -69,6 +71,7 @@ __all__ = [
     "lr_at",
     "lr_factor",
     "opmd_advantages",
+    "per_episode",
     "original_entropy_estimate",
     "reinforce_advantages",
     "reinforce_plus_plus_advantages",

@@ -138,3 +138,69 @@ def countdown(
             }
         )
     return rows
+
+
+def _reachable(grid: list[str]) -> bool:
+    n = len(grid)
+    seen, todo = {(0, 0)}, [(0, 0)]
+    while todo:
+        r, c = todo.pop()
+        if grid[r][c] == "G":
+            return True
+        for nr, nc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+            if 0 <= nr < n and 0 <= nc < n and (nr, nc) not in seen and grid[nr][nc] != "H":
+                seen.add((nr, nc))
+                todo.append((nr, nc))
+    return False
+
+
+@BUILTIN_TASKSETS.register("frozen_lake")
+def frozen_lake(
+    size: int = 1024, grid: int = 4, hole_prob: float = 0.2, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Solvable ``grid`` x ``grid`` lakes (``map``: S start top-left, G goal bottom-right, H holes
+    with probability ``hole_prob``) for ``frozen_lake_workflow``."""
+    if grid < 2 or not 0 <= hole_prob < 1:
+        raise ValueError("frozen_lake taskset: need grid >= 2 and 0 <= hole_prob < 1")
+    rows = []
+    for index in range(size):
+        rng = _row_rng("frozen_lake", seed, index)
+        for _ in range(MAX_TRIES):
+            cells = [
+                ["H" if rng.random() < hole_prob else "F" for _ in range(grid)] for _ in range(grid)
+            ]
+            cells[0][0], cells[-1][-1] = "S", "G"
+            lake = ["".join(row) for row in cells]
+            if _reachable(lake):
+                break
+        rows.append({"map": lake})
+    return rows
+
+
+@BUILTIN_TASKSETS.register("sudoku")
+def sudoku(size: int = 1024, blanks: int = 6, seed: int = 0) -> list[dict[str, Any]]:
+    """4x4 sudokus (2x2 boxes) with ``blanks`` cells to fill (``puzzle``, ``solution``) for
+    ``sudoku_workflow``: a valid board shuffled by digit, band and column permutations."""
+    if not 1 <= blanks <= 16:
+        raise ValueError("sudoku taskset: blanks must be in 1..16")
+    base = [[(2 * (r % 2) + r // 2 + c) % 4 + 1 for c in range(4)] for r in range(4)]
+    rows = []
+    for index in range(size):
+        rng = _row_rng("sudoku", seed, index)
+        digits = rng.sample(range(1, 5), 4)
+        bands = rng.sample([0, 1], 2)
+        order = [2 * band + r for band in bands for r in rng.sample([0, 1], 2)]
+        stacks = rng.sample([0, 1], 2)
+        cols = [2 * stack + c for stack in stacks for c in rng.sample([0, 1], 2)]
+        board = [[digits[base[r][c] - 1] for c in cols] for r in order]
+        hidden = set(rng.sample(range(16), blanks))
+        rows.append(
+            {
+                "puzzle": [
+                    "".join("." if 4 * r + c in hidden else str(board[r][c]) for c in range(4))
+                    for r in range(4)
+                ],
+                "solution": ["".join(map(str, row)) for row in board],
+            }
+        )
+    return rows

@@ -4,7 +4,7 @@ Drop-in means a config written for Trinity-RFT 0.6 loads unchanged; the promise 
 is that every key either does what it does there, or is named, with the reason, in one warning
 when the config is loaded (``trinity run`` and ``trinity config check`` alike). A key is named
 when the YAML sets it to anything but its *harmless* values, the values at which the original
-behaves as this implementation does (``enable_openai_api: false``, ``repetition_penalty: 1.0``).
+behaves as this implementation does (``enable_log_requests: false``, ``repetition_penalty: 1.0``).
 Settings of GPU engines (vLLM, veRL, Megatron) can never mean anything on these backends; the
 other entries are features still to come, and leave this table as they land. Keys the original
 ignores too (``optimizer.clip_grad``, ``synchronizer.wait_for_checkpoint``) or that only serve a
@@ -35,7 +35,6 @@ _TASKSET = {
     "format.tools_key": Inert(NOT_YET, ("tools",)),
     "format.image_key": Inert(NOT_YET),
     "format.video_key": Inert(NOT_YET),
-    "format.enable_concatenated_multi_turn": Inert(NOT_YET, (False,)),
     "format.chat_template": Inert("use model.custom_chat_template"),
     "format.enable_thinking": Inert(NOT_YET),
     "rollout_args.logprobs": Inert(NO_TOP_K, (0,)),
@@ -65,13 +64,9 @@ _ROLLOUT_MODEL = {
     "max_prompt_tokens": Inert("use model.max_prompt_tokens"),
     "max_response_tokens": Inert("use model.max_response_tokens"),
     "chat_template": Inert("use model.custom_chat_template"),
-    "enable_history": Inert(NOT_YET, (False,)),
-    "enable_openai_api": Inert(NOT_YET, (False,)),
     "enable_log_requests": Inert(NOT_YET, (False,)),
     "base_port": Inert(NOT_YET),
     "api_key": Inert(NOT_YET, ("EMPTY",)),
-    "enable_auto_tool_choice": Inert(NOT_YET, (False,)),
-    "tool_call_parser": Inert(NOT_YET),
     "reasoning_parser": Inert(NOT_YET),
     "enable_multimodal": Inert(NOT_YET, (False,)),
     "enable_thinking": Inert(NOT_YET),

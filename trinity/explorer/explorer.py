@@ -9,6 +9,7 @@ trainer stays algorithm-blind and every algorithm runs on every backend.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import statistics
 import time
@@ -165,6 +166,8 @@ class Explorer:
                     exc,
                 )
                 continue
+            if not experiences:
+                log.warning("task %s: the workflow returned no experiences; skipped", task.task_id)
             group_id = f"{step}/{task.task_id}"
             for exp in experiences:
                 exp.group_id = group_id
@@ -187,11 +190,44 @@ class Explorer:
         self.monitor.log(metrics, step)
 
 
-def rollout(
+async def rollout(
     task: Task, backend: SamplerBackend, settings: RolloutSettings, seed: int
-) -> Awaitable[list[Experience]]:
-    """One run of the task's workflow against a backend sampler (here or in a runner actor)."""
-    return WORKFLOWS.get(task.workflow)(task, PolicySampler(backend, settings, seed=seed)).run()
+) -> list[Experience]:
+    """One run of the task's workflow against a backend sampler (here or in a runner actor).
+
+    A workflow that cannot repeat runs once per ``repeat_times``, concurrently, each episode with
+    its own sampler; a failed episode is dropped (logged) unless all fail.
+    """
+    workflow = WORKFLOWS.get(task.workflow)
+    concatenated = bool(task.format.get("enable_concatenated_multi_turn"))
+
+    def model(episode_seed: int) -> PolicySampler:
+        return PolicySampler(backend, settings, seed=episode_seed, concatenated=concatenated)
+
+    if workflow.can_repeat:
+        return await workflow(task, model(seed)).run()
+    single = dataclasses.replace(task, repeat_times=1)
+
+    async def episode(run: int) -> list[Experience]:
+        experiences = await workflow(single, model(derive_seed(seed, "run", run))).run()
+        for exp in experiences:
+            exp.info["run"] = run
+        return experiences
+
+    results = await asyncio.gather(
+        *(episode(run) for run in range(task.repeat_times)), return_exceptions=True
+    )
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if len(failures) == len(results):
+        raise failures[0]
+    for failure in failures:
+        log.warning(
+            "task %s: an episode failed and is dropped: %s: %s",
+            task.task_id,
+            type(failure).__name__,
+            failure,
+        )
+    return [exp for r in results if not isinstance(r, BaseException) for exp in r]
 
 
 def rollout_metrics(experiences: list[Experience], prefix: str) -> dict[str, float]:

@@ -10,7 +10,9 @@ from typing import Any
 
 from tinker import types
 
-from trinity.workflows.types import Response
+from trinity.explorer.conversation import Conversations
+from trinity.explorer.history import experiences_from_history
+from trinity.workflows.types import Experience, Response
 
 log = logging.getLogger(__name__)
 _prompts_cut = itertools.count(1)  # in this process
@@ -27,6 +29,12 @@ class RolloutSettings:
     top_k: int = -1
     enable_prompt_truncation: bool = True
     chat_template: str | None = None
+    max_model_len: int | None = None
+    # explorer.rollout_model.*: agent workflows (trinity.explorer.openai_api, .history)
+    enable_history: bool = False
+    enable_openai_api: bool = False
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
 
 
 def derive_seed(*parts: Any) -> int:
@@ -38,26 +46,48 @@ def derive_seed(*parts: Any) -> int:
 class PolicySampler:
     """Implements ``trinity.workflows.types.Sampler`` over a backend sampler for one task."""
 
-    def __init__(self, backend: Any, settings: RolloutSettings, seed: int | None = None):
+    def __init__(
+        self,
+        backend: Any,
+        settings: RolloutSettings,
+        seed: int | None = None,
+        *,
+        concatenated: bool = False,
+    ):
+        """``concatenated``: the task's ``format.enable_concatenated_multi_turn``, how
+        ``extract_experience_from_history`` packs a conversation."""
         self.backend = backend
         self.tokenizer = backend.tokenizer
         self.settings = settings
         self.seed = seed
+        self.concatenated = concatenated
+        self.enable_history = settings.enable_history
+        self.enable_openai_api = settings.enable_openai_api
+        self.history: list[Response] = []
+        self.conversations = Conversations(self.tokenizer, settings.chat_template)
         self._calls = 0
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=True,
-            chat_template=self.settings.chat_template,
-        )
-        return self.tokenizer.encode(text, add_special_tokens=False)
+    @property
+    def model_path(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "") or "policy")
+
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """Continues a conversation this model answered with the ids it sampled (see
+        ``trinity.explorer.conversation``); renders the chat template otherwise."""
+        return self.conversations.prompt_tokens(messages, tools)
 
     async def chat(
         self, messages: list[dict[str, str]], n: int, **sampling_args: Any
     ) -> list[Response]:
-        return await self.generate(self.encode_chat(messages), n, **sampling_args)
+        responses = await self.generate(self.encode_chat(messages), n, **sampling_args)
+        for response in responses:
+            reply = {"role": "assistant", "content": response.text}
+            self.conversations.remember(
+                messages, None, reply, response.prompt_tokens, response.tokens
+            )
+        return responses
 
     async def generate(
         self, prompt_tokens: list[int], n: int, **sampling_args: Any
@@ -78,9 +108,14 @@ class PolicySampler:
                     cut,
                 )
             prompt_tokens = prompt_tokens[-limit:]
-        params = self._params(sampling_args)
+        return await self.sample(prompt_tokens, n, self.sampling_params(sampling_args))
+
+    async def sample(
+        self, prompt_tokens: list[int], n: int, params: types.SamplingParams
+    ) -> list[Response]:
+        """The backend's samples as ``Response``s, recorded in ``history`` when it is on."""
         response = await self.backend.sample(prompt_tokens, n, params)
-        return [
+        responses = [
             Response(
                 prompt_tokens=list(prompt_tokens),
                 tokens=list(seq.tokens),
@@ -90,11 +125,59 @@ class PolicySampler:
             )
             for seq in response.sequences
         ]
+        if self.enable_history:
+            self.history.extend(responses)
+        return responses
 
-    def _params(self, args: dict[str, Any]) -> types.SamplingParams:
+    def clone_with_isolated_history(self, seed: int | None = None) -> PolicySampler:
+        """The same policy with its own history (one per episode of a task)."""
+        clone = PolicySampler(self.backend, self.settings, seed, concatenated=self.concatenated)
+        clone.enable_history, clone.enable_openai_api = self.enable_history, self.enable_openai_api
+        return clone
+
+    def extract_experience_from_history(self, clear_history: bool = True) -> list[Experience]:
+        """The recorded calls as experiences (``trinity.explorer.history``), without rewards.
+
+        A sequence longer than ``model.max_model_len`` is left out, with a logged reason: the
+        trainer could not take it whole, and a cut episode no longer earned its reward.
+        """
+        if not self.enable_history:
+            raise ValueError(
+                "extract_experience_from_history needs explorer.rollout_model.enable_history: true"
+            )
+        experiences = experiences_from_history(
+            self.history, concatenated=self.concatenated, tokenizer=self.tokenizer
+        )
+        if clear_history:
+            self.history = []
+            self.conversations.clear()
+        limit = self.settings.max_model_len
+        kept = [exp for exp in experiences if not limit or len(exp.tokens) <= limit]
+        if len(kept) < len(experiences):
+            log.warning(
+                "skipped %d experience(s) longer than model.max_model_len=%d tokens (longest %d)",
+                len(experiences) - len(kept),
+                limit,
+                max(len(exp.tokens) for exp in experiences),
+            )
+        return kept
+
+    def get_openai_client(self) -> Any:
+        """An ``openai.OpenAI`` client answered by this policy (``trinity.explorer.openai_api``,
+        imported on first use: the SDK and the web stack cost runners seconds at start)."""
+        from trinity.explorer.openai_api import openai_client
+
+        return openai_client(self, is_async=False)
+
+    def get_openai_async_client(self) -> Any:
+        from trinity.explorer.openai_api import openai_client
+
+        return openai_client(self, is_async=True)
+
+    def sampling_params(self, args: dict[str, Any]) -> types.SamplingParams:
         s = self.settings
-        seed = None
-        if self.seed is not None:
+        seed = args.get("seed")
+        if seed is None and self.seed is not None:
             seed = derive_seed(self.seed, self._calls)
             self._calls += 1
 

@@ -21,7 +21,7 @@ from typing import Any
 from trinity.algorithms import (
     adam_params_fn,
     build_loss_plan,
-    explorer_advantage_fn,
+    explorer_hook,
     resolve_algorithm,
 )
 from trinity.backends.local import LocalRuntime, LocalSampler, LocalTrainer
@@ -433,7 +433,7 @@ def _explorer(
         buffer=buffer,
         synchronizer=synchronizer,
         monitor=monitor,
-        advantage_fn=explorer_advantage_fn(config.algorithm, seed=rollout.seed),
+        advantage_fn=explorer_hook(config.algorithm, seed=rollout.seed),
         runners=rollout.engine_num * config.explorer.runner_per_model,
         seed=rollout.seed,
         max_retry_times=config.explorer.max_retry_times,
@@ -453,7 +453,7 @@ def _chat_template(config: Any) -> str | None:
 
 
 def _rollout_settings(config: Any) -> RolloutSettings:
-    model = config.model
+    model, rollout = config.model, config.explorer.rollout_model
     template = _chat_template(config)
     return RolloutSettings(
         max_prompt_tokens=model.max_prompt_tokens,
@@ -463,6 +463,11 @@ def _rollout_settings(config: Any) -> RolloutSettings:
         top_k=model.top_k,
         enable_prompt_truncation=model.enable_prompt_truncation,
         chat_template=template,
+        max_model_len=model.max_model_len,
+        enable_history=rollout.enable_history,
+        enable_openai_api=rollout.enable_openai_api,
+        enable_auto_tool_choice=rollout.enable_auto_tool_choice,
+        tool_call_parser=rollout.tool_call_parser,
     )
 
 

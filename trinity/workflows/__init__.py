@@ -1,5 +1,11 @@
 """Workflows and reward functions: the pure layer between a taskset row and an ``Experience``."""
 
+from trinity.workflows.agents import (
+    AgentWorkflow,
+    EnvWorkflow,
+    MultiTurnWorkflow,
+    agent_workflow,
+)
 from trinity.workflows.rewards import REWARD_FUNCTIONS
 from trinity.workflows.types import Experience, Response, Sampler, Task
 from trinity.workflows.workflows import (
@@ -13,6 +19,10 @@ from trinity.workflows.workflows import (
 
 __all__ = [
     "REWARD_FUNCTIONS",
+    "AgentWorkflow",
+    "EnvWorkflow",
+    "MultiTurnWorkflow",
+    "agent_workflow",
     "WORKFLOWS",
     "CountdownWorkflow",
     "Experience",

@@ -31,11 +31,20 @@ BOXED_THINK_SYSTEM_PROMPT = (
 
 
 class Workflow:
-    """Base class: ``run`` samples and scores; ``experience`` packs one response for training."""
+    """Base class: ``run`` samples and scores; ``experience`` packs one response for training.
+
+    ``can_repeat``: one ``run`` returns all ``repeat_times`` samples (asking the sampler for n);
+    otherwise the explorer runs ``repeat_times`` instances, one episode each, every one with its
+    own model (history, seed) and ``info["run"]`` set on its experiences, as the original's runner
+    does. ``self.model`` is the original's name for the sampler.
+    """
+
+    can_repeat = True
 
     def __init__(self, task: Task, sampler: Sampler):
         self.task = task
         self.sampler = sampler
+        self.model = sampler
 
     @classmethod
     def required_fields(cls, fmt: dict[str, Any]) -> dict[str, tuple[str, ...]]:
