@@ -16,6 +16,7 @@ import yaml
 
 from trinity.cli.main import main
 from trinity.monitor import read_metrics
+from trinity.monitor.rollouts import RolloutStore
 
 PLUGINS = Path(__file__).parent / "plugins"
 
@@ -92,7 +93,9 @@ def trainer_records(job: Path) -> dict[int, dict]:
 @pytest.mark.parametrize(("offset", "backend"), [(0, "local"), (1, "local"), (1, "tinker")])
 def test_grpo_three_steps_then_resume(tmp_path, tiny_model_dir, offset, backend):
     config = write_config(
-        tmp_path, tiny_model_dir, synchronizer={"sync_interval": 1, "sync_offset": offset},
+        tmp_path,
+        tiny_model_dir,
+        synchronizer={"sync_interval": 1, "sync_offset": offset},
         model=backend_model(tmp_path, tiny_model_dir, backend),
     )
     run_cli(config)
@@ -108,6 +111,9 @@ def test_grpo_three_steps_then_resume(tmp_path, tiny_model_dir, offset, backend)
     assert (job / "global_step_2" / "checkpoint_path.txt").exists()
     assert (job / "global_step_3" / "checkpoint_path.txt").exists()
     assert (job / "final_adapter" / "adapter_config.json").exists()
+    assert yaml.safe_load((job / "config.yaml").read_text())["buffer"]["total_steps"] == 3
+    rollouts = RolloutStore(job / "monitor" / "rollouts.db")
+    assert [(s["step"], s["count"]) for s in rollouts.steps()] == [(1, 8), (2, 8), (3, 8)]
 
     # the same config with more steps resumes after step 3 instead of starting over
     resumed = yaml.safe_load(config.read_text())
@@ -123,6 +129,7 @@ def test_grpo_three_steps_then_resume(tmp_path, tiny_model_dir, offset, backend)
     ]
     assert logged_steps == [1, 2, 3, 4, 5]
     assert steps[4]["rollout/model_version"] == 3  # resumed from the step-3 weights
+    assert [s["step"] for s in rollouts.steps()] == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("backend", ["local", "tinker"])
