@@ -268,5 +268,5 @@ def test_plot_metrics(tmp_path):
     mon.close()
     out = plot_metrics(path, ["critic/rewards/mean", "actor/loss"], tmp_path / "png" / "r.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(ValueError, match="'nope' was logged by none of the runs"):
         plot_metrics(path, ["nope"], tmp_path / "x.png")
