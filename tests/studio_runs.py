@@ -31,17 +31,14 @@ def write_run(root: Path, name: str, *, steps: int = 12, seed: int = 0) -> Path:
         random.Random(seed),
     )
     for step in range(1, steps + 1):
-        skill = step / steps  # the chance that an answer is right
+        skill = (step / steps) ** (1 + seed / 2)  # the share of right answers climbs to 1
         experiences = []
         for index in (2 * step % len(OPERANDS), (2 * step + 1) % len(OPERANDS)):
             a, b = OPERANDS[index]
-            for _ in range(REPEAT):
-                right = rng.random() < skill
-                answer = (
-                    f"{a} + {b} = {a + b}"
-                    if right
-                    else f"I think it is {a + b + rng.randint(1, 5)}"
-                )
+            for i in range(REPEAT):
+                right = i < round(REPEAT * skill - index % 2 / 2)
+                wrong = a + b + rng.randint(1, 5)
+                answer = f"{a} + {b} = {a + b}" if right else f"I think it is {wrong}"
                 experiences.append(
                     _experience(step, index, f"What is {a} + {b}?", answer, float(right))
                 )
