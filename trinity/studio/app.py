@@ -136,15 +136,21 @@ def create_app(root: str | Path, *, poll_seconds: float = 3.0) -> FastAPI:
     return app
 
 
+class _Warnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @contextlib.contextmanager
 def _captured(logger: str) -> Iterator[list[str]]:
     """The messages of warnings logged to ``logger`` while inside."""
-    messages: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
-    target = logging.getLogger(logger)
+    handler, target = _Warnings(), logging.getLogger(logger)
     target.addHandler(handler)
     try:
-        yield messages
+        yield handler.messages
     finally:
         target.removeHandler(handler)

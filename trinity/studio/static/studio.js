@@ -348,7 +348,7 @@ async function start() {
   if (info) {
     $("root").textContent = info.root;
     if (!params.get("poll")) state.poll = info.poll_seconds;
-    if (!info.exists) say("root", `${info.root} does not exist yet: runs appear when they start`, "warning");
+    if (!info.exists) say("root", `${info.root} is not a directory (yet): runs appear when they start`, "warning");
   }
   for (const button of document.querySelectorAll("#tabs button")) {
     button.addEventListener("click", () => show(button.dataset.tab));
