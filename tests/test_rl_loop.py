@@ -16,6 +16,7 @@ import yaml
 
 from trinity.cli.main import main
 from trinity.monitor import read_metrics
+from trinity.monitor.rollouts import RolloutStore
 
 PLUGINS = Path(__file__).parent / "plugins"
 
@@ -111,6 +112,9 @@ def test_grpo_three_steps_then_resume(tmp_path, tiny_model_dir, offset, backend)
     assert (job / "global_step_3" / "remote_checkpoint_path.txt").exists()
     assert sorted(p.name for p in job.glob("global_step_*")) == ["global_step_2", "global_step_3"]
     assert (job / "final_adapter" / "adapter_config.json").exists()
+    assert yaml.safe_load((job / "config.yaml").read_text())["buffer"]["total_steps"] == 3
+    rollouts = RolloutStore(job / "monitor" / "rollouts.db")
+    assert [(s["step"], s["count"]) for s in rollouts.steps()] == [(1, 8), (2, 8), (3, 8)]
 
     # the same config with more steps resumes after step 3 instead of starting over
     resumed = yaml.safe_load(config.read_text())
@@ -126,6 +130,7 @@ def test_grpo_three_steps_then_resume(tmp_path, tiny_model_dir, offset, backend)
     ]
     assert logged_steps == [1, 2, 3, 4, 5]
     assert steps[4]["rollout/model_version"] == 3  # resumed from the step-3 weights
+    assert [s["step"] for s in rollouts.steps()] == [1, 2, 3, 4, 5]
 
 
 def test_a_killed_run_resumes_with_each_step_logged_once(tmp_path, tiny_model_dir):

@@ -60,6 +60,25 @@ class JobDir:
         return self.path / "monitor"
 
     @property
+    def metrics_file(self) -> Path:
+        """Every metric logged, one JSON object a line (``trinity.monitor.jsonl``)."""
+        return self.monitor_dir / "metrics.jsonl"
+
+    @property
+    def rollouts_db(self) -> Path:
+        """The explorer's rollouts, step by step (``trinity.monitor.rollouts``)."""
+        return self.monitor_dir / "rollouts.db"
+
+    @property
+    def config_file(self) -> Path:
+        """The run's resolved config, as ``trinity config check`` prints it."""
+        return self.path / "config.yaml"
+
+    def is_run(self) -> bool:
+        """Whether a run has logged here: tools (``trinity studio``, ``trinity plot``) list these."""
+        return self.metrics_file.is_file() or self.rollouts_db.is_file()
+
+    @property
     def log_dir(self) -> Path:
         return self.path / "log"
 

@@ -4,6 +4,8 @@
     trinity config check X.yaml [--plugin-dir DIR ...] [--debug]
     trinity server ...            (trinity.cli.server)
     trinity fetch-model ...       (trinity.cli.fetch_model)
+    trinity plot ...              (trinity.cli.plot)
+    trinity studio ...            (trinity.cli.studio)
 
 A config or plugin problem is one line on stderr (``trinity: error: ...``) and exit status 2;
 ``--debug`` or ``TRINITY_DEBUG=1`` adds the traceback. Heavy layers (launcher, torch) are imported
@@ -19,11 +21,11 @@ import sys
 import traceback
 from typing import Any
 
-from trinity.cli import fetch_model, server
+from trinity.cli import fetch_model, plot, server, studio
 from trinity.config import ConfigError, load_config, to_yaml
 from trinity.plugins import PluginError, load_plugins
 
-SUBCOMMAND_MODULES = (server, fetch_model)  # each exposes add_parser(subparsers)
+SUBCOMMAND_MODULES = (server, fetch_model, plot, studio)  # each exposes add_parser(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

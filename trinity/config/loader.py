@@ -51,6 +51,12 @@ def load_config(
     return build_config(raw)
 
 
+def load_config_text(text: str, source: str) -> Config:
+    """A config handed over as YAML text (``trinity studio``'s editor), checked exactly as a file
+    would be; ``source`` names it in the messages that name the file."""
+    return build_config(parse_yaml(text, source))
+
+
 def read_yaml(path: str | Path) -> DictConfig:
     """The file as an unresolved OmegaConf mapping (interpolations still as text)."""
     where = f"cannot read config '{path}'"
@@ -60,6 +66,12 @@ def read_yaml(path: str | Path) -> DictConfig:
         raise ConfigError(f"{where}: no such file") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{where}: {_first_line(error)}") from None
+    return parse_yaml(text, path)
+
+
+def parse_yaml(text: str, source: str | Path) -> DictConfig:
+    """YAML text as an unresolved OmegaConf mapping; ``source`` names it in errors."""
+    where = f"cannot read config '{source}'"
     try:
         data = yaml.safe_load(text)  # the shape; OmegaConf's loader reads 1e-5 as a float
         node = OmegaConf.load(io.StringIO(text)) if isinstance(data, dict) else None

@@ -357,6 +357,9 @@ class MonitorConfig:
     monitor_args: dict[str, Any] = field(default_factory=dict)
     detailed_stats: bool = False
     enable_ray_timeline: bool = False
+    # our extension: rollouts kept in <job_dir>/monitor/rollouts.db for `trinity studio`
+    # (the newest ones; whole oldest steps are dropped first); 0 keeps none
+    max_rollouts: int = 20000
 
 
 @dataclass

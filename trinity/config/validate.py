@@ -461,6 +461,7 @@ def _check_monitor(config: Config) -> None:
         require(isinstance(name, str), f"{key}: expected a string, got {name!r}")
         normalized.append(choice(name, key, MONITORS.names()))
     config.monitor.monitor_type = normalized if isinstance(value, list) else normalized[0]
+    _at_least(config.monitor.max_rollouts, 0, "monitor.max_rollouts")
 
 
 def _derive_paths(config: Config) -> None:

@@ -21,6 +21,7 @@ from trinity.buffer.experience import ExperienceBuffer
 from trinity.buffer.tasksets import TasksetReader
 from trinity.explorer.sampler import PolicySampler, RolloutSettings, derive_seed
 from trinity.monitor.base import Monitor
+from trinity.monitor.rollouts import RolloutStore
 from trinity.synchronizer.synchronizer import Synchronizer
 from trinity.workflows import WORKFLOWS
 from trinity.workflows.types import Experience, Task
@@ -51,9 +52,11 @@ class Explorer:
         eval_interval: int = 0,
         eval_on_startup: bool = False,
         remote_rollout: Callable[[Task, int], Awaitable[list[Experience]]] | None = None,
+        rollouts: RolloutStore | None = None,
     ):
         """``remote_rollout(task, seed)``: run workflows elsewhere (Ray runner actors) instead of
-        in this event loop; retries, timeouts and bookkeeping stay here either way."""
+        in this event loop; retries, timeouts and bookkeeping stay here either way.
+        ``rollouts``: where each step's experiences are kept for looking at (``trinity studio``)."""
         self.sampler = sampler
         self.settings = settings
         self.reader = reader
@@ -69,6 +72,7 @@ class Explorer:
         self.eval_interval = eval_interval
         self.eval_on_startup = eval_on_startup
         self.remote_rollout = remote_rollout
+        self.rollouts = rollouts
         self.model_version = 0
         self.failed_in_a_row = 0
         self.last_failure = ""
@@ -86,6 +90,8 @@ class Explorer:
                     break
                 step += 1
                 experiences, metrics = await self.explore_step(step, tasks)
+                if self.rollouts is not None:
+                    self.rollouts.write(step, experiences)
                 await self.buffer.put(experiences)
                 self.monitor.log(metrics, step)
                 if self.eval_interval and step % self.eval_interval == 0 and self.eval_readers:

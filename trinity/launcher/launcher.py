@@ -30,13 +30,15 @@ from trinity.backends.tinker_sdk import TinkerSampler, TinkerSession, TinkerTrai
 from trinity.buffer.experience import build_experience_buffer
 from trinity.buffer.sft import sft_dataset, sft_sequence
 from trinity.buffer.tasksets import TasksetReader
+from trinity.config import to_yaml
 from trinity.explorer.explorer import Explorer
 from trinity.explorer.sampler import RolloutSettings
-from trinity.jobdir import JobDir
+from trinity.jobdir import JobDir, atomic_write
 from trinity.launcher.cluster import RayCluster, connect, runner_env
 from trinity.monitor import JsonlMonitor, build_monitors
 from trinity.monitor.base import RoleMonitor
 from trinity.monitor.jsonl import forget_steps_after
+from trinity.monitor.rollouts import RolloutStore
 from trinity.synchronizer.synchronizer import Synchronizer
 from trinity.trainer.trainer import Trainer
 
@@ -230,6 +232,7 @@ def _start_local_server(config: Any, backends: Backends) -> tuple[str, str, str]
 
 async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
     job_dir = JobDir(config.checkpoint_job_dir)
+    atomic_write(job_dir.config_file, to_yaml(config))  # what tools show as the run's config
     resume = job_dir.latest_checkpoint() if config.continue_from_checkpoint else None
     start_step, resume_ref = resume if resume else (0, None)
     if resume:
@@ -422,6 +425,12 @@ async def _experience_buffer(config: Any, *, shared: bool, reopen: bool) -> Any:
     return buffer
 
 
+def _rollout_store(config: Any) -> RolloutStore | None:
+    """``monitor.max_rollouts`` > 0: keep the newest rollouts in the run dir for looking at."""
+    keep = config.monitor.max_rollouts
+    return RolloutStore(JobDir(config.checkpoint_job_dir).rollouts_db, keep) if keep else None
+
+
 def _explorer(
     config, sampler, reader, buffer, synchronizer, monitor, eval_readers, runners=None
 ) -> Explorer:
@@ -442,6 +451,7 @@ def _explorer(
         eval_interval=config.explorer.eval_interval,
         eval_on_startup=config.explorer.eval_on_startup,
         remote_rollout=runners.run if runners else None,
+        rollouts=_rollout_store(config) if reader is not None else None,  # bench: evals only
     )
 
 

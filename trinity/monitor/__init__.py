@@ -20,7 +20,7 @@ from trinity.monitor.base import (
 )
 from trinity.monitor.console import ConsoleMonitor
 from trinity.monitor.external import MlflowMonitor, TensorboardMonitor, WandbMonitor
-from trinity.monitor.jsonl import JsonlMonitor, read_metrics
+from trinity.monitor.jsonl import JsonlMonitor, read_metrics, scan_metrics
 from trinity.monitor.plot import metric_series, plot_metrics
 from trinity.registry import MONITORS
 
@@ -39,6 +39,7 @@ __all__ = [
     "plot_metrics",
     "read_metrics",
     "scalar_metrics",
+    "scan_metrics",
     "stats",
 ]
 

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from trinity.jobdir import JobDir
 from trinity.monitor.base import RunInfo, to_number
 from trinity.registry import MONITORS
 
@@ -33,8 +34,6 @@ def _json_value(value: Any) -> Any:
 
 @MONITORS.register("jsonl")
 class JsonlMonitor:
-    FILE_NAME = "metrics.jsonl"
-
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,7 +41,7 @@ class JsonlMonitor:
 
     @classmethod
     def from_run(cls, run: RunInfo) -> JsonlMonitor:
-        return cls(run.monitor_dir / cls.FILE_NAME)
+        return cls(JobDir(run.job_dir).metrics_file)
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         if self._fd is None:
@@ -95,14 +94,25 @@ def _redone(line: bytes, step: int, roles: set[str]) -> bool:
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl; a torn last line (run killed mid-write) is skipped."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    return scan_metrics(path)[0]
+
+
+def scan_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """(records, numbers of the lines skipped): a line that is not a JSON object with an integer
+    ``step`` (torn by a kill, still being written, or edited by hand) is left out, and a tool
+    showing the run can say which."""
+    records, skipped = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
             line = line.strip()
             if not line:
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
-                continue
-    return records
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+            else:
+                skipped.append(number)
+    return records, skipped
