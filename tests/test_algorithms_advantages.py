@@ -1,4 +1,4 @@
-"""Advantage functions against hand-computed values, and the explorer hook."""
+"""Advantage functions against hand-computed values, the explorer hook, the trainer's batch step."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from trinity.algorithms import (
     opmd_advantages,
     reinforce_plus_plus_advantages,
     rloo_advantages,
+    set_batch_advantages,
 )
 
 
@@ -152,3 +153,23 @@ def test_group_advantage_fn_leaves_batch_level_to_the_plan():
     exps = [_exp("a", 1.0)]
     assert group_advantage_fn("reinforceplusplus")(exps) == {}
     assert exps[0].advantages is None
+
+
+def test_set_batch_advantages_writes_the_batch_function_result():
+    exps = [
+        SimpleNamespace(
+            reward=1.0, loss_mask=[1, 1, 0], logprobs=[-1.0, -2.0, -3.0], advantages=None
+        ),
+        SimpleNamespace(reward=0.0, loss_mask=[1, 1], logprobs=[-0.5, -0.5], advantages=None),
+    ]
+    refs = [[-1.5, -1.0, -3.0], [-0.5, -1.0]]
+    masks = [torch.tensor(e.loss_mask, dtype=torch.float32) for e in exps]
+    kl = [torch.tensor(e.logprobs) - torch.tensor(r) for e, r in zip(exps, refs, strict=True)]
+    expected, _ = reinforce_plus_plus_advantages([1.0, 0.0], masks, kl=kl, kl_coef=0.1, gamma=0.9)
+    returned = set_batch_advantages(
+        exps, "reinforceplusplus", {"gamma": 0.9}, refs, kl_penalty_fn="k1", kl_coef=0.1
+    )
+    for exp, got, want in zip(exps, returned, expected, strict=True):
+        assert torch.allclose(got, want)
+        assert exp.advantages == pytest.approx(want.tolist())
+    assert exps[0].advantages[2] == 0.0  # masked token

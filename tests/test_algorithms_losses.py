@@ -1,7 +1,8 @@
 """Loss mapping parity: the Tinker built-in applied to our datums == the original objective.
 
 Both sides are written here from their definitions, independently of the code under test:
-``tinker_loss`` is notes/tinker-api.md §1.6 (token sums), ``verl_agg`` is veRL's ``agg_loss`` on a
+``tinker_loss`` is Tinker's built-in token sums (the formulas trinity/engine/losses.py lists),
+``verl_agg`` is veRL's ``agg_loss`` on a
 padded batch, and each ``original_*`` is the original Trinity per-token objective. For every
 mapped algorithm and every ``loss_agg_mode`` we compare value and gradient w.r.t. the learner's
 logprobs (torchtune-style numerical parity).
@@ -33,7 +34,7 @@ MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-to
 
 
 def tinker_loss(loss_fn, lp_list, datums, config=None):
-    """Tinker's built-in losses, token sums, from notes/tinker-api.md §1.6."""
+    """Tinker's built-in losses, token sums (as listed in trinity/engine/losses.py)."""
     config = config or {}
     total = torch.zeros(())
     for lp, datum in zip(lp_list, datums, strict=True):
@@ -442,6 +443,7 @@ def test_reinforce_plus_plus_advantages_computed_in_plan_with_kl_penalty():
     for t in trajs:
         t.advantages = None  # the explorer's hook leaves them to the plan
     refs = [t.ref for t in trajs]
+    assert plan.batch_advantages(trajs, refs)  # the trainer's step, before the datums
     datums = plan.to_datums(trajs, refs)
     masks = [torch.tensor(t.loss_mask, dtype=torch.float32) for t in trajs]
     kl = [torch.tensor(t.logprobs) - torch.tensor(t.ref) for t in trajs]
@@ -453,6 +455,39 @@ def test_reinforce_plus_plus_advantages_computed_in_plan_with_kl_penalty():
         assert torch.allclose(torch.tensor(t.advantages), e, atol=1e-6)
         got = d.loss_fn_inputs["advantages"].to_torch()[t.prompt_length - 1 :]
         assert torch.allclose(got, e * s, atol=1e-6)
+
+
+def test_to_datums_only_reads_the_experiences():
+    plan = build_loss_plan({"algorithm_type": "reinforceplusplus", "kl_loss_fn": "none"})
+    trajs = make_batch()
+    given = [list(t.advantages) for t in trajs]
+    datums = plan.to_datums(trajs)
+    assert [t.advantages for t in trajs] == given  # no batch advantages written back
+    got = datums[0].loss_fn_inputs["advantages"].to_torch()[trajs[0].prompt_length - 1 :]
+    assert torch.allclose(got, torch.tensor(given[0]) / 9)  # token-mean over 9 masked tokens
+    for t in trajs:
+        t.advantages = None
+    with pytest.raises(ValueError, match="no advantages"):
+        plan.to_datums(trajs)
+    assert all(t.advantages is None for t in trajs)
+
+
+def test_batch_advantages_leave_group_advantages_alone():
+    plan = build_loss_plan({"algorithm_type": "grpo", "kl_loss_fn": "none"})
+    trajs = make_batch()
+    given = [list(t.advantages) for t in trajs]
+    assert not plan.batch_advantages(trajs, [t.ref for t in trajs])
+    assert [t.advantages for t in trajs] == given
+
+
+def test_batch_advantages_without_kl_penalty_ignore_the_reference():
+    plan = build_loss_plan({"algorithm_type": "reinforceplusplus", "kl_loss_fn": "none"})
+    trajs = make_batch()
+    assert plan.batch_advantages(trajs, [t.ref for t in trajs])  # kl_penalty_fn none: no KL
+    masks = [torch.tensor(t.loss_mask, dtype=torch.float32) for t in trajs]
+    expected, _ = reinforce_plus_plus_advantages([t.reward for t in trajs], masks)
+    for t, e in zip(trajs, expected, strict=True):
+        assert torch.allclose(torch.tensor(t.advantages), e, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -1,7 +1,9 @@
-"""Algorithms: advantages, KL / entropy terms, loss aggregation, loss mapping, lr schedules.
+"""Algorithms: advantages, KL / entropy terms, loss aggregation, policy losses, datums, the loss
+plan, lr schedules.
 
 Pure functions over tensors and plain lists (no model, no backend, no ``trinity.workflows``).
-The explorer calls ``explorer_advantage_fn(config)``; the trainer uses ``build_loss_plan(config)``.
+The explorer calls ``explorer_advantage_fn(config)``; the trainer uses ``build_loss_plan(config)``
+(its ``batch_advantages``, ``to_datums``, ``metrics``) and ``adam_params_fn(config.optimizer)``.
 """
 
 from trinity.algorithms.advantages import (
@@ -14,8 +16,10 @@ from trinity.algorithms.advantages import (
     reinforce_advantages,
     reinforce_plus_plus_advantages,
     rloo_advantages,
+    set_batch_advantages,
 )
 from trinity.algorithms.aggregation import LOSS_AGG_MODES, aggregate, token_scales
+from trinity.algorithms.datums import DatumBatch, DatumLayout, TokenInfo, info_from_datum
 from trinity.algorithms.kl import (
     KL_FNS,
     entropy_from_logits,
@@ -23,16 +27,8 @@ from trinity.algorithms.kl import (
     original_entropy_estimate,
     sampled_entropy,
 )
-from trinity.algorithms.losses import (
-    POLICY_LOSSES,
-    DatumBatch,
-    LossPlan,
-    PolicyLoss,
-    TokenInfo,
-    build_loss_plan,
-    builtin_token_loss,
-    info_from_datum,
-)
+from trinity.algorithms.loss_plan import LossPlan, build_loss_plan
+from trinity.algorithms.policy_losses import POLICY_LOSSES, PolicyLoss
 from trinity.algorithms.schedules import adam_params_fn, lr_at, lr_factor, warmup_steps
 from trinity.algorithms.spec import (
     ALGORITHMS,
@@ -52,6 +48,7 @@ __all__ = [
     "AlgorithmSettings",
     "AlgorithmSpec",
     "DatumBatch",
+    "DatumLayout",
     "LossPlan",
     "PolicyLoss",
     "TokenInfo",
@@ -59,7 +56,6 @@ __all__ = [
     "aggregate",
     "asymre_advantages",
     "build_loss_plan",
-    "builtin_token_loss",
     "compute_advantages",
     "entropy_from_logits",
     "explorer_advantage_fn",
@@ -78,6 +74,7 @@ __all__ = [
     "resolve_algorithm",
     "rloo_advantages",
     "sampled_entropy",
+    "set_batch_advantages",
     "token_scales",
     "warmup_steps",
 ]

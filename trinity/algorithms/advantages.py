@@ -1,12 +1,14 @@
-"""Advantage functions, computed client-side (explorer or loss plan), never by the learner.
+"""Advantage functions, computed client-side (explorer or trainer), never by the learner.
 
 Group functions map the scalar rewards of one task's samples, ``rewards_G``, to one advantage per
-sample; the explorer broadcasts it over the sample's response tokens. ``reinforce_plus_plus``
-is batch-level (returns are whitened over every response token of the batch), so the loss plan
-runs it on the training batch, where reference logprobs for its KL penalty are also at hand.
+sample; the explorer broadcasts it over the sample's response tokens (``group_advantage_fn``).
+``reinforce_plus_plus`` is batch-level (returns are whitened over every response token of the
+batch), so the trainer runs it on the training batch before building datums
+(``set_batch_advantages``), where reference logprobs for its KL penalty are also at hand.
 
 Everything works on plain tensors / lists so the layer stays below ``trinity.workflows``; the
-experience-level adapter only duck-types ``reward``, ``group_id``, ``loss_mask``, ``advantages``.
+experience-level adapters only duck-type ``reward``, ``group_id``, ``loss_mask``, ``advantages``
+(and ``logprobs`` for the KL penalty).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trinity.registry import ADVANTAGE_FNS, ALGORITHMS, BATCH_ADVANTAGE_FNS
+from trinity.registry import ADVANTAGE_FNS, ALGORITHMS, BATCH_ADVANTAGE_FNS, KL_FNS
 
 
 def _as_tensor(rewards_G: Sequence[float] | Tensor) -> Tensor:
@@ -179,6 +181,41 @@ def reinforce_plus_plus_advantages(
     return advantages, returns
 
 
+def set_batch_advantages(
+    experiences: Sequence[Any],
+    advantage_fn: str,
+    advantage_fn_args: Mapping[str, Any] | None = None,
+    ref_logprobs: Sequence[Sequence[float]] | None = None,
+    kl_penalty_fn: str = "none",
+    kl_coef: float = 0.0,
+) -> list[Tensor]:
+    """The trainer's step for a batch-level ``advantage_fn``: set every ``exp.advantages``.
+
+    Runs the function over the whole training batch (rewards and loss masks) and returns the
+    per-experience advantages it wrote. With ``kl_coef`` and ``ref_logprobs`` (one list of response
+    logprobs per experience) the per-token ``kl_penalty_fn`` between the sampler's and the
+    reference's logprobs is the function's KL penalty in the token rewards.
+    """
+    masks = [_as_tensor(exp.loss_mask) for exp in experiences]
+    kl = None
+    if kl_coef and ref_logprobs is not None:
+        kl_fn = KL_FNS.get(kl_penalty_fn)
+        kl = [
+            kl_fn(_as_tensor(exp.logprobs), _as_tensor(ref))
+            for exp, ref in zip(experiences, ref_logprobs, strict=True)
+        ]
+    advantages, _ = BATCH_ADVANTAGE_FNS.get(advantage_fn)(
+        [float(exp.reward) for exp in experiences],
+        masks,
+        kl=kl,
+        kl_coef=kl_coef,
+        **(advantage_fn_args or {}),
+    )
+    for exp, adv in zip(experiences, advantages, strict=True):
+        exp.advantages = adv.tolist()
+    return advantages
+
+
 def group_advantage_fn(
     advantage_fn: str,
     advantage_fn_args: Mapping[str, Any] | None = None,
@@ -188,8 +225,8 @@ def group_advantage_fn(
 
     Groups by ``group_id`` (falling back to ``task_id``). Dropped groups (``std_threshold``) are
     removed from the list in place; with ``duplicate_experiences`` random surviving groups are
-    deep-copied to keep the batch size (Polaris). Batch-level functions (REINFORCE++) are left to
-    the loss plan, so the hook does nothing for them.
+    deep-copied to keep the batch size (Polaris). Batch-level functions (REINFORCE++) are the
+    trainer's step (``set_batch_advantages``), so the hook does nothing for them.
     """
     args = dict(advantage_fn_args or {})
     std_threshold = args.pop("std_threshold", None)

@@ -1,18 +1,21 @@
 """Learning-rate schedules as pure functions of the step (the client sends the lr every optim_step).
 
 Same shape as the original Tinker trainer: linear warmup from ``min_lr_ratio`` to 1 over the warmup
-steps, then constant or a half-cosine from 1 down to ``min_lr_ratio`` at ``total_steps``.
+steps, then constant or a half-cosine from 1 down to ``min_lr_ratio`` at ``total_steps``. The
+``algorithm.optimizer`` defaults are the schema's (``OptimizerConfig``), the only place they live.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from tinker import types
 
-LR_SCHEDULERS = ("constant", "cosine")
+from trinity.config import load_section
+from trinity.config.schema import OptimizerConfig
+from trinity.config.validate import LR_SCHEDULERS
 
 
 def warmup_steps(
@@ -27,7 +30,7 @@ def warmup_steps(
 def lr_factor(
     step: int,
     *,
-    scheduler: str = "constant",
+    scheduler: str = OptimizerConfig.lr_scheduler_type,
     total_steps: int | None = None,
     num_warmup_steps: int = 0,
     min_lr_ratio: float = 0.0,
@@ -53,11 +56,11 @@ def lr_at(
     step: int,
     lr: float,
     *,
-    scheduler: str = "constant",
+    scheduler: str = OptimizerConfig.lr_scheduler_type,
     total_steps: int | None = None,
-    lr_warmup_steps: int = -1,
-    lr_warmup_steps_ratio: float = 0.0,
-    min_lr_ratio: float = 0.01,
+    lr_warmup_steps: int = OptimizerConfig.lr_warmup_steps,
+    lr_warmup_steps_ratio: float = OptimizerConfig.lr_warmup_steps_ratio,
+    min_lr_ratio: float = OptimizerConfig.min_lr_ratio,
 ) -> float:
     """The learning rate at ``step`` from the original's ``algorithm.optimizer`` keys."""
     warmup = warmup_steps(lr_warmup_steps, lr_warmup_steps_ratio, total_steps)
@@ -71,31 +74,24 @@ def lr_at(
 
 
 def adam_params_fn(
-    optimizer: Any, total_steps: int | None = None, grad_clip: float = 0.0
+    optimizer: OptimizerConfig | Any, total_steps: int | None = None, grad_clip: float = 0.0
 ) -> Callable[[int], types.AdamParams]:
-    """``step -> AdamParams`` from an ``algorithm.optimizer`` section (mapping or object).
+    """``step -> AdamParams`` from an ``algorithm.optimizer`` section.
 
-    As the original Tinker trainer: lr times the schedule, ``betas``, ``weight_decay``, and
-    ``trainer.grad_clip`` as ``grad_clip_norm``; eps stays Tinker's default. ``warmup_style`` is
-    the deprecated name of ``lr_scheduler_type``.
+    ``optimizer`` is an ``OptimizerConfig`` or anything ``load_section`` turns into one (a mapping,
+    namespace, OmegaConf node). As the original Tinker trainer: lr times the schedule, ``betas``,
+    ``weight_decay``, and ``trainer.grad_clip`` as ``grad_clip_norm``; eps stays Tinker's default.
+    ``warmup_style``, the deprecated name of ``lr_scheduler_type``, wins when set, as in
+    ``trinity/config/validate.py``.
     """
-
-    def get(key: str, default: Any) -> Any:
-        value = (
-            optimizer.get(key) if isinstance(optimizer, Mapping) else getattr(optimizer, key, None)
-        )
-        return default if value is None else value
-
-    lr = float(get("lr", 1e-6))
-    scheduler = get("lr_scheduler_type", None) or get("warmup_style", None) or "constant"
-    beta1, beta2 = (float(b) for b in get("betas", (0.9, 0.999)))
-    weight_decay = float(get("weight_decay", 0.01))
+    opt = load_section(OptimizerConfig, optimizer)
+    lr, (beta1, beta2) = opt.lr, opt.betas
     schedule = dict(
-        scheduler=scheduler,
+        scheduler=opt.lr_scheduler_type if opt.warmup_style is None else opt.warmup_style,
         total_steps=total_steps,
-        lr_warmup_steps=int(get("lr_warmup_steps", -1)),
-        lr_warmup_steps_ratio=float(get("lr_warmup_steps_ratio", 0.0)),
-        min_lr_ratio=float(get("min_lr_ratio", 0.01)),
+        lr_warmup_steps=opt.lr_warmup_steps,
+        lr_warmup_steps_ratio=opt.lr_warmup_steps_ratio,
+        min_lr_ratio=opt.min_lr_ratio,
     )
     lr_at(1, lr, **schedule)  # validate the schedule now, not at the first step
 
@@ -104,7 +100,7 @@ def adam_params_fn(
             learning_rate=lr_at(step, lr, **schedule),
             beta1=beta1,
             beta2=beta2,
-            weight_decay=weight_decay,
+            weight_decay=opt.weight_decay,
             grad_clip_norm=float(grad_clip or 0.0),
         )
 

@@ -1,13 +1,13 @@
 """The algorithm registry and the resolution of an ``algorithm:`` config section.
 
 Each ``AlgorithmSpec`` names the functions an ``algorithm_type`` uses by default, with the
-original's defaults (notes/trinity-reference.md §4), so configs written for it resolve the same.
-Plugins add algorithms with ``ALGORITHMS.register("name")(AlgorithmSpec(...))``.
+original's defaults, so configs written for it resolve the same. Plugins add algorithms with
+``ALGORITHMS.register("name")(AlgorithmSpec(...))``.
 
-The config may be a plain mapping or any object with attributes (dataclass, OmegaConf node);
-``None`` means "use the algorithm's default". ``*_args`` dicts are merged over the function's
-defaults, and the keys the user set explicitly are kept (``explicit_policy_args``) because a few
-options (PPO's dual clip) are only switched on when asked for.
+The section is the schema's ``AlgorithmConfig`` (``trinity/config/schema.py``, the one source of
+its defaults); a function name left ``None`` there means "the algorithm's default". ``*_args``
+dicts are merged over the function's defaults, and the keys the user set explicitly are kept
+(``explicit_policy_args``) because a few options (PPO's dual clip) are only switched on when asked.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trinity.algorithms.advantages import group_advantage_fn
+from trinity.config import load_section
+from trinity.config.schema import AlgorithmConfig
 from trinity.registry import ALGORITHMS, POLICY_LOSSES
 
 
@@ -118,65 +120,62 @@ class AlgorithmSettings:
         return float(self.entropy_loss_fn_args.get("entropy_coef", 0.0))
 
 
-def _get(config: Any, key: str, default: Any = None) -> Any:
-    if config is None:
-        return default
-    value = config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
-    return default if value is None else value
+def resolve_algorithm(config: AlgorithmConfig | AlgorithmSettings | Any) -> AlgorithmSettings:
+    """Fill an ``algorithm:`` section with the algorithm's defaults.
 
-
-def _args(config: Any, key: str) -> dict[str, Any]:
-    value = _get(config, key, {})
-    return dict(value.items()) if hasattr(value, "items") else dict(value)
-
-
-def resolve_algorithm(config: Any) -> AlgorithmSettings:
-    """Fill an ``algorithm:`` section (mapping or object) with the algorithm's defaults."""
-    name = _get(config, "algorithm_type", "grpo")
-    spec = ALGORITHMS.get(name)
-    advantage_fn = _get(config, "advantage_fn", spec.advantage_fn)
-    policy_loss_fn = _get(config, "policy_loss_fn", spec.policy_loss_fn)
-    user_policy_args = _args(config, "policy_loss_fn_args")
+    ``config`` is an ``AlgorithmConfig``, or anything ``load_section`` turns into one (a mapping,
+    namespace, OmegaConf node); resolved ``AlgorithmSettings`` are returned as they are. An unknown
+    ``algorithm_type`` or ``policy_loss_fn`` raises the registry's KeyError.
+    """
+    if isinstance(config, AlgorithmSettings):
+        return config
+    algo = load_section(AlgorithmConfig, config)
+    spec = ALGORITHMS.get(algo.algorithm_type)
+    advantage_fn = algo.advantage_fn or spec.advantage_fn
+    policy_loss_fn = algo.policy_loss_fn or spec.policy_loss_fn
     policy_args = {
         **POLICY_LOSSES.get(policy_loss_fn).defaults,
         **spec.policy_loss_fn_args,
-        **user_policy_args,
+        **algo.policy_loss_fn_args,
     }
     advantage_args = {
         **ADVANTAGE_DEFAULTS.get(advantage_fn or "", {}),
         **spec.advantage_fn_args,
-        **_args(config, "advantage_fn_args"),
+        **algo.advantage_fn_args,
     }
-    kl_args = {**KL_DEFAULTS, **_args(config, "kl_loss_fn_args")}
-    kl_penalty_args = {**KL_DEFAULTS, **_args(config, "kl_penalty_fn_args")}
+    kl_args = {**KL_DEFAULTS, **algo.kl_loss_fn_args}
+    kl_penalty_args = {**KL_DEFAULTS, **algo.kl_penalty_fn_args}
     for section, args in (("kl_loss_fn_args", kl_args), ("kl_penalty_fn_args", kl_penalty_args)):
         if args.get("adaptive"):
             raise ValueError(f"algorithm.{section}.adaptive is not supported; use a fixed kl_coef")
     return AlgorithmSettings(
-        algorithm_type=name,
-        repeat_times=int(_get(config, "repeat_times", spec.repeat_times)),
+        algorithm_type=algo.algorithm_type,
+        repeat_times=spec.repeat_times if algo.repeat_times is None else algo.repeat_times,
         advantage_fn=advantage_fn,
         advantage_fn_args=advantage_args,
         policy_loss_fn=policy_loss_fn,
         policy_loss_fn_args=policy_args,
-        explicit_policy_args=frozenset(user_policy_args) | frozenset(spec.policy_loss_fn_args),
-        kl_loss_fn=_get(config, "kl_loss_fn", spec.kl_loss_fn),
+        explicit_policy_args=frozenset(algo.policy_loss_fn_args)
+        | frozenset(spec.policy_loss_fn_args),
+        kl_loss_fn=algo.kl_loss_fn or spec.kl_loss_fn,
         kl_loss_fn_args=kl_args,
-        kl_penalty_fn=_get(config, "kl_penalty_fn", spec.kl_penalty_fn),
+        kl_penalty_fn=algo.kl_penalty_fn or spec.kl_penalty_fn,
         kl_penalty_fn_args=kl_penalty_args,
-        entropy_loss_fn=_get(config, "entropy_loss_fn", spec.entropy_loss_fn),
-        entropy_loss_fn_args={**ENTROPY_DEFAULTS, **_args(config, "entropy_loss_fn_args")},
-        loss_agg_mode=_get(config, "loss_agg_mode", "token-mean"),
+        entropy_loss_fn=algo.entropy_loss_fn or spec.entropy_loss_fn,
+        entropy_loss_fn_args={**ENTROPY_DEFAULTS, **algo.entropy_loss_fn_args},
+        loss_agg_mode=algo.loss_agg_mode,
         use_reference=spec.use_reference,
         schema=spec.schema,
-        sample_strategy=_get(config, "sample_strategy", spec.sample_strategy),
+        sample_strategy=algo.sample_strategy or spec.sample_strategy,
     )
 
 
-def explorer_advantage_fn(config: Any, seed: int | None = None) -> Callable[[list[Any]], dict]:
+def explorer_advantage_fn(
+    config: AlgorithmConfig | AlgorithmSettings | Any, seed: int | None = None
+) -> Callable[[list[Any]], dict]:
     """The explorer's per-step hook for an ``algorithm:`` section (a no-op for SFT/RAFT and for
-    batch-level advantages, which the loss plan computes)."""
-    settings = config if isinstance(config, AlgorithmSettings) else resolve_algorithm(config)
+    batch-level advantages, the trainer's step: ``LossPlan.batch_advantages``)."""
+    settings = resolve_algorithm(config)
     if settings.advantage_fn is None:
         return lambda experiences: {}
     return group_advantage_fn(settings.advantage_fn, settings.advantage_fn_args, seed=seed)

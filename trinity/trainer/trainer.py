@@ -1,9 +1,9 @@
 """The trainer: buffer -> datums -> learner calls -> published sampler weights and checkpoints.
 
-It is algorithm-blind below the loss plan: the plan turns experiences (whose advantages the
-explorer already computed) into Tinker datums and names the built-in loss; the trainer submits
-``forward_backward`` and ``optim_step`` back to back and only then awaits them, so a remote
-learner runs both in one clock cycle.
+It is algorithm-blind below the loss plan: the plan sets batch-level advantages (REINFORCE++; the
+explorer computed the group-level ones), turns experiences into Tinker datums and names the
+built-in loss; the trainer submits ``forward_backward`` and ``optim_step`` back to back and only
+then awaits them, so a remote learner runs both in one clock cycle.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class Trainer:
         self,
         *,
         backend: Any,  # backends.base.TrainerBackend
-        plan: Any,  # algorithms loss plan: to_datums(), loss_fn, loss_fn_config, custom_loss
+        plan: Any,  # algorithms.LossPlan: batch_advantages(), to_datums(), loss_fn, custom_loss
         buffer: Any,
         synchronizer: Any,
         monitor: Any,
@@ -90,6 +90,7 @@ class Trainer:
     async def train_step(self, step: int, batch: list[Experience]) -> dict[str, float]:
         started = time.monotonic()
         ref_logprobs = await self.reference_logprobs(batch) if self.plan.needs_reference else None
+        self.plan.batch_advantages(batch, ref_logprobs)  # before the datums, which only read them
         datums = self.plan.to_datums(batch, ref_logprobs)
         if self.plan.custom_loss is not None:
             fwd_bwd = self.backend.forward_backward_custom(datums, self.plan.custom_loss)
