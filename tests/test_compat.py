@@ -239,6 +239,25 @@ def test_sync_repeat_reset_workflow_runs_in_a_thread_and_is_reset(plugin):
     assert threading.main_thread().name not in plugin.COUNTS["threads"]
 
 
+def test_sync_single_run_workflow_runs_once_per_repeat():
+    """The shape of the original's docs example: sync, not can_repeat, chat with n=1."""
+
+    @WORKFLOWS.register_module("compat_test_single_run")
+    class SingleRun(Workflow):
+        def run(self):
+            exps = self.model.chat([{"role": "user", "content": self.task.task_desc}], n=1)
+            exps[0].reward = float(exps[0].response_text == self.task.truth)
+            return exps
+
+    backend = FakeSampler(["3"])
+    experiences = asyncio.run(
+        rollout(our_task("compat_test_single_run", 4), backend, RolloutSettings(), seed=1)
+    )
+    assert [e.reward for e in experiences] == [1.0] * 4
+    assert sorted(e.info["run"] for e in experiences) == [0, 1, 2, 3]
+    assert [request[1] for request in backend.requests] == [1] * 4
+
+
 # -- bad input ---------------------------------------------------------------------------
 
 
