@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import os
 import sys
+import traceback
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -73,6 +74,17 @@ def load_plugin_file(file: Path) -> str:
         spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[name]
-        raise PluginError(f"plugin {file} failed to load: {type(exc).__name__}: {exc}") from exc
+        raise PluginError(
+            f"plugin {file_and_line(file, exc)} failed to load: {type(exc).__name__}: {exc}"
+        ) from exc
     _loaded[file] = name
     return name
+
+
+def file_and_line(file: Path, exc: BaseException) -> str:
+    """``file:line`` of the plugin's own statement that failed (a syntax error, or the deepest
+    frame in the file: the import or decorator whose error came from elsewhere)."""
+    if isinstance(exc, SyntaxError) and exc.filename and Path(exc.filename) == file:
+        return f"{file}:{exc.lineno}"
+    lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename) == file]
+    return f"{file}:{lines[-1]}" if lines else str(file)

@@ -130,6 +130,7 @@ class Explorer:
             {
                 "rollout/model_version": float(self.model_version),
                 "rollout/finished_task_count": float(sum(1 for g in groups if g)),
+                "rollout/failed_task_count": float(sum(1 for g in groups if not g)),
                 "experience_pipeline/experience_count": float(len(experiences)),
                 "explorer/time/explore_step": time.monotonic() - started,
             }

@@ -1,0 +1,1 @@
+"""The original's ``trinity.common`` import paths, re-exporting ``trinity.compat`` (only)."""

@@ -1,0 +1,1 @@
+"""The original's ``trinity.common.models`` package (see ``trinity.common.models.model``)."""

@@ -1,0 +1,5 @@
+"""Alias of the original's ``trinity.common.workflows.workflow`` (see ``trinity.compat``)."""
+
+from trinity.compat.workflow import WORKFLOWS, Task, Workflow
+
+__all__ = ["WORKFLOWS", "Task", "Workflow"]
