@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pydantic
 from tinker import types
 
 from trinity.engine.worker import EngineWorker
@@ -33,6 +34,11 @@ class ServiceError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def json_result(response: pydantic.BaseModel) -> Result:
+    """An SDK response type as a JSON result."""
+    return JSON, response.model_dump_json().encode()
 
 
 def failure(message: str, user: bool) -> Result:
