@@ -6,6 +6,8 @@ test reads off ``ran`` is exactly the order the engine worker would see.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from trinity.server.command_log import CommandLog
@@ -42,7 +44,18 @@ class Recorder:
 
 
 def submit(rec: Recorder, log: CommandLog, seq_id: int | None, label: str | None = None):
-    return log.submit(seq_id, rec.job(label or f"{log.model_id}#{seq_id}"))
+    job = rec.job(label or f"{log.model_id}#{seq_id}")
+    return log.submit(seq_id, lambda: job)
+
+
+def reject(log: CommandLog, seq_id: int | None) -> None:
+    """Submit command ``seq_id`` whose request check fails with a 400."""
+
+    def prepare():
+        raise ServiceError(400, f"bad request {seq_id}")
+
+    with pytest.raises(ServiceError, match=f"bad request {seq_id}"):
+        log.submit(seq_id, prepare)
 
 
 def result(future) -> bytes:
@@ -138,3 +151,46 @@ def test_another_tenant_cannot_reach_a_model_command(futures):
     with pytest.raises(ServiceError, match="unknown request_id") as unknown:
         submit(rec, intruder, 1)
     assert unknown.value.status == 404 and rec.ran == ["m#1"]
+
+
+def test_a_rejected_command_uses_up_its_seq_id(futures):
+    rec = Recorder(futures)
+    log = rec.log("m")
+    submit(rec, log, 1)
+    reject(log, 2)
+    assert log.next_seq == 3 and log.held == {}
+    submit(rec, log, 3)
+    assert rec.ran == ["m#1", "m#3"] and log.next_seq == 4
+
+
+def test_a_rejected_command_waits_for_its_turn_then_lets_later_ones_through(futures):
+    rec = Recorder(futures)
+    log = rec.log("m")
+    submit(rec, log, 3)
+    reject(log, 2)
+    assert rec.ran == [] and set(log.held) == {2, 3}
+    submit(rec, log, 1)
+    assert rec.ran == ["m#1", "m#3"] and log.next_seq == 4 and log.held == {}
+
+
+def test_a_retried_rejected_command_finds_its_failed_future(futures):
+    rec = Recorder(futures)
+    log = rec.log("m")
+    reject(log, 1)
+    retried = submit(rec, log, 1, "retry")
+    assert rec.ran == [] and json.loads(result(retried)) == {
+        "error": "bad request 1",
+        "category": "user",
+    }
+    assert retried.delivered is not None  # the 4xx answer delivered it: purged in time
+
+
+def test_rejections_outside_the_order_use_up_nothing(futures):
+    rec = Recorder(futures)
+    log = rec.log("m", next_seq=2)
+    reject(log, None)  # unordered
+    with pytest.raises(ServiceError, match="already used"):
+        submit(rec, log, 1)
+    assert log.next_seq == 2 and log.held == {}
+    submit(rec, log, 2)
+    assert rec.ran == ["m#2"]

@@ -6,6 +6,10 @@ held until the gap before it fills, then every contiguous command is handed on i
 retried ``seq_id`` (the SDK retries on timeouts) gets the future of its first arrival and runs
 nothing again. Request ids are ``{model_id}:{seq_id}`` in ``Futures``, which persists them, so a
 retry is recognised after a graceful restart too (the service saves ``next_seq`` with the model).
+
+A command checks its request only once it has its place (``prepare``): a rejected one still uses
+up its ``seq_id``, as a failed future, so the commands after it run (the SDK numbers the next
+call regardless; before, they waited for the rejected one forever).
 """
 
 from __future__ import annotations
@@ -34,12 +38,19 @@ class CommandLog:
         self.held: dict[int, Callable[[], None]] = {}  # seq_id -> hand it on
 
     def submit(
-        self, seq_id: int | None, job: Job, on_dispatch: Callable[[], None] | None = None
+        self,
+        seq_id: int | None,
+        prepare: Callable[[], Job],
+        on_dispatch: Callable[[], None] | None = None,
     ) -> Future:
-        """The future of command ``seq_id``, which runs ``job`` once every earlier one was handed
-        on. ``on_dispatch`` runs as the job is handed on, for bookkeeping that must follow the
-        command order rather than the arrival order."""
+        """The future of command ``seq_id``, whose job runs once every earlier one was handed on.
+
+        ``prepare()`` checks the request and returns the job; an error it raises is re-raised
+        (the HTTP answer) after the ``seq_id`` was used up by a failed future. ``on_dispatch``
+        runs as the job is handed on, for bookkeeping that must follow the command order rather
+        than the arrival order."""
         if seq_id is None or seq_id <= 0:  # unordered (older SDKs): after what is queued
+            job = prepare()
             future, _ = self.futures.open(f"{self.model_id}:{uuid.uuid4().hex}", self.tenant)
             self._dispatch(future, job, on_dispatch)
             return future
@@ -53,11 +64,21 @@ class CommandLog:
                 f"{self.model_id!r} (next expected {self.next_seq})",
             )
         future, _ = self.futures.open(request_id, self.tenant)
-        self.held[seq_id] = lambda: self._dispatch(future, job, on_dispatch)
+        try:
+            job = prepare()
+        except Exception as exc:
+            self.futures.reject(future, exc)
+            self._hold(seq_id, lambda: None)
+            raise
+        self._hold(seq_id, lambda: self._dispatch(future, job, on_dispatch))
+        return future
+
+    def _hold(self, seq_id: int, hand_on: Callable[[], None]) -> None:
+        """Keep ``hand_on`` for its turn, then hand on every command whose turn has come."""
+        self.held[seq_id] = hand_on
         while self.next_seq in self.held:
             self.held.pop(self.next_seq)()
             self.next_seq += 1
-        return future
 
     def _dispatch(self, future: Future, job: Job, on_dispatch: Callable[[], None] | None) -> None:
         if on_dispatch is not None:

@@ -103,6 +103,13 @@ class Futures:
         self.store.finish_future(future.request_id, "done", *result)
         future.result.set_result(result)
 
+    def reject(self, future: Future, exc: BaseException) -> None:
+        """Fail ``future`` with the error its request was answered with. That answer delivered
+        it, so ``purge`` forgets it in time; until then a retry of the request finds it."""
+        self.resolve(future, describe(exc))
+        future.delivered = time.time()
+        self.store.mark_delivered(future.request_id)
+
     def run(self, future: Future, worker: EngineWorker, job: Callable[[], Result]) -> None:
         """Run ``job`` on ``worker`` (after what is queued there) and resolve ``future`` with it."""
 

@@ -67,16 +67,14 @@ class Samplers:
                 sampler.base.samplers.forget(sampler.weights)
 
     def add_snapshot(
-        self, tenant: str, session_id: str, seq_id: int, base: ServedModel, model_id: str
-    ) -> str:
-        """Sampler ``seq_id`` of the session, on a snapshot of ``model_id`` taken under its id."""
-        sampler_id = f"{session_id}:sample:{seq_id}"
+        self, sampler_id: str, tenant: str, session_id: str, base: ServedModel, model_id: str
+    ) -> None:
+        """Sampler ``sampler_id`` of the session: a snapshot of ``model_id`` taken under its id."""
         if sampler_id not in self._samplers:
             self._samplers[sampler_id] = Sampler(
                 sampler_id, tenant, session_id, base, None, sampler_id
             )
             self.store.add_sampler(sampler_id, tenant, base.name, f"snapshot:{model_id}")
-        return sampler_id
 
     async def create(self, tenant: str, req: types.CreateSamplingSessionRequest) -> str:
         """Sampler ``req.sampling_session_seq_id`` of a live session of ``tenant``."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +25,17 @@ from tinker import types
 from trinity.engine.worker import EngineFuture
 from trinity.server import wire
 from trinity.server.checkpoints import Checkpoints
+from trinity.server.command_log import Job
 from trinity.server.futures import Futures, Result, ServiceError, json_result
 from trinity.server.samplers import Samplers
 from trinity.server.served import ServedModel, find_model, require_model, safe_name
 from trinity.server.store import Store
-from trinity.server.training import TrainingModels
+from trinity.server.training import Model, TrainingModels
 
 log = logging.getLogger("trinity.server")
+SaveRequest = (
+    types.SaveWeightsRequest | types.SaveWeightsForSamplerRequest | types.SaveWeightsExternalRequest
+)
 
 
 @dataclass
@@ -179,9 +184,10 @@ class Service:
             lambda model_id: json_result(types.CreateModelResponse(model_id=model_id)),
         )
 
+    # Each training command checks its request in a ``prepare`` function that the command log
+    # calls once the command has its place: a rejected command then still uses up its seq_id.
     def forward_backward(self, tenant: str, req: wire.FwdBwdRequest) -> types.UntypedAPIFuture:
         model = self.training.get(tenant, req.model_id)
-        wire.validate_request(req, model.base.vocab_size, model.base.max_context)
         engine = model.base.engine
 
         def run() -> Result:
@@ -195,38 +201,63 @@ class Service:
             )
             return wire.PROTO_CONTENT_TYPE, wire.encode_forward_backward_output(out)
 
-        return self.training.submit(model, req.seq_id, run)
+        def prepare() -> Job:
+            wire.validate_request(req, model.base.vocab_size, model.base.max_context)
+            return run
+
+        return self.training.submit(model, req.seq_id, prepare)
 
     def optim_step(self, tenant: str, req: types.OptimStepRequest) -> types.UntypedAPIFuture:
         model = self.training.get(tenant, req.model_id)
-        params = wire.check_optim_step(req)
         engine = model.base.engine
 
-        def run() -> Result:
-            metrics = engine.optim_step(model.model_id, params) or {}
-            return json_result(
-                types.OptimStepResponse(metrics={k: float(v) for k, v in metrics.items()})
-            )
+        def prepare() -> Job:
+            params = wire.check_optim_step(req)
 
-        return self.training.submit(model, req.seq_id, run)
+            def run() -> Result:
+                metrics = engine.optim_step(model.model_id, params) or {}
+                return json_result(
+                    types.OptimStepResponse(metrics={k: float(v) for k, v in metrics.items()})
+                )
+
+            return run
+
+        return self.training.submit(model, req.seq_id, prepare)
 
     def load_weights(self, tenant: str, req: types.LoadWeightsRequest) -> types.UntypedAPIFuture:
         """Into an existing model (``load_state``), or create-via-load (``..._from_state``)."""
-        ckpt, run = self.checkpoints.find(tenant, req.path)
-        wire.check_load_weights(req, ckpt["kind"])
-        directory, optimizer, lora = ckpt["directory"], bool(req.optimizer), run["lora"]
+        wire.check_load_target(req)
+
+        def source() -> tuple[str, dict]:
+            """The checkpoint's directory and its run's row, if it may be loaded."""
+            ckpt, run = self.checkpoints.find(tenant, req.path)
+            wire.check_load_optimizer(req, ckpt["kind"])
+            return ckpt["directory"], run
+
+        def response(model_id: str | None = None) -> Result:
+            return json_result(
+                types.LoadWeightsResponse(path=req.path, model_id=model_id, type="load_weights")
+            )
+
+        optimizer = bool(req.optimizer)
         if req.session_id is None:
             model = self.training.get(tenant, req.model_id)
-            wire.check_same_lora(req.path, lora, model.lora)
             engine = model.base.engine
 
-            def load() -> Result:
-                engine.load_state(model.model_id, directory, optimizer=optimizer)
-                return json_result(types.LoadWeightsResponse(path=req.path, type="load_weights"))
+            def prepare() -> Job:
+                directory, run = source()
+                wire.check_same_lora(req.path, run["lora"], model.lora)
 
-            return self.training.submit(model, req.seq_id, load)
+                def load() -> Result:
+                    engine.load_state(model.model_id, directory, optimizer=optimizer)
+                    return response()
+
+                return load
+
+            return self.training.submit(model, req.seq_id, prepare)
 
         self._session(tenant, req.session_id)
+        directory, run = source()
         base = self._base(req.base_model or run["base_model"])
         wire.check_same_base(
             req.path,
@@ -237,12 +268,17 @@ class Service:
 
         def loaded(model_id: str) -> Result:
             base.engine.load_state(model_id, directory, optimizer=optimizer)
-            return json_result(
-                types.LoadWeightsResponse(path=req.path, model_id=model_id, type="load_weights")
-            )
+            return response(model_id)
 
         return self.training.open(
-            tenant, req.session_id, req.model_seq_id, base, lora, req.user_metadata, "load", loaded
+            tenant,
+            req.session_id,
+            req.model_seq_id,
+            base,
+            run["lora"],
+            req.user_metadata,
+            "load",
+            loaded,
         )
 
     # --------------------------------------------------------------------- saving
@@ -250,16 +286,14 @@ class Service:
         """``save_state``: LoRA weights and optimizer state, loadable to continue training."""
         model = self.training.get(tenant, req.model_id)
         engine = model.base.engine
-        job = self.checkpoints.writer(
+        return self._save(
             model,
+            req,
             "weights",
-            req.path,
-            req.ttl_seconds,
-            req.overwrite,
-            req.user_metadata,
             lambda d: engine.save_state(model.model_id, str(d), optimizer=True),
+            overwrite=req.overwrite,
+            user_metadata=req.user_metadata,
         )
-        return self.training.submit(model, req.seq_id, job)
 
     def save_weights_external(
         self, tenant: str, req: types.SaveWeightsExternalRequest
@@ -268,26 +302,21 @@ class Service:
         directory for a LoRA model (what Tinker hands out), a Hugging Face model directory for a
         full fine-tune. ``RestClient.get_external_weights_urls`` downloads the files."""
         model = self.training.get(tenant, req.model_id)
-        wire.check_save_external(req)
         engine = model.base.engine
         export = engine.export_peft if model.lora else engine.export_merged
-        job = self.checkpoints.writer(
+        return self._save(
             model,
+            req,
             "external_weights",
-            req.path,
-            req.ttl_seconds,
-            True,
-            None,
             lambda d: export(model.model_id, str(d)),
+            check=lambda: wire.check_save_external(req),
         )
-        return self.training.submit(model, req.seq_id, job)
 
     def save_weights_for_sampler(
         self, tenant: str, req: types.SaveWeightsForSamplerRequest
     ) -> types.UntypedAPIFuture:
         """Named: a ``sampler_weights/`` checkpoint. Unnamed: an in-memory snapshot sampler."""
         model = self.training.get(tenant, req.model_id)
-        wire.check_save_for_sampler(req)
         engine = model.base.engine
         if req.path is not None:
             key = f"save:{model.model_id}"
@@ -299,14 +328,9 @@ class Service:
                 finally:
                     engine.drop_sampler(key)
 
-            job = self.checkpoints.writer(
-                model, "sampler_weights", req.path, req.ttl_seconds, True, req.user_metadata, write
-            )
-            return self.training.submit(model, req.seq_id, job)
+            return self._save(model, req, "sampler_weights", write, user_metadata=req.user_metadata)
 
-        sampler_id = self.samplers.add_snapshot(
-            tenant, model.session_id, req.sampling_session_seq_id, model.base, model.model_id
-        )
+        sampler_id = f"{model.session_id}:sample:{req.sampling_session_seq_id}"
 
         def snapshot() -> Result:
             engine.snapshot_sampler(model.model_id, sampler_id)
@@ -316,9 +340,38 @@ class Service:
                 )
             )
 
+        def prepare() -> Job:
+            wire.check_save_for_sampler(req)
+            self.samplers.add_snapshot(
+                sampler_id, tenant, model.session_id, model.base, model.model_id
+            )
+            return snapshot
+
         return self.training.submit(
-            model, req.seq_id, snapshot, on_dispatch=lambda: model.base.samplers.added(sampler_id)
+            model, req.seq_id, prepare, on_dispatch=lambda: model.base.samplers.added(sampler_id)
         )
+
+    def _save(
+        self,
+        model: Model,
+        req: SaveRequest,
+        kind: str,
+        write: Callable[[Path], None],
+        *,
+        overwrite: bool = True,
+        user_metadata: dict | None = None,
+        check: Callable[[], None] = lambda: None,
+    ) -> types.UntypedAPIFuture:
+        """Command ``req.seq_id`` of ``model``: ``check()`` the request, then write checkpoint
+        ``kind/req.path`` with ``write(directory)``."""
+
+        def prepare() -> Job:
+            check()
+            return self.checkpoints.writer(
+                model, kind, req.path, req.ttl_seconds, overwrite, user_metadata, write
+            )
+
+        return self.training.submit(model, req.seq_id, prepare)
 
     def export_peft(self, tenant: str, path: str, out_dir: str) -> EngineFuture[str]:
         """Write checkpoint ``path`` as a peft adapter directory on this machine."""

@@ -127,11 +127,11 @@ class TrainingModels:
         self,
         model: Model,
         seq_id: int | None,
-        job: Job,
+        prepare: Callable[[], Job],
         on_dispatch: Callable[[], None] | None = None,
     ) -> types.UntypedAPIFuture:
         """Command ``seq_id`` of ``model`` (see ``CommandLog.submit``)."""
-        future = model.commands.submit(seq_id, job, on_dispatch)
+        future = model.commands.submit(seq_id, prepare, on_dispatch)
         self.store.touch_run(model.model_id)
         return types.UntypedAPIFuture(request_id=future.request_id, model_id=model.model_id)
 

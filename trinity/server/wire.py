@@ -267,17 +267,21 @@ def check_optim_step(req: types.OptimStepRequest) -> types.AdamParams:
     return params
 
 
-def check_load_weights(req: types.LoadWeightsRequest, checkpoint_type: str) -> None:
-    """The target named one of the two ways; optimizer state only from a training checkpoint."""
+def check_load_target(req: types.LoadWeightsRequest) -> None:
+    """Into a model as its command ``seq_id``, or into a new model of a session."""
+    if req.session_id is None and req.model_id is None:
+        raise WireError("LoadWeightsRequest needs model_id+seq_id or session_id+model_seq_id")
+    if req.session_id is not None and req.model_seq_id is None:
+        raise WireError("LoadWeightsRequest with session_id needs model_seq_id")
+
+
+def check_load_optimizer(req: types.LoadWeightsRequest, checkpoint_type: str) -> None:
+    """Optimizer state only comes from a training checkpoint."""
     if req.optimizer and checkpoint_type != "training":
         raise WireError(
             f"LoadWeightsRequest.path {req.path!r} holds sampler weights, which "
             "carry no optimizer state; load a tinker://.../weights/... checkpoint"
         )
-    if req.session_id is None and req.model_id is None:
-        raise WireError("LoadWeightsRequest needs model_id+seq_id or session_id+model_seq_id")
-    if req.session_id is not None and req.model_seq_id is None:
-        raise WireError("LoadWeightsRequest with session_id needs model_seq_id")
 
 
 def check_same_lora(path: str, checkpoint_lora: dict | None, model_lora: dict | None) -> None:
