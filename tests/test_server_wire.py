@@ -40,23 +40,29 @@ class FakeEngine:
     def remove_model(self, model_id):
         self.models.pop(model_id, None)
 
-    def forward_backward(self, model_id, data, loss_fn, config, forward_only=False,
-                         return_entropy=False):
+    def forward_backward(
+        self, model_id, data, loss_fn, config, forward_only=False, return_entropy=False
+    ):
         m = self.models[model_id]
         self.calls.append(("fb", model_id, len(data), loss_fn, forward_only))
         outs = []
         for d in data:
             n = d.model_input.length
-            out = {"logprobs": types.TensorData.from_numpy(
-                np.full(n, -(m["step"] + 1), dtype=np.float32))}
+            out = {
+                "logprobs": types.TensorData.from_numpy(
+                    np.full(n, -(m["step"] + 1), dtype=np.float32)
+                )
+            }
             if return_entropy:
                 out["entropy"] = types.TensorData.from_numpy(np.full(n, 0.5, dtype=np.float32))
             outs.append(out)
         if not forward_only:
             m["fb"] += 1
-        return types.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord",
-                                           loss_fn_outputs=outs,
-                                           metrics={"loss:sum": float(len(data))})
+        return types.ForwardBackwardOutput(
+            loss_fn_output_type="ArrayRecord",
+            loss_fn_outputs=outs,
+            metrics={"loss:sum": float(len(data))},
+        )
 
     def optim_step(self, model_id, params):
         self.calls.append(("optim", model_id))
@@ -93,10 +99,15 @@ class FakeEngine:
         out = []
         for r in requests:
             step = 0 if r.adapter is None else self.samplers[r.adapter]
-            seqs = [types.SampledSequence(stop_reason="length", sequence_id="",
-                                          _tokens_list=[step % VOCAB] * r.params.max_tokens,
-                                          _logprobs_list=[-0.5] * r.params.max_tokens)
-                    for _ in range(r.num_samples)]
+            seqs = [
+                types.SampledSequence(
+                    stop_reason="length",
+                    sequence_id="",
+                    _tokens_list=[step % VOCAB] * r.params.max_tokens,
+                    _logprobs_list=[-0.5] * r.params.max_tokens,
+                )
+                for _ in range(r.num_samples)
+            ]
             lp = [None] + [-1.0] * (len(r.prompt_tokens) - 1) if r.prompt_logprobs else None
             out.append(types.SampleResponse(sequences=seqs, _prompt_logprobs_list=lp))
         return out
@@ -123,9 +134,10 @@ def client(srv: ServerThread, key: str = "tml-alice-key") -> tinker.ServiceClien
 
 
 def datum(tokens: list[int]) -> types.Datum:
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                       loss_fn_inputs={"target_tokens": tokens[1:],
-                                       "weights": [1.0] * (len(tokens) - 1)})
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+    )
 
 
 def test_training_round_trip_and_ordering(server):
@@ -156,14 +168,20 @@ def test_out_of_order_chunks_are_held_and_retries_deduplicated(server):
 
     def fb(seq: int) -> str:
         req = types.ForwardBackwardRequest(
-            forward_backward_input=types.ForwardBackwardInput(data=[datum([1, 2, 3])],
-                                                              loss_fn="cross_entropy"),
-            model_id=tc.model_id, seq_id=seq)
+            forward_backward_input=types.ForwardBackwardInput(
+                data=[datum([1, 2, 3])], loss_fn="cross_entropy"
+            ),
+            model_id=tc.model_id,
+            seq_id=seq,
+        )
         from tinker.proto.request_conv import forward_backward_request_to_proto
 
         body = forward_backward_request_to_proto(req).SerializeToString()
-        r = http.post("/api/v1/forward_backward", content=body,
-                      headers={"Content-Type": "application/x-protobuf"})
+        r = http.post(
+            "/api/v1/forward_backward",
+            content=body,
+            headers={"Content-Type": "application/x-protobuf"},
+        )
         assert r.status_code == 200, r.text
         return r.json()["request_id"]
 
@@ -220,8 +238,9 @@ def test_state_rest_and_restart(tmp_path):
     path = tc.save_state("ckpt").result().path
     assert path == f"tinker://{tc.model_id}/weights/ckpt"
     rest = tinker.RestClient(base_url=srv.url, api_key="tml-alice-key")
-    assert [c.checkpoint_id for c in rest.list_checkpoints(tc.model_id).result().checkpoints] \
-        == ["weights/ckpt"]
+    assert [c.checkpoint_id for c in rest.list_checkpoints(tc.model_id).result().checkpoints] == [
+        "weights/ckpt"
+    ]
     sc.close("success").result()
     srv.stop()
 
@@ -257,34 +276,53 @@ def test_auth_and_tenant_isolation(server):
     with pytest.raises(tinker.NotFoundError):
         bob.create_training_client_from_state(path).result()
     http = httpx.Client(base_url=server.url, headers={"X-API-Key": "tml-bob-key"})
-    r = http.post("/api/v1/optim_step", json={"model_id": tc.model_id, "seq_id": 2,
-                                              "adam_params": {"learning_rate": 0.1}})
+    r = http.post(
+        "/api/v1/optim_step",
+        json={"model_id": tc.model_id, "seq_id": 2, "adam_params": {"learning_rate": 0.1}},
+    )
     assert r.status_code == 404
     http.close()
 
 
 def test_malformed_requests_get_4xx_and_server_keeps_serving(server):
+    import itertools
+
     sc = client(server)
     tc = sc.create_lora_training_client(base_model="fake-model", rank=4).result()
+    raw = sc.create_lora_training_client(base_model="fake-model", rank=4).result()
     http = httpx.Client(base_url=server.url, headers={"X-API-Key": "tml-alice-key"})
     proto = {"Content-Type": "application/x-protobuf"}
+    raw_seq = itertools.count(1)  # a rejected command uses up its seq_id too
 
-    def fb_body(d: types.Datum, loss: str = "cross_entropy", model_id: str | None = None,
-                config: dict | None = None):
+    def fb_body(
+        d: types.Datum,
+        loss: str = "cross_entropy",
+        model_id: str | None = None,
+        config: dict | None = None,
+    ):
         from tinker.proto.request_conv import forward_backward_request_to_proto
 
         req = types.ForwardBackwardRequest(
-            forward_backward_input=types.ForwardBackwardInput(data=[d], loss_fn=loss,
-                                                              loss_fn_config=config),
-            model_id=model_id or tc.model_id, seq_id=1)
+            forward_backward_input=types.ForwardBackwardInput(
+                data=[d], loss_fn=loss, loss_fn_config=config
+            ),
+            model_id=model_id or raw.model_id,
+            seq_id=1 if model_id else next(raw_seq),
+        )
         return forward_backward_request_to_proto(req).SerializeToString()
 
     cases = [
         (b"\xff\xff garbage", "protobuf"),
         (fb_body(datum([1, 2, 3, VOCAB + 5])), "outside the vocabulary"),
-        (fb_body(types.Datum(model_input=types.ModelInput.from_ints([1, 2]),
-                             loss_fn_inputs={"target_tokens": [2, 3, 4],
-                                             "weights": [1.0, 1.0, 1.0]})), "shape"),
+        (
+            fb_body(
+                types.Datum(
+                    model_input=types.ModelInput.from_ints([1, 2]),
+                    loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]},
+                )
+            ),
+            "shape",
+        ),
         (fb_body(datum([1, 2, 3]), "ppo"), "missing ['logprobs', 'advantages']"),
         (fb_body(datum([1, 2, 3]), "no_such_loss"), "not supported"),
         (fb_body(datum([1, 2, 3]), config={"clip": 1.0}), "unknown loss_fn_config keys"),
@@ -296,16 +334,25 @@ def test_malformed_requests_get_4xx_and_server_keeps_serving(server):
         assert needle in r.json()["detail"], (needle, r.json())
     r = http.post("/api/v1/create_model", json={"session_id": "x"})
     assert r.status_code == 400 and "base_model" in r.json()["detail"]
-    r = http.post("/api/v1/asample", json={
-        "sampling_session_id": "nope", "num_samples": 1, "seq_id": 0,
-        "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1]}]},
-        "sampling_params": {"max_tokens": 2}})
+    r = http.post(
+        "/api/v1/asample",
+        json={
+            "sampling_session_id": "nope",
+            "num_samples": 1,
+            "seq_id": 0,
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1]}]},
+            "sampling_params": {"max_tokens": 2},
+        },
+    )
     assert r.status_code == 404
     with pytest.raises(tinker.NotFoundError, match="unknown base_model"):
         sc.create_lora_training_client(base_model="no-such-model", rank=4).result()
-    # The server still serves the same client normally.
+    # The server still serves the same client normally, and the raw model's next command runs.
     out = tc.forward_backward([datum([1, 2, 3])], "cross_entropy").result()
     assert out.metrics["loss:sum"] == 1.0
+    r = http.post("/api/v1/forward_backward", content=fb_body(datum([1, 2, 3])), headers=proto)
+    done = http.post("/api/v1/retrieve_future", json={"request_id": r.json()["request_id"]})
+    assert wire_decode(done).metrics["loss:sum"] == 1.0
     http.close()
 
 
@@ -314,7 +361,7 @@ def test_custom_loss_runs_client_side_over_forward_and_backward(server):
     tc = sc.create_lora_training_client(base_model="fake-model", rank=4).result()
 
     def loss_fn(data, logprobs_list):
-        loss = sum((lp ** 2).sum() for lp in logprobs_list)
+        loss = sum((lp**2).sum() for lp in logprobs_list)
         return loss, {"custom:sum": float(loss.detach())}
 
     out = tc.forward_backward_custom([datum([1, 2, 3, 4])], loss_fn).result()
@@ -327,7 +374,10 @@ def test_custom_loss_runs_client_side_over_forward_and_backward(server):
 
 def test_metric_names_are_made_reducible():
     assert wire.check_metric_names({"loss:sum": 1, "grad": 2, "a:b:c": 3}) == {
-        "loss:sum": 1.0, "grad:mean": 2.0, "a_b_c:mean": 3.0}
+        "loss:sum": 1.0,
+        "grad:mean": 2.0,
+        "a_b_c:mean": 3.0,
+    }
 
 
 def test_tenants_with_different_ranks_share_sample_batches(tmp_path):
@@ -342,8 +392,11 @@ def test_tenants_with_different_ranks_share_sample_batches(tmp_path):
     srv = start(tmp_path, SlowEngine())
     samplers = {}
     for key, rank, steps in (("tml-alice-key", 4, 1), ("tml-bob-key", 8, 2)):
-        tc = client(srv, key).create_lora_training_client(base_model="fake-model",
-                                                          rank=rank).result()
+        tc = (
+            client(srv, key)
+            .create_lora_training_client(base_model="fake-model", rank=rank)
+            .result()
+        )
         assert tc.get_info().lora_rank == rank
         for _ in range(steps):
             tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
@@ -352,8 +405,9 @@ def test_tenants_with_different_ranks_share_sample_batches(tmp_path):
 
     def go(key: str) -> None:
         sc, _ = samplers[key]
-        res = sc.sample(types.ModelInput.from_ints([1, 2]), 1,
-                        types.SamplingParams(max_tokens=2)).result()
+        res = sc.sample(
+            types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2)
+        ).result()
         results[key].append(res.sequences[0].tokens)
 
     threads = [threading.Thread(target=go, args=(k,)) for k in samplers for _ in range(3)]
@@ -381,16 +435,22 @@ def test_results_survive_restart_and_unfinished_requests_fail_cleanly(tmp_path):
     sc = client(srv)
     tc = sc.create_lora_training_client(base_model="fake-model", rank=4).result()
     http = httpx.Client(base_url=srv.url, headers={"X-API-Key": "tml-alice-key"})
-    done = http.post("/api/v1/optim_step", json={"model_id": tc.model_id, "seq_id": 1,
-                                                 "adam_params": {"learning_rate": 0.1}})
-    stuck = http.post("/api/v1/optim_step", json={"model_id": tc.model_id, "seq_id": 2,
-                                                  "adam_params": {"learning_rate": 0.1}})
+    done = http.post(
+        "/api/v1/optim_step",
+        json={"model_id": tc.model_id, "seq_id": 1, "adam_params": {"learning_rate": 0.1}},
+    )
+    stuck = http.post(
+        "/api/v1/optim_step",
+        json={"model_id": tc.model_id, "seq_id": 2, "adam_params": {"learning_rate": 0.1}},
+    )
     gate.set()
     first = http.post("/api/v1/retrieve_future", json={"request_id": done.json()["request_id"]})
     assert first.json() == {"metrics": {"grad_norm": 1.0}}
     gate.clear()
-    third = http.post("/api/v1/optim_step", json={"model_id": tc.model_id, "seq_id": 3,
-                                                  "adam_params": {"learning_rate": 0.1}})
+    third = http.post(
+        "/api/v1/optim_step",
+        json={"model_id": tc.model_id, "seq_id": 3, "adam_params": {"learning_rate": 0.1}},
+    )
     srv.server.should_exit = True  # stop HTTP while request 3 is still pending
     srv.thread.join()
     srv.service.store.close()
@@ -398,17 +458,21 @@ def test_results_survive_restart_and_unfinished_requests_fail_cleanly(tmp_path):
 
     srv2 = start(tmp_path)
     http2 = httpx.Client(base_url=srv2.url, headers={"X-API-Key": "tml-alice-key"})
-    again = http2.post("/api/v1/retrieve_future",
-                       json={"request_id": done.json()["request_id"]})
+    again = http2.post("/api/v1/retrieve_future", json={"request_id": done.json()["request_id"]})
     assert again.json()["metrics"] == {"grad_norm": 1.0}  # kept until (and after) delivery
     assert stuck.json()["request_id"]
     lost = http2.post("/api/v1/retrieve_future", json={"request_id": third.json()["request_id"]})
     assert lost.json()["category"] == "server" and "restarted" in lost.json()["error"]
-    other = httpx.post(f"{srv2.url}/api/v1/retrieve_future", json={"request_id": "x"},
-                       headers={"X-API-Key": "tml-bob-key"})
+    other = httpx.post(
+        f"{srv2.url}/api/v1/retrieve_future",
+        json={"request_id": "x"},
+        headers={"X-API-Key": "tml-bob-key"},
+    )
     assert other.status_code == 404
-    r = http2.post("/api/v1/optim_step", json={"model_id": tc.model_id, "seq_id": 4,
-                                               "adam_params": {"learning_rate": 0.1}})
+    r = http2.post(
+        "/api/v1/optim_step",
+        json={"model_id": tc.model_id, "seq_id": 4, "adam_params": {"learning_rate": 0.1}},
+    )
     assert r.status_code == 400 and "no longer loaded" in r.json()["detail"]
     http.close()
     http2.close()
@@ -422,10 +486,13 @@ def test_finished_session_rejects_work_and_heartbeats(server):
     http = httpx.Client(base_url=server.url, headers={"X-API-Key": "tml-alice-key"})
     assert http.post("/api/v1/session_heartbeat", json={"session_id": session_id}).is_success
     sc.close("success").result()
-    assert http.post("/api/v1/session_heartbeat",
-                     json={"session_id": session_id}).status_code == 410
-    r = http.post("/api/v1/optim_step", json={"model_id": tc.model_id, "seq_id": 1,
-                                              "adam_params": {"learning_rate": 0.1}})
+    assert (
+        http.post("/api/v1/session_heartbeat", json={"session_id": session_id}).status_code == 410
+    )
+    r = http.post(
+        "/api/v1/optim_step",
+        json={"model_id": tc.model_id, "seq_id": 1, "adam_params": {"learning_rate": 0.1}},
+    )
     assert r.status_code == 400 and "no longer loaded" in r.json()["detail"]
     http.close()
 
@@ -441,8 +508,7 @@ def test_graceful_restart_is_transparent_to_a_running_client(tmp_path):
     srv.stop()
 
     model = ServedModel("fake-model", tmp_path / "model", FakeEngine(), {"fake"})
-    srv = ServerThread(Service([model], tmp_path, dict(KEYS), long_poll_s=2.0),
-                       port=port).start()
+    srv = ServerThread(Service([model], tmp_path, dict(KEYS), long_poll_s=2.0), port=port).start()
     tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()  # seq 3 continues
     out = tc.forward([datum([1, 2, 3])], "cross_entropy").result()
     assert out.loss_fn_outputs[0]["logprobs"].tolist() == [-3.0, -3.0]  # two steps taken
@@ -463,8 +529,9 @@ def test_external_weights_export_downloads_but_does_not_load(server, tmp_path):
     assert json.loads(httpx.get(urls["adapter_config.json"]).content)["step"] == 0
     assert httpx.get(urls["adapter_config.json"].replace("sig=", "sig=0")).status_code == 403
     with pytest.raises(tinker.NotFoundError):
-        tinker.RestClient(base_url=server.url, api_key="tml-bob-key") \
-            .get_external_weights_urls(path).result()
+        tinker.RestClient(base_url=server.url, api_key="tml-bob-key").get_external_weights_urls(
+            path
+        ).result()
     with pytest.raises(tinker.BadRequestError, match="export for use elsewhere"):
         sc.create_sampling_client(model_path=path).result()
 
@@ -480,12 +547,14 @@ def test_engine_errors_come_back_as_failed_futures(tmp_path):
 
     srv = start(tmp_path, PickyEngine())
     tc = client(srv).create_lora_training_client(base_model="fake-model", rank=4).result()
-    with pytest.raises(tinker.RequestFailedError, match="something only the engine checks") \
-            as failed:
+    with pytest.raises(
+        tinker.RequestFailedError, match="something only the engine checks"
+    ) as failed:
         tc.forward_backward([datum([1, 2, 3]), datum([4, 5, 6])], "cross_entropy").result()
     assert failed.value.category == "user"
-    assert tc.forward_backward([datum([1, 2, 3])], "cross_entropy").result() \
-        .metrics["loss:sum"] == 1.0
+    assert (
+        tc.forward_backward([datum([1, 2, 3])], "cross_entropy").result().metrics["loss:sum"] == 1.0
+    )
     srv.stop()
 
 
@@ -523,13 +592,15 @@ def test_long_running_requests_answer_try_again_until_done(tmp_path, caplog):
     with ServerThread(Service([model], tmp_path, dict(KEYS), long_poll_s=0.1)) as srv:
         tc = client(srv).create_lora_training_client(base_model="fake-model", rank=4).result()
         with caplog.at_level(logging.INFO):
-            assert tc.optim_step(types.AdamParams(learning_rate=1e-3)).result().metrics == \
-                {"grad_norm": 1.0}
+            assert tc.optim_step(types.AdamParams(learning_rate=1e-3)).result().metrics == {
+                "grad_norm": 1.0
+            }
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
         http = httpx.Client(base_url=srv.url, headers={"X-API-Key": "tml-alice-key"})
-        rid = http.post("/api/v1/optim_step", json={
-            "model_id": tc.model_id, "seq_id": 2,
-            "adam_params": {"learning_rate": 0.1}}).json()["request_id"]
+        rid = http.post(
+            "/api/v1/optim_step",
+            json={"model_id": tc.model_id, "seq_id": 2, "adam_params": {"learning_rate": 0.1}},
+        ).json()["request_id"]
         r = http.post("/api/v1/retrieve_future", json={"request_id": rid})
         assert r.status_code == 408
         assert r.json() == {"type": "try_again", "request_id": rid, "queue_state": "active"}

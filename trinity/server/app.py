@@ -30,7 +30,8 @@ from tinker import types
 from tinker.types.try_again_response import TryAgainResponse
 
 from trinity.server import wire
-from trinity.server.service import Service, ServiceError
+from trinity.server.futures import ServiceError
+from trinity.server.service import Service
 
 log = logging.getLogger("trinity.server")
 API = "/api/v1"
@@ -56,20 +57,18 @@ def create_app(service: Service) -> FastAPI:
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=exc.status)
 
-    @app.exception_handler(wire.WireError)
-    async def _wire_error(request: Request, exc: wire.WireError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
-
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": f"{request.url.path}: {_problems(exc.errors())}"},
-                            status_code=400)
+        return JSONResponse(
+            {"detail": f"{request.url.path}: {_problems(exc.errors())}"}, status_code=400
+        )
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"},
-                            status_code=500)
+        return JSONResponse(
+            {"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500
+        )
 
     def auth(request: Request) -> str:
         return service.authenticate(request.headers.get("x-api-key"))
@@ -85,8 +84,9 @@ def create_app(service: Service) -> FastAPI:
         try:
             return model.model_validate(data)
         except pydantic.ValidationError as exc:
-            raise ServiceError(400, f"invalid {model.__name__}: {_problems(exc.errors())}") \
-                from None
+            raise ServiceError(
+                400, f"invalid {model.__name__}: {_problems(exc.errors())}"
+            ) from None
 
     def out(response: pydantic.BaseModel) -> JSONResponse:
         return JSONResponse(response.model_dump(mode="json"))
@@ -105,10 +105,13 @@ def create_app(service: Service) -> FastAPI:
         ("optim_step", types.OptimStepRequest, service.optim_step),
         ("load_weights", types.LoadWeightsRequest, service.load_weights),
         ("save_weights", types.SaveWeightsRequest, service.save_weights),
-        ("save_weights_for_sampler", types.SaveWeightsForSamplerRequest,
-         service.save_weights_for_sampler),
+        (
+            "save_weights_for_sampler",
+            types.SaveWeightsForSamplerRequest,
+            service.save_weights_for_sampler,
+        ),
         ("save_weights_external", types.SaveWeightsExternalRequest, service.save_weights_external),
-        ("asample", types.SampleRequest, service.asample),
+        ("asample", types.SampleRequest, service.samplers.sample),
     ):
         one_call(path, request_type, call)
 
@@ -162,17 +165,21 @@ def create_app(service: Service) -> FastAPI:
     @app.post(f"{API}/get_info")
     async def get_info(request: Request) -> Response:
         t = auth(request)
-        return out(service.get_info(t, (await body(request, types.GetInfoRequest)).model_id))
+        return out(service.training.info(t, (await body(request, types.GetInfoRequest)).model_id))
 
     @app.post(f"{API}/forward_backward")
     async def forward_backward(request: Request) -> Response:
         t = auth(request)
         ctype = request.headers.get("content-type", "")
         if "protobuf" not in ctype:
-            raise ServiceError(415, f"/forward_backward takes {wire.PROTO_CONTENT_TYPE} (what SDK "
-                                    f">= 0.25 sends), got content-type {ctype!r}")
-        req = wire.decode_forward_backward(await request.body(),
-                                           request.headers.get("content-encoding"))
+            raise ServiceError(
+                415,
+                f"/forward_backward takes {wire.PROTO_CONTENT_TYPE} (what SDK "
+                f">= 0.25 sends), got content-type {ctype!r}",
+            )
+        req = wire.decode_forward_backward(
+            await request.body(), request.headers.get("content-encoding")
+        )
         return out(service.forward_backward(t, req))
 
     @app.post(f"{API}/retrieve_future")
@@ -196,31 +203,31 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get(f"{API}/samplers/{{sampler_id}}")
     async def get_sampler(sampler_id: str, request: Request) -> Response:
-        return out(service.get_sampler(auth(request), sampler_id))
-
+        return out(service.samplers.get(auth(request), sampler_id))
 
     # --------------------------------------------------------------------- runs, checkpoints
     @app.get(f"{API}/training_runs")
     async def list_training_runs(request: Request, limit: int = 20, offset: int = 0) -> Response:
-        return out(service.list_runs(auth(request), limit, offset))
+        return out(service.checkpoints.list_runs(auth(request), limit, offset))
 
     @app.get(f"{API}/training_runs/{{run_id}}")
     async def get_training_run(run_id: str, request: Request) -> Response:
-        return out(service.get_run(auth(request), run_id))
+        return out(service.checkpoints.get_run(auth(request), run_id))
 
     @app.get(f"{API}/training_runs/{{run_id}}/checkpoints")
     async def list_checkpoints(run_id: str, request: Request) -> Response:
-        return out(service.list_checkpoints(auth(request), run_id))
+        return out(service.checkpoints.list_checkpoints(auth(request), run_id))
 
     @app.delete(f"{API}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}")
     async def delete_checkpoint(run_id: str, checkpoint_id: str, request: Request) -> dict:
-        service.delete_checkpoint(auth(request), run_id, checkpoint_id)
+        service.checkpoints.delete(auth(request), run_id, checkpoint_id)
         return {}
 
     @app.get(f"{API}/checkpoints")
-    async def list_user_checkpoints(request: Request, limit: int = 100,
-                                    offset: int = 0) -> Response:
-        return out(service.list_checkpoints(auth(request), None, limit, offset))
+    async def list_user_checkpoints(
+        request: Request, limit: int = 100, offset: int = 0
+    ) -> Response:
+        return out(service.checkpoints.list_checkpoints(auth(request), None, limit, offset))
 
     @app.post(f"{API}/weights_info")
     async def weights_info(request: Request) -> Response:
@@ -228,10 +235,11 @@ def create_app(service: Service) -> FastAPI:
         path = (await body(request)).get("tinker_path")
         if not isinstance(path, str):
             raise ServiceError(400, "/weights_info needs a string tinker_path")
-        return out(service.weights_info(t, path))
+        return out(service.checkpoints.weights_info(t, path))
 
-    @app.get(f"{API}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}"
-             "/external_weights_urls")
+    @app.get(
+        f"{API}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:path}}/external_weights_urls"
+    )
     async def external_weights_urls(run_id: str, checkpoint_id: str, request: Request) -> Response:
         """Download URLs for every file of a checkpoint, signed so a plain GET fetches them.
 
@@ -239,7 +247,7 @@ def create_app(service: Service) -> FastAPI:
         """
         t = auth(request)
         path = f"tinker://{run_id}/{checkpoint_id}"
-        _, files = service.checkpoint_files(t, path)
+        _, files = service.checkpoints.files(t, path)
         expires = int(time.time()) + URL_TTL_S
         base = str(request.base_url).rstrip("/")
         urls = {}
@@ -247,16 +255,20 @@ def create_app(service: Service) -> FastAPI:
             query = {"tenant": t, "path": path, "file": name, "expires": expires}
             query["sig"] = _sign(url_key, query)
             urls[name] = f"{base}{API}/trinity/checkpoint_file?{urllib.parse.urlencode(query)}"
-        return out(types.ExternalWeightsUrlsResponse(
-            urls=urls, expires=datetime.fromtimestamp(expires, tz=UTC)))
+        return out(
+            types.ExternalWeightsUrlsResponse(
+                urls=urls, expires=datetime.fromtimestamp(expires, tz=UTC)
+            )
+        )
 
     @app.get(f"{API}/trinity/checkpoint_file")
-    async def checkpoint_file(tenant: str, path: str, file: str, expires: int,
-                              sig: str) -> Response:
+    async def checkpoint_file(
+        tenant: str, path: str, file: str, expires: int, sig: str
+    ) -> Response:
         query = {"tenant": tenant, "path": path, "file": file, "expires": expires}
         if not hmac.compare_digest(sig, _sign(url_key, query)) or expires < time.time():
             raise ServiceError(403, "download URL is invalid or expired; ask for a new one")
-        root, files = service.checkpoint_files(tenant, path)
+        root, files = service.checkpoints.files(tenant, path)
         if file not in files:
             raise ServiceError(404, f"{path!r} has no file {file!r}")
         return FileResponse(root / file)
@@ -277,8 +289,7 @@ def create_app(service: Service) -> FastAPI:
 
 def _problems(errors: Any) -> str:
     """Pydantic's error list as one line: ``field.path: message; ...``."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
-                     for e in errors)
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors)
 
 
 def _sign(key: bytes, query: dict) -> str:

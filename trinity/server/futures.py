@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pydantic
 from tinker import types
 
 from trinity.engine.worker import EngineWorker
@@ -33,6 +34,11 @@ class ServiceError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def json_result(response: pydantic.BaseModel) -> Result:
+    """An SDK response type as a JSON result."""
+    return JSON, response.model_dump_json().encode()
 
 
 def failure(message: str, user: bool) -> Result:
@@ -96,6 +102,13 @@ class Futures:
         """Persist, then wake the pollers; callable from any thread."""
         self.store.finish_future(future.request_id, "done", *result)
         future.result.set_result(result)
+
+    def reject(self, future: Future, exc: BaseException) -> None:
+        """Fail ``future`` with the error its request was answered with. That answer delivered
+        it, so ``purge`` forgets it in time; until then a retry of the request finds it."""
+        self.resolve(future, describe(exc))
+        future.delivered = time.time()
+        self.store.mark_delivered(future.request_id)
 
     def run(self, future: Future, worker: EngineWorker, job: Callable[[], Result]) -> None:
         """Run ``job`` on ``worker`` (after what is queued there) and resolve ``future`` with it."""

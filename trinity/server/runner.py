@@ -1,4 +1,4 @@
-"""Building and running a server: model specs, uvicorn in the foreground or in a thread.
+"""Building and running a server: API keys, model specs, uvicorn in the foreground or a thread.
 
 ``ServerThread`` is for ``trinity run``'s embedded server (``base_url: local``), tests and the
 overhead benchmark: the real app on a real loopback port, so the official SDK talks to it over
@@ -7,7 +7,9 @@ HTTP exactly as it would to a remote service.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import socket
 import threading
 import time
@@ -17,7 +19,31 @@ from typing import Any
 import uvicorn
 
 from trinity.server.app import create_app
-from trinity.server.service import ServedModel, Service, parse_api_keys
+from trinity.server.served import ServedModel
+from trinity.server.service import Service
+
+
+def parse_api_keys(spec: str | None) -> dict[str, str]:
+    """``tml-KEY=tenant`` entries, comma- or newline-separated, inline or in a file.
+
+    A bare key gets a tenant derived from its hash. Keys must start with ``tml-`` because the
+    official SDK refuses any other key before sending it.
+    """
+    if not spec:
+        return {}
+    text = Path(spec).read_text() if Path(spec).is_file() else spec
+    keys: dict[str, str] = {}
+    for raw in re.split(r"[,\n]", text):
+        entry = raw.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        key, _, tenant = (part.strip() for part in entry.partition("="))
+        if not key.startswith("tml-"):
+            raise ValueError(
+                f"API key {key[:8]!r}... must start with 'tml-' (the SDK rejects other keys)"
+            )
+        keys[key] = tenant or "tenant-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+    return keys
 
 
 def served_model(spec: str, engine: Any | None = None) -> ServedModel:
@@ -43,8 +69,12 @@ def served_model(spec: str, engine: Any | None = None) -> ServedModel:
     return ServedModel(name or str(resolved), resolved, engine, aliases)
 
 
-def build_service(models: list[str] | list[ServedModel], data_dir: str | Path,
-                  api_keys: str | dict[str, str] | None = None, **kwargs: Any) -> Service:
+def build_service(
+    models: list[str] | list[ServedModel],
+    data_dir: str | Path,
+    api_keys: str | dict[str, str] | None = None,
+    **kwargs: Any,
+) -> Service:
     """``api_keys``: a dict, or a spec for ``parse_api_keys``; None reads the environment."""
     if api_keys is None:
         api_keys = os.environ.get("TRINITY_SERVER_API_KEYS")
@@ -61,8 +91,14 @@ def free_port() -> int:
 
 def _config(service: Service, host: str, port: int, log_level: str) -> uvicorn.Config:
     # A pending long-poll must not hold shutdown for its full window.
-    return uvicorn.Config(create_app(service), host=host, port=port, log_level=log_level,
-                          access_log=False, timeout_graceful_shutdown=5)
+    return uvicorn.Config(
+        create_app(service),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
 
 
 class ServerThread:
@@ -72,8 +108,7 @@ class ServerThread:
         self.service = service
         self.host, self.port = host, port or free_port()
         self.server = uvicorn.Server(_config(service, self.host, self.port, "warning"))
-        self.thread = threading.Thread(target=self.server.run, name="trinity-server",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.server.run, name="trinity-server", daemon=True)
 
     @property
     def url(self) -> str:

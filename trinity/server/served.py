@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trinity.engine import LoraSpec
 from trinity.engine.worker import EngineFuture, EngineWorker
 from trinity.server.futures import ServiceError
 
@@ -38,6 +39,34 @@ class ServedModel:
     def max_context(self) -> int | None:
         value = getattr(self.engine, "max_context_length", None)
         return int(value) if value else None
+
+
+def find_model(models: list[ServedModel], name: str | None) -> ServedModel | None:
+    """The model served under ``name`` or one of its aliases."""
+    return next((m for m in models if name == m.name or name in m.aliases), None)
+
+
+def require_model(models: list[ServedModel], name: str | None) -> ServedModel:
+    """The model served under ``name``; a 404 that lists the served ones otherwise."""
+    model = find_model(models, name)
+    if model is None:
+        raise ServiceError(
+            404, f"unknown base_model {name!r}; this server serves {[m.name for m in models]}"
+        )
+    return model
+
+
+def lora_spec(lora: dict | None) -> LoraSpec | None:
+    """The engine's adapter spec for a stored ``LoraConfig`` dump (None: full fine-tuning)."""
+    if lora is None:
+        return None
+    return LoraSpec(
+        **{
+            k: lora[k]
+            for k in ("rank", "seed", "train_mlp", "train_attn", "train_unembed")
+            if lora.get(k) is not None
+        }
+    )
 
 
 class ResidentSamplers:
@@ -74,9 +103,12 @@ class ResidentSamplers:
         job = None
         if name not in self._resident:
             if name not in self._loaders:
-                raise ServiceError(400, f"sampler weights {name!r} are gone (they lived in memory "
-                                        "before a server restart); save weights for the sampler "
-                                        "again")
+                raise ServiceError(
+                    400,
+                    f"sampler weights {name!r} are gone (they lived in memory "
+                    "before a server restart); save weights for the sampler "
+                    "again",
+                )
             job = self.base.worker.call(self._loaders[name])
         self._resident[name] = None
         self._resident.move_to_end(name)

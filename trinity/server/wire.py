@@ -1,10 +1,12 @@
-"""Protobuf in and out, with the SDK's own generated module (``tinker_public_pb2``).
+"""What crosses the wire: requests decoded and checked, results encoded.
 
-Requests: ``ForwardBackwardRequest`` (optionally zstd-compressed) becomes ``tinker.types.Datum``s
-with dense numpy ``TensorData`` (sparse CSR inputs are densified here, so the engine only ever
-sees dense tensors). Results: ``ForwardBackwardOutput`` and ``SampleResponse`` are written in the
-exact layout the SDK's ``response_conv`` reads back. Validation errors raise ``WireError`` with a
-message that names the offending datum and field; the HTTP layer turns it into a 400.
+Every check of a request's own content lives here, so a bad request is a 4xx at submission with
+a message that names the offending datum and field, and ``service.py`` only orchestrates; lookups
+(an unknown model, session, checkpoint) stay with the state they look up. Protobuf goes through
+the SDK's own generated module (``tinker_public_pb2``): ``ForwardBackwardRequest`` (optionally
+zstd-compressed) becomes ``tinker.types.Datum``s with dense numpy ``TensorData`` (sparse CSR
+inputs are densified here, so the engine only ever sees dense tensors); ``ForwardBackwardOutput``
+and ``SampleResponse`` are written in the exact layout the SDK's ``response_conv`` reads back.
 
 Extension: ``loss_fn_config={"return_entropy": 1}`` (a number, so the unmodified SDK carries it)
 adds a per-token ``entropy`` field to every ``loss_fn_outputs`` entry, next to ``logprobs``.
@@ -13,6 +15,7 @@ adds a per-token ``entropy`` field to every ``loss_fn_outputs`` entry, next to `
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,14 +25,27 @@ from tinker.proto import tinker_public_pb2 as pb
 from tinker.proto.response_conv import _tensor_data_from_proto
 
 from trinity.engine import losses
+from trinity.server.futures import ServiceError
 
 PROTO_CONTENT_TYPE = "application/x-protobuf"
-_FLOAT_INPUTS = {"weights", "logprobs", "advantages", "clip_low_threshold", "clip_high_threshold",
-                 "sequence_ratio_mask"}
+_FLOAT_INPUTS = {
+    "weights",
+    "logprobs",
+    "advantages",
+    "clip_low_threshold",
+    "clip_high_threshold",
+    "sequence_ratio_mask",
+}
+# The kinds in a tinker:// path -> the SDK's ``Checkpoint.checkpoint_type``.
+KINDS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
-class WireError(ValueError):
-    """A malformed or semantically invalid request; becomes HTTP 400 with this message."""
+class WireError(ServiceError):
+    """A malformed or semantically invalid request: HTTP 400 with this message."""
+
+    def __init__(self, message: str):
+        super().__init__(400, message)
 
 
 @dataclass
@@ -69,8 +85,9 @@ def decode_forward_backward(body: bytes, content_encoding: str | None = None) ->
     if not data:
         raise WireError("ForwardBackwardRequest has no data")
     entropy = bool(config.pop("return_entropy", 0))
-    return FwdBwdRequest(msg.model_id, msg.seq_id, data, msg.loss_fn, config, msg.forward_only,
-                         entropy)
+    return FwdBwdRequest(
+        msg.model_id, msg.seq_id, data, msg.loss_fn, config, msg.forward_only, entropy
+    )
 
 
 def _decode_datum(index: int, d: pb.Datum) -> types.Datum:
@@ -78,12 +95,16 @@ def _decode_datum(index: int, d: pb.Datum) -> types.Datum:
     for chunk in d.model_input:
         kind = chunk.WhichOneof("chunk")
         if kind != "encoded_text":
-            raise WireError(f"datum {index}: model_input chunk type {kind!r} is not supported "
-                            "(text tokens only)")
+            raise WireError(
+                f"datum {index}: model_input chunk type {kind!r} is not supported "
+                "(text tokens only)"
+            )
         raw = chunk.encoded_text.tokens
         if len(raw) % 4:
-            raise WireError(f"datum {index}: encoded_text.tokens is {len(raw)} bytes, "
-                            "not a whole number of int32")
+            raise WireError(
+                f"datum {index}: encoded_text.tokens is {len(raw)} bytes, "
+                "not a whole number of int32"
+            )
         tokens.extend(np.frombuffer(raw, dtype=np.int32).tolist())
     inputs: dict[str, types.TensorData] = {}
     for name, tensor in d.loss_fn_inputs.items():
@@ -93,8 +114,9 @@ def _decode_datum(index: int, d: pb.Datum) -> types.Datum:
             td = _tensor_data_from_proto(tensor)
             arr = td.to_numpy()
         except Exception as exc:  # noqa: BLE001 - any decode failure is the client's
-            raise WireError(f"datum {index}: loss_fn_inputs[{name!r}] cannot be decoded: "
-                            f"{exc}") from None
+            raise WireError(
+                f"datum {index}: loss_fn_inputs[{name!r}] cannot be decoded: {exc}"
+            ) from None
         want = np.float32 if name in _FLOAT_INPUTS else None
         if name == "target_tokens":
             want = np.int64
@@ -120,9 +142,11 @@ def validate_request(req: FwdBwdRequest, vocab_size: int, max_context: int | Non
     """Check loss, config, shapes and token ranges before anything reaches the engine, so a bad
     request is a 400 at submission rather than a failed future later."""
     if req.loss_fn not in losses.LOSSES:
-        raise WireError(f"loss_fn {req.loss_fn!r} is not supported; this server implements "
-                        f"{', '.join(losses.LOSSES)} (client-side custom losses work via "
-                        "forward_backward_custom)")
+        raise WireError(
+            f"loss_fn {req.loss_fn!r} is not supported; this server implements "
+            f"{', '.join(losses.LOSSES)} (client-side custom losses work via "
+            "forward_backward_custom)"
+        )
     try:
         losses.resolve_config(req.loss_fn, req.loss_fn_config)
     except ValueError as exc:
@@ -135,26 +159,202 @@ def validate_request(req: FwdBwdRequest, vocab_size: int, max_context: int | Non
         if n == 0:
             raise WireError(f"datum {i}: model_input is empty")
         if max_context and n > max_context:
-            raise WireError(f"datum {i}: model_input has {n} tokens, more than the model's "
-                            f"context length {max_context}")
+            raise WireError(
+                f"datum {i}: model_input has {n} tokens, more than the model's "
+                f"context length {max_context}"
+            )
         _check_ids(tokens, vocab_size, f"datum {i}: model_input")
         missing = [k for k in required if k not in datum.loss_fn_inputs]
         if missing:
-            raise WireError(f"datum {i}: loss_fn {loss_fn!r} needs loss_fn_inputs "
-                            f"{list(required)}; missing {missing}")
+            raise WireError(
+                f"datum {i}: loss_fn {loss_fn!r} needs loss_fn_inputs "
+                f"{list(required)}; missing {missing}"
+            )
         for name, td in datum.loss_fn_inputs.items():
             shape = list(td.to_numpy().shape)
             if name in per_token and shape != [n]:
-                raise WireError(f"datum {i}: loss_fn_inputs[{name!r}] has shape {shape}, "
-                                f"expected [{n}] (one value per model_input token)")
-        _check_ids(datum.loss_fn_inputs["target_tokens"].to_numpy(), vocab_size,
-                   f"datum {i}: target_tokens")
+                raise WireError(
+                    f"datum {i}: loss_fn_inputs[{name!r}] has shape {shape}, "
+                    f"expected [{n}] (one value per model_input token)"
+                )
+        _check_ids(
+            datum.loss_fn_inputs["target_tokens"].to_numpy(),
+            vocab_size,
+            f"datum {i}: target_tokens",
+        )
 
 
 def _check_ids(ids: np.ndarray, vocab_size: int, where: str) -> None:
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
         raise WireError(f"{where} has token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+def check_sample_request(
+    req: types.SampleRequest, vocab_size: int, max_context: int | None
+) -> tuple[list[int], types.SamplingParams]:
+    """The prompt tokens and sampling params (``max_tokens`` filled in), or a 400."""
+    tokens: list[int] = []
+    for chunk in req.prompt.chunks:
+        if chunk.type != "encoded_text":
+            raise WireError(
+                f"SampleRequest.prompt: chunk type {chunk.type!r} is not supported "
+                "(encoded_text only)"
+            )
+        tokens.extend(chunk.tokens)
+    if not tokens:
+        raise WireError("SampleRequest.prompt is empty")
+    bad = next((t for t in tokens if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise WireError(
+            f"SampleRequest.prompt has token id {bad}, outside the vocabulary [0, {vocab_size})"
+        )
+    if not 1 <= req.num_samples <= 256:
+        raise WireError(f"SampleRequest.num_samples must be in [1, 256], got {req.num_samples}")
+    for name in (
+        "topk_prompt_logprobs",
+        "topk_sample_logprobs",
+        "prompt_alt_tokens_k",
+        "target_prompt_logprobs",
+    ):
+        if getattr(req, name):
+            raise WireError(f"SampleRequest.{name} is not supported by this server")
+    params = req.sampling_params
+    if params.max_tokens is None:
+        params = params.model_copy(
+            update={"max_tokens": min(256, (max_context or 10**9) - len(tokens))}
+        )
+    if params.max_tokens < 1:
+        raise WireError(
+            f"SampleRequest.sampling_params.max_tokens must be >= 1, got {params.max_tokens}"
+        )
+    if max_context and len(tokens) + params.max_tokens > max_context:
+        raise WireError(
+            f"SampleRequest: prompt ({len(tokens)} tokens) + max_tokens "
+            f"({params.max_tokens}) exceeds the context length {max_context}"
+        )
+    last_n = req.prompt_logprobs_last_n
+    if last_n is not None and not 1 <= last_n <= len(tokens) - 1:
+        raise WireError(
+            f"SampleRequest.prompt_logprobs_last_n must be in [1, {len(tokens) - 1}], got {last_n}"
+        )
+    return tokens, params
+
+
+def check_create_model(req: types.CreateModelRequest) -> dict | None:
+    """The LoRA config as a dict (None: full fine-tuning) once optimizer and rank check out."""
+    if req.optimizer_config.type != "adamw":
+        raise WireError(
+            f"CreateModelRequest.optimizer_config.type "
+            f"{req.optimizer_config.type!r} is not supported (adamw only)"
+        )
+    lora = req.lora_config.model_dump() if req.lora_config is not None else None
+    if lora is not None and lora["rank"] <= 0:
+        raise WireError(f"CreateModelRequest.lora_config.rank must be positive, got {lora['rank']}")
+    return lora
+
+
+def check_optim_step(req: types.OptimStepRequest) -> types.AdamParams:
+    params = req.optim_params
+    if not isinstance(params, types.AdamParams):
+        raise WireError(
+            f"OptimStepRequest: optimizer {params.type!r} is not supported (adam_params only)"
+        )
+    if params.learning_rate < 0:
+        raise WireError(
+            f"OptimStepRequest.adam_params.learning_rate must be >= 0, got {params.learning_rate}"
+        )
+    return params
+
+
+def check_load_target(req: types.LoadWeightsRequest) -> None:
+    """Into a model as its command ``seq_id``, or into a new model of a session."""
+    if req.session_id is None and req.model_id is None:
+        raise WireError("LoadWeightsRequest needs model_id+seq_id or session_id+model_seq_id")
+    if req.session_id is not None and req.model_seq_id is None:
+        raise WireError("LoadWeightsRequest with session_id needs model_seq_id")
+
+
+def check_load_optimizer(req: types.LoadWeightsRequest, checkpoint_type: str) -> None:
+    """Optimizer state only comes from a training checkpoint."""
+    if req.optimizer and checkpoint_type != "training":
+        raise WireError(
+            f"LoadWeightsRequest.path {req.path!r} holds sampler weights, which "
+            "carry no optimizer state; load a tinker://.../weights/... checkpoint"
+        )
+
+
+def check_same_lora(path: str, checkpoint_lora: dict | None, model_lora: dict | None) -> None:
+    """Loading into an existing model needs the LoRA rank it was saved with."""
+    if (model_lora or {}).get("rank") != (checkpoint_lora or {}).get("rank"):
+        raise WireError(
+            f"LoadWeightsRequest.path {path!r} has LoRA {checkpoint_lora}, the "
+            f"model has {model_lora}"
+        )
+
+
+def check_same_base(path: str, trained_on: str, requested: str | None, same: bool) -> None:
+    if not same:
+        raise WireError(f"checkpoint {path!r} was trained on {trained_on!r}, not {requested!r}")
+
+
+def check_save_external(req: types.SaveWeightsExternalRequest) -> None:
+    if req.age_encryption_recipients:
+        raise WireError(
+            "SaveWeightsExternalRequest.age_encryption_recipients is not supported by this server"
+        )
+
+
+def check_save_for_sampler(req: types.SaveWeightsForSamplerRequest) -> None:
+    if req.path is None and req.sampling_session_seq_id is None:
+        raise WireError(
+            "SaveWeightsForSamplerRequest needs a path (name) or a sampling_session_seq_id"
+        )
+
+
+def check_checkpoint_name(name: str | None) -> str:
+    """``name`` becomes one directory: a non-empty plain file name."""
+    if not name or not _NAME_RE.match(name) or name in (".", ".."):
+        raise WireError(
+            f"checkpoint name {name!r} must be non-empty and use only letters, "
+            "digits, '_', '-' and '.'"
+        )
+    return name
+
+
+def check_new_checkpoint(checkpoint_id: str, run_id: str, overwrite: bool, exists: bool) -> None:
+    if exists and not overwrite:
+        raise WireError(
+            f"checkpoint {checkpoint_id!r} already exists for run {run_id!r}; pass "
+            "overwrite=True or another name"
+        )
+
+
+def parse_tinker_path(path: str) -> tuple[str, str, str]:
+    """``tinker://RUN/KIND/NAME`` -> (run, kind, name); 400 on anything else."""
+    parts = path.removeprefix("tinker://").split("/")
+    if (
+        not path.startswith("tinker://")
+        or len(parts) != 3
+        or parts[1] not in KINDS
+        or not parts[0]
+        or not parts[2]
+    ):
+        raise WireError(
+            f"checkpoint path {path!r} is not tinker://<run>/weights/<name>, "
+            "tinker://<run>/sampler_weights/<name> or "
+            "tinker://<run>/external_weights/<name>"
+        )
+    return parts[0], parts[1], parts[2]
+
+
+def check_loadable(path: str, kind: str) -> None:
+    """Exports are for use elsewhere; only ``weights/`` and ``sampler_weights/`` load here."""
+    if kind == "external_weights":
+        raise WireError(
+            f"{path!r} is an export for use elsewhere; load a weights/ or "
+            "sampler_weights/ checkpoint instead"
+        )
 
 
 def check_metric_names(metrics: dict[str, float]) -> dict[str, float]:
@@ -165,8 +365,11 @@ def check_metric_names(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-_NP_TO_PROTO = {np.dtype(np.float32): pb.DTYPE_FLOAT32, np.dtype(np.int64): pb.DTYPE_INT64,
-                np.dtype(np.int32): pb.DTYPE_INT32}
+_NP_TO_PROTO = {
+    np.dtype(np.float32): pb.DTYPE_FLOAT32,
+    np.dtype(np.int64): pb.DTYPE_INT64,
+    np.dtype(np.int32): pb.DTYPE_INT32,
+}
 
 
 def encode_forward_backward_output(out: types.ForwardBackwardOutput) -> bytes:
@@ -225,6 +428,7 @@ def encode_sample_response(resp: types.SampleResponse) -> bytes:
     prompt_lp = resp.prompt_logprobs
     if prompt_lp is not None:
         msg.prompt_logprobs = np.asarray(
-            [math.nan if v is None else v for v in prompt_lp], dtype=np.float32).tobytes()
+            [math.nan if v is None else v for v in prompt_lp], dtype=np.float32
+        ).tobytes()
     msg.prompt_cache_hit_tokens = int(resp.prompt_cache_hit_tokens or 0)
     return msg.SerializeToString()

@@ -1,0 +1,211 @@
+"""Checkpoints: the directory and the SQLite row behind each ``tinker://RUN/KIND/NAME`` path.
+
+A checkpoint is written into a temporary directory renamed into place, and recorded (size, TTL)
+only then, so a listed checkpoint is always complete. Lookups answer 404 unless the tenant owns
+it. For sampling (and export) a checkpoint becomes sampler weights named ``ckpt:PATH`` in
+``served.ResidentSamplers``: loaded on first use, evicted like any other. The REST listings of
+runs and checkpoints read the same rows.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tinker import types
+
+from trinity.server import wire
+from trinity.server.command_log import Job
+from trinity.server.futures import Result, ServiceError, json_result
+from trinity.server.served import ServedModel, lora_spec, safe_name
+from trinity.server.store import Store
+from trinity.server.training import Model
+
+_RESPONSES = {
+    "weights": (types.SaveWeightsResponse, "save_weights"),
+    "sampler_weights": (types.SaveWeightsForSamplerResponse, "save_weights_for_sampler"),
+    "external_weights": (types.SaveWeightsExternalResponse, "save_weights_external"),
+}
+
+
+def weights_name(path: str) -> str:
+    """The ``ResidentSamplers`` name of checkpoint ``path``'s weights."""
+    return f"ckpt:{path}"
+
+
+class Checkpoints:
+    def __init__(self, store: Store, root: Path, models: list[ServedModel]):
+        self.store, self.root, self.models = store, root, models
+
+    def writer(
+        self,
+        model: Model,
+        kind: str,
+        name: str | None,
+        ttl: int | None,
+        overwrite: bool,
+        user_metadata: dict | None,
+        write: Callable[[Path], None],
+    ) -> Job:
+        """The job writing checkpoint ``kind/name`` of ``model`` with ``write(directory)``."""
+        run_id, tenant, base = model.model_id, model.tenant, model.base
+        name = wire.check_checkpoint_name(name)
+        checkpoint_id = f"{kind}/{name}"
+        exists = self.store.checkpoint(run_id, checkpoint_id) is not None
+        wire.check_new_checkpoint(checkpoint_id, run_id, overwrite, exists)
+        directory = self.root / safe_name(tenant) / safe_name(run_id) / kind / name
+        path = f"tinker://{run_id}/{checkpoint_id}"
+        base.samplers.forget(weights_name(path))  # an overwritten checkpoint loads afresh
+
+        def job() -> Result:
+            tmp = directory.with_name(directory.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            write(tmp)
+            shutil.rmtree(directory, ignore_errors=True)
+            tmp.rename(directory)
+            self.store.add_checkpoint(
+                run_id,
+                checkpoint_id,
+                tenant,
+                wire.KINDS[kind],
+                path,
+                str(directory),
+                _dir_size(directory),
+                user_metadata,
+                time.time() + ttl if ttl else None,
+            )
+            response, response_type = _RESPONSES[kind]
+            return json_result(response(path=path, type=response_type))
+
+        return job
+
+    def find(self, tenant: str, path: str, loadable: bool = True) -> tuple[dict, dict]:
+        """The checkpoint row and its run's row; 404 unless ``tenant`` owns it."""
+        run_id, kind, name = wire.parse_tinker_path(path)
+        ckpt = self.store.checkpoint(run_id, f"{kind}/{name}")
+        if ckpt is None or ckpt["tenant"] != tenant:
+            raise ServiceError(404, f"checkpoint {path!r} not found")
+        if loadable:
+            wire.check_loadable(path, kind)
+        run = self.store.run(run_id)
+        assert run is not None
+        return ckpt, run
+
+    def sampler_weights(self, base: ServedModel, ckpt: dict, run: dict) -> str:
+        """Register checkpoint ``ckpt`` as sampler weights of ``base``; returns their name."""
+        name, directory, engine = weights_name(ckpt["tinker_path"]), ckpt["directory"], base.engine
+
+        def load() -> None:
+            if ckpt["kind"] == "sampler":
+                engine.load_sampler(name, directory)
+                return
+            tmp = f"tmp:{uuid.uuid4().hex}"  # a training state: load it, then snapshot it
+            engine.create_model(tmp, lora_spec(run["lora"]))
+            try:
+                engine.load_state(tmp, directory, optimizer=False)
+                engine.snapshot_sampler(tmp, name)
+            finally:
+                engine.remove_model(tmp)
+
+        base.samplers.register(name, load)
+        return name
+
+    def delete(self, tenant: str, run_id: str, checkpoint_id: str) -> None:
+        ckpt = self.store.checkpoint(run_id, checkpoint_id)
+        if ckpt is None or ckpt["tenant"] != tenant:
+            raise ServiceError(404, f"checkpoint {checkpoint_id!r} of run {run_id!r} not found")
+        self.store.delete_checkpoint(run_id, checkpoint_id)
+        for model in self.models:  # only the run's base model can hold the weights
+            model.samplers.forget(weights_name(ckpt["tinker_path"]))
+        shutil.rmtree(ckpt["directory"], ignore_errors=True)
+
+    def files(self, tenant: str, path: str) -> tuple[Path, list[str]]:
+        """The directory of checkpoint ``path`` and its files (for signed download URLs)."""
+        ckpt, _ = self.find(tenant, path, loadable=False)
+        root = Path(ckpt["directory"])
+        return root, sorted(str(f.relative_to(root)) for f in root.rglob("*") if f.is_file())
+
+    # --------------------------------------------------------------------- REST listings
+    def list_runs(self, tenant: str, limit: int, offset: int) -> types.TrainingRunsResponse:
+        runs = self.store.runs(tenant)
+        return types.TrainingRunsResponse(
+            training_runs=[self._run(r) for r in runs[offset : offset + limit]],
+            cursor=types.Cursor(offset=offset, limit=limit, total_count=len(runs)),
+        )
+
+    def get_run(self, tenant: str, run_id: str) -> types.TrainingRun:
+        run = self.store.run(run_id)
+        if run is None or run["tenant"] != tenant:
+            raise ServiceError(404, f"unknown training run {run_id!r}")
+        return self._run(run)
+
+    def list_checkpoints(
+        self, tenant: str, run_id: str | None, limit: int = 10**9, offset: int = 0
+    ) -> types.CheckpointsListResponse:
+        if run_id is not None:
+            self.get_run(tenant, run_id)
+        ckpts = self.store.checkpoints(tenant, run_id)
+        return types.CheckpointsListResponse(
+            checkpoints=[_checkpoint(c) for c in ckpts[offset : offset + limit]],
+            cursor=types.Cursor(
+                offset=offset, limit=min(limit, len(ckpts)), total_count=len(ckpts)
+            ),
+        )
+
+    def weights_info(self, tenant: str, path: str) -> types.WeightsInfoResponse:
+        _, run = self.find(tenant, path, loadable=False)
+        lora = run["lora"] or {}
+        return types.WeightsInfoResponse(
+            base_model=run["base_model"],
+            is_lora=bool(lora),
+            lora_rank=lora.get("rank"),
+            train_unembed=lora.get("train_unembed"),
+            train_mlp=lora.get("train_mlp"),
+            train_attn=lora.get("train_attn"),
+        )
+
+    def _run(self, run: dict) -> types.TrainingRun:
+        last = {
+            c["kind"]: _checkpoint(c) for c in self.store.checkpoints(run["tenant"], run["run_id"])
+        }
+        lora = run["lora"]
+        return types.TrainingRun(
+            training_run_id=run["run_id"],
+            base_model=run["base_model"],
+            model_owner=run["tenant"],
+            is_lora=lora is not None,
+            lora_rank=lora["rank"] if lora else None,
+            last_request_time=_time(run["last_request"]),
+            last_checkpoint=last.get("training"),
+            last_sampler_checkpoint=last.get("sampler"),
+            user_metadata=_str_dict(run["user_metadata"]),
+        )
+
+
+def _checkpoint(c: dict) -> types.Checkpoint:
+    return types.Checkpoint(
+        checkpoint_id=c["checkpoint_id"],
+        checkpoint_type=c["kind"],
+        time=_time(c["created"]),
+        tinker_path=c["tinker_path"],
+        size_bytes=c["size_bytes"],
+        user_metadata=_str_dict(c["user_metadata"]),
+        expires_at=_time(c["expires_at"]) if c["expires_at"] else None,
+    )
+
+
+def _str_dict(d: dict | None) -> dict[str, str] | None:
+    return {str(k): str(v) for k, v in d.items()} if d else None
+
+
+def _time(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=UTC)
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
