@@ -261,8 +261,9 @@ def test_stages_are_full_configs(tmp_path):
     text = MINIMAL + (
         "name: run\nstages:\n"
         "- stage_name: sft\n  mode: train\n  algorithm:\n    algorithm_type: sft\n"
-        "  buffer:\n    total_steps: 3\n" + SFT_DATA +
-        "- stage_name: rl\n  algorithm:\n    repeat_times: 4\n"
+        "  buffer:\n    total_steps: 3\n"
+        + SFT_DATA
+        + "- stage_name: rl\n  algorithm:\n    repeat_times: 4\n"
     )
     config = load_config(write(tmp_path, text))
     sft, rl = (stage.config for stage in config.stages)
@@ -281,8 +282,9 @@ def test_stage_may_complete_the_template(tmp_path):
     )
     text = template + (
         "stages:\n- stage_name: sft\n  mode: train\n  algorithm:\n    algorithm_type: sft\n"
-        "  buffer:\n" + SFT_DATA +
-        "- stage_name: rl\n  buffer:\n    explorer_input:\n      taskset:\n"
+        "  buffer:\n"
+        + SFT_DATA
+        + "- stage_name: rl\n  buffer:\n    explorer_input:\n      taskset:\n"
         "        path: builtin:countdown\n"
     )
     config = load_config(write(tmp_path, text))

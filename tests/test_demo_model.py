@@ -29,11 +29,17 @@ def test_ensure_demo_model_converts_once_and_generates(tmp_path, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True, tokenize=True, return_dict=False,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
     )
     params = types.SamplingParams(max_tokens=12, temperature=0.0)
     request = SampleRequest(prompt_tokens=list(prompt), params=params)
-    (response,) = sample_batch(model, [request], eos_token_ids=[tokenizer.eos_token_id],
-                               pad_token_id=tokenizer.pad_token_id)
+    (response,) = sample_batch(
+        model,
+        [request],
+        eos_token_ids=[tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+    )
     text = tokenizer.decode(response.sequences[0].tokens)
     assert "Paris" in text, text

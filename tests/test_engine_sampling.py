@@ -24,8 +24,13 @@ def tiny(tiny_model_dir):
 
 def run(tiny, requests, model=None):
     base, tokenizer = tiny
-    return sample_batch(model or base, requests, eos_token_ids=[tokenizer.eos_token_id],
-                        pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer)
+    return sample_batch(
+        model or base,
+        requests,
+        eos_token_ids=[tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+        tokenizer=tokenizer,
+    )
 
 
 def teacher_logprobs(model, tokens, adapter=None):
@@ -47,13 +52,16 @@ def params(**kw):
 
 
 def test_sampled_logprobs_equal_teacher_forcing(tiny):
-    requests = [SampleRequest(prompt_tokens=p, num_samples=2, params=params(seed=i))
-                for i, p in enumerate(PROMPTS)]
+    requests = [
+        SampleRequest(prompt_tokens=p, num_samples=2, params=params(seed=i))
+        for i, p in enumerate(PROMPTS)
+    ]
     requests.append(SampleRequest(prompt_tokens=PROMPTS[0], params=params(seed=7)))
     batch_shapes = []
     hook = tiny[0].register_forward_pre_hook(
         lambda _, args, kwargs: batch_shapes.append(tuple(kwargs["input_ids"].shape)),
-        with_kwargs=True)
+        with_kwargs=True,
+    )
     try:
         responses = run(tiny, requests)
     finally:
@@ -74,7 +82,7 @@ def test_greedy_is_teacher_forced_argmax_and_top_k_1(tiny):
     tokens = greedy.sequences[0].tokens
     _, logits_TV = teacher_logprobs(tiny[0], PROMPTS[0] + tokens)
     n = len(PROMPTS[0])
-    assert logits_TV[n - 1:-1].argmax(-1).tolist() == tokens
+    assert logits_TV[n - 1 : -1].argmax(-1).tolist() == tokens
     (top1,) = run(tiny, [SampleRequest(prompt_tokens=PROMPTS[0], params=params(top_k=1, seed=3))])
     assert top1.sequences[0].tokens == tokens
 
@@ -85,31 +93,54 @@ def test_mixed_lengths_batched_equal_one_at_a_time(tiny):
     for request, response in zip(requests, batched, strict=True):
         (alone,) = run(tiny, [request])
         assert alone.sequences[0].tokens == response.sequences[0].tokens
-        torch.testing.assert_close(torch.tensor(alone.sequences[0].logprobs),
-                                   torch.tensor(response.sequences[0].logprobs), atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(alone.sequences[0].logprobs),
+            torch.tensor(response.sequences[0].logprobs),
+            atol=ATOL,
+            rtol=0,
+        )
 
 
 def test_seed_reproduces_alone_and_batched(tiny):
-    request = SampleRequest(prompt_tokens=PROMPTS[1], num_samples=2,
-                            params=params(seed=42, temperature=1.0, top_p=0.9, top_k=50))
+    request = SampleRequest(
+        prompt_tokens=PROMPTS[1],
+        num_samples=2,
+        params=params(seed=42, temperature=1.0, top_p=0.9, top_k=50),
+    )
     (alone,) = run(tiny, [request])
-    others = [SampleRequest(prompt_tokens=p, num_samples=3, params=params(temperature=1.0))
-              for p in PROMPTS]
+    others = [
+        SampleRequest(prompt_tokens=p, num_samples=3, params=params(temperature=1.0))
+        for p in PROMPTS
+    ]
     batched = run(tiny, [others[0], request, others[2]])[1]
     assert [s.tokens for s in alone.sequences] == [s.tokens for s in batched.sequences]
     assert alone.sequences[0].tokens != alone.sequences[1].tokens  # samples differ from each other
-    (other_seed,) = run(tiny, [SampleRequest(prompt_tokens=PROMPTS[1], num_samples=2,
-                                             params=params(seed=43, temperature=1.0))])
+    (other_seed,) = run(
+        tiny,
+        [
+            SampleRequest(
+                prompt_tokens=PROMPTS[1], num_samples=2, params=params(seed=43, temperature=1.0)
+            )
+        ],
+    )
     assert other_seed.sequences[0].tokens != alone.sequences[0].tokens
 
 
 def test_top_k_restricts_to_k_most_likely(tiny):
-    (response,) = run(tiny, [SampleRequest(prompt_tokens=PROMPTS[0], num_samples=4,
-                                           params=params(top_k=3, seed=0, temperature=2.0))])
+    (response,) = run(
+        tiny,
+        [
+            SampleRequest(
+                prompt_tokens=PROMPTS[0],
+                num_samples=4,
+                params=params(top_k=3, seed=0, temperature=2.0),
+            )
+        ],
+    )
     for seq in response.sequences:
         _, logits_TV = teacher_logprobs(tiny[0], PROMPTS[0] + seq.tokens)
         n = len(PROMPTS[0])
-        top3_TK = logits_TV[n - 1:-1].topk(3, dim=-1).indices
+        top3_TK = logits_TV[n - 1 : -1].topk(3, dim=-1).indices
         assert all(t in row for t, row in zip(seq.tokens, top3_TK.tolist(), strict=True))
 
 
@@ -120,34 +151,49 @@ def test_stop_conditions(tiny):
     assert free.sequences[0].stop_reason == "length" and len(tokens) == 8
 
     # stop token id: stops at its first occurrence, keeping it.
-    (by_id,) = run(tiny, [SampleRequest(prompt_tokens=PROMPTS[2],
-                                        params=params(temperature=0, stop=[tokens[3]]))])
+    (by_id,) = run(
+        tiny,
+        [SampleRequest(prompt_tokens=PROMPTS[2], params=params(temperature=0, stop=[tokens[3]]))],
+    )
     first = tokens.index(tokens[3])
-    assert by_id.sequences[0].tokens == tokens[:first + 1]
+    assert by_id.sequences[0].tokens == tokens[: first + 1]
     assert by_id.sequences[0].stop_reason == "stop"
 
     # stop string: the text of a generated token.
     piece = tokenizer.decode([tokens[4]])
-    (by_str,) = run(tiny, [SampleRequest(prompt_tokens=PROMPTS[2],
-                                         params=params(temperature=0, stop=piece))])
+    (by_str,) = run(
+        tiny, [SampleRequest(prompt_tokens=PROMPTS[2], params=params(temperature=0, stop=piece))]
+    )
     out = by_str.sequences[0]
     assert out.stop_reason == "stop" and piece in tokenizer.decode(out.tokens)
-    assert out.tokens == tokens[:len(out.tokens)] and len(out.tokens) <= 5
+    assert out.tokens == tokens[: len(out.tokens)] and len(out.tokens) <= 5
 
     # EOS (default stop=None) vs stop=[]: make the greedy first token count as EOS.
-    eos_is_first = sample_batch(model, [SampleRequest(
-        prompt_tokens=PROMPTS[2], params=types.SamplingParams(max_tokens=8, temperature=0))],
-        eos_token_ids=[tokens[0]], pad_token_id=tokenizer.pad_token_id)[0].sequences[0]
+    eos_is_first = sample_batch(
+        model,
+        [
+            SampleRequest(
+                prompt_tokens=PROMPTS[2], params=types.SamplingParams(max_tokens=8, temperature=0)
+            )
+        ],
+        eos_token_ids=[tokens[0]],
+        pad_token_id=tokenizer.pad_token_id,
+    )[0].sequences[0]
     assert eos_is_first.tokens == tokens[:1] and eos_is_first.stop_reason == "stop"
-    no_stops = sample_batch(model, [SampleRequest(
-        prompt_tokens=PROMPTS[2], params=params(temperature=0, stop=[]))],
-        eos_token_ids=[tokens[0]], pad_token_id=tokenizer.pad_token_id)[0].sequences[0]
+    no_stops = sample_batch(
+        model,
+        [SampleRequest(prompt_tokens=PROMPTS[2], params=params(temperature=0, stop=[]))],
+        eos_token_ids=[tokens[0]],
+        pad_token_id=tokenizer.pad_token_id,
+    )[0].sequences[0]
     assert no_stops.tokens == tokens and no_stops.stop_reason == "length"
 
 
 def test_prompt_logprobs_equal_teacher_forcing(tiny):
-    requests = [SampleRequest(prompt_tokens=p, params=params(max_tokens=1),
-                              prompt_logprobs=(i != 1)) for i, p in enumerate(PROMPTS)]
+    requests = [
+        SampleRequest(prompt_tokens=p, params=params(max_tokens=1), prompt_logprobs=(i != 1))
+        for i, p in enumerate(PROMPTS)
+    ]
     responses = run(tiny, requests)
     assert responses[1].prompt_logprobs is None
     for i in (0, 2):
@@ -161,8 +207,9 @@ def test_mixed_adapter_batch_equals_separate_runs(tiny_model_dir, tiny):
     from peft import LoraConfig, get_peft_model
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                        init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )
     torch.manual_seed(1)
     model = get_peft_model(base, config, adapter_name="a")
     model.add_adapter("b", config)
@@ -172,20 +219,32 @@ def test_mixed_adapter_batch_equals_separate_runs(tiny_model_dir, tiny):
                 p.mul_(50)
     model.eval()
     adapters = ["a", "b", None, "b", "a"]  # one prompt under a and b: prefills not shared
-    requests = [SampleRequest(prompt_tokens=PROMPTS[i % 3], adapter=a,
-                              params=params(temperature=0), prompt_logprobs=True)
-                for i, a in enumerate(adapters)]
+    requests = [
+        SampleRequest(
+            prompt_tokens=PROMPTS[i % 3],
+            adapter=a,
+            params=params(temperature=0),
+            prompt_logprobs=True,
+        )
+        for i, a in enumerate(adapters)
+    ]
     mixed = run(tiny, requests, model=model)
     separate = [run(tiny, [r], model=model)[0] for r in requests]
     outputs = {a: mixed[i].sequences[0].tokens for i, a in enumerate(adapters)}
     assert len({tuple(outputs[a]) for a in ("a", "b", None)}) >= 2  # adapters matter
     for request, m, s in zip(requests, mixed, separate, strict=True):
         assert m.sequences[0].tokens == s.sequences[0].tokens
-        expected, _ = teacher_logprobs(model, request.prompt_tokens + m.sequences[0].tokens,
-                                       adapter=request.adapter)
-        torch.testing.assert_close(torch.tensor(m.sequences[0].logprobs), expected[-8:],
-                                   atol=ATOL, rtol=0)
-        torch.testing.assert_close(torch.tensor(m.prompt_logprobs[1:]),
-                                   expected[:len(request.prompt_tokens) - 1], atol=ATOL, rtol=0)
+        expected, _ = teacher_logprobs(
+            model, request.prompt_tokens + m.sequences[0].tokens, adapter=request.adapter
+        )
+        torch.testing.assert_close(
+            torch.tensor(m.sequences[0].logprobs), expected[-8:], atol=ATOL, rtol=0
+        )
+        torch.testing.assert_close(
+            torch.tensor(m.prompt_logprobs[1:]),
+            expected[: len(request.prompt_tokens) - 1],
+            atol=ATOL,
+            rtol=0,
+        )
     with pytest.raises(ValueError, match="unknown adapters"):
         run(tiny, [SampleRequest(prompt_tokens=PROMPTS[0], adapter="zzz")], model=model)

@@ -124,7 +124,9 @@ def test_grpo_on_ray_tinker_backend(tmp_path, tiny_model_dir, ray_cluster):
     assert_full_batches(steps)
     assert steps[3]["rollout/model_version"] == 2
     job = job_dir(tmp_path, "tinker")
-    assert (job / "global_step_3" / "remote_checkpoint_path.txt").read_text().startswith("tinker://")
+    assert (
+        (job / "global_step_3" / "remote_checkpoint_path.txt").read_text().startswith("tinker://")
+    )
 
 
 def test_runner_failures_lose_nothing(tmp_path, tiny_model_dir, ray_cluster, monkeypatch, caplog):

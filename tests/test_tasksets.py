@@ -292,5 +292,7 @@ def test_example_arithmetic_file_is_the_builtin_set_in_gsm8k_form():
     reproducible: builtin arithmetic, two one-digit operands, seed 1, answers as ``#### N``."""
     path = Path(__file__).parents[1] / "examples" / "data" / "arithmetic.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    expected = build_builtin("arithmetic", {"num_terms": 2, "max_operand": 9, "size": 400, "seed": 1})
+    expected = build_builtin(
+        "arithmetic", {"num_terms": 2, "max_operand": 9, "size": 400, "seed": 1}
+    )
     assert rows == [{"question": r["question"], "answer": f"#### {r['answer']}"} for r in expected]

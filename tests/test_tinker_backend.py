@@ -39,12 +39,16 @@ def test_grpo_local_and_tinker_backends_agree(tmp_path, tiny_model_dir):
             local[step]["actor/final_loss"], rel=1e-3, abs=1e-6
         )
     job = job_dir(tmp_path, "tinker")
-    assert (job / "global_step_3" / "remote_checkpoint_path.txt").read_text().startswith("tinker://")
+    assert (
+        (job / "global_step_3" / "remote_checkpoint_path.txt").read_text().startswith("tinker://")
+    )
     assert (job / "final_adapter" / "adapter_config.json").exists()
     # Each sync deletes the sampler weights the explorer stopped using on the service.
     (samplers,) = (job / "server" / "checkpoints").glob("*/*/sampler_weights")
     assert sorted(p.name for p in samplers.iterdir()) == [
-        "loop-tests-tinker-sampler-2", "loop-tests-tinker-sampler-3"]
+        "loop-tests-tinker-sampler-2",
+        "loop-tests-tinker-sampler-3",
+    ]
 
 
 def test_missing_api_key_fails_before_any_work(tmp_path, tiny_model_dir, monkeypatch, capsys):

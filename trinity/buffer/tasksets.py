@@ -129,9 +129,11 @@ class TasksetReader:
                     f"(fields: {', '.join(columns)}); set the taskset's format keys"
                 )
             values = [_column(self.rows, key) for key in present]
-            missing = [i for i, row in enumerate(zip(*values, strict=True)) if all(
-                v is None or (isinstance(v, str) and not v.strip()) for v in row
-            )]
+            missing = [
+                i
+                for i, row in enumerate(zip(*values, strict=True))
+                if all(v is None or (isinstance(v, str) and not v.strip()) for v in row)
+            ]
             if missing:
                 raise TasksetError(
                     f"{where}: {len(missing)} of {len(self.rows)} rows have no value for {what} "

@@ -32,15 +32,20 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
 
 
-def write_state(directory: str | Path, meta: dict, weights: dict[str, torch.Tensor],
-                optimizer: dict[str, torch.Tensor] | None) -> None:
+def write_state(
+    directory: str | Path,
+    meta: dict,
+    weights: dict[str, torch.Tensor],
+    optimizer: dict[str, torch.Tensor] | None,
+) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _save(weights, directory / WEIGHTS)
     if optimizer is not None:
         _save(optimizer, directory / OPTIMIZER)
-    (directory / STATE_META).write_text(json.dumps(
-        {"format": STATE_FORMAT, **meta, "optimizer": optimizer is not None}, indent=1))
+    (directory / STATE_META).write_text(
+        json.dumps({"format": STATE_FORMAT, **meta, "optimizer": optimizer is not None}, indent=1)
+    )
 
 
 def read_state_meta(directory: str | Path) -> dict:
@@ -73,8 +78,9 @@ def read_peft(directory: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
 
 
-def copy_into(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor],
-              what: str) -> None:
+def copy_into(
+    params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor], what: str
+) -> None:
     """Copy tensors into same-named parameters; names or shapes that differ raise ValueError."""
     missing = sorted(set(params) - set(tensors))
     if missing:
@@ -83,6 +89,8 @@ def copy_into(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Te
         for name, param in params.items():
             tensor = tensors[name]
             if tensor.shape != param.shape:
-                raise ValueError(f"{what}: {name} has shape {tuple(tensor.shape)}, "
-                                 f"the model expects {tuple(param.shape)}")
+                raise ValueError(
+                    f"{what}: {name} has shape {tuple(tensor.shape)}, "
+                    f"the model expects {tuple(param.shape)}"
+                )
             param.copy_(tensor)

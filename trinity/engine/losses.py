@@ -91,8 +91,10 @@ def resolve_config(name: str, config: dict | None) -> dict[str, float]:
     unknown = set(config) - set(loss.defaults)
     if unknown:
         allowed = ", ".join(loss.defaults) or "none"
-        raise ValueError(f"loss_fn {name!r} got unknown loss_fn_config keys {sorted(unknown)} "
-                         f"(allowed: {allowed})")
+        raise ValueError(
+            f"loss_fn {name!r} got unknown loss_fn_config keys {sorted(unknown)} "
+            f"(allowed: {allowed})"
+        )
     resolved = {}
     for key, default in loss.defaults.items():
         value = config.get(key, default)

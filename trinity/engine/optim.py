@@ -28,11 +28,14 @@ class AdamW:
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         if hp.grad_clip_norm > 0 and grads:
-            torch.nn.utils.clip_grads_with_norm_(self.params.values(), hp.grad_clip_norm,
-                                                 grad_norm)
+            torch.nn.utils.clip_grads_with_norm_(self.params.values(), hp.grad_clip_norm, grad_norm)
         for group in self._torch.param_groups:
-            group.update(lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), eps=hp.eps,
-                         weight_decay=hp.weight_decay)
+            group.update(
+                lr=hp.learning_rate,
+                betas=(hp.beta1, hp.beta2),
+                eps=hp.eps,
+                weight_decay=hp.weight_decay,
+            )
         self._torch.step()
         self._torch.zero_grad(set_to_none=True)
         self.steps += 1
@@ -49,8 +52,11 @@ class AdamW:
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], steps: int) -> None:
         self.reset()
         for name, p in self.params.items():
-            state = {key: tensors[f"{key}/{name}"].to(p.device)
-                     for key in ("step", "exp_avg", "exp_avg_sq") if f"{key}/{name}" in tensors}
+            state = {
+                key: tensors[f"{key}/{name}"].to(p.device)
+                for key in ("step", "exp_avg", "exp_avg_sq")
+                if f"{key}/{name}" in tensors
+            }
             if state:
                 if len(state) != 3:
                     raise ValueError(f"optimizer state of {name!r} is incomplete")
@@ -65,6 +71,5 @@ class AdamW:
 def _fused(params: dict[str, torch.nn.Parameter]) -> bool | None:
     """Use the fused kernel when every parameter is a float on a device that has it."""
     devices = {p.device.type for p in params.values()}
-    floats = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16)
-                 for p in params.values())
+    floats = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params.values())
     return True if floats and devices <= {"cpu", "cuda"} and params else None

@@ -56,8 +56,8 @@ class _GrowingLayer(DynamicLayer):
             capacity = max(end, 2 * self.used)
             self.key_room = _moved(self.key_room, key_states, capacity, self.used)
             self.value_room = _moved(self.value_room, value_states, capacity, self.used)
-        self.key_room[..., self.used:end, :] = key_states
-        self.value_room[..., self.used:end, :] = value_states
+        self.key_room[..., self.used : end, :] = key_states
+        self.value_room[..., self.used : end, :] = value_states
         self.used = end
         self.keys, self.values = self.key_room[..., :end, :], self.value_room[..., :end, :]
         return self.keys, self.values
@@ -65,8 +65,8 @@ class _GrowingLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.used:
             self.key_room, self.value_room = self.key_room[indices], self.value_room[indices]
-            self.keys = self.key_room[..., :self.used, :]
-            self.values = self.value_room[..., :self.used, :]
+            self.keys = self.key_room[..., : self.used, :]
+            self.values = self.value_room[..., : self.used, :]
 
 
 def _moved(room: torch.Tensor | None, like: torch.Tensor, capacity: int, used: int) -> torch.Tensor:
@@ -132,19 +132,23 @@ def _make_rows(
         stop_ids, stop_strings = _stop_spec(params.stop, eos_token_ids)
         base_seed = params.seed if params.seed is not None else random.getrandbits(40)
         for sample_index in range(request.num_samples):
-            generator = torch.Generator().manual_seed((base_seed * 1_000_003 + sample_index) % 2**63)
-            rows.append(_Row(
-                request_index=index,
-                prompt=list(request.prompt_tokens),
-                adapter=request.adapter or BASE_ADAPTER,
-                temperature=float(params.temperature),
-                top_k=int(params.top_k) if params.top_k is not None else -1,
-                top_p=float(params.top_p) if params.top_p is not None else 1.0,
-                max_tokens=max_tokens,
-                stop_ids=stop_ids,
-                stop_strings=stop_strings,
-                generator=generator,
-            ))
+            generator = torch.Generator().manual_seed(
+                (base_seed * 1_000_003 + sample_index) % 2**63
+            )
+            rows.append(
+                _Row(
+                    request_index=index,
+                    prompt=list(request.prompt_tokens),
+                    adapter=request.adapter or BASE_ADAPTER,
+                    temperature=float(params.temperature),
+                    top_k=int(params.top_k) if params.top_k is not None else -1,
+                    top_p=float(params.top_p) if params.top_p is not None else 1.0,
+                    max_tokens=max_tokens,
+                    stop_ids=stop_ids,
+                    stop_strings=stop_strings,
+                    generator=generator,
+                )
+            )
     return rows
 
 
@@ -256,7 +260,13 @@ def sample_batch(
     model.eval()
     try:
         prompt_logprobs = _decode(
-            model, requests, rows, adapters, pad_token_id, torch.device(device), tokenizer,
+            model,
+            requests,
+            rows,
+            adapters,
+            pad_token_id,
+            torch.device(device),
+            tokenizer,
             tail_tokens,
         )
     finally:
@@ -274,12 +284,15 @@ def sample_batch(
             for j, row in enumerate(r for r in rows if r.request_index == index)
         ]
         scored = prompt_logprobs.get(index)
-        responses.append(types.SampleResponse(
-            sequences=sequences,
-            # NaN marks the unscored position 0; the SDK reads it back as None.
-            prompt_logprobs_np=None if scored is None else np.asarray(
-                [np.nan, *scored[1:]], dtype=np.float32),
-        ))
+        responses.append(
+            types.SampleResponse(
+                sequences=sequences,
+                # NaN marks the unscored position 0; the SDK reads it back as None.
+                prompt_logprobs_np=None
+                if scored is None
+                else np.asarray([np.nan, *scored[1:]], dtype=np.float32),
+            )
+        )
     return responses
 
 
@@ -302,24 +315,31 @@ def _decode(model, requests, rows, adapters, pad_token_id, device, tokenizer, ta
     input_ids_UT = torch.full((len(prompts_U), width), pad_token_id, dtype=torch.long)
     mask_UT = torch.zeros((len(prompts_U), width), dtype=torch.long)
     for u, prompt in enumerate(prompts_U):
-        input_ids_UT[u, width - len(prompt):] = torch.tensor(prompt)
-        mask_UT[u, width - len(prompt):] = 1
+        input_ids_UT[u, width - len(prompt) :] = torch.tensor(prompt)
+        mask_UT[u, width - len(prompt) :] = 1
     position_UT = (mask_UT.cumsum(dim=1) - 1).clamp(min=0)
     want_prompt_logprobs = any(request.prompt_logprobs for request in requests)
 
     cache = Cache(layer_class_to_replicate=_GrowingLayer)
     logits = _forward(
-        model, input_ids_UT.to(device), mask_UT.to(device), position_UT.to(device), cache,
+        model,
+        input_ids_UT.to(device),
+        mask_UT.to(device),
+        position_UT.to(device),
+        cache,
         None if adapters is None else [adapters[i] for i in first_U],
         0 if want_prompt_logprobs else 1,
     )
     prompt_logprobs: dict[int, list[float | None]] = {}
     if want_prompt_logprobs:
         for i, row in enumerate(rows):
-            if not requests[row.request_index].prompt_logprobs or row.request_index in prompt_logprobs:
+            if (
+                not requests[row.request_index].prompt_logprobs
+                or row.request_index in prompt_logprobs
+            ):
                 continue
             n = len(row.prompt)
-            logprobs_TV = logits[source_B[i], width - n: width - 1].float().log_softmax(dim=-1)
+            logprobs_TV = logits[source_B[i], width - n : width - 1].float().log_softmax(dim=-1)
             targets_T = torch.tensor(row.prompt[1:], device=logprobs_TV.device)
             scored = logprobs_TV.gather(1, targets_T.unsqueeze(1)).squeeze(1).tolist()
             prompt_logprobs[row.request_index] = [None, *scored]
@@ -361,7 +381,12 @@ def _decode(model, requests, rows, adapters, pad_token_id, device, tokenizer, ta
                 adapters = [adapters[j] for j in keep]
         mask_BT = torch.cat([mask_BT, mask_BT.new_ones((len(active), 1))], dim=1)
         logits_BV = _forward(
-            model, tokens_B.unsqueeze(1).to(device), mask_BT, next_position_B.unsqueeze(1),
-            cache, adapters, 1,
+            model,
+            tokens_B.unsqueeze(1).to(device),
+            mask_BT,
+            next_position_B.unsqueeze(1),
+            cache,
+            adapters,
+            1,
         )[:, -1]
         next_position_B = next_position_B + 1

@@ -98,8 +98,11 @@ class EngineWorker:
             # and the samples around them.
             while len(samples) < self.max_sample_batch:
                 try:
-                    nxt = self._jobs.get(timeout=self.batch_window_s) if self.batch_window_s \
+                    nxt = (
+                        self._jobs.get(timeout=self.batch_window_s)
+                        if self.batch_window_s
                         else self._jobs.get_nowait()
+                    )
                 except queue.Empty:
                     break
                 if not isinstance(nxt, _Sample):

@@ -35,7 +35,7 @@ from trinity.explorer.explorer import Explorer
 from trinity.explorer.sampler import RolloutSettings
 from trinity.jobdir import JobDir, atomic_write
 from trinity.launcher.cluster import RayCluster, connect, runner_env
-from trinity.monitor import JsonlMonitor, build_monitors
+from trinity.monitor import build_monitors
 from trinity.monitor.base import RoleMonitor
 from trinity.monitor.jsonl import forget_steps_after
 from trinity.monitor.rollouts import RolloutStore
@@ -267,7 +267,7 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
         )
     roles = [role for role, on in (("explorer", explore), ("trainer", train)) if on]
     if resume:  # the steps after the checkpoint are redone: each is logged once
-        forget_steps_after(job_dir.monitor_dir / JsonlMonitor.FILE_NAME, start_step, roles)
+        forget_steps_after(job_dir.metrics_file, start_step, roles)
     monitor = build_monitors(
         config.monitor.monitor_type,
         job_dir=job_dir.path,

@@ -73,27 +73,54 @@ class Store:
 
     # sessions
     def add_session(self, session_id: str, tenant: str, meta: dict) -> None:
-        self._sql("INSERT OR IGNORE INTO sessions VALUES (?,?,?,?,?)",
-                   session_id, tenant, time.time(), None, _dump(meta))
+        self._sql(
+            "INSERT OR IGNORE INTO sessions VALUES (?,?,?,?,?)",
+            session_id,
+            tenant,
+            time.time(),
+            None,
+            _dump(meta),
+        )
 
     def finish_session(self, session_id: str, reason: str) -> None:
-        self._sql("UPDATE sessions SET finished=? WHERE session_id=? AND finished IS NULL",
-                   reason, session_id)
+        self._sql(
+            "UPDATE sessions SET finished=? WHERE session_id=? AND finished IS NULL",
+            reason,
+            session_id,
+        )
 
     def sessions(self) -> list[dict[str, Any]]:
         return self._sql("SELECT * FROM sessions")
 
     # training runs (run id == model id)
-    def add_run(self, run_id: str, tenant: str, session_id: str, base_model: str,
-                lora: dict | None, user_metadata: dict | None) -> None:
+    def add_run(
+        self,
+        run_id: str,
+        tenant: str,
+        session_id: str,
+        base_model: str,
+        lora: dict | None,
+        user_metadata: dict | None,
+    ) -> None:
         now = time.time()
-        self._sql("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?)",
-                   run_id, tenant, session_id, base_model, _dump(lora), now, now,
-                   _dump(user_metadata), None, None)
+        self._sql(
+            "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?)",
+            run_id,
+            tenant,
+            session_id,
+            base_model,
+            _dump(lora),
+            now,
+            now,
+            _dump(user_metadata),
+            None,
+            None,
+        )
 
     def set_autosave(self, run_id: str, directory: str | None, next_seq: int | None) -> None:
-        self._sql("UPDATE runs SET autosave=?, next_seq=? WHERE run_id=?",
-                   directory, next_seq, run_id)
+        self._sql(
+            "UPDATE runs SET autosave=?, next_seq=? WHERE run_id=?", directory, next_seq, run_id
+        )
 
     def touch_run(self, run_id: str) -> None:
         self._sql("UPDATE runs SET last_request=? WHERE run_id=?", time.time(), run_id)
@@ -105,57 +132,105 @@ class Store:
         return self._one("SELECT * FROM runs WHERE run_id=?", run_id)
 
     # checkpoints
-    def add_checkpoint(self, run_id: str, checkpoint_id: str, tenant: str, kind: str,
-                       tinker_path: str, directory: str, size_bytes: int,
-                       user_metadata: dict | None, expires_at: float | None) -> None:
-        self._sql("INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?,?,?,?,?,?,?)",
-                   run_id, checkpoint_id, tenant, kind, tinker_path, directory, time.time(),
-                   size_bytes, _dump(user_metadata), expires_at)
+    def add_checkpoint(
+        self,
+        run_id: str,
+        checkpoint_id: str,
+        tenant: str,
+        kind: str,
+        tinker_path: str,
+        directory: str,
+        size_bytes: int,
+        user_metadata: dict | None,
+        expires_at: float | None,
+    ) -> None:
+        self._sql(
+            "INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?,?,?,?,?,?,?)",
+            run_id,
+            checkpoint_id,
+            tenant,
+            kind,
+            tinker_path,
+            directory,
+            time.time(),
+            size_bytes,
+            _dump(user_metadata),
+            expires_at,
+        )
 
     def checkpoints(self, tenant: str, run_id: str | None = None) -> list[dict[str, Any]]:
         if run_id is None:
             return self._sql("SELECT * FROM checkpoints WHERE tenant=? ORDER BY created", tenant)
-        return self._sql("SELECT * FROM checkpoints WHERE tenant=? AND run_id=? ORDER BY created",
-                          tenant, run_id)
+        return self._sql(
+            "SELECT * FROM checkpoints WHERE tenant=? AND run_id=? ORDER BY created", tenant, run_id
+        )
 
     def checkpoint(self, run_id: str, checkpoint_id: str) -> dict[str, Any] | None:
-        return self._one("SELECT * FROM checkpoints WHERE run_id=? AND checkpoint_id=?",
-                         run_id, checkpoint_id)
+        return self._one(
+            "SELECT * FROM checkpoints WHERE run_id=? AND checkpoint_id=?", run_id, checkpoint_id
+        )
 
     def delete_checkpoint(self, run_id: str, checkpoint_id: str) -> None:
-        self._sql("DELETE FROM checkpoints WHERE run_id=? AND checkpoint_id=?",
-                   run_id, checkpoint_id)
+        self._sql(
+            "DELETE FROM checkpoints WHERE run_id=? AND checkpoint_id=?", run_id, checkpoint_id
+        )
 
     # samplers
-    def add_sampler(self, sampler_id: str, tenant: str, base_model: str,
-                    model_path: str | None) -> None:
-        self._sql("INSERT OR REPLACE INTO samplers VALUES (?,?,?,?)",
-                   sampler_id, tenant, base_model, model_path)
+    def add_sampler(
+        self, sampler_id: str, tenant: str, base_model: str, model_path: str | None
+    ) -> None:
+        self._sql(
+            "INSERT OR REPLACE INTO samplers VALUES (?,?,?,?)",
+            sampler_id,
+            tenant,
+            base_model,
+            model_path,
+        )
 
     def samplers(self) -> list[dict[str, Any]]:
         return self._sql("SELECT * FROM samplers")
 
     # futures
     def add_future(self, request_id: str, tenant: str) -> None:
-        self._sql("INSERT OR IGNORE INTO futures VALUES (?,?,?,?,?,?,?)",
-                   request_id, tenant, "pending", None, None, time.time(), None)
+        self._sql(
+            "INSERT OR IGNORE INTO futures VALUES (?,?,?,?,?,?,?)",
+            request_id,
+            tenant,
+            "pending",
+            None,
+            None,
+            time.time(),
+            None,
+        )
 
-    def finish_future(self, request_id: str, state: str, content_type: str,
-                      payload: bytes) -> None:
-        self._sql("UPDATE futures SET state=?, content_type=?, payload=? WHERE request_id=?",
-                   state, content_type, payload, request_id)
+    def finish_future(self, request_id: str, state: str, content_type: str, payload: bytes) -> None:
+        self._sql(
+            "UPDATE futures SET state=?, content_type=?, payload=? WHERE request_id=?",
+            state,
+            content_type,
+            payload,
+            request_id,
+        )
 
     def future(self, request_id: str) -> dict[str, Any] | None:
         return self._one("SELECT * FROM futures WHERE request_id=?", request_id)
 
     def mark_delivered(self, request_id: str) -> None:
-        self._sql("UPDATE futures SET delivered=? WHERE request_id=? AND delivered IS NULL",
-                   time.time(), request_id)
+        self._sql(
+            "UPDATE futures SET delivered=? WHERE request_id=? AND delivered IS NULL",
+            time.time(),
+            request_id,
+        )
 
     def purge_delivered(self, older_than_s: float) -> None:
-        self._sql("DELETE FROM futures WHERE delivered IS NOT NULL AND delivered < ?",
-                   time.time() - older_than_s)
+        self._sql(
+            "DELETE FROM futures WHERE delivered IS NOT NULL AND delivered < ?",
+            time.time() - older_than_s,
+        )
 
     def fail_pending_futures(self, payload: bytes) -> None:
-        self._sql("UPDATE futures SET state='failed', content_type='application/json', "
-                   "payload=? WHERE state='pending'", payload)
+        self._sql(
+            "UPDATE futures SET state='failed', content_type='application/json', "
+            "payload=? WHERE state='pending'",
+            payload,
+        )

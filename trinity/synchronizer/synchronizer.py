@@ -128,4 +128,3 @@ class Synchronizer:
                 await asyncio.wait_for(self._condition().wait(), seconds)
         except TimeoutError:
             pass
-

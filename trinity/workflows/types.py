@@ -20,8 +20,12 @@ class Task:
     workflow: str
     repeat_times: int = 1
     reward_fn: str | None = None
-    format: dict[str, Any] = field(default_factory=dict)  # prompt_key, response_key, system_prompt, ...
-    rollout_args: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, top_k, max_tokens
+    format: dict[str, Any] = field(
+        default_factory=dict
+    )  # prompt_key, response_key, system_prompt, ...
+    rollout_args: dict[str, Any] = field(
+        default_factory=dict
+    )  # temperature, top_p, top_k, max_tokens
     workflow_args: dict[str, Any] = field(default_factory=dict)
     reward_fn_args: dict[str, Any] = field(default_factory=dict)
     is_eval: bool = False
@@ -44,9 +48,13 @@ class Sampler(Protocol):
 
     tokenizer: Any
 
-    async def generate(self, prompt_tokens: list[int], n: int, **sampling_args: Any) -> list[Response]: ...
+    async def generate(
+        self, prompt_tokens: list[int], n: int, **sampling_args: Any
+    ) -> list[Response]: ...
 
-    async def chat(self, messages: list[dict[str, str]], n: int, **sampling_args: Any) -> list[Response]: ...
+    async def chat(
+        self, messages: list[dict[str, str]], n: int, **sampling_args: Any
+    ) -> list[Response]: ...
 
 
 @dataclass
