@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import json
 import logging
 import secrets
 import time
@@ -31,6 +30,7 @@ from tinker.types.try_again_response import TryAgainResponse
 
 from trinity.server import wire
 from trinity.server.futures import ServiceError
+from trinity.server.limits import parse_json, read_body
 from trinity.server.service import Service
 
 log = logging.getLogger("trinity.server")
@@ -74,11 +74,7 @@ def create_app(service: Service) -> FastAPI:
         return service.authenticate(request.headers.get("x-api-key"))
 
     async def body(request: Request, model: type[pydantic.BaseModel] | None = None) -> Any:
-        raw = await request.body()
-        try:
-            data = json.loads(raw or b"{}")
-        except ValueError as exc:
-            raise ServiceError(400, f"{request.url.path}: body is not valid JSON: {exc}") from None
+        data = parse_json(await read_body(request, service.limits), request.url.path)
         if model is None:
             return data if isinstance(data, dict) else {}
         try:
@@ -177,9 +173,8 @@ def create_app(service: Service) -> FastAPI:
                 f"/forward_backward takes {wire.PROTO_CONTENT_TYPE} (what SDK "
                 f">= 0.25 sends), got content-type {ctype!r}",
             )
-        req = wire.decode_forward_backward(
-            await request.body(), request.headers.get("content-encoding")
-        )
+        raw = await read_body(request, service.limits)
+        req = wire.decode_forward_backward(raw, service.limits.max_decoded_bytes)
         return out(service.forward_backward(t, req))
 
     @app.post(f"{API}/retrieve_future")

@@ -54,6 +54,7 @@ class Checkpoints:
         """The job writing checkpoint ``kind/name`` of ``model`` with ``write(directory)``."""
         run_id, tenant, base = model.model_id, model.tenant, model.base
         name = wire.check_checkpoint_name(name)
+        ttl = wire.check_ttl(ttl)
         checkpoint_id = f"{kind}/{name}"
         exists = self.store.checkpoint(run_id, checkpoint_id) is not None
         wire.check_new_checkpoint(checkpoint_id, run_id, overwrite, exists)

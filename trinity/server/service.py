@@ -27,6 +27,7 @@ from trinity.server import wire
 from trinity.server.checkpoints import Checkpoints
 from trinity.server.command_log import Job
 from trinity.server.futures import Futures, Result, ServiceError, json_result
+from trinity.server.limits import Limits
 from trinity.server.samplers import Samplers
 from trinity.server.served import ServedModel, find_model, require_model, safe_name
 from trinity.server.store import Store
@@ -56,6 +57,7 @@ class Service:
         batch_window_s: float = 0.02,
         recover: bool = True,
         client_config: dict | None = None,
+        limits: Limits | None = None,
     ):
         """``api_keys``: key -> tenant; empty = open mode (any ``tml-`` key, one tenant).
 
@@ -65,6 +67,7 @@ class Service:
         into 2-3 batches, 20 ms keeps them in one).
         ``recover=False`` (offline tools next to a live server) leaves pending futures alone.
         ``client_config``: flags for the SDK's ``/client/config`` (e.g. fwdbwd_max_chunk_len).
+        ``limits``: what one client may make the server hold (``limits.Limits``).
         """
         if not models:
             raise ValueError("the server needs at least one model")
@@ -72,6 +75,7 @@ class Service:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.api_keys = api_keys or {}
+        self.limits = limits or Limits()
         self.client_config = {"pjwt_auth_enabled": False, **(client_config or {})}
         self.store = Store(self.data_dir / "server.sqlite")
         self.futures = Futures(self.store, long_poll_s)
@@ -172,7 +176,7 @@ class Service:
     def create_model(self, tenant: str, req: types.CreateModelRequest) -> types.UntypedAPIFuture:
         self._session(tenant, req.session_id)
         base = self._base(req.base_model)
-        lora = wire.check_create_model(req)
+        lora = wire.check_create_model(req, self.limits.max_lora_rank)
         return self.training.open(
             tenant,
             req.session_id,
@@ -215,10 +219,8 @@ class Service:
             params = wire.check_optim_step(req)
 
             def run() -> Result:
-                metrics = engine.optim_step(model.model_id, params) or {}
-                return json_result(
-                    types.OptimStepResponse(metrics={k: float(v) for k, v in metrics.items()})
-                )
+                metrics = wire.check_optim_metrics(engine.optim_step(model.model_id, params) or {})
+                return json_result(types.OptimStepResponse(metrics=metrics))
 
             return run
 

@@ -39,6 +39,9 @@ _FLOAT_INPUTS = {
 # The kinds in a tinker:// path -> the SDK's ``Checkpoint.checkpoint_type``.
 KINDS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+MAX_NAME_CHARS = 128  # a checkpoint name is one directory name (filesystems allow 255 bytes)
+MAX_PATH_CHARS = 1024
+MAX_TTL_S = 10 * 365 * 86400
 
 
 class WireError(ServiceError):
@@ -57,17 +60,13 @@ class FwdBwdRequest:
     loss_fn_config: dict[str, float | str]
     forward_only: bool
     return_entropy: bool  # our extension: loss_fn_config["return_entropy"] = 1
+    problem: str | None = None  # why the content is refused, said in its turn (validate_request)
 
 
-def decode_forward_backward(body: bytes, content_encoding: str | None = None) -> FwdBwdRequest:
-    """Parse the SDK's protobuf ``/forward_backward`` body (structure only, not the model)."""
-    if content_encoding and "zstd" in content_encoding.lower():
-        import zstandard
-
-        try:
-            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 31)
-        except zstandard.ZstdError as exc:
-            raise WireError(f"body is not valid zstd: {exc}") from None
+def decode_forward_backward(body: bytes, max_dense_bytes: int = 1 << 30) -> FwdBwdRequest:
+    """Parse the SDK's protobuf ``/forward_backward`` body (structure only, not the model);
+    ``body`` is already decompressed (``limits.read_body``). The datums' tensors, densified,
+    may take at most ``max_dense_bytes`` together, estimated before any is allocated."""
     msg = pb.ForwardBackwardRequest()
     try:
         msg.ParseFromString(body)
@@ -81,16 +80,26 @@ def decode_forward_backward(body: bytes, content_encoding: str | None = None) ->
     for key, value in msg.loss_fn_config_v2.items():  # v2 wins where both are set
         kind = value.WhichOneof("value")
         config[key] = value.text if kind == "text" else float(value.number)
-    data = [_decode_datum(i, d) for i, d in enumerate(msg.data)]
-    if not data:
-        raise WireError("ForwardBackwardRequest has no data")
+    # Bad content is refused once the command has its place, so it still uses up its seq_id.
+    problem, data = None, []
+    try:
+        for key, value in config.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise WireError(f"ForwardBackwardRequest.loss_fn_config[{key!r}] is {value}")
+        budget = [max_dense_bytes]
+        data = [_decode_datum(i, d, budget) for i, d in enumerate(msg.data)]
+        if not data:
+            raise WireError("ForwardBackwardRequest has no data")
+    except WireError as exc:
+        problem = exc.message
     entropy = bool(config.pop("return_entropy", 0))
     return FwdBwdRequest(
-        msg.model_id, msg.seq_id, data, msg.loss_fn, config, msg.forward_only, entropy
+        msg.model_id, msg.seq_id, data, msg.loss_fn, config, msg.forward_only, entropy, problem
     )
 
 
-def _decode_datum(index: int, d: pb.Datum) -> types.Datum:
+def _decode_datum(index: int, d: pb.Datum, budget: list[int]) -> types.Datum:
+    """One datum; ``budget[0]`` is what densifying its tensors may still allocate."""
     tokens: list[int] = []
     for chunk in d.model_input:
         kind = chunk.WhichOneof("chunk")
@@ -110,6 +119,8 @@ def _decode_datum(index: int, d: pb.Datum) -> types.Datum:
     for name, tensor in d.loss_fn_inputs.items():
         if not tensor.shape and tensor.WhichOneof("encoding") == "dense":
             tensor = _with_flat_shape(tensor)  # a shapeless dense tensor is 1-D
+        where = f"datum {index}: loss_fn_inputs[{name!r}]"
+        budget[0] -= _dense_bytes(tensor, where, budget[0])
         try:
             td = _tensor_data_from_proto(tensor)
             arr = td.to_numpy()
@@ -117,9 +128,13 @@ def _decode_datum(index: int, d: pb.Datum) -> types.Datum:
             raise WireError(
                 f"datum {index}: loss_fn_inputs[{name!r}] cannot be decoded: {exc}"
             ) from None
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise WireError(f"{where} holds NaN or infinite values")
         want = np.float32 if name in _FLOAT_INPUTS else None
         if name == "target_tokens":
             want = np.int64
+            if arr.dtype.kind == "f" and not (arr == np.round(arr)).all():
+                raise WireError(f"{where} holds non-integer token ids")
         if want is not None and arr.dtype != want:
             arr = arr.astype(want)
         inputs[name] = types.TensorData.from_numpy(np.ascontiguousarray(arr))
@@ -127,6 +142,23 @@ def _decode_datum(index: int, d: pb.Datum) -> types.Datum:
 
 
 _ITEMSIZE = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_INT64: 8, pb.DTYPE_INT32: 4, pb.DTYPE_BFLOAT16: 2}
+
+
+def _dense_bytes(tensor: pb.Tensor, where: str, budget: int) -> int:
+    """What the dense form of ``tensor`` takes, refused before allocation beyond ``budget``."""
+    if any(dim < 0 for dim in tensor.shape):
+        raise WireError(f"{where} has a negative dimension in shape {list(tensor.shape)}")
+    size = _ITEMSIZE.get(tensor.dtype, 8)
+    for dim in tensor.shape:
+        size *= dim
+        if size > budget:
+            break
+    if size > budget:
+        raise WireError(
+            f"{where} declares shape {list(tensor.shape)}, more than the {budget} bytes "
+            "this request may still allocate"
+        )
+    return size
 
 
 def _with_flat_shape(tensor: pb.Tensor) -> pb.Tensor:
@@ -141,6 +173,8 @@ def _with_flat_shape(tensor: pb.Tensor) -> pb.Tensor:
 def validate_request(req: FwdBwdRequest, vocab_size: int, max_context: int | None) -> None:
     """Check loss, config, shapes and token ranges before anything reaches the engine, so a bad
     request is a 400 at submission rather than a failed future later."""
+    if req.problem is not None:
+        raise WireError(req.problem)
     if req.loss_fn not in losses.LOSSES:
         raise WireError(
             f"loss_fn {req.loss_fn!r} is not supported; this server implements "
@@ -220,6 +254,7 @@ def check_sample_request(
         if getattr(req, name):
             raise WireError(f"SampleRequest.{name} is not supported by this server")
     params = req.sampling_params
+    _check_sampling_params(params, vocab_size)
     if params.max_tokens is None:
         params = params.model_copy(
             update={"max_tokens": min(256, (max_context or 10**9) - len(tokens))}
@@ -241,7 +276,33 @@ def check_sample_request(
     return tokens, params
 
 
-def check_create_model(req: types.CreateModelRequest) -> dict | None:
+MAX_STOPS, MAX_STOP_CHARS = 64, 1024
+
+
+def _check_sampling_params(params: types.SamplingParams, vocab_size: int) -> None:
+    """Finite, in-range sampling numbers and a bounded ``stop`` list."""
+    where = "SampleRequest.sampling_params"
+    if not (math.isfinite(params.temperature) and 0 <= params.temperature <= 100):
+        raise WireError(f"{where}.temperature must be in [0, 100], got {params.temperature}")
+    if not (math.isfinite(params.top_p) and 0 < params.top_p <= 1):
+        raise WireError(f"{where}.top_p must be in (0, 1], got {params.top_p}")
+    if params.top_k < -1:
+        raise WireError(f"{where}.top_k must be -1 or 0 (off) or positive, got {params.top_k}")
+    if params.seed is not None and not 0 <= params.seed < 2**63:
+        raise WireError(f"{where}.seed must be in [0, 2**63), got {params.seed}")
+    stops = [params.stop] if isinstance(params.stop, str) else list(params.stop or ())
+    if len(stops) > MAX_STOPS:
+        raise WireError(f"{where}.stop has {len(stops)} entries, at most {MAX_STOPS} allowed")
+    for stop in stops:
+        if isinstance(stop, str) and not 0 < len(stop) <= MAX_STOP_CHARS:
+            raise WireError(f"{where}.stop strings must be 1 to {MAX_STOP_CHARS} characters")
+        if isinstance(stop, int) and not 0 <= stop < vocab_size:
+            raise WireError(
+                f"{where}.stop has token id {stop}, outside the vocabulary [0, {vocab_size})"
+            )
+
+
+def check_create_model(req: types.CreateModelRequest, max_lora_rank: int) -> dict | None:
     """The LoRA config as a dict (None: full fine-tuning) once optimizer and rank check out."""
     if req.optimizer_config.type != "adamw":
         raise WireError(
@@ -249,20 +310,48 @@ def check_create_model(req: types.CreateModelRequest) -> dict | None:
             f"{req.optimizer_config.type!r} is not supported (adamw only)"
         )
     lora = req.lora_config.model_dump() if req.lora_config is not None else None
-    if lora is not None and lora["rank"] <= 0:
-        raise WireError(f"CreateModelRequest.lora_config.rank must be positive, got {lora['rank']}")
+    if lora is not None and not 1 <= lora["rank"] <= max_lora_rank:
+        raise WireError(
+            f"CreateModelRequest.lora_config.rank must be in [1, {max_lora_rank}] "
+            f"(this server's max_lora_rank), got {lora['rank']}"
+        )
     return lora
 
 
+# AdamParams field -> (lowest, highest, whether the lowest itself is allowed); all must be finite.
+_ADAM_RANGES = {
+    "learning_rate": (0.0, 1.0, True),
+    "beta1": (0.0, 1.0, True),
+    "beta2": (0.0, 1.0, True),
+    "eps": (0.0, 1.0, False),
+    "weight_decay": (0.0, 1e3, True),
+    "grad_clip_norm": (0.0, math.inf, True),
+}
+
+
 def check_optim_step(req: types.OptimStepRequest) -> types.AdamParams:
+    """Finite, in-range AdamW hyperparameters: one absurd step would poison the model for good
+    (betas must be < 1, eps > 0, the learning rate at most 1, decay at most 1 per step)."""
     params = req.optim_params
     if not isinstance(params, types.AdamParams):
         raise WireError(
             f"OptimStepRequest: optimizer {params.type!r} is not supported (adam_params only)"
         )
-    if params.learning_rate < 0:
+    for name, (low, high, low_ok) in _ADAM_RANGES.items():
+        value = getattr(params, name)
+        upper_ok = name not in ("beta1", "beta2")
+        inside = (value > low or (low_ok and value == low)) and (
+            value < high or (upper_ok and value == high)
+        )
+        if not (math.isfinite(value) and inside):
+            interval = f"{'[' if low_ok else '('}{low}, {high}{']' if upper_ok else ')'}"
+            raise WireError(
+                f"OptimStepRequest.adam_params.{name} must be finite and in {interval}, got {value}"
+            )
+    if params.learning_rate * params.weight_decay > 1:
         raise WireError(
-            f"OptimStepRequest.adam_params.learning_rate must be >= 0, got {params.learning_rate}"
+            "OptimStepRequest.adam_params: learning_rate * weight_decay must be at most 1 "
+            f"(it scales the weights by 1 - lr * wd), got {params.learning_rate * params.weight_decay}"
         )
     return params
 
@@ -314,12 +403,20 @@ def check_save_for_sampler(req: types.SaveWeightsForSamplerRequest) -> None:
 
 def check_checkpoint_name(name: str | None) -> str:
     """``name`` becomes one directory: a non-empty plain file name."""
-    if not name or not _NAME_RE.match(name) or name in (".", ".."):
+    if not name or len(name) > MAX_NAME_CHARS or not _NAME_RE.match(name) or name in (".", ".."):
+        shown = name if name is None or len(name) <= 60 else f"{name[:60]}...({len(name)} chars)"
         raise WireError(
-            f"checkpoint name {name!r} must be non-empty and use only letters, "
+            f"checkpoint name {shown!r} must be 1 to {MAX_NAME_CHARS} letters, "
             "digits, '_', '-' and '.'"
         )
     return name
+
+
+def check_ttl(ttl_seconds: int | None) -> int | None:
+    """A checkpoint's time to live: at most ten years; 0 or null: kept until deleted."""
+    if ttl_seconds is not None and not 0 <= ttl_seconds <= MAX_TTL_S:
+        raise WireError(f"ttl_seconds must be in [0, {MAX_TTL_S}] or null, got {ttl_seconds}")
+    return ttl_seconds
 
 
 def check_new_checkpoint(checkpoint_id: str, run_id: str, overwrite: bool, exists: bool) -> None:
@@ -332,6 +429,8 @@ def check_new_checkpoint(checkpoint_id: str, run_id: str, overwrite: bool, exist
 
 def parse_tinker_path(path: str) -> tuple[str, str, str]:
     """``tinker://RUN/KIND/NAME`` -> (run, kind, name); 400 on anything else."""
+    if len(path) > MAX_PATH_CHARS:
+        raise WireError(f"checkpoint path is {len(path)} characters, at most {MAX_PATH_CHARS}")
     parts = path.removeprefix("tinker://").split("/")
     if (
         not path.startswith("tinker://")
@@ -355,6 +454,16 @@ def check_loadable(path: str, kind: str) -> None:
             f"{path!r} is an export for use elsewhere; load a weights/ or "
             "sampler_weights/ checkpoint instead"
         )
+
+
+def check_optim_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """An optimizer step's metrics as floats; a non-finite one is a failed step, never a
+    ``null`` in the JSON the SDK would then fail to parse."""
+    out = {k: float(v) for k, v in metrics.items()}
+    bad = {k: v for k, v in out.items() if not math.isfinite(v)}
+    if bad:
+        raise ValueError(f"optim_step produced non-finite metrics {bad}")
+    return out
 
 
 def check_metric_names(metrics: dict[str, float]) -> dict[str, float]:
