@@ -431,3 +431,34 @@ def test_empty_datum_gives_empty_logprobs(engine):
     )
     assert [o["logprobs"].shape for o in both.loss_fn_outputs] == [[0], [LENGTHS[0]]]
     engine.remove_model("empty")
+
+
+def test_a_non_finite_step_is_refused_and_changes_nothing(engine):
+    """Advantages near float32's max overflow the loss and its gradients: the step is refused,
+    weights and Adam moments stay bit-identical, and the next finite step runs normally."""
+    from trinity.engine.optim import NonFiniteStepError
+
+    engine.create_model("nonfinite", LoraSpec(rank=4, seed=0))
+    try:
+        sequences = make_sequences(3)
+        engine.forward_backward("nonfinite", ce_datums(sequences), "cross_entropy")
+        engine.optim_step("nonfinite", BIG_STEP)  # Adam moments exist from here on
+        before = {k: p.detach().clone() for k, p in engine_params(engine, "nonfinite").items()}
+        optimizer = engine._models["nonfinite"].optimizer
+        moments = {k: v.clone() for k, v in optimizer.state_tensors().items()}
+        huge = [[3e38] * (len(s) - 1) for s in sequences]
+        out = engine.forward_backward("nonfinite", ce_datums(sequences, huge), "cross_entropy")
+        assert not torch.isfinite(torch.tensor(out.metrics["loss:sum"]))
+        with pytest.raises(NonFiniteStepError, match="gradients are not finite"):
+            engine.optim_step("nonfinite", BIG_STEP)
+        for k, p in engine_params(engine, "nonfinite").items():
+            assert torch.equal(p.detach(), before[k]), k
+            assert p.grad is None, k  # discarded, so they do not poison the next step
+        for k, v in optimizer.state_tensors().items():
+            assert torch.equal(v, moments[k]), k
+        engine.forward_backward("nonfinite", ce_datums(sequences), "cross_entropy")
+        metrics = engine.optim_step("nonfinite", BIG_STEP)
+        assert torch.isfinite(torch.tensor(metrics["grad_norm"]))
+        assert all(torch.isfinite(p).all() for p in engine_params(engine, "nonfinite").values())
+    finally:
+        engine.remove_model("nonfinite")

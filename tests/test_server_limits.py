@@ -249,3 +249,16 @@ def test_limits_are_checked_when_configured():
         Limits(max_lora_rank=0)
     with pytest.raises(ValueError, match="held_timeout_s must be a positive number"):
         Limits(held_timeout_s=math.nan)
+
+
+def test_a_non_finite_grad_norm_never_goes_out_as_null(tmp_path):
+    class NaNEngine(FakeEngine):
+        def optim_step(self, model_id, params):
+            return {"grad_norm": math.nan}
+
+    srv = start(tmp_path, engine=NaNEngine())
+    tc = client(srv).create_lora_training_client(base_model="fake-model", rank=4).result()
+    with pytest.raises(tinker.RequestFailedError, match="non-finite metrics"):
+        tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+    serves(tc)
+    srv.stop()

@@ -7,12 +7,18 @@ clip (``grad_clip_norm``; 0 = off) as ``torch.nn.utils.clip_grad_norm_`` applies
 of about ten, which is what an optimizer step over 100M+ parameters costs on a CPU), with the
 param group rewritten every step and the state exposed by parameter *name*, so checkpoints
 survive re-creating the model. As in torch, a parameter without a gradient is left alone.
+A step whose gradient norm is NaN or inf is refused (``NonFiniteStepError``) before anything
+changes: one such step would turn every weight and moment NaN for the rest of the run.
 """
 
 from __future__ import annotations
 
 import torch
 from tinker import types
+
+
+class NonFiniteStepError(ValueError):
+    """A step whose gradients hold NaN or inf: applying it would poison the weights for good."""
 
 
 class AdamW:
@@ -27,6 +33,13 @@ class AdamW:
     def step(self, hp: types.AdamParams) -> dict[str, float]:
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if not torch.isfinite(grad_norm):
+            self._torch.zero_grad(set_to_none=True)
+            raise NonFiniteStepError(
+                f"optim_step refused: the accumulated gradients are not finite (grad_norm "
+                f"{float(grad_norm)}), e.g. from a loss that overflowed; weights and optimizer "
+                "state are unchanged and the gradients were discarded"
+            )
         if hp.grad_clip_norm > 0 and grads:
             torch.nn.utils.clip_grads_with_norm_(self.params.values(), hp.grad_clip_norm, grad_norm)
         for group in self._torch.param_groups:
