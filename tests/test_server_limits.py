@@ -11,6 +11,7 @@ import gzip
 import math
 import re
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -262,3 +263,50 @@ def test_a_non_finite_grad_norm_never_goes_out_as_null(tmp_path):
         tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
     serves(tc)
     srv.stop()
+
+
+def test_export_peft_writes_only_inside_the_callers_own_space(server, http, tmp_path):
+    alice = client(server).create_lora_training_client(base_model="fake-model", rank=4).result()
+    mine = alice.save_state("mine").result().path
+    bob = client(server, "tml-bob-key").create_lora_training_client(base_model="fake-model", rank=4)
+    bob_path = bob.result().save_state("theirs").result().path
+    [bob_ckpt] = [c for c in server.service.store.checkpoints("bob", None)]
+    bob_dir = Path(bob_ckpt["directory"])
+    before = {f: f.read_bytes() for f in bob_dir.rglob("*") if f.is_file()}
+    data_dir = server.service.data_dir
+    escapes = [
+        str(tmp_path / "abs"),  # absolute
+        "../bob/x",  # another user's export space
+        "../../checkpoints",  # the checkpoints of everyone
+        "a/../../../escape",
+        str(bob_dir),  # another user's checkpoint, by its absolute path
+        "",
+    ]
+    for directory in escapes:
+        r = http.post(
+            "/api/v1/trinity/export_peft", json={"tinker_path": mine, "directory": directory}
+        )
+        assert r.status_code == 400, (directory, r.text)
+    link = data_dir / "exports" / "alice" / "link"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(bob_dir)
+    r = http.post("/api/v1/trinity/export_peft", json={"tinker_path": mine, "directory": "link"})
+    assert r.status_code == 400 and "outside your export space" in r.json()["detail"]
+    assert {f: f.read_bytes() for f in bob_dir.rglob("*") if f.is_file()} == before
+    assert not (tmp_path / "abs").exists()
+    # Bob's checkpoint is not Alice's to export, wherever she would put it.
+    r = http.post("/api/v1/trinity/export_peft", json={"tinker_path": bob_path, "directory": "b"})
+    assert r.status_code == 404
+    # An unusable directory (a file in the way) is the caller's problem: 400, not 500.
+    (data_dir / "exports" / "alice" / "file").write_text("x")
+    r = http.post(
+        "/api/v1/trinity/export_peft", json={"tinker_path": mine, "directory": "file/sub"}
+    )
+    assert r.status_code == 400 and "cannot write" in r.json()["detail"], r.text
+    r = http.post(
+        "/api/v1/trinity/export_peft", json={"tinker_path": mine, "directory": "runs/one"}
+    )
+    assert r.status_code == 200, r.text
+    written = Path(r.json()["directory"])
+    assert written == (data_dir / "exports" / "alice" / "runs" / "one").resolve()
+    assert (written / "adapter_config.json").is_file()

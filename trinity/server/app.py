@@ -31,6 +31,7 @@ from tinker.types.try_again_response import TryAgainResponse
 from trinity.server import wire
 from trinity.server.futures import ServiceError
 from trinity.server.limits import parse_json, read_body
+from trinity.server.served import safe_name
 from trinity.server.service import Service
 
 log = logging.getLogger("trinity.server")
@@ -271,13 +272,20 @@ def create_app(service: Service) -> FastAPI:
     # --------------------------------------------------------------------- trinity extensions
     @app.post(f"{API}/trinity/export_peft")
     async def export_peft(request: Request) -> dict:
-        """Write a checkpoint as a peft adapter directory on the server's disk."""
+        """Write a checkpoint as a peft adapter directory on the server's disk, at ``directory``
+        relative to the caller's own space ``<data_dir>/exports/<user>/`` (the answer says
+        where); the signed download URLs are the way to get the files elsewhere."""
         t = auth(request)
         data = await body(request)
         path, directory = data.get("tinker_path"), data.get("directory")
         if not isinstance(path, str) or not isinstance(directory, str):
             raise ServiceError(400, "/trinity/export_peft needs string tinker_path and directory")
-        return {"directory": await service.export_peft(t, path, directory)}
+        root = service.data_dir / "exports" / safe_name(t)
+        out_dir = wire.confined_dir(root, directory)
+        try:
+            return {"directory": await service.export_peft(t, path, str(out_dir))}
+        except OSError as exc:
+            raise ServiceError(400, f"cannot write {directory!r}: {exc.strerror or exc}") from None
 
     return app
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -417,6 +418,23 @@ def check_ttl(ttl_seconds: int | None) -> int | None:
     if ttl_seconds is not None and not 0 <= ttl_seconds <= MAX_TTL_S:
         raise WireError(f"ttl_seconds must be in [0, {MAX_TTL_S}] or null, got {ttl_seconds}")
     return ttl_seconds
+
+
+def confined_dir(root: Path, directory: str) -> Path:
+    """``directory`` (a client's relative path) inside ``root``, the caller's own space; a 400
+    for an absolute path, ``..``, or a symlink that leads out."""
+    parts = PurePosixPath(directory).parts
+    if not directory or len(directory) > MAX_PATH_CHARS or directory.startswith(("/", "\\")):
+        raise WireError(
+            f"directory {directory[:80]!r} must be a relative path of at most "
+            f"{MAX_PATH_CHARS} characters, inside your own export space"
+        )
+    if ".." in parts or "\0" in directory:
+        raise WireError(f"directory {directory[:80]!r} may not contain '..' or leave your space")
+    target = (root / directory).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise WireError(f"directory {directory[:80]!r} leads outside your export space")
+    return target
 
 
 def check_new_checkpoint(checkpoint_id: str, run_id: str, overwrite: bool, exists: bool) -> None:
