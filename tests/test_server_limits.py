@@ -310,3 +310,38 @@ def test_export_peft_writes_only_inside_the_callers_own_space(server, http, tmp_
     written = Path(r.json()["directory"])
     assert written == (data_dir / "exports" / "alice" / "runs" / "one").resolve()
     assert (written / "adapter_config.json").is_file()
+
+
+def test_overwrite_never_leaves_a_row_pointing_at_nothing(server):
+    """A kill between writing the new copy and switching the row (simulated: the switch raises)
+    leaves the old checkpoint loadable; after a completed overwrite the new one loads and the old
+    copy is gone."""
+    sc = client(server)
+    tc = sc.create_lora_training_client(base_model="fake-model", rank=4).result()
+    path = tc.save_state("ck").result().path  # step 0
+    tc.forward_backward([datum([1, 2, 3])], "cross_entropy")
+    tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()  # step 1
+    store = server.service.store
+    switch = store.add_checkpoint
+
+    def killed(*args, **kwargs):
+        raise SystemExit("killed between writing the new copy and switching the row")
+
+    store.add_checkpoint = killed
+    try:
+        with pytest.raises(tinker.RequestFailedError):
+            tc.save_state("ck", overwrite=True).result()
+    finally:
+        store.add_checkpoint = switch
+    [row] = store.checkpoints("alice", tc.model_id)
+    assert Path(row["directory"]).is_dir()
+    restored = sc.create_training_client_from_state(path).result()
+    out = restored.forward([datum([1, 2, 3])], "cross_entropy").result()
+    assert out.loss_fn_outputs[0]["logprobs"].tolist() == [-1.0, -1.0]  # the old step 0
+
+    assert tc.save_state("ck", overwrite=True).result().path == path
+    [new_row] = store.checkpoints("alice", tc.model_id)
+    assert not Path(row["directory"]).exists() and Path(new_row["directory"]).is_dir()
+    restored = sc.create_training_client_from_state(path).result()
+    out = restored.forward([datum([1, 2, 3])], "cross_entropy").result()
+    assert out.loss_fn_outputs[0]["logprobs"].tolist() == [-2.0, -2.0]  # the new step 1

@@ -1,7 +1,8 @@
 """Checkpoints: the directory and the SQLite row behind each ``tinker://RUN/KIND/NAME`` path.
 
 A checkpoint is written into a temporary directory renamed into place, and recorded (size, TTL)
-only then, so a listed checkpoint is always complete. Lookups answer 404 unless the tenant owns
+only then, so a listed checkpoint is always complete; an overwrite writes its new copy beside the
+old one and switches the row before removing the old copy (``write_beside``). Lookups answer 404 unless the tenant owns
 it. For sampling (and export) a checkpoint becomes sampler weights named ``ckpt:PATH`` in
 ``served.ResidentSamplers``: loaded on first use, evicted like any other. The REST listings of
 runs and checkpoints read the same rows.
@@ -63,23 +64,21 @@ class Checkpoints:
         base.samplers.forget(weights_name(path))  # an overwritten checkpoint loads afresh
 
         def job() -> Result:
-            tmp = directory.with_name(directory.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            write(tmp)
-            shutil.rmtree(directory, ignore_errors=True)
-            tmp.rename(directory)
-            self.store.add_checkpoint(
+            written = write_beside(directory, write)
+            old = self.store.checkpoint(run_id, checkpoint_id)
+            self.store.add_checkpoint(  # the switch: one SQLite write, old or new, never neither
                 run_id,
                 checkpoint_id,
                 tenant,
                 wire.KINDS[kind],
                 path,
-                str(directory),
-                _dir_size(directory),
+                str(written),
+                _dir_size(written),
                 user_metadata,
                 time.time() + ttl if ttl else None,
             )
+            if old is not None and Path(old["directory"]) != written:
+                shutil.rmtree(old["directory"], ignore_errors=True)
             response, response_type = _RESPONSES[kind]
             return json_result(response(path=path, type=response_type))
 
@@ -206,6 +205,27 @@ def _str_dict(d: dict | None) -> dict[str, str] | None:
 
 def _time(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, tz=UTC)
+
+
+def write_beside(directory: Path, write: Callable[[Path], None]) -> Path:
+    """A complete new copy written next to ``directory``, never over the one a row points to:
+    ``directory`` itself the first time, ``NAME@<hex>`` when that exists (an overwrite). The
+    caller switches the row to it and only then removes the old copy, so a kill at any point
+    leaves the row on a complete directory ('@' is not allowed in names: no collision)."""
+    token = uuid.uuid4().hex[:12]
+    partial = directory.with_name(f"{directory.name}@{token}.partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.mkdir()
+    try:
+        write(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    final = (
+        directory if not directory.exists() else directory.with_name(f"{directory.name}@{token}")
+    )
+    partial.rename(final)
+    return final
 
 
 def _dir_size(path: Path) -> int:
