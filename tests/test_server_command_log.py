@@ -7,6 +7,8 @@ test reads off ``ran`` is exactly the order the engine worker would see.
 from __future__ import annotations
 
 import json
+import time
+from collections import Counter
 
 import pytest
 
@@ -194,3 +196,42 @@ def test_rejections_outside_the_order_use_up_nothing(futures):
     assert log.next_seq == 2 and log.held == {}
     submit(rec, log, 2)
     assert rec.ran == ["m#2"]
+
+
+def test_a_command_held_past_the_timeout_fails_and_keeps_its_place(futures):
+    rec = Recorder(futures)
+    log = CommandLog("m", "alice", futures, rec.run, held_timeout_s=10.0)
+    f4 = submit(rec, log, 4)
+    f2 = submit(rec, log, 2)
+    assert log.tenant_held["alice"] == 2
+    assert log.expire(time.monotonic() + 5) == 0  # not yet
+    assert log.expire(time.monotonic() + 11) == 2
+    failure = json.loads(result(f4))
+    assert "seq_id 4 of model 'm' waited" in failure["error"]
+    assert "for seq_id 1, 3, which never arrived" in failure["error"]
+    assert failure["category"] == "user" and log.tenant_held["alice"] == 0
+    assert "seq_id 1, which never arrived" in json.loads(result(f2))["error"]
+    # The missing commands arrive late: they run, the expired ones stay failed, order resumes.
+    submit(rec, log, 1)
+    submit(rec, log, 3)
+    f5 = submit(rec, log, 5)
+    assert rec.ran == ["m#1", "m#3", "m#5"] and result(f5) == b"m#5" and log.next_seq == 6
+
+
+def test_held_commands_are_capped_per_tenant_over_its_models(futures):
+    rec = Recorder(futures)
+    held = Counter()
+    a = CommandLog("a", "alice", futures, rec.run, max_held=2, held=held)
+    b = CommandLog("b", "alice", futures, rec.run, max_held=2, held=held)
+    submit(rec, a, 3)
+    submit(rec, b, 2)
+    with pytest.raises(ServiceError, match="2 commands of this user already wait") as refused:
+        submit(rec, a, 4)
+    assert refused.value.status == 429
+    assert a.next_seq == 1 and 4 not in a.held  # nothing used up: the SDK retries 429
+    submit(rec, b, 1)  # b's gap fills: one place frees up
+    assert held["alice"] == 1
+    submit(rec, a, 4)
+    submit(rec, a, 1)
+    submit(rec, a, 2)
+    assert rec.ran == ["b#1", "b#2", "a#1", "a#2", "a#3", "a#4"] and held["alice"] == 0

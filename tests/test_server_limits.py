@@ -345,3 +345,27 @@ def test_overwrite_never_leaves_a_row_pointing_at_nothing(server):
     restored = sc.create_training_client_from_state(path).result()
     out = restored.forward([datum([1, 2, 3])], "cross_entropy").result()
     assert out.loss_fn_outputs[0]["logprobs"].tolist() == [-2.0, -2.0]  # the new step 1
+
+
+def test_a_request_held_for_a_gap_that_never_fills_expires(tmp_path):
+    srv = start(tmp_path, Limits(held_timeout_s=0.5, max_held_per_tenant=2))
+    tc = client(srv).create_lora_training_client(base_model="fake-model", rank=4).result()
+    with httpx.Client(base_url=srv.url, headers={"X-API-Key": "tml-alice-key"}) as http:
+        far = [
+            http.post(
+                "/api/v1/forward_backward",
+                content=fb_body(tc.model_id, seq, datum([1, 2, 3])),
+                headers=PROTO,
+            )
+            for seq in (10**6, 10**6 + 1, 10**6 + 2)
+        ]
+        assert [r.status_code for r in far] == [200, 200, 429]
+        assert "already wait" in far[2].json()["detail"]
+        started = time.monotonic()
+        r = http.post("/api/v1/retrieve_future", json={"request_id": far[0].json()["request_id"]})
+        failure = r.json()
+        assert "waited" in failure["error"] and "which never arrived" in failure["error"]
+        assert time.monotonic() - started < 10
+    assert srv.service.training._held["alice"] == 0  # nothing held any more
+    serves(tc)
+    srv.stop()

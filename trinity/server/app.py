@@ -47,9 +47,15 @@ def create_app(service: Service) -> FastAPI:
                 await asyncio.sleep(60)
                 service.futures.purge()
 
-        task = asyncio.create_task(janitor())
+        async def expire_held() -> None:  # commands whose seq_id gap never filled
+            while True:
+                await asyncio.sleep(min(5.0, service.limits.held_timeout_s / 4))
+                service.training.expire_held()
+
+        tasks = [asyncio.create_task(janitor()), asyncio.create_task(expire_held())]
         yield
-        task.cancel()
+        for task in tasks:
+            task.cancel()
 
     app = FastAPI(title="trinity server (Tinker-compatible)", lifespan=lifespan)
     url_key = secrets.token_bytes(32)  # signs checkpoint download URLs; valid for this process

@@ -82,7 +82,12 @@ class Service:
         self.checkpoints = Checkpoints(self.store, self.data_dir / "checkpoints", models)
         self.samplers = Samplers(self.store, self.futures, self.checkpoints, models)
         self.training = TrainingModels(
-            self.store, self.futures, models, self.data_dir / "autosave", self._session
+            self.store,
+            self.futures,
+            models,
+            self.data_dir / "autosave",
+            self._session,
+            self.limits,
         )
         for m in models:
             m.start(self.data_dir / "spill" / safe_name(m.name), resident_samplers, batch_window_s)

@@ -9,6 +9,7 @@ kept running continues where it was. After a crash, clients continue from a chec
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from tinker import types
 from trinity.engine.worker import EngineFuture
 from trinity.server.command_log import CommandLog, Job
 from trinity.server.futures import Futures, Result, ServiceError
+from trinity.server.limits import Limits
 from trinity.server.served import ServedModel, lora_spec, require_model, safe_name
 from trinity.server.store import Store
 
@@ -40,11 +42,15 @@ class TrainingModels:
         models: list[ServedModel],
         autosave_dir: Path,
         live_session: Callable[[str, str], object],
+        limits: Limits | None = None,
     ):
-        """``live_session(tenant, session_id)`` raises unless that session may still work."""
+        """``live_session(tenant, session_id)`` raises unless that session may still work;
+        ``limits`` bounds the commands held for a ``seq_id`` gap."""
         self.store, self.futures, self.models = store, futures, models
         self.autosave_dir, self.live_session = autosave_dir, live_session
+        self.limits = limits or Limits()
         self._live: dict[str, Model] = {}
+        self._held: Counter[str] = Counter()  # commands waiting for a gap, per tenant
 
     def open(
         self,
@@ -88,6 +94,9 @@ class TrainingModels:
             self.futures,
             lambda future, job: self.futures.run(future, base.worker, job),
             next_seq,
+            held_timeout_s=self.limits.held_timeout_s,
+            max_held=self.limits.max_held_per_tenant,
+            held=self._held,
         )
         model = self._live[model_id] = Model(model_id, tenant, session_id, base, lora, commands)
         return model
@@ -134,6 +143,10 @@ class TrainingModels:
         future = model.commands.submit(seq_id, prepare, on_dispatch)
         self.store.touch_run(model.model_id)
         return types.UntypedAPIFuture(request_id=future.request_id, model_id=model.model_id)
+
+    def expire_held(self) -> int:
+        """Fail commands that waited too long for a gap (``CommandLog.expire``); how many."""
+        return sum(m.commands.expire() for m in list(self._live.values()))
 
     def info(self, tenant: str, model_id: str) -> types.GetInfoResponse:
         """A live model's or a past run's base model and LoRA config."""
