@@ -369,3 +369,20 @@ def test_a_request_held_for_a_gap_that_never_fills_expires(tmp_path):
     assert srv.service.training._held["alice"] == 0  # nothing held any more
     serves(tc)
     srv.stop()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "needle"),
+    [
+        ("--max-lora-rank", "0", "max_lora_rank must be a positive integer"),
+        ("--held-timeout-s", "nan", "held_timeout_s must be a positive number"),
+        ("--max-body-mb", "0", "max_body_bytes must be a positive integer"),
+    ],
+)
+def test_bad_limit_flags_exit_2_before_loading_a_model(tmp_path, capsys, flag, value, needle):
+    from trinity.cli.server import main
+
+    argv = ["--model", str(tmp_path / "no-model"), "--state-dir", str(tmp_path), flag, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1

@@ -1,7 +1,8 @@
 """``trinity server``: run the Tinker-compatible service, or export a checkpoint as a peft adapter.
 
     trinity server --model PATH|demo [--model NAME=PATH ...] [--host 127.0.0.1] [--port 8000]
-        [--state-dir DIR] [--api-key tml-KEY=USER ...]
+        [--state-dir DIR] [--api-key tml-KEY=USER ...] [--max-body-mb N] [--max-decoded-mb N]
+        [--max-lora-rank N] [--held-timeout-s S] [--max-held N]
     trinity server export tinker://RUN/weights/NAME OUT_DIR [--state-dir DIR] [--model PATH]
 
 Clients: ``TINKER_BASE_URL=http://HOST:PORT TINKER_API_KEY=tml-... python train.py`` with the
@@ -36,6 +37,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="tml-KEY=USER",
         help="an API key and its user (repeatable), or a file of such lines",
     )
+    limits = parser.add_argument_group("limits per client (docs/server.md)")
+    limits.add_argument("--max-body-mb", type=float, default=64, help="request body as sent")
+    limits.add_argument(
+        "--max-decoded-mb", type=float, default=256, help="body after decompression, and tensors"
+    )
+    limits.add_argument("--max-lora-rank", type=int, default=256)
+    limits.add_argument(
+        "--held-timeout-s",
+        type=float,
+        default=300,
+        help="how long a command waits for an earlier seq_id before it fails",
+    )
+    limits.add_argument(
+        "--max-held", type=int, default=64, help="commands waiting for a seq_id gap, per user"
+    )
     actions = parser.add_subparsers(dest="server_action", metavar="{export}")
     export = actions.add_parser("export", help="write a checkpoint as a peft adapter directory")
     export.add_argument("tinker_path")
@@ -66,6 +82,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from trinity.engine import configure_process
     from trinity.server import build_service, parse_api_keys, serve
+    from trinity.server.limits import Limits, MiB
 
     configure_process()
     state_dir = getattr(args, "state_dir", DEFAULT_STATE_DIR)
@@ -79,10 +96,17 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     try:
+        limits = Limits(
+            max_body_bytes=int(args.max_body_mb * MiB),
+            max_decoded_bytes=int(args.max_decoded_mb * MiB),
+            max_lora_rank=args.max_lora_rank,
+            held_timeout_s=args.held_timeout_s,
+            max_held_per_tenant=args.max_held,
+        )
         keys: dict[str, str] = {}
         for spec in args.api_key or [os.environ.get("TRINITY_SERVER_API_KEYS", "")]:
             keys.update(parse_api_keys(spec))
-        service = build_service(models, state_dir, keys)
+        service = build_service(models, state_dir, keys, limits=limits)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"trinity server: error: {exc}", file=sys.stderr)
         return 2
