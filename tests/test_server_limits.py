@@ -386,3 +386,18 @@ def test_bad_limit_flags_exit_2_before_loading_a_model(tmp_path, capsys, flag, v
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+def test_a_training_command_that_fails_validation_still_uses_up_its_seq_id(server):
+    """The SDK sends a NaN learning rate as null, which the request schema refuses; the next
+    command must not wait for that seq_id forever."""
+    tc = client(server).create_lora_training_client(base_model="fake-model", rank=4).result()
+    with pytest.raises(tinker.BadRequestError, match="learning_rate"):
+        tc.optim_step(types.AdamParams(learning_rate=math.nan)).result()
+    serves(tc)
+
+
+def test_a_download_signature_of_any_text_is_a_403(server, http):
+    query = {"tenant": "alice", "path": "p", "file": "f", "expires": 1, "sig": "\u00e9\U000df3e2"}
+    r = http.get("/api/v1/trinity/checkpoint_file", params=query)
+    assert r.status_code == 403 and "invalid or expired" in r.json()["detail"]

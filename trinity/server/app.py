@@ -98,7 +98,17 @@ def create_app(service: Service) -> FastAPI:
         """POST ``path``: one typed JSON request -> one service call for the caller's tenant."""
 
         async def endpoint(request: Request) -> Response:
-            return out(call(auth(request), await body(request, request_type)))
+            tenant = auth(request)
+            data = parse_json(await read_body(request, service.limits), request.url.path)
+            try:
+                req = request_type.model_validate(data)
+            except pydantic.ValidationError as exc:
+                error = ServiceError(
+                    400, f"invalid {request_type.__name__}: {_problems(exc.errors())}"
+                )
+                service.training.refuse(tenant, data, error)  # a training command's seq_id
+                raise error from None
+            return out(call(tenant, req))
 
         endpoint.__name__ = path  # FastAPI's operation id
         app.post(f"{API}/{path}")(endpoint)
@@ -268,7 +278,8 @@ def create_app(service: Service) -> FastAPI:
         tenant: str, path: str, file: str, expires: int, sig: str
     ) -> Response:
         query = {"tenant": tenant, "path": path, "file": file, "expires": expires}
-        if not hmac.compare_digest(sig, _sign(url_key, query)) or expires < time.time():
+        valid = hmac.compare_digest(sig.encode(), _sign(url_key, query).encode())
+        if not valid or expires < time.time():
             raise ServiceError(403, "download URL is invalid or expired; ask for a new one")
         root, files = service.checkpoints.files(tenant, path)
         if file not in files:

@@ -144,6 +144,27 @@ class TrainingModels:
         self.store.touch_run(model.model_id)
         return types.UntypedAPIFuture(request_id=future.request_id, model_id=model.model_id)
 
+    def refuse(self, tenant: str, data: object, error: ServiceError) -> None:
+        """A training command whose body did not validate still uses up its ``seq_id`` when
+        its ``model_id`` and ``seq_id`` can be read, so the client's next commands run."""
+        if not isinstance(data, dict):
+            return
+        model_id, seq_id = data.get("model_id"), data.get("seq_id")
+        if not isinstance(model_id, str) or type(seq_id) is not int or seq_id <= 0:
+            return
+        try:
+            model = self.get(tenant, model_id)
+        except ServiceError:
+            return
+
+        def prepare() -> Job:
+            raise error
+
+        try:
+            self.submit(model, seq_id, prepare)
+        except ServiceError:
+            pass  # the caller raises ``error`` itself
+
     def expire_held(self) -> int:
         """Fail commands that waited too long for a gap (``CommandLog.expire``); how many."""
         return sum(m.commands.expire() for m in list(self._live.values()))
