@@ -5,8 +5,9 @@ Hypothesis draws JSON bodies over the SDK's request schemas (the right field nam
 of any JSON type, NaN/Infinity literals, huge ints, deep nesting), raw bytes under every
 ``Content-Encoding``, ``ForwardBackwardRequest`` protobufs with arbitrary tensors (dtypes,
 shapes, sparse layouts, token ids, seq_ids), and path/query parameters of the GET endpoints. The
-normal run is bounded to a few seconds; ``-m slow`` runs many more cases. Each test tallies
-what it sent in ``TALLY`` (printed with ``-s``): the figures in docs/server.md come from there.
+normal run is bounded to a few seconds and draws the same cases every time; ``-m slow`` runs
+many more, freshly drawn. ``TALLY`` counts what was sent and how it was answered (printed with
+``-s``): the figures in docs/server.md come from there.
 """
 
 from __future__ import annotations
@@ -209,6 +210,7 @@ def fuzz(strategy, send, examples: int) -> None:
         max_examples=examples,
         deadline=None,
         database=None,
+        derandomize=examples <= FAST,  # the normal run: the same cases every time
         suppress_health_check=list(HealthCheck),
     )
     @given(strategy)
