@@ -401,3 +401,23 @@ def test_a_download_signature_of_any_text_is_a_403(server, http):
     query = {"tenant": "alice", "path": "p", "file": "f", "expires": 1, "sig": "\u00e9\U000df3e2"}
     r = http.get("/api/v1/trinity/checkpoint_file", params=query)
     assert r.status_code == 403 and "invalid or expired" in r.json()["detail"]
+
+
+def test_a_restart_removes_copies_a_kill_left_mid_overwrite(tmp_path):
+    srv = start(tmp_path)
+    tc = client(srv).create_lora_training_client(base_model="fake-model", rank=4).result()
+    path = tc.save_state("ck").result().path
+    tc.save_state("ck", overwrite=True).result()  # the row now points at ck@<hex>
+    [row] = srv.service.store.checkpoints("alice", tc.model_id)
+    srv.stop()
+    kind_dir = next((tmp_path / "checkpoints").glob("*/*/weights"))
+    orphans = [kind_dir / "ck@0123456789ab", kind_dir / "ck@ba9876543210.partial"]
+    for orphan in orphans:
+        orphan.mkdir()
+        (orphan / "state.json").write_text("{}")
+    srv = start(tmp_path)
+    assert not any(o.exists() for o in orphans)
+    assert "@" in row["directory"] and Path(row["directory"], "state.json").is_file()
+    restored = client(srv).create_training_client_from_state(path).result()
+    serves(restored)
+    srv.stop()

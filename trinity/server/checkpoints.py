@@ -84,6 +84,16 @@ class Checkpoints:
 
         return job
 
+    def remove_orphans(self) -> list[Path]:
+        """At startup: the copies a kill left mid-overwrite (``NAME@<hex>[.partial]`` that no row
+        points at); never run next to a live server, which may be writing one."""
+        rows = {Path(d).resolve() for d in self.store.checkpoint_dirs()}
+        found = self.root.glob("*/*/*/*@*")
+        orphans = [d for d in found if d.is_dir() and d.resolve() not in rows]
+        for directory in orphans:
+            shutil.rmtree(directory, ignore_errors=True)
+        return orphans
+
     def find(self, tenant: str, path: str, loadable: bool = True) -> tuple[dict, dict]:
         """The checkpoint row and its run's row; 404 unless ``tenant`` owns it."""
         run_id, kind, name = wire.parse_tinker_path(path)

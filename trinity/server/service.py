@@ -97,6 +97,7 @@ class Service:
     def _restore(self, recover: bool) -> None:
         """Reload what a previous run of this data dir acknowledged."""
         if recover:
+            self.checkpoints.remove_orphans()
             self.futures.fail_unfinished(
                 "the server restarted before this request ran; model "
                 "state held only in memory is gone, continue from a "

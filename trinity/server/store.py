@@ -165,6 +165,10 @@ class Store:
             "SELECT * FROM checkpoints WHERE tenant=? AND run_id=? ORDER BY created", tenant, run_id
         )
 
+    def checkpoint_dirs(self) -> set[str]:
+        """Every directory a checkpoint row points at (all tenants)."""
+        return {r["directory"] for r in self._sql("SELECT directory FROM checkpoints")}
+
     def checkpoint(self, run_id: str, checkpoint_id: str) -> dict[str, Any] | None:
         return self._one(
             "SELECT * FROM checkpoints WHERE run_id=? AND checkpoint_id=?", run_id, checkpoint_id
