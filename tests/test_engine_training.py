@@ -1,6 +1,6 @@
 """Engine training numerics on the tiny random Llama in fp32.
 
-References are written here from the Tinker formulas (notes/tinker-api.md §1.6): per-token terms,
+References are written here from the Tinker formulas (Tinker API docs, "Loss functions"): per-token terms,
 then sums, on logprobs from a plain peft / transformers forward pass; gradients are compared
 parameter by parameter. Tolerances: fp32 on CPU, chunked vs full-vocab log-softmax.
 """
