@@ -1,4 +1,4 @@
-"""Tinker's built-in losses as pure functions of per-token tensors (notes/tinker-api.md §1.6).
+"""Tinker's built-in losses as pure functions of per-token tensors (Tinker API docs, "Loss functions").
 
 Every loss returns per-token terms; the engine sums them (Tinker's losses are token SUMS, with no
 normalization by token or sequence count). Notation: ``lp`` learner logprobs of the targets,
