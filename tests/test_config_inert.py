@@ -89,6 +89,7 @@ def test_features_switched_on_are_named_and_their_harmless_values_are_not(caplog
         "log.group_by_node=true",
         "buffer.explorer_input.taskset.data_selector.selector_type=difficulty_based",
         "explorer.over_rollout.ratio=0.5",
+        "data_processor.experience_pipeline.input_save_path=sqlite:///x.db",
         "synchronizer.sync_style=explorer_driven",
     ]
     (message,) = warnings_of(caplog, EVERY_KEY, switched_on)

@@ -208,6 +208,7 @@ class TasksetReader:
             reward_fn_args=dict(self.reward_fn_args),
             is_eval=self.is_eval,
             batch_id=batch_id,
+            row=row,
         )
 
 

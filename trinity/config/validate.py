@@ -23,6 +23,7 @@ from trinity.registry import (
     ALGORITHMS,
     BATCH_ADVANTAGE_FNS,
     BUILTIN_TASKSETS,
+    EXPERIENCE_OPERATORS,
     KL_FNS,
     LOSS_AGG_MODES,
     MONITORS,
@@ -54,6 +55,8 @@ NO_MONITOR = ("none", "null", "off", "")
 SAVE_HF_CHECKPOINT = ("last", "always", "never")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 BUILTIN_PREFIX = "builtin:"
+DATA_PROCESSOR_KEYS = ("task_pipeline", "experience_pipeline")
+EXPERIENCE_PIPELINE_KEYS = ("operators", "save_input", "input_save_path", "inputs", "output")
 
 
 def finalize(config: Config) -> None:
@@ -73,6 +76,7 @@ def finalize(config: Config) -> None:
     _check_explorer_trainer(config)
     _check_synchronizer(config)
     _check_monitor(config)
+    _check_data_processor(config.data_processor)
     _derive_paths(config)
 
 
@@ -481,3 +485,42 @@ def _derive_paths(config: Config) -> None:
         job_dir = root / config.project / config.group / renamed
     config.checkpoint_job_dir = str(job_dir)
     config.ray_namespace = config.ray_namespace or f"{config.project}/{config.group}/{config.name}"
+
+
+def _check_data_processor(data_processor: dict[str, Any]) -> None:
+    """Known sections, and operators that exist and accept their args (built once to check)."""
+    _known_keys(data_processor, "data_processor", DATA_PROCESSOR_KEYS)
+    pipeline = data_processor.get("experience_pipeline") or {}
+    key = "data_processor.experience_pipeline"
+    require(isinstance(pipeline, dict), f"{key} must be a mapping, got {pipeline!r}")
+    _known_keys(pipeline, key, EXPERIENCE_PIPELINE_KEYS)
+    operators = pipeline.get("operators") or []
+    require(isinstance(operators, list), f"{key}.operators must be a list of {{name, args}}")
+    for index, operator in enumerate(operators):
+        where = f"{key}.operators[{index}]"
+        require(
+            isinstance(operator, dict) and isinstance(operator.get("name"), str),
+            f"{where} must be a mapping with a name, got {operator!r}",
+        )
+        _known_keys(operator, where, ("name", "args"))
+        name, args = operator["name"], operator.get("args") or {}
+        require(
+            name != "data_juicer",
+            f"{where}.name: data_juicer needs a Data-Juicer service, which is not supported here",
+        )
+        if name not in EXPERIENCE_OPERATORS:
+            raise ConfigError(f"{where}.name: {EXPERIENCE_OPERATORS.unknown_message(name)}")
+        require(isinstance(args, dict), f"{where}.args must be a mapping, got {args!r}")
+        try:
+            EXPERIENCE_OPERATORS.get(name)(**args)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}.args: {name}: {exc}") from None
+
+
+def _known_keys(section: Mapping[str, Any], key: str, known: Iterable[str]) -> None:
+    known = list(known)
+    for name in section:
+        if name not in known:
+            raise ConfigError(
+                f"{key}.{name}: unknown key (known: {', '.join(known)}){did_you_mean(name, known)}"
+            )

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from trinity.backends.base import SamplerBackend
 from trinity.buffer.experience import ExperienceBuffer
+from trinity.buffer.operators import ExperiencePipeline
 from trinity.buffer.tasksets import TasksetReader
 from trinity.explorer.sampler import PolicySampler, RolloutSettings, derive_seed
 from trinity.monitor.base import Monitor
@@ -53,10 +54,13 @@ class Explorer:
         eval_on_startup: bool = False,
         remote_rollout: Callable[[Task, int], Awaitable[list[Experience]]] | None = None,
         rollouts: RolloutStore | None = None,
+        pipeline: ExperiencePipeline | None = None,
     ):
         """``remote_rollout(task, seed)``: run workflows elsewhere (Ray runner actors) instead of
         in this event loop; retries, timeouts and bookkeeping stay here either way.
-        ``rollouts``: where each step's experiences are kept for looking at (``trinity studio``)."""
+        ``rollouts``: where each step's experiences are kept for looking at (``trinity studio``).
+        ``pipeline``: the experience operators, run on each step's experiences before the group
+        advantages (``data_processor.experience_pipeline``)."""
         self.sampler = sampler
         self.settings = settings
         self.reader = reader
@@ -73,6 +77,7 @@ class Explorer:
         self.eval_on_startup = eval_on_startup
         self.remote_rollout = remote_rollout
         self.rollouts = rollouts
+        self.pipeline = pipeline or ExperiencePipeline([])
         self.model_version = 0
         self.failed_in_a_row = 0
         self.last_failure = ""
@@ -123,8 +128,10 @@ class Explorer:
         )
         self._count_failures(groups)
         experiences = [exp for group in groups for exp in group]
+        metrics = rollout_metrics(experiences, prefix="rollout")  # what was sampled
+        experiences, pipeline_metrics = self.pipeline.process(experiences)
+        metrics.update({f"experience_pipeline/{k}": v for k, v in pipeline_metrics.items()})
         advantage_metrics = self.advantage_fn(experiences)
-        metrics = rollout_metrics(experiences, prefix="rollout")
         metrics.update({f"experience_pipeline/{k}": v for k, v in advantage_metrics.items()})
         metrics.update(
             {
@@ -180,6 +187,8 @@ class Explorer:
                 exp.group_id = group_id
                 exp.model_version = self.model_version
                 exp.is_eval = is_eval
+                if task.row is not None:  # the original's key, which pass_rate_calculator reads
+                    exp.info.setdefault("task_index", {"taskset_id": 0, "index": task.row})
             return experiences
         return []
 

@@ -25,6 +25,7 @@ from trinity.algorithms import (
     resolve_algorithm,
 )
 from trinity.buffer.experience import build_experience_buffer
+from trinity.buffer.operators import build_pipeline
 from trinity.buffer.sft import sft_dataset, sft_sequence
 from trinity.buffer.tasksets import TasksetReader
 from trinity.config import to_yaml
@@ -292,6 +293,7 @@ def _explorer(
         eval_on_startup=config.explorer.eval_on_startup,
         remote_rollout=runners.run if runners else None,
         rollouts=_rollout_store(config) if reader is not None else None,  # bench: evals only
+        pipeline=build_pipeline(config.data_processor),
     )
 
 
