@@ -39,9 +39,6 @@ _TASKSET = {
     "format.enable_thinking": Inert(NOT_YET),
     "rollout_args.logprobs": Inert(NO_TOP_K, (0,)),
     "rollout_args.n": Inert("n is algorithm.repeat_times"),
-    "data_selector.selector_type": Inert(NOT_YET, ("sequential", "shuffle", "random")),
-    "data_selector.feature_keys": Inert(NOT_YET, ([],)),
-    "data_selector.kwargs": Inert(NOT_YET, ({},)),
     "task_selector": Inert("deprecated: use data_selector"),
 }
 _EXPERIENCE_BUFFER = {

@@ -49,6 +49,8 @@ ENTROPY_LOSS_FNS = ("default", "mix", "none")
 TASKSET_STORAGE = ("file",)  # the original's sql tasksets are not implemented
 EXPERIENCE_STORAGE = ("queue", "sqlite", "sql", "file")
 SELECTORS = ("sequential", "shuffle", "random", "offline_easy2hard", "difficulty_based")
+# difficulty_based's kwargs (trinity.buffer.selectors.DIFFICULTY_KWARGS holds their defaults)
+DIFFICULTY_KWARGS = ("m", "lamb", "rho", "adaptive_rho", "do_sample", "target_reward", "tau")
 PROMPT_TYPES = ("messages", "plaintext")
 CONCURRENT_MODES = ("sequential", "asynchronous", "multi-threading")
 NO_MONITOR = ("none", "null", "off", "")
@@ -356,9 +358,7 @@ def _check_taskset(taskset: TasksetConfig, key: str) -> None:
     taskset.format.prompt_type = choice(
         taskset.format.prompt_type, f"{key}.format.prompt_type", PROMPT_TYPES
     )
-    taskset.data_selector.selector_type = choice(
-        taskset.data_selector.selector_type, f"{key}.data_selector.selector_type", SELECTORS
-    )
+    _check_selector(taskset, f"{key}.data_selector")
     _check_name(taskset.default_workflow_type, f"{key}.default_workflow_type", WORKFLOWS)
     _check_name(taskset.default_reward_fn_type, f"{key}.default_reward_fn_type", REWARD_FUNCTIONS)
     _at_least(taskset.repeat_times, 1, f"{key}.repeat_times")
@@ -368,6 +368,34 @@ def _check_taskset(taskset: TasksetConfig, key: str) -> None:
     if args.top_p is not None:
         require(
             0 < args.top_p <= 1, f"{key}.rollout_args.top_p must be in (0, 1], got {args.top_p}"
+        )
+
+
+def _check_selector(taskset: TasksetConfig, key: str) -> None:
+    """The original's selectors with the arguments each one reads, nothing more (a key a selector
+    ignores would be a silent no-op); feature columns are checked against the rows on load."""
+    selector = taskset.data_selector
+    kind = selector.selector_type = choice(
+        selector.selector_type, f"{key}.selector_type", SELECTORS
+    )
+    features = list(selector.feature_keys)
+    if kind in ("offline_easy2hard", "difficulty_based"):
+        require(
+            bool(features), f"{key}.feature_keys: {kind} sorts rows by feature columns; list them"
+        )
+    else:
+        require(not features, f"{key}.feature_keys: {kind} reads no features, got {features}")
+    if kind == "difficulty_based":
+        require(
+            len(features) == 2,
+            f"{key}.feature_keys: difficulty_based needs exactly 2 (the pass rates of a weaker and "
+            f"a stronger reference model), got {features}",
+        )
+        _known_keys(selector.kwargs, f"{key}.kwargs", DIFFICULTY_KWARGS)
+    else:
+        require(
+            not selector.kwargs,
+            f"{key}.kwargs: only difficulty_based takes kwargs, got {dict(selector.kwargs)}",
         )
 
 

@@ -130,6 +130,9 @@ class Explorer:
         experiences = [exp for group in groups for exp in group]
         metrics = rollout_metrics(experiences, prefix="rollout")  # what was sampled
         experiences, pipeline_metrics = self.pipeline.process(experiences)
+        pass_rates = self.pipeline.pass_rates()
+        if pass_rates and self.reader is not None:
+            self.reader.feedback(pass_rates)  # an adaptive selector picks the next batch with them
         metrics.update({f"experience_pipeline/{k}": v for k, v in pipeline_metrics.items()})
         advantage_metrics = self.advantage_fn(experiences)
         metrics.update({f"experience_pipeline/{k}": v for k, v in advantage_metrics.items()})
