@@ -9,6 +9,7 @@ import dataclasses
 import math
 
 import pytest
+import yaml
 from loop_fakes import FakeLearner, FakeSampler, ListBuffer, RecordingMonitor
 from tinker import types
 
@@ -269,3 +270,44 @@ def test_the_trainer_receives_the_filtered_and_masked_batch(tmp_path):
             assert not any(advantages)
         else:
             assert any(advantages)  # every kept group has varied rewards: no zero advantage
+
+
+def test_trinity_run_applies_the_configured_operators(tmp_path, tiny_model_dir):
+    """A real run (tiny model, local engine): ``reward_shaping_mapper`` adds 10 x the length share
+    to each reward (which is the length share), so every step the trainer's rewards are 11 x the
+    shares the explorer sampled (sync_offset 0: a trainer batch is one explore step's output)."""
+    from test_rl_loop import job_dir, run_cli, write_config
+
+    from trinity.monitor import read_metrics
+
+    shaping = [{"stats_key": "length_share", "op_type": "ADD", "weight": 10.0}]
+    inputs = yaml.safe_load(write_config(tmp_path, tiny_model_dir).read_text())["buffer"]
+    inputs["explorer_input"]["default_reward_fn_type"] = "length_share_reward"
+    config = write_config(
+        tmp_path,
+        tiny_model_dir,
+        data_processor={
+            "experience_pipeline": {
+                "operators": [
+                    {"name": "reward_shaping_mapper", "args": {"reward_shaping_configs": shaping}},
+                    {"name": "mask_response_truncated"},
+                ]
+            }
+        },
+        buffer={**inputs, "total_steps": 2},
+    )
+    run_cli(config)
+    records = read_metrics(job_dir(tmp_path) / "monitor" / "metrics.jsonl")
+    explorer = {r["step"]: r for r in records if "rollout/length_share/max" in r}
+    trainer = {r["step"]: r for r in records if "critic/rewards/max" in r}
+    assert sorted(explorer) == sorted(trainer) == [1, 2]
+    for step in (1, 2):
+        sampled = explorer[step]
+        assert sampled["rollout/length_share/min"] > 0
+        for stat in ("max", "mean", "min"):
+            assert trainer[step][f"critic/rewards/{stat}"] == pytest.approx(
+                11 * sampled[f"rollout/length_share/{stat}"]
+            )
+        assert sampled["experience_pipeline/reward_shaping_mapper/shaped_count"] == 8
+        masked = sampled["experience_pipeline/mask_response_truncated/masked_count"]
+        assert masked == 8 * trainer[step]["response_length/clip_ratio"]
