@@ -17,7 +17,7 @@ from trinity.algorithms import adam_params_fn, build_loss_plan, explorer_advanta
 from trinity.buffer.operators import build_operator, build_pipeline
 from trinity.buffer.tasksets import TasksetReader
 from trinity.config import ConfigError, load_config
-from trinity.explorer.explorer import Explorer
+from trinity.explorer.explorer import MAX_EXTRA_BATCHES, Explorer
 from trinity.explorer.sampler import RolloutSettings
 from trinity.synchronizer.synchronizer import Synchronizer
 from trinity.trainer.trainer import Trainer
@@ -197,10 +197,12 @@ class TruncatingSampler(FakeSampler):
         return types.SampleResponse(sequences=sequences)
 
 
-def test_the_trainer_receives_the_filtered_and_masked_batch(tmp_path):
-    """Sums of two operands <= 3 answered "2", "3", "xxxx" (truncated), "9": the groups of tasks
-    whose sum is neither 2 nor 3 are all wrong and dropped, the truncated answers are masked, and
-    the advantages are computed on what is left, before the trainer turns it into datums."""
+def test_the_trainer_receives_full_filtered_and_masked_batches(tmp_path):
+    """Sums of two operands <= 3 answered "2", "3", "xxxx" (truncated), "9": groups of tasks whose
+    sum is neither 2 nor 3 are all wrong and dropped, the truncated answers are masked, and each
+    step rolls out further taskset batches until it holds 4 varied groups again (dynamic
+    sampling), so the trainer gets full batches whose every untruncated answer has an advantage.
+    """
     taskset = {
         "name": "arith",
         "path": "builtin:arithmetic",
@@ -211,10 +213,12 @@ def test_the_trainer_receives_the_filtered_and_masked_batch(tmp_path):
         taskset,
         repeat_times=4,
         batch_size=4,
+        total_epochs=3,
         default_workflow="simple_workflow",
         default_reward_fn="accuracy_reward",
     )
-    answers = [str(reader.rows[i]["answer"]) for i in range(8)]
+    answers = [str(row["answer"]) for row in reader.rows]
+    assert [i for i, a in enumerate(answers) if a in ("2", "3")] == [0, 3, 5, 8, 11, 12]
     pipeline = build_pipeline(
         {
             "experience_pipeline": {
@@ -237,18 +241,21 @@ def test_the_trainer_receives_the_filtered_and_masked_batch(tmp_path):
         pipeline=pipeline,
     )
     assert asyncio.run(explorer.run(0, 2)) == 2
-    kept_rows = [i for i, answer in enumerate(answers) if answer in ("2", "3")]
-    assert 0 < len(kept_rows) < 8  # the taskset's seed gives both kinds of task
-    sent = [e for put in buffer.puts for e in put]
-    assert sorted({e.info["task_index"]["index"] for e in sent}) == kept_rows
-    assert len(sent) == 4 * len(kept_rows)
-    for e in sent:
-        assert e.loss_mask == [0] * len(e.loss_mask) if e.truncated else all(e.loss_mask)
-    first_step = monitor.records[0][1]
-    dropped = 4 - sum(1 for i in kept_rows if i < 4)
-    assert first_step["experience_pipeline/reward_std_filter/filtered_count"] == 4.0 * dropped
-    assert first_step["experience_pipeline/mask_response_truncated/masked_count"] == 4.0
-    assert first_step["rollout/reward/min"] == 0.0  # what was sampled, before the filter
+    # step 1: batches [0-3] [4-7] [8-11] keep rows 0 3 | 5 | 8 11, and 4 groups fill the step
+    # (row 11 is rolled out but not needed); step 2: [12-15] [0-3] [4-7] keep 12 | 0 3 | 5
+    rows = [[e.info["task_index"]["index"] for e in put[::4]] for put in buffer.puts]
+    assert rows == [[0, 3, 5, 8], [12, 0, 3, 5]]
+    assert [len(put) for put in buffer.puts] == [16, 16]
+    for put in buffer.puts:
+        for e in put:
+            assert e.loss_mask == [0] * len(e.loss_mask) if e.truncated else all(e.loss_mask)
+    step1 = monitor.records[0][1]
+    assert step1["experience_pipeline/extra_batch_count"] == 2.0
+    assert step1["experience_pipeline/reward_std_filter/filtered_count"] == 4.0 * (12 - 5)
+    assert step1["experience_pipeline/mask_response_truncated/masked_count"] == 12.0
+    assert step1["experience_pipeline/experience_count"] == 16.0
+    assert step1["rollout/reward/min"] == 0.0  # what was sampled, before the filter
+    assert reader.read_batch()[0].row == 8  # the extra batches were taken from the taskset
 
     learner = FakeLearner()
     trainer = Trainer(
@@ -258,18 +265,54 @@ def test_the_trainer_receives_the_filtered_and_masked_batch(tmp_path):
         synchronizer=Synchronizer(tmp_path / "t", sync_interval=100),
         monitor=RecordingMonitor(),
         job_dir=tmp_path / "t",
-        train_batch_size=4,
-        adam_params=adam_params_fn({"lr": 1e-3}, total_steps=10),
+        train_batch_size=16,
+        adam_params=adam_params_fn({"lr": 1e-3}, total_steps=2),
     )
-    asyncio.run(trainer.run(0, 10))
+    assert asyncio.run(trainer.run(0, 2)) == 2
+    assert [len(batch) for _, batch in learner.submitted] == [16, 16]
+    sent = [e for put in buffer.puts for e in put]
     datums = [d for _, batch in learner.submitted for d in batch]
-    assert len(datums) == len(sent)
     for datum, e in zip(datums, sent, strict=True):
         advantages = datum.loss_fn_inputs["advantages"].to_torch().tolist()
         if e.truncated:  # a masked response trains no token
             assert not any(advantages)
         else:
             assert any(advantages)  # every kept group has varied rewards: no zero advantage
+
+
+def test_a_step_stops_topping_up_after_the_extra_batch_limit(tmp_path, caplog):
+    """Every answer wrong: nothing survives the std filter; the step gives up after
+    MAX_EXTRA_BATCHES extra batches and says so, instead of reading the taskset dry."""
+    reader = TasksetReader(
+        {
+            "name": "arith",
+            "path": "builtin:arithmetic",
+            "builtin_args": {"size": 64, "max_operand": 3, "operators": ["+"]},
+            "format": {"prompt_key": "question", "response_key": "answer"},
+        },
+        repeat_times=2,
+        batch_size=2,
+        default_workflow="simple_workflow",
+        default_reward_fn="accuracy_reward",
+    )
+    buffer, monitor = ListBuffer(), RecordingMonitor()
+    explorer = Explorer(
+        sampler=FakeSampler(["wrong"]),
+        settings=RolloutSettings(max_response_tokens=8),
+        reader=reader,
+        buffer=buffer,
+        synchronizer=Synchronizer(tmp_path, sync_interval=100),
+        monitor=monitor,
+        advantage_fn=explorer_advantage_fn({"algorithm_type": "grpo"}),
+        pipeline=build_pipeline(
+            {"experience_pipeline": {"operators": [{"name": "reward_std_filter"}]}}
+        ),
+    )
+    assert asyncio.run(explorer.run(0, 1)) == 1
+    assert buffer.puts == [[]]
+    assert monitor.records[0][1]["experience_pipeline/extra_batch_count"] == MAX_EXTRA_BATCHES
+    assert reader.read_batch()[0].batch_id == 1 + MAX_EXTRA_BATCHES
+    assert "kept 0 of the 4 experiences" in caplog.text
 
 
 def test_trinity_run_applies_the_configured_operators(tmp_path, tiny_model_dir):

@@ -8,8 +8,10 @@ metrics as ``experience_pipeline/<metric>``. Plugins add operators with
 ``@EXPERIENCE_OPERATORS.register("name")`` on a class taking the operator's ``args``.
 
 Groups are the explorer's: the ``repeat_times`` rollouts of one task in one step (``group_id``).
-Filters drop experiences and never resample, like the original's, so with a filter the trainer's
-``train_batch_size`` experiences can span several explore steps.
+Filters only drop, as the original's do; refilling the step is the explorer's (dynamic sampling:
+while a step holds fewer experiences than it rolled out for, it rolls out the taskset's next
+batches, see ``Explorer.explore_step``). Without that a trainer in sync mode, waiting for
+``train_batch_size`` experiences, would wait on an explorer that waits for its weights.
 """
 
 from __future__ import annotations
