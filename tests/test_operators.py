@@ -19,6 +19,7 @@ from trinity.buffer.tasksets import TasksetReader
 from trinity.config import ConfigError, load_config
 from trinity.explorer.explorer import MAX_EXTRA_BATCHES, Explorer
 from trinity.explorer.sampler import RolloutSettings
+from trinity.jobdir import JobDir
 from trinity.synchronizer.synchronizer import Synchronizer
 from trinity.trainer.trainer import Trainer
 from trinity.workflows.types import Experience
@@ -239,6 +240,7 @@ def test_the_trainer_receives_full_filtered_and_masked_batches(tmp_path):
         monitor=monitor,
         advantage_fn=explorer_advantage_fn({"algorithm_type": "grpo"}),
         pipeline=pipeline,
+        job_dir=JobDir(tmp_path / "job"),
     )
     assert asyncio.run(explorer.run(0, 2)) == 2
     # step 1: batches [0-3] [4-7] [8-11] keep rows 0 3 | 5 | 8 11, and 4 groups fill the step
@@ -256,6 +258,9 @@ def test_the_trainer_receives_full_filtered_and_masked_batches(tmp_path):
     assert step1["experience_pipeline/experience_count"] == 16.0
     assert step1["rollout/reward/min"] == 0.0  # what was sampled, before the filter
     assert reader.read_batch()[0].row == 8  # the extra batches were taken from the taskset
+    # a run resumed after step 1 starts where step 2 did: batch 3, rows 12-15
+    assert JobDir(tmp_path / "job").taskset_batches_read(1) == 3
+    assert JobDir(tmp_path / "job").taskset_batches_read(2) == 6
 
     learner = FakeLearner()
     trainer = Trainer(

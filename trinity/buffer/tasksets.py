@@ -170,6 +170,11 @@ class TasksetReader:
     def _stream_end(self) -> int | None:
         return None if self.max_steps else len(self.rows) * self.total_epochs
 
+    @property
+    def batches_read(self) -> int:
+        """Batches served so far, skipped ones included (what a resumed reader skips)."""
+        return self._next_batch
+
     def skip_batches(self, n: int) -> None:
         """Resume: the next ``read_batch`` returns what batch ``n + already read`` would be."""
         self._next_batch += int(n)

@@ -22,6 +22,7 @@ from trinity.buffer.operators import ExperiencePipeline
 from trinity.buffer.operators import groups as groups_of
 from trinity.buffer.tasksets import TasksetReader
 from trinity.explorer.sampler import PolicySampler, RolloutSettings, derive_seed
+from trinity.jobdir import JobDir
 from trinity.monitor.base import Monitor
 from trinity.monitor.rollouts import RolloutStore
 from trinity.synchronizer.synchronizer import Synchronizer
@@ -59,12 +60,14 @@ class Explorer:
         remote_rollout: Callable[[Task, int], Awaitable[list[Experience]]] | None = None,
         rollouts: RolloutStore | None = None,
         pipeline: ExperiencePipeline | None = None,
+        job_dir: JobDir | None = None,
     ):
         """``remote_rollout(task, seed)``: run workflows elsewhere (Ray runner actors) instead of
         in this event loop; retries, timeouts and bookkeeping stay here either way.
         ``rollouts``: where each step's experiences are kept for looking at (``trinity studio``).
         ``pipeline``: the experience operators, run on each step's experiences before the group
-        advantages (``data_processor.experience_pipeline``)."""
+        advantages (``data_processor.experience_pipeline``). ``job_dir``: where the taskset's
+        position is recorded when a step reads extra batches, for resuming."""
         self.sampler = sampler
         self.settings = settings
         self.reader = reader
@@ -82,6 +85,7 @@ class Explorer:
         self.remote_rollout = remote_rollout
         self.rollouts = rollouts
         self.pipeline = pipeline or ExperiencePipeline([])
+        self.job_dir = job_dir
         self.model_version = 0
         self.failed_in_a_row = 0
         self.last_failure = ""
@@ -99,6 +103,8 @@ class Explorer:
                     break
                 step += 1
                 experiences, metrics = await self.explore_step(step, tasks)
+                if self.job_dir is not None:
+                    self.job_dir.record_taskset_position(step, self.reader.batches_read)
                 if self.rollouts is not None:
                     self.rollouts.write(step, experiences)
                 await self.buffer.put(experiences)

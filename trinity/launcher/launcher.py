@@ -83,7 +83,7 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
     reader, eval_readers = None, {}
     if explore:  # every taskset is read and checked before any server or engine starts
         reader = _reader(config, buffer_cfg.explorer_input.tasksets[0])
-        reader.skip_batches(start_step)
+        reader.skip_batches(job_dir.taskset_batches_read(start_step))
         eval_readers = _eval_readers(config)
     sft = train and not explore and resolve_algorithm(algorithm).schema == "sft"
     sft_data = None
@@ -294,6 +294,7 @@ def _explorer(
         remote_rollout=runners.run if runners else None,
         rollouts=_rollout_store(config) if reader is not None else None,  # bench: evals only
         pipeline=build_pipeline(config.data_processor),
+        job_dir=JobDir(config.checkpoint_job_dir),
     )
 
 
