@@ -16,7 +16,8 @@ number and its slice ``[start, stop)`` of the reader's stream of tasks) to tasks
 
 All but ``difficulty_based`` are functions of the batch number alone, so a resumed run
 (``TasksetReader.skip_batches``) reads the batches the interrupted one would have.
-``difficulty_based`` resumes at the right position with its beliefs back at their priors.
+``difficulty_based`` resumes at the right position with its beliefs back at their priors (the
+original checkpoints only the position too).
 """
 
 from __future__ import annotations
