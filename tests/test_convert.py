@@ -103,6 +103,15 @@ def test_lora_checkpoint_converts_to_hf_and_peft(engine, tiny_model_dir, tmp_pat
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     adapter = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
     torch.testing.assert_close(plain_logprobs(adapter), expected, atol=1e-5, rtol=0)
+
+    # a sampler checkpoint (what save_weights_for_sampler writes) converts too
+    engine.snapshot_sampler("lora", "published")
+    engine.save_sampler("published", str(tmp_path / "sampler"))
+    engine.drop_sampler("published")
+    out = tmp_path / "from-sampler"
+    assert main(["convert", "--checkpoint", str(tmp_path / "sampler"), "-o", str(out)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(plain_logprobs(merged), expected, atol=1e-5, rtol=0)
     engine.remove_model("lora")
 
 
