@@ -87,8 +87,8 @@ def test_features_switched_on_are_named_and_their_harmless_values_are_not(caplog
         "explorer.rollout_model.enable_log_requests=true",
         "model.min_response_tokens=4",
         "log.group_by_node=true",
-        "buffer.explorer_input.taskset.data_selector.selector_type=difficulty_based",
         "explorer.over_rollout.ratio=0.5",
+        "data_processor.experience_pipeline.input_save_path=sqlite:///x.db",
         "synchronizer.sync_style=explorer_driven",
     ]
     (message,) = warnings_of(caplog, EVERY_KEY, switched_on)
@@ -100,6 +100,7 @@ def test_features_switched_on_are_named_and_their_harmless_values_are_not(caplog
         "model.repetition_penalty=1",
         "explorer.rollout_model.enable_log_requests=false",
         "buffer.explorer_input.taskset.data_selector.selector_type=SHUFFLE",
+        "buffer.explorer_input.taskset.data_selector.selector_type=random",
     ]
     (message,) = warnings_of(caplog, EVERY_KEY, harmless)
     assert not {o.split("=")[0] for o in harmless} & named_keys(message)

@@ -39,9 +39,6 @@ _TASKSET = {
     "format.enable_thinking": Inert(NOT_YET),
     "rollout_args.logprobs": Inert(NO_TOP_K, (0,)),
     "rollout_args.n": Inert("n is algorithm.repeat_times"),
-    "data_selector.selector_type": Inert(NOT_YET, ("sequential", "shuffle", "random")),
-    "data_selector.feature_keys": Inert(NOT_YET, ([],)),
-    "data_selector.kwargs": Inert(NOT_YET, ({},)),
     "task_selector": Inert("deprecated: use data_selector"),
 }
 _EXPERIENCE_BUFFER = {
@@ -75,7 +72,12 @@ _ROLLOUT_MODEL = {
 INERT: dict[str, Inert] = {
     "ray_namespace": Inert("Ray actors are named by the run", ("",)),
     "ignore_validator_suggestions": Inert("the GPU memory advisor has nothing to advise", (False,)),
-    "data_processor": Inert(NOT_YET, ({},)),
+    "data_processor.task_pipeline": Inert(NOT_YET),
+    "data_processor.experience_pipeline.input_save_path": Inert(
+        "explorer output is kept in monitor/rollouts.db (monitor.max_rollouts)"
+    ),
+    "data_processor.experience_pipeline.inputs": Inert(NOT_YET, ({},)),
+    "data_processor.experience_pipeline.output": Inert(NOT_YET),
     "service": Inert(NOT_YET, ({},)),
     "algorithm.sample_strategy": Inert(NOT_YET, ("default", "warmup")),
     "algorithm.sample_strategy_args": Inert(NOT_YET, ({},)),

@@ -25,6 +25,7 @@ from trinity.algorithms import (
     resolve_algorithm,
 )
 from trinity.buffer.experience import build_experience_buffer
+from trinity.buffer.operators import build_pipeline
 from trinity.buffer.sft import sft_dataset, sft_sequence
 from trinity.buffer.tasksets import TasksetReader
 from trinity.config import to_yaml
@@ -82,7 +83,7 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
     reader, eval_readers = None, {}
     if explore:  # every taskset is read and checked before any server or engine starts
         reader = _reader(config, buffer_cfg.explorer_input.tasksets[0])
-        reader.skip_batches(start_step)
+        reader.skip_batches(job_dir.taskset_batches_read(start_step))
         eval_readers = _eval_readers(config)
     sft = train and not explore and resolve_algorithm(algorithm).schema == "sft"
     sft_data = None
@@ -292,6 +293,8 @@ def _explorer(
         eval_on_startup=config.explorer.eval_on_startup,
         remote_rollout=runners.run if runners else None,
         rollouts=_rollout_store(config) if reader is not None else None,  # bench: evals only
+        pipeline=build_pipeline(config.data_processor),
+        job_dir=JobDir(config.checkpoint_job_dir),
     )
 
 
