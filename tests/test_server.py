@@ -92,6 +92,8 @@ LOSSES = {
         {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0},
     ),
     "dro": (("target_tokens", "logprobs", "advantages"), {"beta": 0.05}),
+    "gspo": (("target_tokens", "logprobs", "advantages"), {"clip_high_threshold": 1.5}),
+    "stable_reinforce": (("target_tokens", "logprobs", "advantages"), None),
 }
 
 
@@ -426,7 +428,7 @@ def _rejected(tc: tinker.TrainingClient, sc: tinker.ServiceClient, case: str) ->
         loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0] * 3},
     )
     if case == "unknown loss_fn":
-        with pytest.raises(tinker.BadRequestError, match="not supported"):
+        with pytest.raises(tinker.BadRequestError, match="'no_such_loss'.*stable_reinforce"):
             tc.forward_backward(data, "no_such_loss").result(TIMEOUT_S)
     elif case == "token outside the vocabulary":
         with pytest.raises(tinker.BadRequestError, match="outside the vocabulary"):

@@ -152,7 +152,7 @@ def validate_request(req: FwdBwdRequest, vocab_size: int, max_context: int | Non
     except ValueError as exc:
         raise WireError(str(exc)) from None
     loss_fn, loss = req.loss_fn, losses.LOSSES[req.loss_fn]
-    required, per_token = loss.inputs, {*loss.inputs, *loss.optional_inputs}
+    required, per_token = loss.inputs, {*loss.inputs, *loss.optional_inputs, *loss.input_defaults}
     for i, datum in enumerate(req.data):
         tokens = np.asarray(datum.model_input.to_ints(), dtype=np.int64)
         n = len(tokens)
