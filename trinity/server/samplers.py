@@ -11,7 +11,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from tinker import types
+from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 
 from trinity.engine import SampleRequest
 from trinity.server import wire
@@ -149,18 +151,15 @@ class Samplers:
                 params=params,
                 adapter=sampler.weights,
                 prompt_logprobs=bool(req.prompt_logprobs),
+                topk_prompt_logprobs=req.topk_prompt_logprobs,
             )
             last_n = req.prompt_logprobs_last_n
 
             def done(f: Any) -> None:
                 try:
                     response = f.result()
-                    if last_n is not None and response.prompt_logprobs is not None:
-                        lp = list(response.prompt_logprobs)
-                        lp[: len(lp) - last_n] = [None] * (len(lp) - last_n)
-                        response = types.SampleResponse(
-                            sequences=response.sequences, _prompt_logprobs_list=lp
-                        )
+                    if last_n is not None:
+                        response = _last_n(response, last_n)
                     result = wire.PROTO_CONTENT_TYPE, wire.encode_sample_response(response)
                 except BaseException as exc:  # noqa: BLE001 - becomes a failed future
                     result = describe(exc)
@@ -169,3 +168,18 @@ class Samplers:
             base.worker.sample(engine_request).future().add_done_callback(done)
         ids = [f"{request_id}:{i}" for i in range(req.num_samples)]
         return types.UntypedAPIFuture(request_id=request_id, sample_sequence_ids=ids)
+
+
+def _last_n(response: types.SampleResponse, last_n: int) -> types.SampleResponse:
+    """Only the last ``last_n`` prompt positions scored (``prompt_logprobs_last_n``)."""
+    lp, topk = response.prompt_logprobs_np, response.topk_prompt_logprobs_np
+    if lp is not None:
+        lp = lp.copy()
+        lp[: len(lp) - last_n] = np.nan
+    if topk is not None:
+        ids, lps = topk.token_ids.copy(), topk.logprobs.copy()
+        ids[: len(ids) - last_n], lps[: len(lps) - last_n] = 0, MASK_LOGPROB
+        topk = TopkLogprobs(token_ids=ids, logprobs=lps)
+    return types.SampleResponse(
+        sequences=response.sequences, prompt_logprobs_np=lp, topk_prompt_logprobs_np=topk
+    )

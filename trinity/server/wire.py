@@ -211,8 +211,10 @@ def check_sample_request(
         )
     if not 1 <= req.num_samples <= 256:
         raise WireError(f"SampleRequest.num_samples must be in [1, 256], got {req.num_samples}")
+    k = req.topk_prompt_logprobs
+    if not 0 <= k <= vocab_size:
+        raise WireError(f"SampleRequest.topk_prompt_logprobs must be in [0, {vocab_size}], got {k}")
     for name in (
-        "topk_prompt_logprobs",
         "topk_sample_logprobs",
         "prompt_alt_tokens_k",
         "target_prompt_logprobs",
@@ -430,5 +432,11 @@ def encode_sample_response(resp: types.SampleResponse) -> bytes:
         msg.prompt_logprobs = np.asarray(
             [math.nan if v is None else v for v in prompt_lp], dtype=np.float32
         ).tobytes()
+    topk = resp.topk_prompt_logprobs_np
+    if topk is not None:
+        n, k = topk.token_ids.shape
+        msg.topk_prompt_logprobs.token_ids = np.asarray(topk.token_ids, dtype=np.int32).tobytes()
+        msg.topk_prompt_logprobs.logprobs = np.asarray(topk.logprobs, dtype=np.float32).tobytes()
+        msg.topk_prompt_logprobs.k, msg.topk_prompt_logprobs.length = k, n
     msg.prompt_cache_hit_tokens = int(resp.prompt_cache_hit_tokens or 0)
     return msg.SerializeToString()
