@@ -6,6 +6,7 @@ the engine used in-process on the same datums, so a wire or ordering bug shows u
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -349,7 +350,8 @@ def test_tenants_isolated_and_malformed_requests_rejected(server):
 
 def test_cli_serves_and_exports_peft(tiny_model_dir, tmp_path):
     """``trinity server`` as a subprocess; the trained adapter leaves it as a peft directory
-    twice: downloaded by the SDK (``save_weights_external``) and by ``trinity server export``."""
+    twice: downloaded by the SDK (``save_weights_external``, Tinker's names) and by ``trinity
+    server export`` (peft's names)."""
     from trinity.server.runner import free_port
 
     port, data_dir = free_port(), tmp_path / "data"
@@ -410,11 +412,12 @@ def test_cli_serves_and_exports_peft(tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    for adapter in (downloaded, exported):
-        model = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter
-        )
-        assert model.peft_config["default"].r == RANK
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), exported
+    )
+    assert model.peft_config["default"].r == RANK
+    # the SDK's download carries Tinker's names (tests/test_server_compat.py merges it)
+    assert json.loads((downloaded / "adapter_config.json").read_text())["r"] == RANK
 
 
 TIMEOUT_S = 20  # far beyond a call on the tiny model; a hung call fails the test instead

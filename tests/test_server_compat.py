@@ -4,6 +4,7 @@ the SDK and its CLI call."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import tinker
+import torch
 from tinker import types
 
 from trinity.server import ServerThread, build_service
@@ -182,7 +184,6 @@ def test_sessions_storage_and_refusals_through_the_sdk(server):
 
 def test_topk_prompt_logprobs_match_a_plain_forward(server, tiny_model_dir):
     """The cookbook's self-distillation asks for the top-k tokens at every prompt position."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     sc = client(server)
@@ -223,4 +224,65 @@ def test_topk_prompt_logprobs_match_a_plain_forward(server, tiny_model_dir):
         sampler.sample(
             types.ModelInput.from_ints(prompt), 1, params, topk_prompt_logprobs=10**7
         ).result(TIMEOUT_S)
+    sc.close("success").result(TIMEOUT_S)
+
+
+def cookbook_merge(base_dir: Path, adapter_dir: Path) -> dict:
+    """tinker-cookbook's ``weights.build_hf_model`` for a dense model, written from its
+    documented rules: strip ``base_model.model.``, map ``model.unembed_tokens`` onto
+    ``lm_head`` or (tied embeddings, no ``lm_head.weight``) onto ``model.embed_tokens``, and add
+    ``lora_alpha / r * B @ A`` to a weight that must exist with that shape."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(base_dir / "model.safetensors"))
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    scaling = config["lora_alpha"] / config["r"]
+    adapter = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    head = "lm_head" if "lm_head.weight" in state else "model.embed_tokens"
+    for key in [k for k in adapter if ".lora_A" in k]:
+        name = key.replace(".lora_A", "")
+        target = name.replace("base_model.model.", "").replace("model.unembed_tokens", head)
+        assert target in state, f"{key} maps to {target}, not in the base model"
+        delta = scaling * adapter[key.replace("lora_A", "lora_B")].float() @ adapter[key].float()
+        state[target] = state[target].float() + delta
+    return state
+
+
+def test_external_weights_merge_with_the_cookbooks_rules(server, tiny_model_dir, tmp_path):
+    """A tied-embedding model trained with the default train_unembed=True: the downloaded
+    export merges, and every merged weight is the engine's own merge (the unembedding delta
+    lands on the tied embedding matrix, which is how the cookbook treats tied models)."""
+    from safetensors.torch import load_file
+
+    sc = client(server)
+    tc = training_client(sc, server)
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints([5, 6, 7, 8, 9]),
+        loss_fn_inputs={"target_tokens": [6, 7, 8, 9, 10], "weights": [1.0] * 5},
+    )
+    tc.forward_backward([datum], "cross_entropy").result(TIMEOUT_S)
+    tc.optim_step(types.AdamParams(learning_rate=5e-2)).result(TIMEOUT_S)
+    external = tc.save_weights_external("merge-me").result(TIMEOUT_S).path
+    rest = tinker.RestClient(base_url=server.url, api_key="tml-compat")
+    downloaded = tmp_path / "downloaded"
+    downloaded.mkdir()
+    for name, url in rest.get_external_weights_urls(external).result(TIMEOUT_S).urls.items():
+        (downloaded / name).write_bytes(httpx.get(url).raise_for_status().content)
+    assert any(
+        "model.unembed_tokens.lora_B" in k
+        for k in load_file(downloaded / "adapter_model.safetensors")
+    )
+
+    merged = cookbook_merge(tiny_model_dir, downloaded)
+    engine = server.service.models[0].engine
+    engine.export_merged(tc.model_id, str(tmp_path / "engine-merged"))
+    ours = load_file(str(tmp_path / "engine-merged" / "model.safetensors"))
+    assert set(merged) == set(ours) - {"lm_head.weight"}
+    for key, tensor in merged.items():
+        expected = ours["lm_head.weight" if key == "model.embed_tokens.weight" else key]
+        torch.testing.assert_close(tensor, expected.float(), atol=1e-5, rtol=1e-5, msg=key)
+    assert not torch.equal(
+        merged["model.embed_tokens.weight"],
+        load_file(str(tiny_model_dir / "model.safetensors"))["model.embed_tokens.weight"],
+    )
     sc.close("success").result(TIMEOUT_S)

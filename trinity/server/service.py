@@ -319,12 +319,17 @@ class Service:
     def save_weights_external(
         self, tenant: str, req: types.SaveWeightsExternalRequest
     ) -> types.UntypedAPIFuture:
-        """The weights for use outside Tinker (``external_weights/NAME``): a peft adapter
-        directory for a LoRA model (what Tinker hands out), a Hugging Face model directory for a
-        full fine-tune. ``RestClient.get_external_weights_urls`` downloads the files."""
+        """The weights for use outside Tinker (``external_weights/NAME``): an adapter directory
+        named as Tinker's are for a LoRA model, a Hugging Face model directory for a full
+        fine-tune. ``RestClient.get_external_weights_urls`` downloads the files."""
         model = self.training.get(tenant, req.model_id)
         engine = model.base.engine
-        export = engine.export_peft if model.lora else engine.export_merged
+        if model.lora:  # Tinker's adapter names, which tinker-cookbook's merge expects
+
+            def export(model_id: str, directory: str) -> None:
+                engine.export_peft(model_id, directory, tinker_names=True)
+        else:
+            export = engine.export_merged
         return self._save(
             model,
             req,
