@@ -286,3 +286,44 @@ def test_external_weights_merge_with_the_cookbooks_rules(server, tiny_model_dir,
         load_file(str(tiny_model_dir / "model.safetensors"))["model.embed_tokens.weight"],
     )
     sc.close("success").result(TIMEOUT_S)
+
+
+def test_age_encrypted_external_weights_round_trip(server, tmp_path):
+    """What tinker-cookbook's weights.download asks for: every file as NAME.age, encrypted to
+    the given recipient, decrypting to the plain export."""
+    pyrage = pytest.importorskip("pyrage")
+    from safetensors.torch import load_file
+
+    sc = client(server)
+    tc = training_client(sc, server)
+    rest = tinker.RestClient(base_url=server.url, api_key="tml-compat")
+    identity = pyrage.x25519.Identity.generate()
+
+    def download(path: str, into: Path) -> dict[str, bytes]:
+        into.mkdir()
+        urls = rest.get_external_weights_urls(path).result(TIMEOUT_S).urls
+        return {name: httpx.get(url).raise_for_status().content for name, url in urls.items()}
+
+    plain = download(tc.save_weights_external("plain").result(TIMEOUT_S).path, tmp_path / "p")
+    encrypted_path = (
+        tc.save_weights_external("sealed", age_encryption_recipients=[str(identity.to_public())])
+        .result(TIMEOUT_S)
+        .path
+    )
+    sealed = download(encrypted_path, tmp_path / "s")
+    assert set(sealed) == {f"{name}.age" for name in plain}
+    for name, data in plain.items():
+        assert sealed[f"{name}.age"] != data
+        decrypted = pyrage.decrypt(sealed[f"{name}.age"], [identity])
+        if name.endswith(".safetensors"):
+            (tmp_path / "a.safetensors").write_bytes(decrypted)
+            (tmp_path / "b.safetensors").write_bytes(data)
+            a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        else:
+            assert decrypted == data
+    with pytest.raises(pyrage.DecryptError):
+        pyrage.decrypt(sealed["adapter_config.json.age"], [pyrage.x25519.Identity.generate()])
+    with pytest.raises(tinker.BadRequestError, match="is not an age"):
+        tc.save_weights_external("bad", age_encryption_recipients=["age1x"]).result(TIMEOUT_S)
+    sc.close("success").result(TIMEOUT_S)

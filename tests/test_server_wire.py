@@ -90,7 +90,7 @@ class FakeEngine:
     def drop_sampler(self, name):
         self.samplers.pop(name, None)
 
-    def export_peft(self, name, directory):  # a model or a sampler, as the engine allows
+    def export_peft(self, name, directory, tinker_names=False):  # a model or a sampler, as the engine allows
         step = self.models[name]["step"] if name in self.models else self.samplers[name]
         Path(directory).mkdir(parents=True, exist_ok=True)
         Path(directory, "adapter_config.json").write_text(json.dumps({"step": step}))

@@ -23,7 +23,7 @@ from pathlib import Path
 from tinker import types
 
 from trinity.engine.worker import EngineFuture
-from trinity.server import wire
+from trinity.server import age, wire
 from trinity.server.checkpoints import Checkpoints
 from trinity.server.command_log import Job
 from trinity.server.futures import Futures, Result, ServiceError, json_result
@@ -321,22 +321,25 @@ class Service:
     ) -> types.UntypedAPIFuture:
         """The weights for use outside Tinker (``external_weights/NAME``): an adapter directory
         named as Tinker's are for a LoRA model, a Hugging Face model directory for a full
-        fine-tune. ``RestClient.get_external_weights_urls`` downloads the files."""
+        fine-tune; with ``age_encryption_recipients`` every file is ``NAME.age`` (``age.py``).
+        ``RestClient.get_external_weights_urls`` downloads the files."""
         model = self.training.get(tenant, req.model_id)
         engine = model.base.engine
-        if model.lora:  # Tinker's adapter names, which tinker-cookbook's merge expects
+        recipients: list = []
 
-            def export(model_id: str, directory: str) -> None:
-                engine.export_peft(model_id, directory, tinker_names=True)
-        else:
-            export = engine.export_merged
-        return self._save(
-            model,
-            req,
-            "external_weights",
-            lambda d: export(model.model_id, str(d)),
-            check=lambda: wire.check_save_external(req),
-        )
+        def check() -> None:
+            if req.age_encryption_recipients:
+                recipients.extend(age.parse_recipients(req.age_encryption_recipients))
+
+        def write(directory: Path) -> None:
+            if model.lora:  # Tinker's adapter names, which tinker-cookbook's merge expects
+                engine.export_peft(model.model_id, str(directory), tinker_names=True)
+            else:
+                engine.export_merged(model.model_id, str(directory))
+            if recipients:
+                age.encrypt_directory(directory, recipients)
+
+        return self._save(model, req, "external_weights", write, check=check)
 
     def save_weights_for_sampler(
         self, tenant: str, req: types.SaveWeightsForSamplerRequest

@@ -300,13 +300,6 @@ def check_same_base(path: str, trained_on: str, requested: str | None, same: boo
         raise WireError(f"checkpoint {path!r} was trained on {trained_on!r}, not {requested!r}")
 
 
-def check_save_external(req: types.SaveWeightsExternalRequest) -> None:
-    if req.age_encryption_recipients:
-        raise WireError(
-            "SaveWeightsExternalRequest.age_encryption_recipients is not supported by this server"
-        )
-
-
 def check_save_for_sampler(req: types.SaveWeightsForSamplerRequest) -> None:
     if req.path is None and req.sampling_session_seq_id is None:
         raise WireError(
