@@ -9,7 +9,7 @@ with a ``command_log.CommandLog`` that runs its commands in ``seq_id`` order),
 samplers and results live in SQLite (``store.py``), weights as safetensors under ``data_dir``.
 
 Simplifications, on purpose: ``kind="inflight"`` samplers are snapshots; AdamW only; text chunks
-only; no top-k logprobs.
+only; top-k logprobs of prompts, not of samples. docs/tinker-compat.md lists every route and loss.
 """
 
 from __future__ import annotations
