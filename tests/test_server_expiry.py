@@ -57,6 +57,9 @@ def test_idle_session_expires_and_frees_its_models(server):
         TIMEOUT_S
     )
     tc.forward_backward(datums(), "cross_entropy").result(TIMEOUT_S)
+    snapshot = tc.save_weights_and_get_sampling_client().result(TIMEOUT_S)
+    prompt, params = types.ModelInput.from_ints([5, 6, 7]), types.SamplingParams(max_tokens=2)
+    assert len(snapshot.sample(prompt, 1, params).result(TIMEOUT_S).sequences) == 1
     session_id = tc.model_id.split(":train:")[0]
     engine = server.service.models[0].engine
     assert engine.model_info(tc.model_id)["rank"] == RANK
@@ -75,6 +78,8 @@ def test_idle_session_expires_and_frees_its_models(server):
     wait_for(removed, "the expired session's model to leave the engine")
     with pytest.raises(tinker.BadRequestError, match="expired: no heartbeat or call for 2 s"):
         tc.forward_backward(datums(), "cross_entropy").result(TIMEOUT_S)
+    with pytest.raises(tinker.BadRequestError, match=r"freed because its session .* \(expired"):
+        snapshot.sample(prompt, 1, params).result(TIMEOUT_S)
     heartbeat = httpx.post(
         f"{server.url}/api/v1/session_heartbeat",
         json={"session_id": session_id, "type": "session_heartbeat"},

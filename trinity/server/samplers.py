@@ -31,6 +31,7 @@ class Sampler:
     base: ServedModel
     model_path: str | None  # the tinker:// path it samples, None for base or snapshot
     weights: str | None  # a ResidentSamplers name; None = the base model
+    freed: str | None = None  # why its in-memory snapshot is gone (its session finished)
 
 
 class Samplers:
@@ -62,11 +63,12 @@ class Samplers:
                 sampler_id, row["tenant"], sampler_id.split(":sample:")[0], base, path, weights
             )
 
-    def finish(self, session_id: str) -> None:
+    def finish(self, session_id: str, reason: str = "finished") -> None:
         """Free the snapshots of a finished session (after the work queued before)."""
         for sampler in self._samplers.values():
             if sampler.session_id == session_id and sampler.weights == sampler.sampler_id:
                 sampler.base.samplers.forget(sampler.weights)
+                sampler.freed = f"its session {session_id!r} is finished ({reason})"
 
     def add_snapshot(
         self, sampler_id: str, tenant: str, session_id: str, base: ServedModel, model_id: str
@@ -117,6 +119,12 @@ class Samplers:
             sampler = self._samplers.get(req.sampling_session_id)
             if sampler is None or sampler.tenant != tenant:
                 raise ServiceError(404, f"unknown sampling_session_id {req.sampling_session_id!r}")
+            if sampler.freed:
+                raise ServiceError(
+                    400,
+                    f"sampler {sampler.sampler_id!r} sampled weights held in memory, freed because "
+                    f"{sampler.freed}; sample from a saved checkpoint instead",
+                )
             if sampler.model_path and not sampler.base.samplers.known(sampler.weights or ""):
                 ckpt, run = self.checkpoints.find(tenant, sampler.model_path)  # 404 once deleted
                 self.checkpoints.sampler_weights(sampler.base, ckpt, run)  # e.g. after a restart

@@ -181,7 +181,7 @@ class Service:
         self.idle.forget(session_id)
         self.store.finish_session(session_id, reason)
         self.training.finish(session_id)
-        self.samplers.finish(session_id)
+        self.samplers.finish(session_id, reason)
 
     def reap(self) -> None:
         """Finish idle sessions (``sessions.py``), delete expired checkpoints (their TTL)."""
