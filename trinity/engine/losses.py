@@ -12,14 +12,14 @@ normalization by token or sequence count). Notation: ``lp`` learner logprobs of 
 - gspo:                GSPO-token: s = exp(mean over the datum's ``sequence_ratio_mask`` of
                        sg(lp) - q), ratio = s * exp(lp - sg(lp)) (value s, gradient of lp),
                        -min(ratio * A, clip(ratio, lo, hi) * A)
-- stable_reinforce:    -sg(min(r, hi)) * lp * A on tokens whose ratio lies in [lo, hi], 0 elsewhere
-                       (truncated, masked importance weighting; see below)
+- stable_reinforce:    -sg(r) * lp * A on tokens whose ratio lies in [lo, hi], 0 elsewhere
+                       (masked importance weighting; see below)
 
 GSPO's mask defaults to the datum's positions with a nonzero advantage (its sampled tokens, as the
 cookbook masks them). Tinker does not publish ``stable_reinforce``'s objective (an alpha loss that
-also reads what its sampler recorded); ours is a REINFORCE whose importance weight is detached,
-truncated at ``hi`` and zero where the sampler and learner disagree beyond [lo, hi], so stale
-async data cannot blow up a step. It reads the sampler logprobs from the datum, so provenance
+also reads what its sampler recorded); ours is a REINFORCE whose importance weight is detached
+and zero where the sampler and learner disagree beyond [lo, hi], so stale async data cannot blow
+up a step. It reads the sampler logprobs from the datum, so provenance
 spans and ``record_stability_info`` are accepted and not needed.
 
 ``clip_low_threshold`` / ``clip_high_threshold`` come from ``loss_fn_config`` or, per token, from
@@ -101,7 +101,7 @@ def gspo(lp: Tensor, inputs: Inputs, config: dict) -> Tensor:
 def stable_reinforce(lp: Tensor, inputs: Inputs, config: dict) -> Tensor:
     r = _ratio(lp, inputs).detach()
     low, high = config["clip_low_threshold"], config["clip_high_threshold"]
-    weight = torch.where((r >= low) & (r <= high), torch.clamp(r, max=high), 0.0)
+    weight = torch.where((r >= low) & (r <= high), r, 0.0)
     return -weight * lp * inputs["advantages"]
 
 
