@@ -171,3 +171,23 @@ def test_checkpoint_ttls_are_set_and_reaped(server, tmp_path):
     assert "adapter_model.safetensors" in files and "adapter_config.json" in files
     kinds = {c.checkpoint_type for c in rest.list_user_checkpoints().result(TIMEOUT_S).checkpoints}
     assert "external" not in kinds  # the temporary export was deleted
+
+
+def test_cli_flag_sets_the_idle_timeout(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import trinity.server
+    from trinity.cli.server import main
+
+    idle = []
+
+    def serve(service, *args):  # record what the server would run with, then stop it
+        idle.append(service.idle.idle_s)
+        service.close(autosave=False)
+
+    monkeypatch.setattr(trinity.server, "serve", serve)
+    base = ["--model", str(tiny_model_dir), "--state-dir", str(tmp_path / "state")]
+    assert main([*base, "--session-idle-timeout", "-5"]) == 2
+    assert "--session-idle-timeout must be >= 0" in capsys.readouterr().err
+    assert main([*base, "--session-idle-timeout", "90"]) == 0
+    assert main([*base, "--session-idle-timeout", "0"]) == 0
+    assert main(base) == 0
+    assert idle == [90, None, 600]  # 0 = never
