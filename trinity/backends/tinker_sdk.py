@@ -242,8 +242,9 @@ def peft_names(directory: Path) -> None:
         {k.replace(_TINKER_UNEMBED, _HF_HEAD): v for k, v in weights.items()}, str(weights_file)
     )
     config = json.loads(config_file.read_text())
-    config["target_modules"] = sorted(
-        _HF_HEAD if m in (_TINKER_UNEMBED, "unembed_tokens") else m
-        for m in config.get("target_modules") or []
-    )
+    modules = config.get("target_modules")
+    if isinstance(modules, list):  # (a string is a regex over module names: left alone)
+        config["target_modules"] = sorted(
+            _HF_HEAD if m in (_TINKER_UNEMBED, "unembed_tokens") else m for m in modules
+        )
     config_file.write_text(json.dumps(config, indent=2))
