@@ -187,7 +187,7 @@ def test_topk_prompt_logprobs_match_a_plain_forward(server, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     sc = client(server)
-    sampler = sc.create_sampling_client(base_model=server.service.models[0].name)
+    sampler = sc.create_sampling_client(base_model=server.service.models[0].name).result(TIMEOUT_S)
     prompt = [5, 17, 42, 99, 3, 250, 8]
     k = 5
     params = types.SamplingParams(max_tokens=1, temperature=1.0, seed=0)
