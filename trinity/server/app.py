@@ -29,7 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from tinker import types
 from tinker.types.try_again_response import TryAgainResponse
 
-from trinity.server import wire
+from trinity.server import control_plane, wire
 from trinity.server.futures import ServiceError
 from trinity.server.service import Service
 
@@ -46,9 +46,18 @@ def create_app(service: Service) -> FastAPI:
                 await asyncio.sleep(60)
                 service.futures.purge()
 
-        task = asyncio.create_task(janitor())
+        async def reaper() -> None:  # idle sessions, expired checkpoints
+            while True:
+                await asyncio.sleep(service.idle.check_every_s)
+                try:
+                    service.reap()
+                except Exception:  # noqa: BLE001 - the next round tries again
+                    log.exception("reaper failed")
+
+        tasks = [asyncio.create_task(janitor()), asyncio.create_task(reaper())]
         yield
-        task.cancel()
+        for task in tasks:
+            task.cancel()
 
     app = FastAPI(title="trinity server (Tinker-compatible)", lifespan=lifespan)
     url_key = secrets.token_bytes(32)  # signs checkpoint download URLs; valid for this process
@@ -100,6 +109,7 @@ def create_app(service: Service) -> FastAPI:
         endpoint.__name__ = path  # FastAPI's operation id
         app.post(f"{API}/{path}")(endpoint)
 
+    control_plane.add_routes(app, service, auth)
     for path, request_type, call in (
         ("create_model", types.CreateModelRequest, service.create_model),
         ("optim_step", types.OptimStepRequest, service.optim_step),
