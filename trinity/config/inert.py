@@ -71,6 +71,8 @@ _ROLLOUT_MODEL = {
     "enable_multimodal": Inert(NOT_YET, (False,)),
     "enable_thinking": Inert(NOT_YET),
 }
+# what an auxiliary model takes from its own entry (model.* is for the rollout model)
+_AUXILIARY_OWN = ("max_model_len", "max_prompt_tokens", "max_response_tokens", "chat_template")
 
 INERT: dict[str, Inert] = {
     "ray_namespace": Inert("Ray actors are named by the run", ("",)),
@@ -111,7 +113,11 @@ INERT: dict[str, Inert] = {
     "explorer.runner_prepare_max_retries": Inert("runners need no preparation", (2,)),
     "explorer.max_repeat_times_per_runner": Inert(NOT_YET),
     **{f"explorer.rollout_model.{k}": v for k, v in _ROLLOUT_MODEL.items()},
-    "explorer.auxiliary_models": Inert(NOT_YET, ([],)),
+    **{
+        f"explorer.auxiliary_models[*].{k}": v
+        for k, v in _ROLLOUT_MODEL.items()
+        if k not in _AUXILIARY_OWN
+    },
     "explorer.over_rollout.ratio": Inert(NOT_YET, (0, 0.0)),
     "explorer.dynamic_timeout.enable": Inert(NOT_YET, (False,)),
     "explorer.runner_state_report_interval": Inert(NOT_YET, (0,)),

@@ -388,6 +388,14 @@ def _check_explorer_trainer(config: Config) -> None:
     explorer.concurrent_mode = choice(
         explorer.concurrent_mode, "explorer.concurrent_mode", CONCURRENT_MODES
     )
+    for i, aux in enumerate(explorer.auxiliary_models):
+        if not aux.model_path:
+            raise ConfigError(
+                f"explorer.auxiliary_models[{i}].model_path: required (the judge or helper "
+                "model to serve: a local directory, or a base model name on Tinker)"
+            )
+        # served as the original serves them: behind OpenAI clients, never trained on
+        aux.enable_openai_api, aux.enable_history = True, False
     _at_least(trainer.save_interval, 0, "trainer.save_interval")
     _at_least(trainer.max_checkpoints_to_keep, 0, "trainer.max_checkpoints_to_keep")
     trainer.save_hf_checkpoint = choice(

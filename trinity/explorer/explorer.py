@@ -14,12 +14,13 @@ import logging
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from trinity.backends.base import SamplerBackend
 from trinity.buffer.experience import ExperienceBuffer
 from trinity.buffer.tasksets import TasksetReader
-from trinity.explorer.sampler import PolicySampler, RolloutSettings, derive_seed
+from trinity.explorer.sampler import AuxiliaryModel, PolicySampler, RolloutSettings, derive_seed
 from trinity.monitor.base import Monitor
 from trinity.monitor.rollouts import RolloutStore
 from trinity.synchronizer.synchronizer import Synchronizer
@@ -53,10 +54,12 @@ class Explorer:
         eval_on_startup: bool = False,
         remote_rollout: Callable[[Task, int], Awaitable[list[Experience]]] | None = None,
         rollouts: RolloutStore | None = None,
+        auxiliary: Sequence[AuxiliaryModel] = (),
     ):
         """``remote_rollout(task, seed)``: run workflows elsewhere (Ray runner actors) instead of
         in this event loop; retries, timeouts and bookkeeping stay here either way.
-        ``rollouts``: where each step's experiences are kept for looking at (``trinity studio``)."""
+        ``rollouts``: where each step's experiences are kept for looking at (``trinity studio``).
+        ``auxiliary``: ``explorer.auxiliary_models``, handed to every workflow."""
         self.sampler = sampler
         self.settings = settings
         self.reader = reader
@@ -73,6 +76,7 @@ class Explorer:
         self.eval_on_startup = eval_on_startup
         self.remote_rollout = remote_rollout
         self.rollouts = rollouts
+        self.auxiliary = list(auxiliary)
         self.model_version = 0
         self.failed_in_a_row = 0
         self.last_failure = ""
@@ -160,7 +164,7 @@ class Explorer:
                     experiences = await asyncio.wait_for(
                         self.remote_rollout(task, seed)
                         if self.remote_rollout
-                        else rollout(task, self.sampler, self.settings, seed),
+                        else rollout(task, self.sampler, self.settings, seed, self.auxiliary),
                         self.max_timeout,
                     )
             except Exception as exc:  # noqa: BLE001 - a workflow is user code; report and retry
@@ -198,7 +202,11 @@ class Explorer:
 
 
 async def rollout(
-    task: Task, backend: SamplerBackend, settings: RolloutSettings, seed: int
+    task: Task,
+    backend: SamplerBackend,
+    settings: RolloutSettings,
+    seed: int,
+    auxiliary: Sequence[AuxiliaryModel] = (),
 ) -> list[Experience]:
     """One run of the task's workflow against a backend sampler (here or in a runner actor).
 
@@ -208,15 +216,20 @@ async def rollout(
     workflow = WORKFLOWS.get(task.workflow)
     concatenated = bool(task.format.get("enable_concatenated_multi_turn"))
 
-    def model(episode_seed: int) -> PolicySampler:
-        return PolicySampler(backend, settings, seed=episode_seed, concatenated=concatenated)
+    def instance(task: Task, episode_seed: int) -> Any:
+        model = PolicySampler(backend, settings, seed=episode_seed, concatenated=concatenated)
+        run = workflow(task, model)
+        run.auxiliary_model_wrappers = [
+            aux.model(derive_seed(episode_seed, "auxiliary", i)) for i, aux in enumerate(auxiliary)
+        ]
+        return run
 
     if workflow.can_repeat:
-        return await workflow(task, model(seed)).run()
+        return await instance(task, seed).run()
     single = dataclasses.replace(task, repeat_times=1)
 
     async def episode(run: int) -> list[Experience]:
-        experiences = await workflow(single, model(derive_seed(seed, "run", run))).run()
+        experiences = await instance(single, derive_seed(seed, "run", run)).run()
         for exp in experiences:
             exp.info["run"] = run
         return experiences

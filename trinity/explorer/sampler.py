@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -35,6 +36,21 @@ class RolloutSettings:
     enable_openai_api: bool = False
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+
+
+@dataclass
+class AuxiliaryModel:
+    """An ``explorer.auxiliary_models`` entry: a frozen model (a judge, a teacher) that workflows
+    call through OpenAI clients (``Workflow.auxiliary_models``). Nothing it samples is trained
+    on, so it keeps no history."""
+
+    backend: Any
+    settings: RolloutSettings
+
+    def model(self, seed: int | None) -> PolicySampler:
+        """A fresh rollout model over it for one workflow run."""
+        settings = dataclasses.replace(self.settings, enable_history=False, enable_openai_api=True)
+        return PolicySampler(self.backend, settings, seed)
 
 
 def derive_seed(*parts: Any) -> int:

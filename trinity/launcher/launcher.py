@@ -165,6 +165,7 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
                 RoleMonitor(monitor, "explorer"),
                 eval_readers,
                 backends.runners,
+                backends.auxiliary,
             )
             explorer.model_version = start_step
             jobs.append(explorer.run(start_step, total_steps))
@@ -272,7 +273,15 @@ def _rollout_store(config: Any) -> RolloutStore | None:
 
 
 def _explorer(
-    config, sampler, reader, buffer, synchronizer, monitor, eval_readers, runners=None
+    config,
+    sampler,
+    reader,
+    buffer,
+    synchronizer,
+    monitor,
+    eval_readers,
+    runners=None,
+    auxiliary=(),
 ) -> Explorer:
     rollout = config.explorer.rollout_model
     return Explorer(
@@ -292,6 +301,7 @@ def _explorer(
         eval_on_startup=config.explorer.eval_on_startup,
         remote_rollout=runners.run if runners else None,
         rollouts=_rollout_store(config) if reader is not None else None,  # bench: evals only
+        auxiliary=auxiliary,
     )
 
 
@@ -322,7 +332,16 @@ async def run_bench(config: Any) -> None:
         backends = owned.backends = await build_backends(
             config, explore=True, train=bool(steps), resume_ref=None
         )
-        explorer = _explorer(config, backends.sampler, None, None, None, monitor, eval_readers)
+        explorer = _explorer(
+            config,
+            backends.sampler,
+            None,
+            None,
+            None,
+            monitor,
+            eval_readers,
+            auxiliary=backends.auxiliary,
+        )
         for step in [0, *steps]:
             if step:
                 await backends.trainer.load_state(job_dir.checkpoint_ref(step))
