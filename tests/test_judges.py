@@ -151,3 +151,39 @@ def test_a_judge_workflow_without_an_auxiliary_model_says_so(local_models):
         asyncio.run(
             rollout(judge_task("math_judge_workflow", 1), local_models["policy"], SETTINGS, 5)
         )
+
+
+@pytest.mark.parametrize("backend", ["local", "tinker"])
+def test_trinity_run_serves_the_configured_judge(tmp_path, tiny_model_dir, judges, backend):
+    """``explorer.auxiliary_models`` from the config, through ``trinity run`` (the embedded
+    Tinker server serves the judge beside the policy)."""
+    from tests.test_rl_loop import backend_model, job_dir, run_cli, trainer_records, write_config
+
+    config = write_config(
+        tmp_path,
+        tiny_model_dir,
+        name=backend,
+        model=backend_model(tmp_path, tiny_model_dir, backend),
+        buffer={
+            "batch_size": 1,
+            "total_steps": 1,
+            "explorer_input": {
+                "taskset": {
+                    "name": "arith",
+                    "path": "builtin:arithmetic",
+                    "builtin_args": {"size": 4},
+                    "format": {"prompt_key": "question", "response_key": "answer"},
+                },
+                "default_workflow_type": "math_judge_workflow",
+            },
+        },
+        explorer={
+            "runner_per_model": 2,
+            "rollout_model": {"engine_num": 1, "seed": 7},
+            "auxiliary_models": [{"model_path": str(judges["Score: 7"]), "max_model_len": 1024}],
+        },
+    )
+    run_cli(config)
+    (step,) = trainer_records(job_dir(tmp_path, backend)).values()
+    assert step["rollout/judge/mean"] == pytest.approx(0.7)
+    assert "actor/final_loss" in step
