@@ -8,7 +8,7 @@ behaves as this implementation does (``enable_log_requests: false``, ``repetitio
 Settings of GPU engines (vLLM, veRL, Megatron) can never mean anything on these backends; the
 other entries are features still to come, and leave this table as they land. Keys the original
 ignores too (``optimizer.clip_grad``, ``synchronizer.wait_for_checkpoint``) or that only serve a
-feature refused at validation (serve mode, SQL tasksets, DPO's keys) behave as there: not listed.
+feature refused at validation (SQL tasksets, DPO's keys) behave as there: not listed.
 """
 
 from __future__ import annotations
@@ -118,6 +118,8 @@ INERT: dict[str, Inert] = {
         for k, v in _ROLLOUT_MODEL.items()
         if k not in _AUXILIARY_OWN
     },
+    "explorer.min_running_model_num": Inert("serve: one sampler, drained to switch", (1,)),
+    "explorer.db_url": Inert("serve: unrated completions are kept in memory"),
     "explorer.over_rollout.ratio": Inert(NOT_YET, (0, 0.0)),
     "explorer.dynamic_timeout.enable": Inert(NOT_YET, (False,)),
     "explorer.runner_state_report_interval": Inert(NOT_YET, (0,)),

@@ -120,10 +120,13 @@ def _positive(value: float | None, key: str) -> None:
 # ---- sections ---------------------------------------------------------------------------------
 def _check_mode(config: Config) -> None:
     config.mode = choice(config.mode, "mode", MODES)
-    if config.mode == "serve":
-        raise ConfigError(
-            "mode: 'serve' (an OpenAI-compatible proxy for external agents) is not supported; "
-            "use both, explore, train or bench"
+    if config.mode == "serve":  # the proxy answers through the endpoint and trains on history
+        rollout = config.explorer.rollout_model
+        rollout.enable_openai_api, rollout.enable_history = True, True
+        port = config.explorer.proxy_port
+        require(
+            isinstance(port, int) and 0 <= port <= 65535,
+            f"explorer.proxy_port must be a TCP port (0 = any free one), got {port}",
         )
     if config.mode == "colocate":
         log.info("mode 'colocate' runs as 'both': the embedded runtime already shares one device")
