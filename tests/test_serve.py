@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import yaml
 
 from tests.test_rl_loop import job_dir, trainer_records, write_config
 from trinity.cli.main import main
@@ -23,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def serve_config(tmp_path: Path, model_dir: Path, mode: str, **sections) -> Path:
-    return write_config(
+    """The run's config for one of its two processes, in ``<mode>.yaml``."""
+    path = write_config(
         tmp_path,
         model_dir,
         name="agent",
@@ -43,6 +45,7 @@ def serve_config(tmp_path: Path, model_dir: Path, mode: str, **sections) -> Path
         },
         **sections,
     )
+    return path.rename(path.with_name(f"{mode}.yaml"))
 
 
 def wait_for(predicate, what: str, timeout: float = 240.0, process=None):
@@ -52,16 +55,39 @@ def wait_for(predicate, what: str, timeout: float = 240.0, process=None):
         if value:
             return value
         if process is not None and process.poll() is not None:
-            output = Path(process.args[-1]).with_suffix(".log").read_text()[-3000:]
-            raise AssertionError(f"serve exited ({process.returncode}) before {what}: {output}")
+            raise AssertionError(
+                f"serve exited ({process.returncode}) before {what}: {log(process)}"
+            )
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}: {log(process) if process else ''}")
 
 
-def test_serve_feedback_commit_trains_and_new_weights_are_served(tmp_path, tiny_model_dir):
+def log(process) -> str:
+    return Path(process.args[-1]).with_suffix(".log").read_text()[-3000:]
+
+
+@pytest.fixture
+def tinker_service(tiny_model_dir, tmp_path, monkeypatch):
+    """A ``trinity server`` both processes use (Tinker sampler paths are the service's)."""
+    from trinity.server import ServerThread, build_service
+
+    service = build_service([str(tiny_model_dir)], tmp_path / "srv", {"tml-serve": "serve"})
+    srv = ServerThread(service).start()
+    monkeypatch.setenv("TRINITY_API_KEY", "tml-serve")
+    yield srv.url
+    srv.stop()
+
+
+@pytest.mark.parametrize("backend", ["local", "tinker"])
+def test_serve_feedback_commit_trains_and_new_weights_are_served(
+    request, tmp_path, tiny_model_dir, backend
+):
+    model = yaml.safe_load(write_config(tmp_path, tiny_model_dir).read_text())["model"]
+    if backend == "tinker":
+        model["tinker"].update(enable=True, base_url=request.getfixturevalue("tinker_service"))
     job = job_dir(tmp_path, "agent")
     url_file = job / "explorer_server_url.txt"
-    config = serve_config(tmp_path, tiny_model_dir, "serve")
+    config = serve_config(tmp_path, tiny_model_dir, "serve", model=model)
     serve_log = config.with_suffix(".log")
     serve = subprocess.Popen(
         [sys.executable, "-m", "trinity.cli.main", "run", "--config", str(config)],
@@ -71,10 +97,9 @@ def test_serve_feedback_commit_trains_and_new_weights_are_served(tmp_path, tiny_
         stderr=subprocess.STDOUT,
     )
     trained: dict[str, int] = {}
+    train_config = serve_config(tmp_path, tiny_model_dir, "train", model=model)
     trainer = threading.Thread(
-        target=lambda: trained.update(
-            status=main(["run", "--config", str(serve_config(tmp_path, tiny_model_dir, "train"))])
-        )
+        target=lambda: trained.update(status=main(["run", "--config", str(train_config)]))
     )
     try:
         base_url = wait_for(
