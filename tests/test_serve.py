@@ -159,3 +159,47 @@ def rate_and_commit(http, ids: list[str]) -> None:
         )
         assert answer.json() == {"status": "success", "experience_count": 2}
     assert http.post("/commit").json() == {"status": "success", "experience_count": 4}
+
+
+def test_the_proxy_keeps_the_newest_unrated_completions_and_refuses_bad_feedback(tiny_model_dir):
+    """In-process, against a scripted backend (the real tokenizer): eviction and validation."""
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    from tests.test_agents import ScriptedBackend
+    from trinity.buffer.experience import ExperienceQueue
+    from trinity.explorer.proxy import FeedbackError, Proxy
+    from trinity.explorer.sampler import RolloutSettings
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    queue = ExperienceQueue()
+    proxy = Proxy(
+        backend=ScriptedBackend(tokenizer, ["Four.<|im_end|>"]),
+        settings=RolloutSettings(enable_history=True, enable_openai_api=True),
+        buffer=queue,
+        synchronizer=None,
+        advantage_fn=lambda experiences: {},
+        max_unrated=2,
+    )
+
+    async def main():
+        body = {"messages": [{"role": "user", "content": "2 + 2?"}]}
+        ids = [(await proxy.chat(body))["id"] for _ in range(3)]
+        with pytest.raises(FeedbackError, match="unknown or already rated"):
+            proxy.feedback({"reward": 1, "msg_ids": ids[:1]})  # evicted
+        for bad, message in [
+            ({"reward": float("nan"), "msg_ids": ids[1:]}, "must be finite"),
+            ({"reward": True, "msg_ids": ids[1:]}, "must be a number"),
+            ({"reward": 1, "msg_ids": []}, "non-empty list"),
+            ([1], "JSON object"),
+        ]:
+            with pytest.raises(FeedbackError, match=message):
+                proxy.feedback(bad)
+        assert proxy.feedback({"reward": 1, "msg_ids": ids[1:], "task_id": "t"}) == 2
+        assert await proxy.commit() == 2 and await proxy.commit() == 0
+        (first, second) = await queue.get_batch(2)
+        assert first.group_id == second.group_id == "serve-1/t" and first.reward == 1.0
+        assert tokenizer.decode(first.tokens[first.prompt_length :]) == "Four.<|im_end|>"
+
+    asyncio.run(main())

@@ -12,7 +12,8 @@ ones finish, then the sampler switches (the original drains an engine the same w
 
 Each completion is answered as the explorer's loopback endpoint answers a workflow
 (``trinity.explorer.openai_api``), token-exact: its ``id`` is the ``msg_id``, and the sampled
-ids and logprobs it records are what trains. Completions not rated are kept in memory only.
+ids and logprobs it records are what trains. Completions not rated are kept in memory only, the
+newest ``max_unrated`` of them.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Proxy:
     advantage_fn: Any
     monitor: Any = None
     check_interval: float = 60.0
+    max_unrated: int = 10000  # completions kept for /feedback; the oldest go first
     model_version: int = 0
     commits: int = 0
     completions: dict[str, _Completion] = field(default_factory=dict)
@@ -77,6 +79,7 @@ class Proxy:
         self._idle = asyncio.Condition()
         self._in_flight = 0
         self._switching = False
+        self.dropped = 0
 
     # ---- chat ---------------------------------------------------------------------------------
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -93,6 +96,13 @@ class Proxy:
                 self._in_flight -= 1
                 self._idle.notify_all()
         self.completions[completion.id] = _Completion(model.history, version)
+        if len(self.completions) > self.max_unrated:
+            self.completions.pop(next(iter(self.completions)))
+            self.dropped += 1
+            if self.dropped & (self.dropped - 1) == 0:  # at 1, 2, 4, ...: counted, not per call
+                log.warning("%d completion(s) never rated were dropped", self.dropped)
+        if len(self.conversations) > self.max_unrated:
+            self.conversations.clear()  # later turns of older chats are rendered as text
         return completion.model_dump(exclude_none=True)
 
     # ---- feedback and commit ------------------------------------------------------------------
