@@ -126,10 +126,13 @@ def _positive(value: float | None, key: str) -> None:
 # ---- sections ---------------------------------------------------------------------------------
 def _check_mode(config: Config) -> None:
     config.mode = choice(config.mode, "mode", MODES)
-    if config.mode == "serve":
-        raise ConfigError(
-            "mode: 'serve' (an OpenAI-compatible proxy for external agents) is not supported; "
-            "use both, explore, train or bench"
+    if config.mode == "serve":  # the proxy answers through the endpoint and trains on history
+        rollout = config.explorer.rollout_model
+        rollout.enable_openai_api, rollout.enable_history = True, True
+        port = config.explorer.proxy_port
+        require(
+            isinstance(port, int) and 0 <= port <= 65535,
+            f"explorer.proxy_port must be a TCP port (0 = any free one), got {port}",
         )
     if config.mode == "colocate":
         log.info("mode 'colocate' runs as 'both': the embedded runtime already shares one device")
@@ -420,6 +423,14 @@ def _check_explorer_trainer(config: Config) -> None:
     explorer.concurrent_mode = choice(
         explorer.concurrent_mode, "explorer.concurrent_mode", CONCURRENT_MODES
     )
+    for i, aux in enumerate(explorer.auxiliary_models):
+        if not aux.model_path:
+            raise ConfigError(
+                f"explorer.auxiliary_models[{i}].model_path: required (the judge or helper "
+                "model to serve: a local directory, or a base model name on Tinker)"
+            )
+        # served as the original serves them: behind OpenAI clients, never trained on
+        aux.enable_openai_api, aux.enable_history = True, False
     _at_least(trainer.save_interval, 0, "trainer.save_interval")
     _at_least(trainer.max_checkpoints_to_keep, 0, "trainer.max_checkpoints_to_keep")
     trainer.save_hf_checkpoint = choice(

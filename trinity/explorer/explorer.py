@@ -14,15 +14,20 @@ import logging
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from trinity.backends.base import SamplerBackend
 from trinity.buffer.experience import ExperienceBuffer
 from trinity.buffer.operators import ExperiencePipeline
 from trinity.buffer.operators import groups as groups_of
 from trinity.buffer.tasksets import TasksetReader
+<<<<<<< HEAD
 from trinity.explorer.sampler import PolicySampler, RolloutSettings, derive_seed
 from trinity.jobdir import JobDir
+=======
+from trinity.explorer.sampler import AuxiliaryModel, PolicySampler, RolloutSettings, derive_seed
+>>>>>>> agents
 from trinity.monitor.base import Monitor
 from trinity.monitor.rollouts import RolloutStore
 from trinity.synchronizer.synchronizer import Synchronizer
@@ -59,15 +64,23 @@ class Explorer:
         eval_on_startup: bool = False,
         remote_rollout: Callable[[Task, int], Awaitable[list[Experience]]] | None = None,
         rollouts: RolloutStore | None = None,
+<<<<<<< HEAD
         pipeline: ExperiencePipeline | None = None,
         job_dir: JobDir | None = None,
+=======
+        auxiliary: Sequence[AuxiliaryModel] = (),
+>>>>>>> agents
     ):
         """``remote_rollout(task, seed)``: run workflows elsewhere (Ray runner actors) instead of
         in this event loop; retries, timeouts and bookkeeping stay here either way.
         ``rollouts``: where each step's experiences are kept for looking at (``trinity studio``).
+<<<<<<< HEAD
         ``pipeline``: the experience operators, run on each step's experiences before the group
         advantages (``data_processor.experience_pipeline``). ``job_dir``: where the taskset's
         position is recorded when a step reads extra batches, for resuming."""
+=======
+        ``auxiliary``: ``explorer.auxiliary_models``, handed to every workflow."""
+>>>>>>> agents
         self.sampler = sampler
         self.settings = settings
         self.reader = reader
@@ -84,8 +97,12 @@ class Explorer:
         self.eval_on_startup = eval_on_startup
         self.remote_rollout = remote_rollout
         self.rollouts = rollouts
+<<<<<<< HEAD
         self.pipeline = pipeline or ExperiencePipeline([])
         self.job_dir = job_dir
+=======
+        self.auxiliary = list(auxiliary)
+>>>>>>> agents
         self.model_version = 0
         self.failed_in_a_row = 0
         self.last_failure = ""
@@ -214,7 +231,7 @@ class Explorer:
                     experiences = await asyncio.wait_for(
                         self.remote_rollout(task, seed)
                         if self.remote_rollout
-                        else rollout(task, self.sampler, self.settings, seed),
+                        else rollout(task, self.sampler, self.settings, seed, self.auxiliary),
                         self.max_timeout,
                     )
             except Exception as exc:  # noqa: BLE001 - a workflow is user code; report and retry
@@ -254,7 +271,11 @@ class Explorer:
 
 
 async def rollout(
-    task: Task, backend: SamplerBackend, settings: RolloutSettings, seed: int
+    task: Task,
+    backend: SamplerBackend,
+    settings: RolloutSettings,
+    seed: int,
+    auxiliary: Sequence[AuxiliaryModel] = (),
 ) -> list[Experience]:
     """One run of the task's workflow against a backend sampler (here or in a runner actor).
 
@@ -264,15 +285,20 @@ async def rollout(
     workflow = WORKFLOWS.get(task.workflow)
     concatenated = bool(task.format.get("enable_concatenated_multi_turn"))
 
-    def model(episode_seed: int) -> PolicySampler:
-        return PolicySampler(backend, settings, seed=episode_seed, concatenated=concatenated)
+    def instance(task: Task, episode_seed: int) -> Any:
+        model = PolicySampler(backend, settings, seed=episode_seed, concatenated=concatenated)
+        run = workflow(task, model)
+        run.auxiliary_model_wrappers = [
+            aux.model(derive_seed(episode_seed, "auxiliary", i)) for i, aux in enumerate(auxiliary)
+        ]
+        return run
 
     if workflow.can_repeat:
-        return await workflow(task, model(seed)).run()
+        return await instance(task, seed).run()
     single = dataclasses.replace(task, repeat_times=1)
 
     async def episode(run: int) -> list[Experience]:
-        experiences = await workflow(single, model(derive_seed(seed, "run", run))).run()
+        experiences = await instance(single, derive_seed(seed, "run", run)).run()
         for exp in experiences:
             exp.info["run"] = run
         return experiences

@@ -5,6 +5,7 @@ for this run with ``model.tinker.base_url: local``)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
@@ -16,7 +17,7 @@ from trinity.algorithms import build_loss_plan
 from trinity.backends.local import LocalRuntime, LocalSampler, LocalTrainer
 from trinity.backends.ray_actors import TinkerSamplers
 from trinity.backends.tinker_sdk import TinkerSampler, TinkerSession, TinkerTrainer
-from trinity.explorer.sampler import RolloutSettings
+from trinity.explorer.sampler import AuxiliaryModel, RolloutSettings
 from trinity.jobdir import JobDir
 from trinity.launcher.cluster import RayCluster, runner_env
 
@@ -55,6 +56,7 @@ class Backends:
     sampler: Any = None
     ref_sampler: Any = None
     tokenizer: Any = None
+    auxiliary: list[AuxiliaryModel] = field(default_factory=list)  # explorer.auxiliary_models
     closers: list = field(default_factory=list)
 
     session: Any = None  # a TinkerSession, told at the end how the run went
@@ -103,6 +105,13 @@ async def build_backends(
     tinker_cfg = config.model.tinker
     needs_reference = build_loss_plan(config.algorithm).needs_reference
     remote = explore and cluster is not None
+    if remote and config.explorer.auxiliary_models:
+        from trinity.config import ConfigError
+
+        raise ConfigError(
+            "explorer.auxiliary_models: not served to Ray workflow runners yet; run the explorer "
+            "in-process (no RAY_ADDRESS / cluster.ray_address)"
+        )
     if not tinker_cfg.enable:
         model_path = str(resolve_model_path(config.model.model_path))
         if train or not remote:
@@ -127,12 +136,21 @@ async def build_backends(
             )
         elif explore:
             backends.sampler = LocalSampler(runtime)
+        for aux in config.explorer.auxiliary_models if explore else []:
+            aux_runtime = LocalRuntime(str(resolve_model_path(aux.model_path)))
+            backends.closers.append(aux_runtime.close)
+            backends.auxiliary.append(
+                AuxiliaryModel(LocalSampler(aux_runtime), auxiliary_settings(config, aux))
+            )
         return backends
 
     base_url, api_key = _base_url(config), _api_key()
     base_model = tinker_cfg.base_model or config.model.model_path
+    aux_models = [aux.model_path for aux in config.explorer.auxiliary_models] if explore else []
     if base_url == LOCAL_SERVER:
-        base_url, api_key, base_model = _start_local_server(config, backends)
+        base_url, api_key, (base_model, *aux_models) = _start_local_server(
+            config, backends, aux_models
+        )
     session = TinkerSession(base_url, api_key)
     backends.session = session
     await asyncio.to_thread(session.check_model, base_model)
@@ -155,6 +173,13 @@ async def build_backends(
     if explore:
         backends.sampler = await TinkerSampler.create(session, base_model)
         backends.tokenizer = backends.sampler.tokenizer
+    for aux, aux_model in zip(config.explorer.auxiliary_models, aux_models, strict=False):
+        await asyncio.to_thread(session.check_model, aux_model)
+        backends.auxiliary.append(
+            AuxiliaryModel(
+                await TinkerSampler.create(session, aux_model), auxiliary_settings(config, aux)
+            )
+        )
     if remote:  # each runner opens its own session, with this run's endpoint and key
         endpoint = {
             "TRINITY_API_KEY": api_key,
@@ -169,21 +194,25 @@ async def build_backends(
     return backends
 
 
-def _start_local_server(config: Any, backends: Backends) -> tuple[str, str, str]:
-    """``base_url: local``: serve the model with ``trinity server`` on a loopback port."""
+def _start_local_server(
+    config: Any, backends: Backends, auxiliary: list[str]
+) -> tuple[str, str, list[str]]:
+    """``base_url: local``: serve the model (and the ``auxiliary`` ones) with ``trinity server``
+    on a loopback port; returns its URL, API key and the models' names there."""
     from trinity.engine.demo_model import resolve_model_path
     from trinity.server import build_service
     from trinity.server.runner import ServerThread
 
-    model_path = str(resolve_model_path(config.model.tinker.base_model or config.model.model_path))
+    policy = config.model.tinker.base_model or config.model.model_path
+    paths = [str(resolve_model_path(path)) for path in [policy, *auxiliary]]
     api_key = f"tml-{secrets.token_hex(16)}"
     service = build_service(
-        [model_path], JobDir(config.checkpoint_job_dir).server_dir, f"{api_key}=local"
+        list(dict.fromkeys(paths)), JobDir(config.checkpoint_job_dir).server_dir, f"{api_key}=local"
     )
     server = ServerThread(service).start()
     backends.closers.append(server.stop)
-    log.info("started trinity server for this run at %s (model %s)", server.url, model_path)
-    return server.url, api_key, str(Path(model_path).resolve())
+    log.info("started trinity server for this run at %s (models %s)", server.url, paths)
+    return server.url, api_key, [str(Path(path).resolve()) for path in paths]
 
 
 def chat_template(config: Any) -> str | None:
@@ -191,6 +220,21 @@ def chat_template(config: Any) -> str | None:
     if model.custom_chat_template is None and model.chat_template_path:
         return Path(model.chat_template_path).read_text()
     return model.custom_chat_template
+
+
+def auxiliary_settings(config: Any, aux: Any) -> RolloutSettings:
+    """An auxiliary model samples as ``model.*`` says, except for the lengths its entry sets;
+    it renders chats with its own template (or the entry's), never the policy's."""
+    base, model = rollout_settings(config), config.model
+    return dataclasses.replace(
+        base,
+        max_model_len=aux.max_model_len or model.max_model_len,
+        max_prompt_tokens=aux.max_prompt_tokens or model.max_prompt_tokens,
+        max_response_tokens=aux.max_response_tokens or model.max_response_tokens,
+        chat_template=aux.chat_template,
+        enable_auto_tool_choice=aux.enable_auto_tool_choice,
+        tool_call_parser=aux.tool_call_parser,
+    )
 
 
 def rollout_settings(config: Any) -> RolloutSettings:

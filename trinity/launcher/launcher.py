@@ -1,5 +1,6 @@
 """Modes: ``both`` (explorer + trainer in one process), ``explore`` / ``train`` (two processes
-sharing a SQLite buffer and the checkpoint dir), ``bench`` (evaluate checkpoints).
+sharing a SQLite buffer and the checkpoint dir), ``bench`` (evaluate checkpoints), ``serve`` (the
+policy as an OpenAI-compatible service for external agents, beside a ``train`` process).
 
 Everything a run needs is built here from the validated config (the backends in
 ``launcher/backends.py``); the explorer and trainer get their parts injected and never look at
@@ -63,6 +64,8 @@ def run(config: Any) -> int:
     mode = config.mode
     if mode == "bench":
         asyncio.run(run_bench(config))
+    elif mode == "serve":
+        asyncio.run(run_serve(config))
     else:
         explore, train = mode in ("both", "explore"), mode in ("both", "train")
         if config.trainer.trainer_type == "verl" and not config.model.tinker.enable:
@@ -166,6 +169,7 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
                 RoleMonitor(monitor, "explorer"),
                 eval_readers,
                 backends.runners,
+                backends.auxiliary,
             )
             explorer.model_version = start_step
             jobs.append(explorer.run(start_step, total_steps))
@@ -273,7 +277,15 @@ def _rollout_store(config: Any) -> RolloutStore | None:
 
 
 def _explorer(
-    config, sampler, reader, buffer, synchronizer, monitor, eval_readers, runners=None
+    config,
+    sampler,
+    reader,
+    buffer,
+    synchronizer,
+    monitor,
+    eval_readers,
+    runners=None,
+    auxiliary=(),
 ) -> Explorer:
     rollout = config.explorer.rollout_model
     return Explorer(
@@ -295,6 +307,7 @@ def _explorer(
         rollouts=_rollout_store(config) if reader is not None else None,  # bench: evals only
         pipeline=build_pipeline(config.data_processor),
         job_dir=JobDir(config.checkpoint_job_dir),
+        auxiliary=auxiliary,
     )
 
 
@@ -325,7 +338,16 @@ async def run_bench(config: Any) -> None:
         backends = owned.backends = await build_backends(
             config, explore=True, train=bool(steps), resume_ref=None
         )
-        explorer = _explorer(config, backends.sampler, None, None, None, monitor, eval_readers)
+        explorer = _explorer(
+            config,
+            backends.sampler,
+            None,
+            None,
+            None,
+            monitor,
+            eval_readers,
+            auxiliary=backends.auxiliary,
+        )
         for step in [0, *steps]:
             if step:
                 await backends.trainer.load_state(job_dir.checkpoint_ref(step))
@@ -336,6 +358,51 @@ async def run_bench(config: Any) -> None:
             explorer.model_version = step
             await explorer.evaluate(step, prefix="bench")
             log.info("evaluated %s", f"checkpoint global_step_{step}" if step else "the base model")
+
+
+async def run_serve(config: Any) -> None:
+    """``mode: serve``: the policy behind an OpenAI-compatible proxy (``trinity.explorer.proxy``)
+    until Ctrl-C or the run's trainer finishes; rated completions go to the buffer that a
+    ``mode: train`` process of the same run trains on, its published weights come back."""
+    from trinity.explorer.proxy import Proxy, serve
+
+    job_dir = JobDir(config.checkpoint_job_dir)
+    atomic_write(job_dir.config_file, to_yaml(config))
+    explorer = config.explorer
+    monitor = build_monitors(
+        config.monitor.monitor_type,
+        job_dir=job_dir.path,
+        project=config.project,
+        group=config.group,
+        name=config.name,
+        total_steps=config.buffer.total_steps or config.trainer.total_steps,
+        monitor_args=config.monitor.monitor_args,
+    )
+    async with _owned(monitor) as owned:
+        backends = owned.backends = await build_backends(
+            config, explore=True, train=False, resume_ref=None
+        )
+        buffer = await _experience_buffer(config, shared=True, reopen=True)
+        proxy = Proxy(
+            backend=backends.sampler,
+            settings=rollout_settings(config),
+            buffer=buffer,
+            synchronizer=_synchronizer(config),
+            advantage_fn=explorer_hook(config.algorithm, seed=explorer.rollout_model.seed),
+            monitor=RoleMonitor(monitor, "explorer"),
+            check_interval=explorer.service_status_check_interval,
+        )
+        await proxy.sync()  # a restarted proxy serves the newest published weights at once
+        url_file = job_dir.path / f"{explorer.name}_server_url.txt"
+
+        def ready(url: str) -> None:
+            atomic_write(url_file, url)
+            log.info("serving the policy (OpenAI-compatible) at %s", url)
+
+        try:
+            await serve(proxy, explorer.listen_address, explorer.proxy_port, on_ready=ready)
+        finally:
+            await buffer.close()  # a trainer still reading takes what was committed, then ends
 
 
 def _setup_logging(log_dir: Path, level: str) -> None:
