@@ -22,12 +22,8 @@ from trinity.buffer.experience import ExperienceBuffer
 from trinity.buffer.operators import ExperiencePipeline
 from trinity.buffer.operators import groups as groups_of
 from trinity.buffer.tasksets import TasksetReader
-<<<<<<< HEAD
-from trinity.explorer.sampler import PolicySampler, RolloutSettings, derive_seed
-from trinity.jobdir import JobDir
-=======
 from trinity.explorer.sampler import AuxiliaryModel, PolicySampler, RolloutSettings, derive_seed
->>>>>>> agents
+from trinity.jobdir import JobDir
 from trinity.monitor.base import Monitor
 from trinity.monitor.rollouts import RolloutStore
 from trinity.synchronizer.synchronizer import Synchronizer
@@ -64,23 +60,17 @@ class Explorer:
         eval_on_startup: bool = False,
         remote_rollout: Callable[[Task, int], Awaitable[list[Experience]]] | None = None,
         rollouts: RolloutStore | None = None,
-<<<<<<< HEAD
         pipeline: ExperiencePipeline | None = None,
         job_dir: JobDir | None = None,
-=======
         auxiliary: Sequence[AuxiliaryModel] = (),
->>>>>>> agents
     ):
         """``remote_rollout(task, seed)``: run workflows elsewhere (Ray runner actors) instead of
         in this event loop; retries, timeouts and bookkeeping stay here either way.
         ``rollouts``: where each step's experiences are kept for looking at (``trinity studio``).
-<<<<<<< HEAD
         ``pipeline``: the experience operators, run on each step's experiences before the group
         advantages (``data_processor.experience_pipeline``). ``job_dir``: where the taskset's
-        position is recorded when a step reads extra batches, for resuming."""
-=======
+        position is recorded when a step reads extra batches, for resuming.
         ``auxiliary``: ``explorer.auxiliary_models``, handed to every workflow."""
->>>>>>> agents
         self.sampler = sampler
         self.settings = settings
         self.reader = reader
@@ -97,12 +87,9 @@ class Explorer:
         self.eval_on_startup = eval_on_startup
         self.remote_rollout = remote_rollout
         self.rollouts = rollouts
-<<<<<<< HEAD
         self.pipeline = pipeline or ExperiencePipeline([])
         self.job_dir = job_dir
-=======
         self.auxiliary = list(auxiliary)
->>>>>>> agents
         self.model_version = 0
         self.failed_in_a_row = 0
         self.last_failure = ""
