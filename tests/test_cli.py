@@ -181,7 +181,7 @@ def test_missing_plugin_dir_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "plugin directory not found" in err
 
 
-@pytest.mark.parametrize("command", ["server", "fetch-model", "plot", "studio"])
+@pytest.mark.parametrize("command", ["server", "fetch-model", "plot", "studio", "convert"])
 def test_other_subcommands_are_registered(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])

@@ -74,7 +74,8 @@ def test_every_key_at_its_default_names_exactly_the_gpu_settings_and_missing_fea
         *GPU_ROLLOUT_KEYS,
         *GPU_TRAINER_KEYS,
         "buffer.trainer_input.auxiliary_buffers",
-        "explorer.auxiliary_models",
+        # an auxiliary model is served like the rollout model: the same engine knobs do nothing
+        *(key.replace("rollout_model", "auxiliary_models[0]") for key in GPU_ROLLOUT_KEYS),
     }
     assert named_keys(message) == expected
     assert message.startswith(f"{len(expected)} config key(s)")
@@ -87,8 +88,8 @@ def test_features_switched_on_are_named_and_their_harmless_values_are_not(caplog
         "explorer.rollout_model.enable_log_requests=true",
         "model.min_response_tokens=4",
         "log.group_by_node=true",
-        "buffer.explorer_input.taskset.data_selector.selector_type=difficulty_based",
         "explorer.over_rollout.ratio=0.5",
+        "data_processor.experience_pipeline.input_save_path=sqlite:///x.db",
         "synchronizer.sync_style=explorer_driven",
     ]
     (message,) = warnings_of(caplog, EVERY_KEY, switched_on)
@@ -100,6 +101,7 @@ def test_features_switched_on_are_named_and_their_harmless_values_are_not(caplog
         "model.repetition_penalty=1",
         "explorer.rollout_model.enable_log_requests=false",
         "buffer.explorer_input.taskset.data_selector.selector_type=SHUFFLE",
+        "buffer.explorer_input.taskset.data_selector.selector_type=random",
     ]
     (message,) = warnings_of(caplog, EVERY_KEY, harmless)
     assert not {o.split("=")[0] for o in harmless} & named_keys(message)

@@ -1,6 +1,6 @@
 """Engine training numerics on the tiny random Llama in fp32.
 
-References are written here from the Tinker formulas (notes/tinker-api.md §1.6): per-token terms,
+References are written here from the Tinker formulas (Tinker API docs, "Loss functions"): per-token terms,
 then sums, on logprobs from a plain peft / transformers forward pass; gradients are compared
 parameter by parameter. Tolerances: fp32 on CPU, chunked vs full-vocab log-softmax.
 """
@@ -89,6 +89,19 @@ def reference_loss(loss_fn: str, lp: torch.Tensor, inp: dict, config: dict) -> t
         return -(weight * lp * adv)
     if loss_fn == "dro":
         return -(lp * adv - 0.5 * config["beta"] * (lp - q) ** 2)
+    if loss_fn == "gspo":  # one datum: sequence ratio over the mask, token-level gradient
+        lo = config.get("clip_low_threshold", 1 - 3e-4)
+        hi = config.get("clip_high_threshold", 1 + 4e-4)
+        mask = inp.get("sequence_ratio_mask", (adv != 0).float())
+        seq_ratio = torch.exp(((lp.detach() - q) * mask).sum() / mask.sum())
+        ratio = seq_ratio * torch.exp(lp - lp.detach())
+        clipped = torch.where(ratio < lo, lo, torch.where(ratio > hi, hi, ratio))
+        return -torch.minimum(ratio * adv, clipped * adv)
+    if loss_fn == "stable_reinforce":
+        lo, hi = config.get("clip_low_threshold", 0.5), config.get("clip_high_threshold", 2.0)
+        r = ratio.detach()
+        weight = torch.where((r < lo) | (r > hi), 0.0, r)
+        return -(weight * lp * adv)
     raise AssertionError(loss_fn)
 
 
@@ -165,11 +178,17 @@ CASES = [
     ("cispo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}),
     ("dro", {"beta": 0.05}),
     ("dro", {"beta": 0.7}),
+    ("gspo", None),
+    ("gspo", {"clip_low_threshold": 0.8, "clip_high_threshold": 1.3}),
+    ("gspo:mask", {"clip_low_threshold": 0.95, "clip_high_threshold": 1.3}),
+    ("stable_reinforce", None),
+    ("stable_reinforce", {"clip_low_threshold": 0.8, "clip_high_threshold": 1.5}),
 ]
 
 
 @pytest.mark.parametrize(("loss_fn", "config"), CASES)
 def test_loss_and_gradients_match_reference(engine, parity, loss_fn, config):
+    loss_fn, _, variant = loss_fn.partition(":")
     sequences = make_sequences()
     with torch.no_grad():
         sampler_lp = [reference_logprobs(parity, seq)[0] for seq in sequences]
@@ -181,6 +200,10 @@ def test_loss_and_gradients_match_reference(engine, parity, loss_fn, config):
         ]
     else:
         inputs = rl_inputs(sequences, sampler_lp)
+    if variant == "mask":  # an explicit GSPO mask: the ratio over the second half only
+        for inp in inputs:
+            n = len(inp["advantages"])
+            inp["sequence_ratio_mask"] = (torch.arange(n) >= n // 2).float()
     got = engine_params(engine, "parity")
     for p in got.values():
         p.grad = None

@@ -1,5 +1,7 @@
 """The run directory's layout: checkpoints and published samplers as the original names them."""
 
+import json
+
 from trinity.jobdir import JobDir
 
 
@@ -40,3 +42,17 @@ def test_a_run_directory_written_by_the_original_resumes(tmp_path):
     (tmp_path / "global_step_100" / ".full_checkpoint").touch()
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("100")
     assert JobDir(tmp_path).latest_checkpoint() == (100, "tinker://abc/weights/trinity-state-100")
+
+
+def test_taskset_position_is_recorded_only_where_steps_read_extra_batches(tmp_path):
+    job = JobDir(tmp_path)
+    job.record_taskset_position(1, 1)
+    assert not job.taskset_position_file.exists()  # one batch a step: nothing to record
+    job.record_taskset_position(2, 4)  # step 2 read three batches
+    for step in (3, 4):
+        job.record_taskset_position(step, step + 2)
+    job.record_taskset_position(5, 9)
+    assert json.loads(job.taskset_position_file.read_text()) == {"2": 4, "5": 9}
+    assert [job.taskset_batches_read(s) for s in range(7)] == [0, 1, 4, 5, 6, 9, 10]
+    job.record_taskset_position(3, 5)  # a resumed run explores step 3 again: later records go
+    assert json.loads(job.taskset_position_file.read_text()) == {"2": 4}

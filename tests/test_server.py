@@ -6,6 +6,7 @@ the engine used in-process on the same datums, so a wire or ordering bug shows u
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -92,6 +93,8 @@ LOSSES = {
         {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0},
     ),
     "dro": (("target_tokens", "logprobs", "advantages"), {"beta": 0.05}),
+    "gspo": (("target_tokens", "logprobs", "advantages"), {"clip_high_threshold": 1.5}),
+    "stable_reinforce": (("target_tokens", "logprobs", "advantages"), None),
 }
 
 
@@ -347,7 +350,8 @@ def test_tenants_isolated_and_malformed_requests_rejected(server):
 
 def test_cli_serves_and_exports_peft(tiny_model_dir, tmp_path):
     """``trinity server`` as a subprocess; the trained adapter leaves it as a peft directory
-    twice: downloaded by the SDK (``save_weights_external``) and by ``trinity server export``."""
+    twice: downloaded by the SDK (``save_weights_external``, Tinker's names) and by ``trinity
+    server export`` (peft's names)."""
     from trinity.server.runner import free_port
 
     port, data_dir = free_port(), tmp_path / "data"
@@ -408,11 +412,12 @@ def test_cli_serves_and_exports_peft(tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    for adapter in (downloaded, exported):
-        model = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter
-        )
-        assert model.peft_config["default"].r == RANK
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), exported
+    )
+    assert model.peft_config["default"].r == RANK
+    # the SDK's download carries Tinker's names (tests/test_server_compat.py merges it)
+    assert json.loads((downloaded / "adapter_config.json").read_text())["r"] == RANK
 
 
 TIMEOUT_S = 20  # far beyond a call on the tiny model; a hung call fails the test instead
@@ -426,7 +431,7 @@ def _rejected(tc: tinker.TrainingClient, sc: tinker.ServiceClient, case: str) ->
         loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0] * 3},
     )
     if case == "unknown loss_fn":
-        with pytest.raises(tinker.BadRequestError, match="not supported"):
+        with pytest.raises(tinker.BadRequestError, match="'no_such_loss'.*stable_reinforce"):
             tc.forward_backward(data, "no_such_loss").result(TIMEOUT_S)
     elif case == "token outside the vocabulary":
         with pytest.raises(tinker.BadRequestError, match="outside the vocabulary"):

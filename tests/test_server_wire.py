@@ -90,7 +90,9 @@ class FakeEngine:
     def drop_sampler(self, name):
         self.samplers.pop(name, None)
 
-    def export_peft(self, name, directory):  # a model or a sampler, as the engine allows
+    def export_peft(
+        self, name, directory, tinker_names=False
+    ):  # a model or a sampler, as the engine allows
         step = self.models[name]["step"] if name in self.models else self.samplers[name]
         Path(directory).mkdir(parents=True, exist_ok=True)
         Path(directory, "adapter_config.json").write_text(json.dumps({"step": step}))
@@ -493,7 +495,7 @@ def test_finished_session_rejects_work_and_heartbeats(server):
         "/api/v1/optim_step",
         json={"model_id": tc.model_id, "seq_id": 1, "adam_params": {"learning_rate": 0.1}},
     )
-    assert r.status_code == 400 and "no longer loaded" in r.json()["detail"]
+    assert r.status_code == 400 and "is finished (success)" in r.json()["detail"]
     http.close()
 
 

@@ -36,7 +36,7 @@ BROKEN = [  # one of each kind: YAML, shape, schema, type, interpolation, combin
         "typo_tinker_rank",
         "wrong_type_int",
         "unset_env_var",
-        "mode_serve",
+        "serve_bad_port",
         "negative_max_rollouts",
     )
 ]

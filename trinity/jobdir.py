@@ -129,6 +129,34 @@ class JobDir:
             if (p / CHECKPOINT_REF).exists()
         )
 
+    # ---- the taskset's position (steps that read more than one batch) -----------------------------
+    @property
+    def taskset_position_file(self) -> Path:
+        return self.path / "taskset_position.json"
+
+    def record_taskset_position(self, step: int, batches_read: int) -> None:
+        """After explore ``step`` the taskset had served ``batches_read`` batches. Recorded only
+        where that departs from one batch a step since the last record (dynamic sampling read
+        extra batches), so the file stays small; a rerun of a step replaces what followed it."""
+        positions = self._taskset_positions()
+        earlier = {k: v for k, v in positions.items() if int(k) < step}
+        expected = _batches_after(earlier, step)
+        if batches_read == expected and len(earlier) == len(positions):
+            return
+        if batches_read != expected:
+            earlier[str(step)] = batches_read
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.taskset_position_file, json.dumps(earlier))
+
+    def taskset_batches_read(self, step: int) -> int:
+        """Batches the taskset had served after explore ``step``: a resumed reader skips these."""
+        positions = self._taskset_positions()
+        return _batches_after({k: v for k, v in positions.items() if int(k) <= step}, step)
+
+    def _taskset_positions(self) -> dict[str, int]:
+        path = self.taskset_position_file
+        return json.loads(path.read_text()) if path.exists() else {}
+
     # ---- published sampler weights (what the explorer samples from) -----------------------------
     def write_sampler(self, version: int, ref: str | None) -> None:
         """Publish; no ``global_step_N`` directory per publication, only per saved checkpoint."""
@@ -142,6 +170,14 @@ class JobDir:
             return 0, None
         latest = json.loads(self.latest_sampler_ref_file.read_text())
         return int(latest["version"]), latest["ref"]
+
+
+def _batches_after(positions: dict[str, int], step: int) -> int:
+    """One batch a step since the last recorded position (none recorded: ``step``)."""
+    if not positions:
+        return step
+    last = max(int(k) for k in positions)
+    return step + positions[str(last)] - last
 
 
 def atomic_write(path: Path, text: str) -> None:

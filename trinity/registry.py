@@ -89,6 +89,8 @@ REWARD_FUNCTIONS: Registry[Callable[..., dict[str, float]]] = Registry(
 )
 # monitor_type -> a class with ``from_run(run) -> Monitor``
 MONITORS: Registry[Any] = Registry("monitor", "trinity.monitor")
+# data_processor.experience_pipeline.operators[*].name -> a class taking the operator's args
+EXPERIENCE_OPERATORS: Registry[Any] = Registry("experience operator", "trinity.buffer.operators")
 BUILTIN_TASKSETS: Registry[Callable[..., list[dict[str, Any]]]] = Registry(
     "builtin taskset", "trinity.buffer.procedural"
 )

@@ -176,6 +176,7 @@ class TinkerTrainer:
                 response = await http.get(url)
                 response.raise_for_status()
                 (out / filename).write_bytes(response.content)
+        peft_names(out)
         return str(out)
 
     async def close(self) -> None:
@@ -215,3 +216,35 @@ class TinkerSampler:
         self.client, self.ref = fresh.client, ref
         if old is not None and old != ref:
             await self.session.delete_checkpoint(old)
+
+
+# Tinker's exports name the unembedding LoRA after a module no Hugging Face model has.
+_TINKER_UNEMBED, _HF_HEAD = "model.unembed_tokens", "lm_head"
+
+
+def peft_names(directory: Path) -> None:
+    """Rename a downloaded Tinker adapter's ``model.unembed_tokens`` LoRA to ``lm_head``, so
+    peft (and vLLM) load the directory as an adapter of the Hugging Face model."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    weights_file, config_file = (
+        directory / "adapter_model.safetensors",
+        directory / "adapter_config.json",
+    )
+    if not weights_file.exists() or not config_file.exists():
+        return
+    weights = load_file(str(weights_file))
+    if not any(f"{_TINKER_UNEMBED}.lora_" in k for k in weights):
+        return
+    save_file(
+        {k.replace(_TINKER_UNEMBED, _HF_HEAD): v for k, v in weights.items()}, str(weights_file)
+    )
+    config = json.loads(config_file.read_text())
+    modules = config.get("target_modules")
+    if isinstance(modules, list):  # (a string is a regex over module names: left alone)
+        config["target_modules"] = sorted(
+            _HF_HEAD if m in (_TINKER_UNEMBED, "unembed_tokens") else m for m in modules
+        )
+    config_file.write_text(json.dumps(config, indent=2))

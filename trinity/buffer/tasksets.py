@@ -6,8 +6,10 @@ The reader sees the taskset as one stream of epochs, each epoch a permutation of
 batch, ``skip_batches`` (resume) is arithmetic, and a resumed run reads exactly the batches the
 interrupted one would have. Only the very last batch may be short.
 
-Shuffling follows the original's ``data_selector.selector_type`` (``sequential`` by default;
-``shuffle`` / ``random`` shuffle each epoch) or a plain ``shuffle: true``.
+Which row each stream item is comes from the original's ``data_selector`` (``sequential`` by
+default, ``shuffle``, ``random``, ``offline_easy2hard``, ``difficulty_based``: see
+trinity/buffer/selectors.py); our ``shuffle: true / false`` is short for ``shuffle`` /
+``sequential``. ``feedback`` hands the selector the pass rates the explorer measured.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import codecs
 import contextlib
 import dataclasses
 import math
-import random
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from trinity.buffer.procedural import BUILTIN_TASKSETS, build_builtin
+from trinity.buffer.selectors import build_selector
 from trinity.config import ConfigError, load_section
 from trinity.config.schema import TasksetConfig
 from trinity.workflows import REWARD_FUNCTIONS, WORKFLOWS
@@ -78,10 +80,16 @@ class TasksetReader:
         if seed is None:  # ours (seed) over the original's (data_selector.seed)
             seed = selector.seed if cfg.seed is None else cfg.seed
         self.seed = int(seed)
-        shuffle = cfg.shuffle
-        if shuffle is None:
-            shuffle = selector.selector_type.lower() in ("shuffle", "random")
-        self.shuffle = shuffle and not is_eval
+        self.selector_type = selector.selector_type.lower()
+        if cfg.shuffle is not None:
+            if self.selector_type not in ("sequential", "shuffle"):
+                raise TasksetError(
+                    f"taskset '{self.name}': shuffle is short for selector_type shuffle / "
+                    f"sequential; it cannot be combined with '{self.selector_type}'"
+                )
+            self.selector_type = "shuffle" if cfg.shuffle else "sequential"
+        if is_eval:
+            self.selector_type = "sequential"
         self.format = dataclasses.asdict(cfg.format)
         self.rollout_args = {
             key: value
@@ -100,8 +108,18 @@ class TasksetReader:
         if not self.format.get("workflow_key"):  # rows that pick their own workflow are not
             self._check_rows()
         self._next_batch = 0
-        self._perm_epoch = -1
-        self._perm: list[int] = []
+        try:
+            self.selector = build_selector(
+                self.selector_type,
+                size=len(self.rows),
+                seed=self.seed,
+                feature_keys=list(selector.feature_keys),
+                kwargs=dict(selector.kwargs),
+                column=lambda key: _column(self.rows, key),
+                where=f"taskset '{self.name}': data_selector",
+            )
+        except ConfigError as exc:
+            raise TasksetError(str(exc)) from None
 
     def _check_names(self) -> None:
         if not self.workflow:
@@ -152,6 +170,11 @@ class TasksetReader:
     def _stream_end(self) -> int | None:
         return None if self.max_steps else len(self.rows) * self.total_epochs
 
+    @property
+    def batches_read(self) -> int:
+        """Batches served so far, skipped ones included (what a resumed reader skips)."""
+        return self._next_batch
+
     def skip_batches(self, n: int) -> None:
         """Resume: the next ``read_batch`` returns what batch ``n + already read`` would be."""
         self._next_batch += int(n)
@@ -167,7 +190,19 @@ class TasksetReader:
         if end is not None:
             stop = min(stop, end)
         self._next_batch += 1
-        return [self._task_at(i, batch_id) for i in range(start, stop)]
+        rows = self.selector.rows(batch_id, start, stop)
+        return [
+            # the epoch is part of the id: with batch_size > rows one batch can hold a row twice,
+            # and the explorer groups rollouts by task id
+            self.make_task(
+                row, task_id=f"{self.name}/{index // len(self.rows)}/{row}", batch_id=batch_id
+            )
+            for index, row in zip(range(start, stop), rows, strict=True)
+        ]
+
+    def feedback(self, pass_rates: dict[int, float]) -> None:
+        """Measured pass rates by row (``pass_rate_calculator``), for adaptive selectors."""
+        self.selector.feedback(pass_rates)
 
     def all_tasks(self) -> list[Task]:
         """Every row once, in file order (evaluation)."""
@@ -176,21 +211,6 @@ class TasksetReader:
     def __iter__(self) -> Iterator[list[Task]]:
         while batch := self.read_batch():
             yield batch
-
-    def _task_at(self, stream_index: int, batch_id: int) -> Task:
-        epoch, offset = divmod(stream_index, len(self.rows))
-        row = self._permutation(epoch)[offset]
-        # the epoch is part of the id: with batch_size > rows one batch can hold a row twice,
-        # and the explorer groups rollouts by task id
-        return self.make_task(row, task_id=f"{self.name}/{epoch}/{row}", batch_id=batch_id)
-
-    def _permutation(self, epoch: int) -> list[int]:
-        if epoch != self._perm_epoch:
-            self._perm = list(range(len(self.rows)))
-            if self.shuffle:
-                random.Random(f"{self.seed}:{epoch}").shuffle(self._perm)
-            self._perm_epoch = epoch
-        return self._perm
 
     def make_task(self, row: int, *, task_id: str, batch_id: int = 0) -> Task:
         raw = dict(self.rows[row])
@@ -208,6 +228,7 @@ class TasksetReader:
             reward_fn_args=dict(self.reward_fn_args),
             is_eval=self.is_eval,
             batch_id=batch_id,
+            row=row,
         )
 
 

@@ -6,6 +6,7 @@
     trinity fetch-model ...       (trinity.cli.fetch_model)
     trinity plot ...              (trinity.cli.plot)
     trinity studio ...            (trinity.cli.studio)
+    trinity convert ...           (trinity.cli.convert)
 
 A config or plugin problem is one line on stderr (``trinity: error: ...``) and exit status 2;
 ``--debug`` or ``TRINITY_DEBUG=1`` adds the traceback. Heavy layers (launcher, torch) are imported
@@ -21,11 +22,17 @@ import sys
 import traceback
 from typing import Any
 
-from trinity.cli import fetch_model, plot, server, studio
+from trinity.cli import convert, fetch_model, plot, server, studio
 from trinity.config import ConfigError, load_config, to_yaml
 from trinity.plugins import PluginError, load_plugins
 
-SUBCOMMAND_MODULES = (server, fetch_model, plot, studio)  # each exposes add_parser(subparsers)
+SUBCOMMAND_MODULES = (
+    server,
+    fetch_model,
+    plot,
+    studio,
+    convert,
+)  # each exposes add_parser(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,14 +1,17 @@
 """``trinity server``: run the Tinker-compatible service, or export a checkpoint as a peft adapter.
 
     trinity server --model PATH|demo [--model NAME=PATH ...] [--host 127.0.0.1] [--port 8000]
-        [--state-dir DIR] [--api-key tml-KEY=USER ...] [--max-body-mb N] [--max-decoded-mb N]
-        [--max-lora-rank N] [--held-timeout-s S] [--max-held N]
+        [--state-dir DIR] [--api-key tml-KEY=USER ...] [--session-idle-timeout SECONDS]
+        [--max-body-mb N] [--max-decoded-mb N] [--max-lora-rank N] [--held-timeout-s S]
+        [--max-held N]
     trinity server export tinker://RUN/weights/NAME OUT_DIR [--state-dir DIR] [--model PATH]
 
 Clients: ``TINKER_BASE_URL=http://HOST:PORT TINKER_API_KEY=tml-... python train.py`` with the
 official ``tinker`` SDK. ``--api-key`` (repeatable; a file of such lines works too; default env
 ``TRINITY_SERVER_API_KEYS``) maps keys to users, who never see each other's runs or checkpoints.
-With no keys any ``tml-`` key is accepted and every client is one user.
+With no keys any ``tml-`` key is accepted and every client is one user. A session with no
+heartbeat or call for ``--session-idle-timeout`` seconds (default 600; 0 = never) is finished and
+its models and samplers freed: the SDK heartbeats every 10 s while its client lives.
 """
 
 from __future__ import annotations
@@ -51,6 +54,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     limits.add_argument(
         "--max-held", type=int, default=64, help="commands waiting for a seq_id gap, per user"
+    )
+    parser.add_argument(
+        "--session-idle-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="finish sessions silent this long, freeing their models (default 600; 0 = never)",
     )
     actions = parser.add_subparsers(dest="server_action", metavar="{export}")
     export = actions.add_parser("export", help="write a checkpoint as a peft adapter directory")
@@ -95,6 +105,13 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    idle_s = getattr(args, "session_idle_timeout", None)
+    if idle_s is not None and not idle_s >= 0:
+        print(
+            f"trinity server: error: --session-idle-timeout must be >= 0 seconds, got {idle_s}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         limits = Limits(
             max_body_bytes=int(args.max_body_mb * MiB),
@@ -106,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         keys: dict[str, str] = {}
         for spec in args.api_key or [os.environ.get("TRINITY_SERVER_API_KEYS", "")]:
             keys.update(parse_api_keys(spec))
-        service = build_service(models, state_dir, keys, limits=limits)
+        idle = {} if idle_s is None else {"session_idle_s": idle_s}
+        service = build_service(models, state_dir, keys, limits=limits, **idle)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"trinity server: error: {exc}", file=sys.stderr)
         return 2

@@ -115,7 +115,7 @@ class Workflow:
         self.task = task
         self.model = model
         self.auxiliary_model_wrappers = list(auxiliary_models or [])
-        self.auxiliary_models = [  # their OpenAI clients (explorer.auxiliary_models: not yet)
+        self.auxiliary_models = [  # their OpenAI clients
             m.get_openai_async_client() if self.is_async else m.get_openai_client()
             for m in self.auxiliary_model_wrappers
         ]
@@ -145,8 +145,10 @@ class OriginalWorkflow(ours.Workflow):
 
     async def run(self) -> list[types.Experience]:
         task = Task.view(self.task, self.original, getattr(self.sampler, "settings", None))
-        model = ModelWrapper(self.sampler, asyncio.get_running_loop())
-        workflow = self._instance(task, model)
+        loop = asyncio.get_running_loop()
+        model = ModelWrapper(self.sampler, loop)
+        auxiliary = [ModelWrapper(m, loop) for m in self.auxiliary_model_wrappers]
+        workflow = self._instance(task, model, auxiliary)
         if workflow.can_repeat:
             workflow.set_repeat_times(task.repeat_times, 0)
         if workflow.is_async:
@@ -157,13 +159,13 @@ class OriginalWorkflow(ours.Workflow):
             self.idle.append(workflow)
         return [exp.to_ours(self.task) for exp in experiences]
 
-    def _instance(self, task: Task, model: ModelWrapper) -> Workflow:
+    def _instance(self, task: Task, model: ModelWrapper, auxiliary: list[ModelWrapper]) -> Workflow:
         if self.original.can_reset and self.idle:
             workflow = self.idle.pop()
             workflow.model = model
             workflow.reset(task)
             return workflow
-        return self.original(task=task, model=model, auxiliary_models=[])
+        return self.original(task=task, model=model, auxiliary_models=auxiliary)
 
 
 def adapt(name: str, cls: type[Workflow]) -> type[OriginalWorkflow]:

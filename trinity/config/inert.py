@@ -8,7 +8,7 @@ behaves as this implementation does (``enable_log_requests: false``, ``repetitio
 Settings of GPU engines (vLLM, veRL, Megatron) can never mean anything on these backends; the
 other entries are features still to come, and leave this table as they land. Keys the original
 ignores too (``optimizer.clip_grad``, ``synchronizer.wait_for_checkpoint``) or that only serve a
-feature refused at validation (serve mode, SQL tasksets, DPO's keys) behave as there: not listed.
+feature refused at validation (SQL tasksets, DPO's keys) behave as there: not listed.
 """
 
 from __future__ import annotations
@@ -39,9 +39,6 @@ _TASKSET = {
     "format.enable_thinking": Inert(NOT_YET),
     "rollout_args.logprobs": Inert(NO_TOP_K, (0,)),
     "rollout_args.n": Inert("n is algorithm.repeat_times"),
-    "data_selector.selector_type": Inert(NOT_YET, ("sequential", "shuffle", "random")),
-    "data_selector.feature_keys": Inert(NOT_YET, ([],)),
-    "data_selector.kwargs": Inert(NOT_YET, ({},)),
     "task_selector": Inert("deprecated: use data_selector"),
 }
 _EXPERIENCE_BUFFER = {
@@ -71,11 +68,18 @@ _ROLLOUT_MODEL = {
     "enable_multimodal": Inert(NOT_YET, (False,)),
     "enable_thinking": Inert(NOT_YET),
 }
+# what an auxiliary model takes from its own entry (model.* is for the rollout model)
+_AUXILIARY_OWN = ("max_model_len", "max_prompt_tokens", "max_response_tokens", "chat_template")
 
 INERT: dict[str, Inert] = {
     "ray_namespace": Inert("Ray actors are named by the run", ("",)),
     "ignore_validator_suggestions": Inert("the GPU memory advisor has nothing to advise", (False,)),
-    "data_processor": Inert(NOT_YET, ({},)),
+    "data_processor.task_pipeline": Inert(NOT_YET),
+    "data_processor.experience_pipeline.input_save_path": Inert(
+        "explorer output is kept in monitor/rollouts.db (monitor.max_rollouts)"
+    ),
+    "data_processor.experience_pipeline.inputs": Inert(NOT_YET, ({},)),
+    "data_processor.experience_pipeline.output": Inert(NOT_YET),
     "service": Inert(NOT_YET, ({},)),
     "algorithm.sample_strategy": Inert(NOT_YET, ("default", "warmup")),
     "algorithm.sample_strategy_args": Inert(NOT_YET, ({},)),
@@ -111,7 +115,13 @@ INERT: dict[str, Inert] = {
     "explorer.runner_prepare_max_retries": Inert("runners need no preparation", (2,)),
     "explorer.max_repeat_times_per_runner": Inert(NOT_YET),
     **{f"explorer.rollout_model.{k}": v for k, v in _ROLLOUT_MODEL.items()},
-    "explorer.auxiliary_models": Inert(NOT_YET, ([],)),
+    **{
+        f"explorer.auxiliary_models[*].{k}": v
+        for k, v in _ROLLOUT_MODEL.items()
+        if k not in _AUXILIARY_OWN
+    },
+    "explorer.min_running_model_num": Inert("serve: one sampler, drained to switch", (1,)),
+    "explorer.db_url": Inert("serve: unrated completions are kept in memory"),
     "explorer.over_rollout.ratio": Inert(NOT_YET, (0, 0.0)),
     "explorer.dynamic_timeout.enable": Inert(NOT_YET, (False,)),
     "explorer.runner_state_report_interval": Inert(NOT_YET, (0,)),

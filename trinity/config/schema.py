@@ -401,7 +401,7 @@ class StageConfig:
 
 @dataclass
 class Config:
-    mode: str = "both"  # both | explore | train | bench (colocate = both; serve is refused)
+    mode: str = "both"  # both | explore | train | bench | serve (colocate = both)
     project: str = "Trinity-RFT"
     group: str = ""
     name: str = "rft"

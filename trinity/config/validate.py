@@ -23,6 +23,7 @@ from trinity.registry import (
     ALGORITHMS,
     BATCH_ADVANTAGE_FNS,
     BUILTIN_TASKSETS,
+    EXPERIENCE_OPERATORS,
     KL_FNS,
     LOSS_AGG_MODES,
     MONITORS,
@@ -48,12 +49,16 @@ ENTROPY_LOSS_FNS = ("default", "mix", "none")
 TASKSET_STORAGE = ("file",)  # the original's sql tasksets are not implemented
 EXPERIENCE_STORAGE = ("queue", "sqlite", "sql", "file")
 SELECTORS = ("sequential", "shuffle", "random", "offline_easy2hard", "difficulty_based")
+# difficulty_based's kwargs (trinity.buffer.selectors.DIFFICULTY_KWARGS holds their defaults)
+DIFFICULTY_KWARGS = ("m", "lamb", "rho", "adaptive_rho", "do_sample", "target_reward", "tau")
 PROMPT_TYPES = ("messages", "plaintext")
 CONCURRENT_MODES = ("sequential", "asynchronous", "multi-threading")
 NO_MONITOR = ("none", "null", "off", "")
 SAVE_HF_CHECKPOINT = ("last", "always", "never")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 BUILTIN_PREFIX = "builtin:"
+DATA_PROCESSOR_KEYS = ("task_pipeline", "experience_pipeline")
+EXPERIENCE_PIPELINE_KEYS = ("operators", "save_input", "input_save_path", "inputs", "output")
 
 
 def finalize(config: Config) -> None:
@@ -73,6 +78,7 @@ def finalize(config: Config) -> None:
     _check_explorer_trainer(config)
     _check_synchronizer(config)
     _check_monitor(config)
+    _check_data_processor(config.data_processor)
     _derive_paths(config)
 
 
@@ -120,10 +126,13 @@ def _positive(value: float | None, key: str) -> None:
 # ---- sections ---------------------------------------------------------------------------------
 def _check_mode(config: Config) -> None:
     config.mode = choice(config.mode, "mode", MODES)
-    if config.mode == "serve":
-        raise ConfigError(
-            "mode: 'serve' (an OpenAI-compatible proxy for external agents) is not supported; "
-            "use both, explore, train or bench"
+    if config.mode == "serve":  # the proxy answers through the endpoint and trains on history
+        rollout = config.explorer.rollout_model
+        rollout.enable_openai_api, rollout.enable_history = True, True
+        port = config.explorer.proxy_port
+        require(
+            isinstance(port, int) and 0 <= port <= 65535,
+            f"explorer.proxy_port must be a TCP port (0 = any free one), got {port}",
         )
     if config.mode == "colocate":
         log.info("mode 'colocate' runs as 'both': the embedded runtime already shares one device")
@@ -352,9 +361,7 @@ def _check_taskset(taskset: TasksetConfig, key: str) -> None:
     taskset.format.prompt_type = choice(
         taskset.format.prompt_type, f"{key}.format.prompt_type", PROMPT_TYPES
     )
-    taskset.data_selector.selector_type = choice(
-        taskset.data_selector.selector_type, f"{key}.data_selector.selector_type", SELECTORS
-    )
+    _check_selector(taskset, f"{key}.data_selector")
     _check_name(taskset.default_workflow_type, f"{key}.default_workflow_type", WORKFLOWS)
     _check_name(taskset.default_reward_fn_type, f"{key}.default_reward_fn_type", REWARD_FUNCTIONS)
     _at_least(taskset.repeat_times, 1, f"{key}.repeat_times")
@@ -364,6 +371,34 @@ def _check_taskset(taskset: TasksetConfig, key: str) -> None:
     if args.top_p is not None:
         require(
             0 < args.top_p <= 1, f"{key}.rollout_args.top_p must be in (0, 1], got {args.top_p}"
+        )
+
+
+def _check_selector(taskset: TasksetConfig, key: str) -> None:
+    """The original's selectors with the arguments each one reads, nothing more (a key a selector
+    ignores would be a silent no-op); feature columns are checked against the rows on load."""
+    selector = taskset.data_selector
+    kind = selector.selector_type = choice(
+        selector.selector_type, f"{key}.selector_type", SELECTORS
+    )
+    features = list(selector.feature_keys)
+    if kind in ("offline_easy2hard", "difficulty_based"):
+        require(
+            bool(features), f"{key}.feature_keys: {kind} sorts rows by feature columns; list them"
+        )
+    else:
+        require(not features, f"{key}.feature_keys: {kind} reads no features, got {features}")
+    if kind == "difficulty_based":
+        require(
+            len(features) == 2,
+            f"{key}.feature_keys: difficulty_based needs exactly 2 (the pass rates of a weaker and "
+            f"a stronger reference model), got {features}",
+        )
+        _known_keys(selector.kwargs, f"{key}.kwargs", DIFFICULTY_KWARGS)
+    else:
+        require(
+            not selector.kwargs,
+            f"{key}.kwargs: only difficulty_based takes kwargs, got {dict(selector.kwargs)}",
         )
 
 
@@ -388,6 +423,14 @@ def _check_explorer_trainer(config: Config) -> None:
     explorer.concurrent_mode = choice(
         explorer.concurrent_mode, "explorer.concurrent_mode", CONCURRENT_MODES
     )
+    for i, aux in enumerate(explorer.auxiliary_models):
+        if not aux.model_path:
+            raise ConfigError(
+                f"explorer.auxiliary_models[{i}].model_path: required (the judge or helper "
+                "model to serve: a local directory, or a base model name on Tinker)"
+            )
+        # served as the original serves them: behind OpenAI clients, never trained on
+        aux.enable_openai_api, aux.enable_history = True, False
     _at_least(trainer.save_interval, 0, "trainer.save_interval")
     _at_least(trainer.max_checkpoints_to_keep, 0, "trainer.max_checkpoints_to_keep")
     trainer.save_hf_checkpoint = choice(
@@ -481,3 +524,42 @@ def _derive_paths(config: Config) -> None:
         job_dir = root / config.project / config.group / renamed
     config.checkpoint_job_dir = str(job_dir)
     config.ray_namespace = config.ray_namespace or f"{config.project}/{config.group}/{config.name}"
+
+
+def _check_data_processor(data_processor: dict[str, Any]) -> None:
+    """Known sections, and operators that exist and accept their args (built once to check)."""
+    _known_keys(data_processor, "data_processor", DATA_PROCESSOR_KEYS)
+    pipeline = data_processor.get("experience_pipeline") or {}
+    key = "data_processor.experience_pipeline"
+    require(isinstance(pipeline, dict), f"{key} must be a mapping, got {pipeline!r}")
+    _known_keys(pipeline, key, EXPERIENCE_PIPELINE_KEYS)
+    operators = pipeline.get("operators") or []
+    require(isinstance(operators, list), f"{key}.operators must be a list of {{name, args}}")
+    for index, operator in enumerate(operators):
+        where = f"{key}.operators[{index}]"
+        require(
+            isinstance(operator, dict) and isinstance(operator.get("name"), str),
+            f"{where} must be a mapping with a name, got {operator!r}",
+        )
+        _known_keys(operator, where, ("name", "args"))
+        name, args = operator["name"], operator.get("args") or {}
+        require(
+            name != "data_juicer",
+            f"{where}.name: data_juicer needs a Data-Juicer service, which is not supported here",
+        )
+        if name not in EXPERIENCE_OPERATORS:
+            raise ConfigError(f"{where}.name: {EXPERIENCE_OPERATORS.unknown_message(name)}")
+        require(isinstance(args, dict), f"{where}.args must be a mapping, got {args!r}")
+        try:
+            EXPERIENCE_OPERATORS.get(name)(**args)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}.args: {name}: {exc}") from None
+
+
+def _known_keys(section: Mapping[str, Any], key: str, known: Iterable[str]) -> None:
+    known = list(known)
+    for name in section:
+        if name not in known:
+            raise ConfigError(
+                f"{key}.{name}: unknown key (known: {', '.join(known)}){did_you_mean(name, known)}"
+            )

@@ -54,6 +54,10 @@ class _Trainable(Sampler):
     optimizer: AdamW
 
 
+# Tinker's module name for the unembedding (output projection) in exported adapters.
+TINKER_UNEMBED = "model.unembed_tokens"
+
+
 class Engine:
     """Tinker's training and sampling calls over one Hugging Face causal LM."""
 
@@ -330,16 +334,29 @@ class Engine:
         return (shared, entry.adapter) if entry.adapter is not None else (entry.module, None)
 
     # ------------------------------------------------------------------ exports
-    def export_peft(self, name: str, directory: str) -> None:
-        """A peft adapter directory for a LoRA model or sampler."""
+    def export_peft(self, name: str, directory: str, tinker_names: bool = False) -> None:
+        """A peft adapter directory for a LoRA model or sampler.
+
+        ``tinker_names``: name the unembedding LoRA ``model.unembed_tokens`` as Tinker's exports
+        do, so tinker-cookbook's ``weights.build_hf_model`` merges it (onto ``lm_head``, or onto
+        the tied ``embed_tokens``); peft itself then no longer loads the directory as is.
+        """
         entry = self._sampler(name)
         if entry.adapter is None:
             raise ValueError(f"{name!r} is a full fine-tune: it has no adapter (export_merged)")
-        checkpoint.write_peft(
-            directory,
-            self._adapters.saved_config(entry.adapter),
-            self._adapters.params(entry.adapter),
-        )
+        config = self._adapters.saved_config(entry.adapter)
+        params = self._adapters.params(entry.adapter)
+        if tinker_names:
+            head = self._adapters.groups["unembed"][0]
+            params = {
+                TINKER_UNEMBED + k.removeprefix(head) if k.startswith(f"{head}.lora_") else k: v
+                for k, v in params.items()
+            }
+            config.target_modules = {
+                TINKER_UNEMBED.rsplit(".", 1)[-1] if m in (head, head.rsplit(".", 1)[-1]) else m
+                for m in config.target_modules
+            }
+        checkpoint.write_peft(directory, config, params)
 
     def export_merged(self, name: str, directory: str) -> None:
         """A Hugging Face model directory (``dtype`` weights) with the adapter merged in."""

@@ -1,4 +1,4 @@
-"""Tinker's built-in losses as pure functions of per-token tensors (notes/tinker-api.md §1.6).
+"""Tinker's built-in losses as pure functions of per-token tensors (Tinker API docs, "Loss functions").
 
 Every loss returns per-token terms; the engine sums them (Tinker's losses are token SUMS, with no
 normalization by token or sequence count). Notation: ``lp`` learner logprobs of the targets,
@@ -9,6 +9,18 @@ normalization by token or sequence count). Notation: ``lp`` learner logprobs of 
 - ppo:                 -min(r * A, clip(r, lo, hi) * A)        (lo / hi are ratio bounds, not eps)
 - cispo:               -sg(clip(r, lo, hi)) * lp * A
 - dro:                 -(lp * A - beta / 2 * (lp - q)^2)
+- gspo:                GSPO-token: s = exp(mean over the datum's ``sequence_ratio_mask`` of
+                       sg(lp) - q), ratio = s * exp(lp - sg(lp)) (value s, gradient of lp),
+                       -min(ratio * A, clip(ratio, lo, hi) * A)
+- stable_reinforce:    -sg(r) * lp * A on tokens whose ratio lies in [lo, hi], 0 elsewhere
+                       (masked importance weighting; see below)
+
+GSPO's mask defaults to the datum's positions with a nonzero advantage (its sampled tokens, as the
+cookbook masks them). Tinker does not publish ``stable_reinforce``'s objective (an alpha loss that
+also reads what its sampler recorded); ours is a REINFORCE whose importance weight is detached
+and zero where the sampler and learner disagree beyond [lo, hi], so stale async data cannot blow
+up a step. It reads the sampler logprobs from the datum, so provenance
+spans and ``record_stability_info`` are accepted and not needed.
 
 ``clip_low_threshold`` / ``clip_high_threshold`` come from ``loss_fn_config`` or, per token, from
 ``loss_fn_inputs`` of the same name (the SDK knows both keys as float32 datum inputs); a datum
@@ -19,7 +31,7 @@ advantage is 0 (prompt tokens with ``logprobs`` 0): applied literally, as Tinker
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -35,6 +47,8 @@ class LossFn:
     defaults: dict[str, float | None]
     token_loss: Callable[[Tensor, Inputs, dict[str, Tensor | float]], Tensor]
     optional_inputs: tuple[str, ...] = ()
+    # per-token inputs a datum may leave out, computed from its other inputs
+    input_defaults: dict[str, Callable[[Inputs], Tensor]] = field(default_factory=dict)
 
 
 def _ratio(lp: Tensor, inputs: Inputs) -> Tensor:
@@ -66,6 +80,35 @@ def dro(lp: Tensor, inputs: Inputs, config: dict) -> Tensor:
     return -(lp * A - 0.5 * config["beta"] * (lp - q) ** 2)
 
 
+def gspo(lp: Tensor, inputs: Inputs, config: dict) -> Tensor:
+    """Needs ``inputs["datum"]``: the index of each token's datum (``packing.batch_inputs``)."""
+    A, q, mask, datum = (
+        inputs["advantages"],
+        inputs["logprobs"],
+        inputs["sequence_ratio_mask"],
+        inputs["datum"],
+    )
+    n_datums = int(datum.max()) + 1 if datum.numel() else 0
+    log_ratio_sum = torch.zeros(n_datums, dtype=lp.dtype, device=lp.device)
+    log_ratio_sum.index_add_(0, datum, (lp.detach() - q) * mask)
+    count = torch.zeros(n_datums, dtype=lp.dtype, device=lp.device).index_add_(0, datum, mask)
+    log_s = (log_ratio_sum / count.clamp(min=1))[datum]
+    ratio = torch.exp(log_s + lp - lp.detach())
+    clipped = torch.clamp(ratio, config["clip_low_threshold"], config["clip_high_threshold"])
+    return -torch.minimum(ratio * A, clipped * A)
+
+
+def stable_reinforce(lp: Tensor, inputs: Inputs, config: dict) -> Tensor:
+    r = _ratio(lp, inputs).detach()
+    low, high = config["clip_low_threshold"], config["clip_high_threshold"]
+    weight = torch.where((r >= low) & (r <= high), r, 0.0)
+    return -weight * lp * inputs["advantages"]
+
+
+def _nonzero_advantages(inputs: Inputs) -> Tensor:
+    return (inputs["advantages"] != 0).float()
+
+
 _RL_INPUTS = ("target_tokens", "logprobs", "advantages")
 _CLIP = ("clip_low_threshold", "clip_high_threshold")
 
@@ -75,6 +118,14 @@ LOSSES: dict[str, LossFn] = {
     "ppo": LossFn(_RL_INPUTS, {_CLIP[0]: 0.8, _CLIP[1]: 1.2}, ppo, _CLIP),
     "cispo": LossFn(_RL_INPUTS, {_CLIP[0]: 0.0, _CLIP[1]: 4.0}, cispo, _CLIP),
     "dro": LossFn(_RL_INPUTS, {"beta": None}, dro),
+    "gspo": LossFn(
+        _RL_INPUTS,
+        {_CLIP[0]: 1 - 3e-4, _CLIP[1]: 1 + 4e-4},  # the GSPO paper's sequence-ratio band
+        gspo,
+        _CLIP,
+        {"sequence_ratio_mask": _nonzero_advantages},
+    ),
+    "stable_reinforce": LossFn(_RL_INPUTS, {_CLIP[0]: 0.5, _CLIP[1]: 2.0}, stable_reinforce, _CLIP),
 }
 
 

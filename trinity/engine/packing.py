@@ -60,7 +60,7 @@ def prepare_example(
             f"(this loss needs {', '.join(loss.inputs)})"
         )
     inputs = {}
-    for key in (*loss.inputs, *loss.optional_inputs):
+    for key in (*loss.inputs, *loss.optional_inputs, *loss.input_defaults):
         if key not in datum.loss_fn_inputs:
             continue
         value = torch.from_numpy(np.asarray(datum.loss_fn_inputs[key].to_numpy()))
@@ -70,6 +70,8 @@ def prepare_example(
                 f"{tuple(value.shape)}, expected ({n},) like model_input"
             )
         inputs[key] = value.long() if key == "target_tokens" else value.float()
+    for key, default in loss.input_defaults.items():
+        inputs.setdefault(key, default(inputs))
     for name, ids in (
         ("model_input", torch.tensor(tokens, dtype=torch.long)),
         ("target_tokens", inputs["target_tokens"]),
@@ -139,14 +141,19 @@ def micro_batches(examples: list[Example], max_tokens: int) -> list[list[Cluster
 
 def batch_inputs(group: list[Example], config: dict[str, float]) -> dict[str, torch.Tensor]:
     """Per-token loss inputs, rows concatenated; a datum without an optional per-token input
-    (clip thresholds) gets the config value."""
+    (clip thresholds) gets the config value. ``datum`` numbers each token's row in ``group``
+    (sequence-level losses average within a datum)."""
     keys = {k for e in group for k in e.inputs}
-    return {
+    inputs = {
         k: torch.cat(
             [e.inputs[k] if k in e.inputs else torch.full((e.length,), config[k]) for e in group]
         )
         for k in keys
     }
+    inputs["datum"] = torch.cat(
+        [torch.full((e.length,), row, dtype=torch.long) for row, e in enumerate(group)]
+    )
+    return inputs
 
 
 def padded_rows(group: list[Example], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,8 @@ Semantics (Tinker's ``SamplingParams``):
   tokens: the same numbers a teacher-forced forward pass gives, which is what importance ratios
   against the trainer's logprobs need. (The sampling distribution differs when temperature != 1.)
 - ``prompt_logprobs``: position 0 is ``None``; position i is log p(prompt[i] | prompt[:i]).
+- ``topk_prompt_logprobs=k``: at each prompt position i >= 1 the k likeliest tokens after
+  prompt[:i] and their logprobs (most likely first); position 0 is the SDK's empty row.
 
 Simplification: when any row asks for prompt logprobs, the prefill keeps logits for every prompt
 position of every distinct prompt (memory ~ prompts x prompt length x vocab x 4 bytes).
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from tinker import types
+from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 from transformers.cache_utils import Cache, DynamicLayer
 
 BASE_ADAPTER = "__base__"
@@ -85,6 +88,7 @@ class SampleRequest:
     params: types.SamplingParams = field(default_factory=types.SamplingParams)
     adapter: str | None = None
     prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
 
 
 @dataclass
@@ -259,7 +263,7 @@ def sample_batch(
     was_training = model.training
     model.eval()
     try:
-        prompt_logprobs = _decode(
+        prompt_logprobs, topk_prompt = _decode(
             model,
             requests,
             rows,
@@ -284,6 +288,7 @@ def sample_batch(
             for j, row in enumerate(r for r in rows if r.request_index == index)
         ]
         scored = prompt_logprobs.get(index)
+        topk = topk_prompt.get(index)
         responses.append(
             types.SampleResponse(
                 sequences=sequences,
@@ -291,9 +296,20 @@ def sample_batch(
                 prompt_logprobs_np=None
                 if scored is None
                 else np.asarray([np.nan, *scored[1:]], dtype=np.float32),
+                topk_prompt_logprobs_np=topk,
             )
         )
     return responses
+
+
+def _topk(logprobs_TV: torch.Tensor, k: int) -> TopkLogprobs:
+    """Top-k rows for prompt positions 1..T, after the SDK's empty row for position 0."""
+    values_TK, ids_TK = logprobs_TV.topk(min(k, logprobs_TV.shape[-1]), dim=-1)
+    ids = np.zeros((len(ids_TK) + 1, k), dtype=np.int32)
+    lps = np.full((len(ids_TK) + 1, k), MASK_LOGPROB, dtype=np.float32)
+    ids[1:, : ids_TK.shape[1]] = ids_TK.cpu().numpy()
+    lps[1:, : ids_TK.shape[1]] = values_TK.cpu().numpy()
+    return TopkLogprobs(token_ids=ids, logprobs=lps)
 
 
 def _decode(model, requests, rows, adapters, pad_token_id, device, tokenizer, tail_tokens):
@@ -318,7 +334,9 @@ def _decode(model, requests, rows, adapters, pad_token_id, device, tokenizer, ta
         input_ids_UT[u, width - len(prompt) :] = torch.tensor(prompt)
         mask_UT[u, width - len(prompt) :] = 1
     position_UT = (mask_UT.cumsum(dim=1) - 1).clamp(min=0)
-    want_prompt_logprobs = any(request.prompt_logprobs for request in requests)
+    want_prompt_logprobs = any(
+        request.prompt_logprobs or request.topk_prompt_logprobs for request in requests
+    )
 
     cache = Cache(layer_class_to_replicate=_GrowingLayer)
     logits = _forward(
@@ -331,18 +349,22 @@ def _decode(model, requests, rows, adapters, pad_token_id, device, tokenizer, ta
         0 if want_prompt_logprobs else 1,
     )
     prompt_logprobs: dict[int, list[float | None]] = {}
+    topk_prompt: dict[int, TopkLogprobs] = {}
     if want_prompt_logprobs:
+        done: set[int] = set()
         for i, row in enumerate(rows):
-            if (
-                not requests[row.request_index].prompt_logprobs
-                or row.request_index in prompt_logprobs
-            ):
+            request = requests[row.request_index]
+            if row.request_index in done:
                 continue
+            done.add(row.request_index)
             n = len(row.prompt)
             logprobs_TV = logits[source_B[i], width - n : width - 1].float().log_softmax(dim=-1)
-            targets_T = torch.tensor(row.prompt[1:], device=logprobs_TV.device)
-            scored = logprobs_TV.gather(1, targets_T.unsqueeze(1)).squeeze(1).tolist()
-            prompt_logprobs[row.request_index] = [None, *scored]
+            if request.prompt_logprobs:
+                targets_T = torch.tensor(row.prompt[1:], device=logprobs_TV.device)
+                scored = logprobs_TV.gather(1, targets_T.unsqueeze(1)).squeeze(1).tolist()
+                prompt_logprobs[row.request_index] = [None, *scored]
+            if request.topk_prompt_logprobs:
+                topk_prompt[row.request_index] = _topk(logprobs_TV, request.topk_prompt_logprobs)
     source_B = source_B.to(device)
     logits_BV = logits[:, -1][source_B]
     if len(unique) < batch:
@@ -369,7 +391,7 @@ def _decode(model, requests, rows, adapters, pad_token_id, device, tokenizer, ta
             elif len(row.tokens) < row.max_tokens:
                 keep.append(j)
         if not keep:
-            return prompt_logprobs
+            return prompt_logprobs, topk_prompt
         if len(keep) < len(active):
             keep_K = torch.tensor(keep, dtype=torch.long, device=device)
             cache.batch_select_indices(keep_K)

@@ -85,6 +85,10 @@ class Conversations:
     def clear(self) -> None:
         self._replies.clear()
 
+    def __len__(self) -> int:
+        """How many replies are remembered."""
+        return len(self._replies)
+
     def render(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, generate: bool
     ) -> str:

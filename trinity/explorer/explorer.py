@@ -14,12 +14,16 @@ import logging
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from trinity.backends.base import SamplerBackend
 from trinity.buffer.experience import ExperienceBuffer
+from trinity.buffer.operators import ExperiencePipeline
+from trinity.buffer.operators import groups as groups_of
 from trinity.buffer.tasksets import TasksetReader
-from trinity.explorer.sampler import PolicySampler, RolloutSettings, derive_seed
+from trinity.explorer.sampler import AuxiliaryModel, PolicySampler, RolloutSettings, derive_seed
+from trinity.jobdir import JobDir
 from trinity.monitor.base import Monitor
 from trinity.monitor.rollouts import RolloutStore
 from trinity.synchronizer.synchronizer import Synchronizer
@@ -31,6 +35,9 @@ log = logging.getLogger(__name__)
 # Training tasks in a row that may end with no experience before the run stops: a workflow that
 # fails on every task would otherwise leave the trainer waiting for max_read_timeout.
 MAX_FAILED_TASKS_IN_A_ROW = 8
+# Taskset batches one step may add when experience filters leave its batch short (DAPO's
+# dynamic sampling; its max_num_gen_batches).
+MAX_EXTRA_BATCHES = 4
 
 
 class Explorer:
@@ -53,10 +60,17 @@ class Explorer:
         eval_on_startup: bool = False,
         remote_rollout: Callable[[Task, int], Awaitable[list[Experience]]] | None = None,
         rollouts: RolloutStore | None = None,
+        pipeline: ExperiencePipeline | None = None,
+        job_dir: JobDir | None = None,
+        auxiliary: Sequence[AuxiliaryModel] = (),
     ):
         """``remote_rollout(task, seed)``: run workflows elsewhere (Ray runner actors) instead of
         in this event loop; retries, timeouts and bookkeeping stay here either way.
-        ``rollouts``: where each step's experiences are kept for looking at (``trinity studio``)."""
+        ``rollouts``: where each step's experiences are kept for looking at (``trinity studio``).
+        ``pipeline``: the experience operators, run on each step's experiences before the group
+        advantages (``data_processor.experience_pipeline``). ``job_dir``: where the taskset's
+        position is recorded when a step reads extra batches, for resuming.
+        ``auxiliary``: ``explorer.auxiliary_models``, handed to every workflow."""
         self.sampler = sampler
         self.settings = settings
         self.reader = reader
@@ -73,6 +87,9 @@ class Explorer:
         self.eval_on_startup = eval_on_startup
         self.remote_rollout = remote_rollout
         self.rollouts = rollouts
+        self.pipeline = pipeline or ExperiencePipeline([])
+        self.job_dir = job_dir
+        self.auxiliary = list(auxiliary)
         self.model_version = 0
         self.failed_in_a_row = 0
         self.last_failure = ""
@@ -90,6 +107,8 @@ class Explorer:
                     break
                 step += 1
                 experiences, metrics = await self.explore_step(step, tasks)
+                if self.job_dir is not None:
+                    self.job_dir.record_taskset_position(step, self.reader.batches_read)
                 if self.rollouts is not None:
                     self.rollouts.write(step, experiences)
                 await self.buffer.put(experiences)
@@ -117,25 +136,64 @@ class Explorer:
     async def explore_step(
         self, step: int, tasks: list[Task]
     ) -> tuple[list[Experience], dict[str, float]]:
+        """Roll out ``tasks``, run the experience pipeline, then the group advantages.
+
+        Dynamic sampling: while the pipeline's filters leave fewer experiences than the batch
+        was rolled out for, the step rolls out the taskset's next batches too (at most
+        ``MAX_EXTRA_BATCHES``) and keeps whole groups up to that size, so the trainer's batch stays
+        full and a trainer waiting for a full batch never waits on an explorer waiting for it.
+        """
         started = time.monotonic()
-        groups = await asyncio.gather(
-            *(self.run_task(task, step, i) for i, task in enumerate(tasks))
-        )
-        self._count_failures(groups)
-        experiences = [exp for group in groups for exp in group]
-        advantage_metrics = self.advantage_fn(experiences)
-        metrics = rollout_metrics(experiences, prefix="rollout")
+        target = sum(task.repeat_times for task in tasks)
+        sampled: list[Experience] = []
+        kept: list[Experience] = []
+        rounds: list[dict[str, float]] = []
+        finished = failed = extra_batches = 0
+        while True:
+            groups = await asyncio.gather(
+                *(self.run_task(task, step, i) for i, task in enumerate(tasks))
+            )
+            self._count_failures(groups)
+            finished += sum(1 for g in groups if g)
+            failed += sum(1 for g in groups if not g)
+            batch = [exp for group in groups for exp in group]
+            sampled += batch
+            batch, pipeline_metrics = self.pipeline.process(batch)
+            kept += batch
+            rounds.append(pipeline_metrics)
+            pass_rates = self.pipeline.pass_rates()
+            if pass_rates and self.reader is not None:
+                self.reader.feedback(pass_rates)  # an adaptive selector picks the next batch
+            if len(kept) >= target or len(kept) == len(sampled) or self.reader is None:
+                break
+            if extra_batches == MAX_EXTRA_BATCHES or not (tasks := self.reader.read_batch()):
+                log.warning(
+                    "step %d: the experience pipeline kept %d of the %d experiences a batch needs "
+                    "after %d extra batches; the trainer waits for the rest",
+                    step,
+                    len(kept),
+                    target,
+                    extra_batches,
+                )
+                break
+            extra_batches += 1
+        if extra_batches:
+            kept = whole_groups_up_to(kept, target)
+        metrics = rollout_metrics(sampled, prefix="rollout")  # what was sampled
+        metrics.update({f"experience_pipeline/{k}": v for k, v in merge_rounds(rounds).items()})
+        advantage_metrics = self.advantage_fn(kept)
         metrics.update({f"experience_pipeline/{k}": v for k, v in advantage_metrics.items()})
         metrics.update(
             {
                 "rollout/model_version": float(self.model_version),
-                "rollout/finished_task_count": float(sum(1 for g in groups if g)),
-                "rollout/failed_task_count": float(sum(1 for g in groups if not g)),
-                "experience_pipeline/experience_count": float(len(experiences)),
+                "rollout/finished_task_count": float(finished),
+                "rollout/failed_task_count": float(failed),
+                "experience_pipeline/experience_count": float(len(kept)),
+                "experience_pipeline/extra_batch_count": float(extra_batches),
                 "explorer/time/explore_step": time.monotonic() - started,
             }
         )
-        return experiences, metrics
+        return kept, metrics
 
     def _count_failures(self, groups: list[list[Experience]]) -> None:
         for group in groups:
@@ -160,7 +218,7 @@ class Explorer:
                     experiences = await asyncio.wait_for(
                         self.remote_rollout(task, seed)
                         if self.remote_rollout
-                        else rollout(task, self.sampler, self.settings, seed),
+                        else rollout(task, self.sampler, self.settings, seed, self.auxiliary),
                         self.max_timeout,
                     )
             except Exception as exc:  # noqa: BLE001 - a workflow is user code; report and retry
@@ -180,6 +238,8 @@ class Explorer:
                 exp.group_id = group_id
                 exp.model_version = self.model_version
                 exp.is_eval = is_eval
+                if task.row is not None:  # the original's key, which pass_rate_calculator reads
+                    exp.info.setdefault("task_index", {"taskset_id": 0, "index": task.row})
             return experiences
         return []
 
@@ -198,7 +258,11 @@ class Explorer:
 
 
 async def rollout(
-    task: Task, backend: SamplerBackend, settings: RolloutSettings, seed: int
+    task: Task,
+    backend: SamplerBackend,
+    settings: RolloutSettings,
+    seed: int,
+    auxiliary: Sequence[AuxiliaryModel] = (),
 ) -> list[Experience]:
     """One run of the task's workflow against a backend sampler (here or in a runner actor).
 
@@ -208,15 +272,20 @@ async def rollout(
     workflow = WORKFLOWS.get(task.workflow)
     concatenated = bool(task.format.get("enable_concatenated_multi_turn"))
 
-    def model(episode_seed: int) -> PolicySampler:
-        return PolicySampler(backend, settings, seed=episode_seed, concatenated=concatenated)
+    def instance(task: Task, episode_seed: int) -> Any:
+        model = PolicySampler(backend, settings, seed=episode_seed, concatenated=concatenated)
+        run = workflow(task, model)
+        run.auxiliary_model_wrappers = [
+            aux.model(derive_seed(episode_seed, "auxiliary", i)) for i, aux in enumerate(auxiliary)
+        ]
+        return run
 
     if workflow.can_repeat:
-        return await workflow(task, model(seed)).run()
+        return await instance(task, seed).run()
     single = dataclasses.replace(task, repeat_times=1)
 
     async def episode(run: int) -> list[Experience]:
-        experiences = await workflow(single, model(derive_seed(seed, "run", run))).run()
+        experiences = await instance(single, derive_seed(seed, "run", run)).run()
         for exp in experiences:
             exp.info["run"] = run
         return experiences
@@ -235,6 +304,28 @@ async def rollout(
             failure,
         )
     return [exp for r in results if not isinstance(r, BaseException) for exp in r]
+
+
+def whole_groups_up_to(experiences: list[Experience], size: int) -> list[Experience]:
+    """Groups in order until they hold at least ``size`` experiences; the rest are dropped."""
+    out: list[Experience] = []
+    for group in groups_of(experiences).values():
+        if len(out) >= size:
+            break
+        out += group
+    return out
+
+
+def merge_rounds(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Pipeline metrics of several rounds: counts add up, other values are averaged."""
+    merged: dict[str, list[float]] = defaultdict(list)
+    for metrics in rounds:
+        for key, value in metrics.items():
+            merged[key].append(value)
+    return {
+        key: sum(values) if key.endswith("count") else statistics.fmean(values)
+        for key, values in merged.items()
+    }
 
 
 def rollout_metrics(experiences: list[Experience], prefix: str) -> dict[str, float]:

@@ -213,14 +213,12 @@ def _sampling_params(model: Any, body: dict[str, Any], prompt_length: int) -> ty
     max_tokens = int(max_tokens or settings.max_response_tokens)
     if limit:
         max_tokens = min(max_tokens, limit - prompt_length)
-    stops = _stop_strings(body.get("stop"))
     args = {
         "max_tokens": max_tokens,
         "temperature": body.get("temperature"),
         "top_p": body.get("top_p"),
         "seed": body.get("seed"),
-        # An explicit stop replaces the EOS default in the sampler: keep the end of turn too.
-        "stop": [*stops, model.tokenizer.eos_token] if stops else None,
+        "stop": _stop_strings(body.get("stop")) or None,  # the sampler adds EOS back
     }
     return model.sampling_params(args)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -35,6 +36,21 @@ class RolloutSettings:
     enable_openai_api: bool = False
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+
+
+@dataclass
+class AuxiliaryModel:
+    """An ``explorer.auxiliary_models`` entry: a frozen model (a judge, a teacher) that workflows
+    call through OpenAI clients (``Workflow.auxiliary_models``). Nothing it samples is trained
+    on, so it keeps no history."""
+
+    backend: Any
+    settings: RolloutSettings
+
+    def model(self, seed: int | None) -> PolicySampler:
+        """A fresh rollout model over it for one workflow run."""
+        settings = dataclasses.replace(self.settings, enable_history=False, enable_openai_api=True)
+        return PolicySampler(self.backend, settings, seed)
 
 
 def derive_seed(*parts: Any) -> int:
@@ -191,5 +207,25 @@ class PolicySampler:
             top_p=pick("top_p", s.top_p),
             top_k=pick("top_k", s.top_k),
             seed=seed,
-            stop=args.get("stop"),
+            stop=self.stop_with_eos(args.get("stop")),
         )
+
+    def stop_with_eos(self, stop: Any) -> Any:
+        """``stop`` plus the EOS token, so a generation still ends at the end of its turn.
+
+        Workflows pass ``stop`` with vLLM's meaning (extra stops; the original's rollout model
+        is vLLM), but a ``SamplingParams.stop`` *replaces* EOS in Tinker's sampling, here and on
+        Thinking Machines' service. Tinker takes strings or ids, not both: EOS is added as the
+        kind ``stop`` is. An empty ``stop`` is none, as in vLLM.
+        """
+        stops = [stop] if isinstance(stop, str | int) else list(stop or [])
+        if not stops:
+            return None
+        eos_id = self.tokenizer.eos_token_id
+        if eos_id is None:
+            return stops
+        if all(isinstance(s, int) for s in stops):
+            return [*stops, eos_id]
+        if not all(isinstance(s, str) and s for s in stops):
+            raise ValueError(f"stop must be non-empty strings or token ids, got {stop!r}")
+        return [*stops, self.tokenizer.decode([eos_id], skip_special_tokens=False)]

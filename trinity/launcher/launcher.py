@@ -1,8 +1,10 @@
 """Modes: ``both`` (explorer + trainer in one process), ``explore`` / ``train`` (two processes
-sharing a SQLite buffer and the checkpoint dir), ``bench`` (evaluate checkpoints).
+sharing a SQLite buffer and the checkpoint dir), ``bench`` (evaluate checkpoints), ``serve`` (the
+policy as an OpenAI-compatible service for external agents, beside a ``train`` process).
 
-Everything a run needs is built here from the validated config; the explorer and trainer get
-their parts injected and never look at the config or the backend kind.
+Everything a run needs is built here from the validated config (the backends in
+``launcher/backends.py``); the explorer and trainer get their parts injected and never look at
+the config or the backend kind.
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ import itertools
 import logging
 import math
 import os
-import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +25,21 @@ from trinity.algorithms import (
     explorer_hook,
     resolve_algorithm,
 )
-from trinity.backends.local import LocalRuntime, LocalSampler, LocalTrainer
-from trinity.backends.ray_actors import TinkerSamplers
-from trinity.backends.tinker_sdk import TinkerSampler, TinkerSession, TinkerTrainer
 from trinity.buffer.experience import build_experience_buffer
+from trinity.buffer.operators import build_pipeline
 from trinity.buffer.sft import sft_dataset, sft_sequence
 from trinity.buffer.tasksets import TasksetReader
 from trinity.config import to_yaml
 from trinity.explorer.explorer import Explorer
-from trinity.explorer.sampler import RolloutSettings
 from trinity.jobdir import JobDir, atomic_write
-from trinity.launcher.cluster import RayCluster, connect, runner_env
+from trinity.launcher.backends import (
+    Backends,
+    build_backends,
+    chat_template,
+    check_credentials,
+    rollout_settings,
+)
+from trinity.launcher.cluster import connect
 from trinity.monitor import build_monitors
 from trinity.monitor.base import RoleMonitor
 from trinity.monitor.jsonl import forget_steps_after
@@ -43,8 +48,6 @@ from trinity.synchronizer.synchronizer import Synchronizer
 from trinity.trainer.trainer import Trainer
 
 log = logging.getLogger("trinity")
-
-LOCAL_SERVER = "local"  # model.tinker.base_url value: start `trinity server` for this run
 
 
 def run(config: Any) -> int:
@@ -61,173 +64,14 @@ def run(config: Any) -> int:
     mode = config.mode
     if mode == "bench":
         asyncio.run(run_bench(config))
+    elif mode == "serve":
+        asyncio.run(run_serve(config))
     else:
         explore, train = mode in ("both", "explore"), mode in ("both", "train")
         if config.trainer.trainer_type == "verl" and not config.model.tinker.enable:
             log.info("trainer.trainer_type 'verl': training runs on the local engine")
         asyncio.run(run_rl(config, explore=explore, train=train))
     return 0
-
-
-def check_credentials(config: Any) -> None:
-    """The Tinker backend needs an API key unless this run starts its own server."""
-    from trinity.config import ConfigError
-
-    tinker_cfg = config.model.tinker
-    if not tinker_cfg.enable or _base_url(config) == LOCAL_SERVER:
-        return
-    if not _api_key():
-        raise ConfigError(
-            "model.tinker.enable: set TRINITY_API_KEY or TINKER_API_KEY for the Tinker service "
-            f"(or model.tinker.base_url: {LOCAL_SERVER} to serve the model on this machine)"
-        )
-
-
-def _base_url(config: Any) -> str | None:
-    return config.model.tinker.base_url or os.environ.get("TINKER_BASE_URL")
-
-
-def _api_key() -> str | None:
-    return os.environ.get("TRINITY_API_KEY") or os.environ.get("TINKER_API_KEY")
-
-
-@dataclass
-class Backends:
-    """What one process talks to: a trainer and/or a sampler, and how to close them."""
-
-    trainer: Any = None
-    sampler: Any = None
-    ref_sampler: Any = None
-    tokenizer: Any = None
-    closers: list = field(default_factory=list)
-
-    session: Any = None  # a TinkerSession, told at the end how the run went
-    runners: Any = None  # Ray mode: the RunnerPool the explorer's workflows run on
-
-    async def close(self, error: BaseException | None = None) -> None:
-        if self.session is not None:  # first: an embedded server is among the closers
-            status = "success" if error is None else "errored"
-            if isinstance(error, KeyboardInterrupt | asyncio.CancelledError):
-                status = "interrupted"
-            await self.session.close(status, None if error is None else repr(error)[:500])
-        for close in reversed(self.closers):
-            result = close()
-            if asyncio.iscoroutine(result):
-                await result
-
-
-def _lora_spec(config: Any) -> Any:
-    from trinity.engine import LoraSpec
-
-    tinker_cfg = config.model.tinker
-    if tinker_cfg.enable or not config.model.lora_configs:
-        return LoraSpec(
-            rank=tinker_cfg.rank,
-            seed=tinker_cfg.seed,
-            train_mlp=tinker_cfg.train_mlp,
-            train_attn=tinker_cfg.train_attn,
-            train_unembed=tinker_cfg.train_unembed,
-        )
-    lora = config.model.lora_configs[0]
-    return LoraSpec(rank=lora.lora_rank, alpha=lora.lora_alpha, seed=tinker_cfg.seed)
-
-
-async def build_backends(
-    config: Any,
-    *,
-    explore: bool,
-    train: bool,
-    resume_ref: str | None,
-    cluster: RayCluster | None = None,
-) -> Backends:
-    """With ``cluster``, the explorer's sampling happens on Ray actors (``backends.runners``)."""
-    from trinity.engine.demo_model import resolve_model_path
-
-    backends = Backends()
-    tinker_cfg = config.model.tinker
-    needs_reference = build_loss_plan(config.algorithm).needs_reference
-    remote = explore and cluster is not None
-    if not tinker_cfg.enable:
-        model_path = str(resolve_model_path(config.model.model_path))
-        if train or not remote:
-            runtime = LocalRuntime(model_path)
-            backends.closers.append(runtime.close)
-            backends.tokenizer = runtime.tokenizer
-        if train:
-            # rollout model actors load published weights from disk, as another process would
-            backends.trainer = LocalTrainer(
-                runtime, "policy", _lora_spec(config), persist_samplers=remote or not explore
-            )
-            if resume_ref:
-                await backends.trainer.load_state(resume_ref)
-            if needs_reference:
-                backends.ref_sampler = LocalSampler(runtime)
-        if remote:
-            env = runner_env(config)
-            backends.sampler = await cluster.rollout_models(model_path, env)
-            backends.tokenizer = backends.sampler.tokenizer
-            backends.runners = await cluster.runner_pool(
-                backends.sampler, backends.sampler, _rollout_settings(config), env
-            )
-        elif explore:
-            backends.sampler = LocalSampler(runtime)
-        return backends
-
-    base_url, api_key = _base_url(config), _api_key()
-    base_model = tinker_cfg.base_model or config.model.model_path
-    if base_url == LOCAL_SERVER:
-        base_url, api_key, base_model = _start_local_server(config, backends)
-    session = TinkerSession(base_url, api_key)
-    backends.session = session
-    await asyncio.to_thread(session.check_model, base_model)
-    if train:
-        if resume_ref:
-            backends.trainer = await TinkerTrainer.from_state(session, resume_ref)
-        else:
-            backends.trainer = await TinkerTrainer.create(
-                session,
-                base_model,
-                rank=tinker_cfg.rank,
-                seed=tinker_cfg.seed,
-                train_mlp=tinker_cfg.train_mlp,
-                train_attn=tinker_cfg.train_attn,
-                train_unembed=tinker_cfg.train_unembed,
-            )
-        backends.tokenizer = backends.trainer.tokenizer
-        if needs_reference:
-            backends.ref_sampler = await TinkerSampler.create(session, base_model)
-    if explore:
-        backends.sampler = await TinkerSampler.create(session, base_model)
-        backends.tokenizer = backends.sampler.tokenizer
-    if remote:  # each runner opens its own session, with this run's endpoint and key
-        endpoint = {
-            "TRINITY_API_KEY": api_key,
-            **({"TINKER_BASE_URL": base_url} if base_url else {}),
-        }
-        backends.runners = await cluster.runner_pool(
-            TinkerSamplers(base_model),
-            backends.sampler,
-            _rollout_settings(config),
-            runner_env(config, endpoint),
-        )
-    return backends
-
-
-def _start_local_server(config: Any, backends: Backends) -> tuple[str, str, str]:
-    """``base_url: local``: serve the model with ``trinity server`` on a loopback port."""
-    from trinity.engine.demo_model import resolve_model_path
-    from trinity.server import build_service
-    from trinity.server.runner import ServerThread
-
-    model_path = str(resolve_model_path(config.model.tinker.base_model or config.model.model_path))
-    api_key = f"tml-{secrets.token_hex(16)}"
-    service = build_service(
-        [model_path], JobDir(config.checkpoint_job_dir).server_dir, f"{api_key}=local"
-    )
-    server = ServerThread(service).start()
-    backends.closers.append(server.stop)
-    log.info("started trinity server for this run at %s (model %s)", server.url, model_path)
-    return server.url, api_key, str(Path(model_path).resolve())
 
 
 async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
@@ -242,7 +86,7 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
     reader, eval_readers = None, {}
     if explore:  # every taskset is read and checked before any server or engine starts
         reader = _reader(config, buffer_cfg.explorer_input.tasksets[0])
-        reader.skip_batches(start_step)
+        reader.skip_batches(job_dir.taskset_batches_read(start_step))
         eval_readers = _eval_readers(config)
     sft = train and not explore and resolve_algorithm(algorithm).schema == "sft"
     sft_data = None
@@ -255,7 +99,7 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
         sft_data = sft_dataset(
             buffer_cfg.trainer_input.experience_buffer,
             tokenizer,
-            chat_template=_chat_template(config),
+            chat_template=chat_template(config),
             max_len=config.model.max_model_len,
         )
     total_steps = buffer_cfg.total_steps or config.trainer.total_steps
@@ -325,6 +169,7 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
                 RoleMonitor(monitor, "explorer"),
                 eval_readers,
                 backends.runners,
+                backends.auxiliary,
             )
             explorer.model_version = start_step
             jobs.append(explorer.run(start_step, total_steps))
@@ -432,12 +277,20 @@ def _rollout_store(config: Any) -> RolloutStore | None:
 
 
 def _explorer(
-    config, sampler, reader, buffer, synchronizer, monitor, eval_readers, runners=None
+    config,
+    sampler,
+    reader,
+    buffer,
+    synchronizer,
+    monitor,
+    eval_readers,
+    runners=None,
+    auxiliary=(),
 ) -> Explorer:
     rollout = config.explorer.rollout_model
     return Explorer(
         sampler=sampler,
-        settings=_rollout_settings(config),
+        settings=rollout_settings(config),
         reader=reader,
         buffer=buffer,
         synchronizer=synchronizer,
@@ -452,32 +305,9 @@ def _explorer(
         eval_on_startup=config.explorer.eval_on_startup,
         remote_rollout=runners.run if runners else None,
         rollouts=_rollout_store(config) if reader is not None else None,  # bench: evals only
-    )
-
-
-def _chat_template(config: Any) -> str | None:
-    model = config.model
-    if model.custom_chat_template is None and model.chat_template_path:
-        return Path(model.chat_template_path).read_text()
-    return model.custom_chat_template
-
-
-def _rollout_settings(config: Any) -> RolloutSettings:
-    model, rollout = config.model, config.explorer.rollout_model
-    template = _chat_template(config)
-    return RolloutSettings(
-        max_prompt_tokens=model.max_prompt_tokens,
-        max_response_tokens=model.max_response_tokens,
-        temperature=model.temperature,
-        top_p=model.top_p,
-        top_k=model.top_k,
-        enable_prompt_truncation=model.enable_prompt_truncation,
-        chat_template=template,
-        max_model_len=model.max_model_len,
-        enable_history=rollout.enable_history,
-        enable_openai_api=rollout.enable_openai_api,
-        enable_auto_tool_choice=rollout.enable_auto_tool_choice,
-        tool_call_parser=rollout.tool_call_parser,
+        pipeline=build_pipeline(config.data_processor),
+        job_dir=JobDir(config.checkpoint_job_dir),
+        auxiliary=auxiliary,
     )
 
 
@@ -508,7 +338,16 @@ async def run_bench(config: Any) -> None:
         backends = owned.backends = await build_backends(
             config, explore=True, train=bool(steps), resume_ref=None
         )
-        explorer = _explorer(config, backends.sampler, None, None, None, monitor, eval_readers)
+        explorer = _explorer(
+            config,
+            backends.sampler,
+            None,
+            None,
+            None,
+            monitor,
+            eval_readers,
+            auxiliary=backends.auxiliary,
+        )
         for step in [0, *steps]:
             if step:
                 await backends.trainer.load_state(job_dir.checkpoint_ref(step))
@@ -519,6 +358,51 @@ async def run_bench(config: Any) -> None:
             explorer.model_version = step
             await explorer.evaluate(step, prefix="bench")
             log.info("evaluated %s", f"checkpoint global_step_{step}" if step else "the base model")
+
+
+async def run_serve(config: Any) -> None:
+    """``mode: serve``: the policy behind an OpenAI-compatible proxy (``trinity.explorer.proxy``)
+    until Ctrl-C or the run's trainer finishes; rated completions go to the buffer that a
+    ``mode: train`` process of the same run trains on, its published weights come back."""
+    from trinity.explorer.proxy import Proxy, serve
+
+    job_dir = JobDir(config.checkpoint_job_dir)
+    atomic_write(job_dir.config_file, to_yaml(config))
+    explorer = config.explorer
+    monitor = build_monitors(
+        config.monitor.monitor_type,
+        job_dir=job_dir.path,
+        project=config.project,
+        group=config.group,
+        name=config.name,
+        total_steps=config.buffer.total_steps or config.trainer.total_steps,
+        monitor_args=config.monitor.monitor_args,
+    )
+    async with _owned(monitor) as owned:
+        backends = owned.backends = await build_backends(
+            config, explore=True, train=False, resume_ref=None
+        )
+        buffer = await _experience_buffer(config, shared=True, reopen=True)
+        proxy = Proxy(
+            backend=backends.sampler,
+            settings=rollout_settings(config),
+            buffer=buffer,
+            synchronizer=_synchronizer(config),
+            advantage_fn=explorer_hook(config.algorithm, seed=explorer.rollout_model.seed),
+            monitor=RoleMonitor(monitor, "explorer"),
+            check_interval=explorer.service_status_check_interval,
+        )
+        await proxy.sync()  # a restarted proxy serves the newest published weights at once
+        url_file = job_dir.path / f"{explorer.name}_server_url.txt"
+
+        def ready(url: str) -> None:
+            atomic_write(url_file, url)
+            log.info("serving the policy (OpenAI-compatible) at %s", url)
+
+        try:
+            await serve(proxy, explorer.listen_address, explorer.proxy_port, on_ready=ready)
+        finally:
+            await buffer.close()  # a trainer still reading takes what was committed, then ends
 
 
 def _setup_logging(log_dir: Path, level: str) -> None:

@@ -28,7 +28,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from tinker import types
 from tinker.types.try_again_response import TryAgainResponse
 
-from trinity.server import wire
+from trinity.server import control_plane, wire
 from trinity.server.futures import ServiceError
 from trinity.server.limits import parse_json, read_body
 from trinity.server.served import safe_name
@@ -52,7 +52,16 @@ def create_app(service: Service) -> FastAPI:
                 await asyncio.sleep(min(5.0, service.limits.held_timeout_s / 4))
                 service.training.expire_held()
 
-        tasks = [asyncio.create_task(janitor()), asyncio.create_task(expire_held())]
+        async def reaper() -> None:  # idle sessions, expired checkpoints
+            while True:
+                await asyncio.sleep(service.idle.check_every_s)
+                try:
+                    service.reap()
+                except Exception:  # noqa: BLE001 - the next round tries again
+                    log.exception("reaper failed")
+
+        tasks = [janitor(), expire_held(), reaper()]
+        tasks = [asyncio.create_task(task) for task in tasks]
         yield
         for task in tasks:
             task.cancel()
@@ -113,6 +122,7 @@ def create_app(service: Service) -> FastAPI:
         endpoint.__name__ = path  # FastAPI's operation id
         app.post(f"{API}/{path}")(endpoint)
 
+    control_plane.add_routes(app, service, auth)
     for path, request_type, call in (
         ("create_model", types.CreateModelRequest, service.create_model),
         ("optim_step", types.OptimStepRequest, service.optim_step),

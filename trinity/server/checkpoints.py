@@ -129,7 +129,11 @@ class Checkpoints:
         ckpt = self.store.checkpoint(run_id, checkpoint_id)
         if ckpt is None or ckpt["tenant"] != tenant:
             raise ServiceError(404, f"checkpoint {checkpoint_id!r} of run {run_id!r} not found")
-        self.store.delete_checkpoint(run_id, checkpoint_id)
+        self.remove(ckpt)
+
+    def remove(self, ckpt: dict) -> None:
+        """Forget checkpoint row ``ckpt`` and delete its files."""
+        self.store.delete_checkpoint(ckpt["run_id"], ckpt["checkpoint_id"])
         for model in self.models:  # only the run's base model can hold the weights
             model.samplers.forget(weights_name(ckpt["tinker_path"]))
         shutil.rmtree(ckpt["directory"], ignore_errors=True)

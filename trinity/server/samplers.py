@@ -11,7 +11,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from tinker import types
+from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 
 from trinity.engine import SampleRequest
 from trinity.server import wire
@@ -29,6 +31,7 @@ class Sampler:
     base: ServedModel
     model_path: str | None  # the tinker:// path it samples, None for base or snapshot
     weights: str | None  # a ResidentSamplers name; None = the base model
+    freed: str | None = None  # why its in-memory snapshot is gone (its session finished)
 
 
 class Samplers:
@@ -60,11 +63,12 @@ class Samplers:
                 sampler_id, row["tenant"], sampler_id.split(":sample:")[0], base, path, weights
             )
 
-    def finish(self, session_id: str) -> None:
+    def finish(self, session_id: str, reason: str = "finished") -> None:
         """Free the snapshots of a finished session (after the work queued before)."""
         for sampler in self._samplers.values():
             if sampler.session_id == session_id and sampler.weights == sampler.sampler_id:
                 sampler.base.samplers.forget(sampler.weights)
+                sampler.freed = f"its session {session_id!r} is finished ({reason})"
 
     def add_snapshot(
         self, sampler_id: str, tenant: str, session_id: str, base: ServedModel, model_id: str
@@ -115,6 +119,12 @@ class Samplers:
             sampler = self._samplers.get(req.sampling_session_id)
             if sampler is None or sampler.tenant != tenant:
                 raise ServiceError(404, f"unknown sampling_session_id {req.sampling_session_id!r}")
+            if sampler.freed:
+                raise ServiceError(
+                    400,
+                    f"sampler {sampler.sampler_id!r} sampled weights held in memory, freed because "
+                    f"{sampler.freed}; sample from a saved checkpoint instead",
+                )
             if sampler.model_path and not sampler.base.samplers.known(sampler.weights or ""):
                 ckpt, run = self.checkpoints.find(tenant, sampler.model_path)  # 404 once deleted
                 self.checkpoints.sampler_weights(sampler.base, ckpt, run)  # e.g. after a restart
@@ -149,18 +159,15 @@ class Samplers:
                 params=params,
                 adapter=sampler.weights,
                 prompt_logprobs=bool(req.prompt_logprobs),
+                topk_prompt_logprobs=req.topk_prompt_logprobs,
             )
             last_n = req.prompt_logprobs_last_n
 
             def done(f: Any) -> None:
                 try:
                     response = f.result()
-                    if last_n is not None and response.prompt_logprobs is not None:
-                        lp = list(response.prompt_logprobs)
-                        lp[: len(lp) - last_n] = [None] * (len(lp) - last_n)
-                        response = types.SampleResponse(
-                            sequences=response.sequences, _prompt_logprobs_list=lp
-                        )
+                    if last_n is not None:
+                        response = _last_n(response, last_n)
                     result = wire.PROTO_CONTENT_TYPE, wire.encode_sample_response(response)
                 except BaseException as exc:  # noqa: BLE001 - becomes a failed future
                     result = describe(exc)
@@ -169,3 +176,18 @@ class Samplers:
             base.worker.sample(engine_request).future().add_done_callback(done)
         ids = [f"{request_id}:{i}" for i in range(req.num_samples)]
         return types.UntypedAPIFuture(request_id=request_id, sample_sequence_ids=ids)
+
+
+def _last_n(response: types.SampleResponse, last_n: int) -> types.SampleResponse:
+    """Only the last ``last_n`` prompt positions scored (``prompt_logprobs_last_n``)."""
+    lp, topk = response.prompt_logprobs_np, response.topk_prompt_logprobs_np
+    if lp is not None:
+        lp = lp.copy()
+        lp[: len(lp) - last_n] = np.nan
+    if topk is not None:
+        ids, lps = topk.token_ids.copy(), topk.logprobs.copy()
+        ids[: len(ids) - last_n], lps[: len(lps) - last_n] = 0, MASK_LOGPROB
+        topk = TopkLogprobs(token_ids=ids, logprobs=lps)
+    return types.SampleResponse(
+        sequences=response.sequences, prompt_logprobs_np=lp, topk_prompt_logprobs_np=topk
+    )

@@ -9,7 +9,7 @@ with a ``command_log.CommandLog`` that runs its commands in ``seq_id`` order),
 samplers and results live in SQLite (``store.py``), weights as safetensors under ``data_dir``.
 
 Simplifications, on purpose: ``kind="inflight"`` samplers are snapshots; AdamW only; text chunks
-only; no top-k logprobs.
+only; top-k logprobs of prompts, not of samples. docs/tinker-compat.md lists every route and loss.
 """
 
 from __future__ import annotations
@@ -23,15 +23,17 @@ from pathlib import Path
 from tinker import types
 
 from trinity.engine.worker import EngineFuture
-from trinity.server import wire
+from trinity.server import age, wire
 from trinity.server.checkpoints import Checkpoints
 from trinity.server.command_log import Job
 from trinity.server.futures import Futures, Result, ServiceError, json_result
 from trinity.server.limits import Limits
 from trinity.server.samplers import Samplers
 from trinity.server.served import ServedModel, find_model, require_model, safe_name
+from trinity.server.sessions import DEFAULT_IDLE_S, IdleClock
 from trinity.server.store import Store
 from trinity.server.training import Model, TrainingModels
+from trinity.server.ttl import CheckpointTTL
 
 log = logging.getLogger("trinity.server")
 SaveRequest = (
@@ -58,6 +60,7 @@ class Service:
         recover: bool = True,
         client_config: dict | None = None,
         limits: Limits | None = None,
+        session_idle_s: float | None = DEFAULT_IDLE_S,
     ):
         """``api_keys``: key -> tenant; empty = open mode (any ``tml-`` key, one tenant).
 
@@ -68,6 +71,8 @@ class Service:
         ``recover=False`` (offline tools next to a live server) leaves pending futures alone.
         ``client_config``: flags for the SDK's ``/client/config`` (e.g. fwdbwd_max_chunk_len).
         ``limits``: what one client may make the server hold (``limits.Limits``).
+        ``session_idle_s``: a session without heartbeat or call for this long is finished
+        (``sessions.py``); None never expires one.
         """
         if not models:
             raise ValueError("the server needs at least one model")
@@ -80,6 +85,7 @@ class Service:
         self.store = Store(self.data_dir / "server.sqlite")
         self.futures = Futures(self.store, long_poll_s)
         self.checkpoints = Checkpoints(self.store, self.data_dir / "checkpoints", models)
+        self.ttl = CheckpointTTL(self.store, self.checkpoints)
         self.samplers = Samplers(self.store, self.futures, self.checkpoints, models)
         self.training = TrainingModels(
             self.store,
@@ -92,6 +98,7 @@ class Service:
         for m in models:
             m.start(self.data_dir / "spill" / safe_name(m.name), resident_samplers, batch_window_s)
         self.sessions: dict[str, Session] = {}
+        self.idle = IdleClock(session_idle_s)
         self._restore(recover)
 
     def _restore(self, recover: bool) -> None:
@@ -105,6 +112,8 @@ class Service:
             )
         for row in self.store.sessions():
             self.sessions[row["session_id"]] = Session(row["tenant"], row["finished"])
+            if row["finished"] is None:
+                self.idle.touch(row["session_id"])
         self.samplers.restore()
 
     def close(self, autosave: bool = True) -> None:
@@ -149,6 +158,7 @@ class Service:
     def create_session(self, tenant: str, req: types.CreateSessionRequest) -> str:
         session_id = str(uuid.uuid4())
         self.sessions[session_id] = Session(tenant)
+        self.idle.touch(session_id)
         self.store.add_session(session_id, tenant, req.model_dump(mode="json"))
         return session_id
 
@@ -162,11 +172,15 @@ class Service:
                 f"session {session_id!r} is finished ({session.finished}); "
                 "create a new ServiceClient",
             )
+        if live:
+            self.idle.touch(session_id)
         return session
 
     def heartbeat(self, tenant: str, session_id: str) -> None:
-        if self._session(tenant, session_id, live=False).finished is not None:
-            raise ServiceError(410, f"session {session_id!r} is finished")
+        session = self._session(tenant, session_id, live=False)
+        if session.finished is not None:
+            raise ServiceError(410, f"session {session_id!r} is finished ({session.finished})")
+        self.idle.touch(session_id)
 
     def finish_session(self, tenant: str, session_id: str, reason: str) -> None:
         """First finish wins; frees the session's models and snapshots after their queued work."""
@@ -174,9 +188,16 @@ class Service:
         if session.finished is not None:
             return
         session.finished = reason
+        self.idle.forget(session_id)
         self.store.finish_session(session_id, reason)
         self.training.finish(session_id)
-        self.samplers.finish(session_id)
+        self.samplers.finish(session_id, reason)
+
+    def reap(self) -> None:
+        """Finish idle sessions (``sessions.py``), delete expired checkpoints (their TTL)."""
+        for session_id in self.idle.idle():
+            self.finish_session(self.sessions[session_id].tenant, session_id, self.idle.reason)
+        self.ttl.reap()
 
     # --------------------------------------------------------------------- training
     def create_model(self, tenant: str, req: types.CreateModelRequest) -> types.UntypedAPIFuture:
@@ -306,19 +327,27 @@ class Service:
     def save_weights_external(
         self, tenant: str, req: types.SaveWeightsExternalRequest
     ) -> types.UntypedAPIFuture:
-        """The weights for use outside Tinker (``external_weights/NAME``): a peft adapter
-        directory for a LoRA model (what Tinker hands out), a Hugging Face model directory for a
-        full fine-tune. ``RestClient.get_external_weights_urls`` downloads the files."""
+        """The weights for use outside Tinker (``external_weights/NAME``): an adapter directory
+        named as Tinker's are for a LoRA model, a Hugging Face model directory for a full
+        fine-tune; with ``age_encryption_recipients`` every file is ``NAME.age`` (``age.py``).
+        ``RestClient.get_external_weights_urls`` downloads the files."""
         model = self.training.get(tenant, req.model_id)
         engine = model.base.engine
-        export = engine.export_peft if model.lora else engine.export_merged
-        return self._save(
-            model,
-            req,
-            "external_weights",
-            lambda d: export(model.model_id, str(d)),
-            check=lambda: wire.check_save_external(req),
-        )
+        recipients: list = []
+
+        def check() -> None:
+            if req.age_encryption_recipients:
+                recipients.extend(age.parse_recipients(req.age_encryption_recipients))
+
+        def write(directory: Path) -> None:
+            if model.lora:  # Tinker's adapter names, which tinker-cookbook's merge expects
+                engine.export_peft(model.model_id, str(directory), tinker_names=True)
+            else:
+                engine.export_merged(model.model_id, str(directory))
+            if recipients:
+                age.encrypt_directory(directory, recipients)
+
+        return self._save(model, req, "external_weights", write, check=check)
 
     def save_weights_for_sampler(
         self, tenant: str, req: types.SaveWeightsForSamplerRequest

@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS futures (
     content_type TEXT, payload BLOB, created REAL NOT NULL, delivered REAL);
 """
 _JSON_COLUMNS = ("lora", "user_metadata", "meta")
+_LIVE = "(expires_at IS NULL OR expires_at > ?)"
 
 
 def _dump(value: Any) -> str | None:
@@ -158,11 +159,19 @@ class Store:
             expires_at,
         )
 
+    # A checkpoint past its expiry is gone for every lookup, before the reaper deletes its files.
     def checkpoints(self, tenant: str, run_id: str | None = None) -> list[dict[str, Any]]:
         if run_id is None:
-            return self._sql("SELECT * FROM checkpoints WHERE tenant=? ORDER BY created", tenant)
+            return self._sql(
+                f"SELECT * FROM checkpoints WHERE tenant=? AND {_LIVE} ORDER BY created",
+                tenant,
+                time.time(),
+            )
         return self._sql(
-            "SELECT * FROM checkpoints WHERE tenant=? AND run_id=? ORDER BY created", tenant, run_id
+            f"SELECT * FROM checkpoints WHERE tenant=? AND run_id=? AND {_LIVE} ORDER BY created",
+            tenant,
+            run_id,
+            time.time(),
         )
 
     def checkpoint_dirs(self) -> set[str]:
@@ -171,7 +180,26 @@ class Store:
 
     def checkpoint(self, run_id: str, checkpoint_id: str) -> dict[str, Any] | None:
         return self._one(
-            "SELECT * FROM checkpoints WHERE run_id=? AND checkpoint_id=?", run_id, checkpoint_id
+            f"SELECT * FROM checkpoints WHERE run_id=? AND checkpoint_id=? AND {_LIVE}",
+            run_id,
+            checkpoint_id,
+            time.time(),
+        )
+
+    def expired_checkpoints(self) -> list[dict[str, Any]]:
+        return self._sql(
+            "SELECT * FROM checkpoints WHERE expires_at IS NOT NULL AND expires_at <= ?",
+            time.time(),
+        )
+
+    def set_checkpoint_expiry(
+        self, run_id: str, checkpoint_id: str, expires_at: float | None
+    ) -> None:
+        self._sql(
+            "UPDATE checkpoints SET expires_at=? WHERE run_id=? AND checkpoint_id=?",
+            expires_at,
+            run_id,
+            checkpoint_id,
         )
 
     def delete_checkpoint(self, run_id: str, checkpoint_id: str) -> None:

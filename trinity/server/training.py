@@ -110,6 +110,7 @@ class TrainingModels:
         run = self.store.run(model_id)
         if run is None or run["tenant"] != tenant:
             raise ServiceError(404, f"unknown model_id {model_id!r}")
+        self.live_session(tenant, run["session_id"])  # a finished or expired session says so
         if not run["autosave"]:
             raise ServiceError(
                 400,
@@ -117,7 +118,6 @@ class TrainingModels:
                 "finished or the server restarted); continue from a "
                 "checkpoint with create_training_client_from_state",
             )
-        self.live_session(tenant, run["session_id"])
         base = require_model(self.models, run["base_model"])
         model = self._add(
             model_id, tenant, run["session_id"], base, run["lora"], int(run["next_seq"] or 1)

@@ -187,7 +187,7 @@ def validate_request(req: FwdBwdRequest, vocab_size: int, max_context: int | Non
     except ValueError as exc:
         raise WireError(str(exc)) from None
     loss_fn, loss = req.loss_fn, losses.LOSSES[req.loss_fn]
-    required, per_token = loss.inputs, {*loss.inputs, *loss.optional_inputs}
+    required, per_token = loss.inputs, {*loss.inputs, *loss.optional_inputs, *loss.input_defaults}
     for i, datum in enumerate(req.data):
         tokens = np.asarray(datum.model_input.to_ints(), dtype=np.int64)
         n = len(tokens)
@@ -246,8 +246,10 @@ def check_sample_request(
         )
     if not 1 <= req.num_samples <= 256:
         raise WireError(f"SampleRequest.num_samples must be in [1, 256], got {req.num_samples}")
+    k = req.topk_prompt_logprobs
+    if not 0 <= k <= vocab_size:
+        raise WireError(f"SampleRequest.topk_prompt_logprobs must be in [0, {vocab_size}], got {k}")
     for name in (
-        "topk_prompt_logprobs",
         "topk_sample_logprobs",
         "prompt_alt_tokens_k",
         "target_prompt_logprobs",
@@ -386,13 +388,6 @@ def check_same_lora(path: str, checkpoint_lora: dict | None, model_lora: dict | 
 def check_same_base(path: str, trained_on: str, requested: str | None, same: bool) -> None:
     if not same:
         raise WireError(f"checkpoint {path!r} was trained on {trained_on!r}, not {requested!r}")
-
-
-def check_save_external(req: types.SaveWeightsExternalRequest) -> None:
-    if req.age_encryption_recipients:
-        raise WireError(
-            "SaveWeightsExternalRequest.age_encryption_recipients is not supported by this server"
-        )
 
 
 def check_save_for_sampler(req: types.SaveWeightsForSamplerRequest) -> None:
@@ -557,5 +552,11 @@ def encode_sample_response(resp: types.SampleResponse) -> bytes:
         msg.prompt_logprobs = np.asarray(
             [math.nan if v is None else v for v in prompt_lp], dtype=np.float32
         ).tobytes()
+    topk = resp.topk_prompt_logprobs_np
+    if topk is not None:
+        n, k = topk.token_ids.shape
+        msg.topk_prompt_logprobs.token_ids = np.asarray(topk.token_ids, dtype=np.int32).tobytes()
+        msg.topk_prompt_logprobs.logprobs = np.asarray(topk.logprobs, dtype=np.float32).tobytes()
+        msg.topk_prompt_logprobs.k, msg.topk_prompt_logprobs.length = k, n
     msg.prompt_cache_hit_tokens = int(resp.prompt_cache_hit_tokens or 0)
     return msg.SerializeToString()

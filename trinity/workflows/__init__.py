@@ -6,6 +6,7 @@ from trinity.workflows.agents import (
     MultiTurnWorkflow,
     agent_workflow,
 )
+from trinity.workflows.judges import MathJudgeWorkflow, MathRulerWorkflow
 from trinity.workflows.rewards import REWARD_FUNCTIONS
 from trinity.workflows.types import Experience, Response, Sampler, Task
 from trinity.workflows.workflows import (
@@ -27,6 +28,8 @@ __all__ = [
     "CountdownWorkflow",
     "Experience",
     "MathBoxedWorkflow",
+    "MathJudgeWorkflow",
+    "MathRulerWorkflow",
     "MathWorkflow",
     "Response",
     "Sampler",

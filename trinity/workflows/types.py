@@ -30,6 +30,7 @@ class Task:
     reward_fn_args: dict[str, Any] = field(default_factory=dict)
     is_eval: bool = False
     batch_id: int = 0
+    row: int | None = None  # the taskset row: selectors learn per row (pass_rate_calculator)
 
 
 @dataclass

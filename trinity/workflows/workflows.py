@@ -8,6 +8,7 @@ natively async, so the original's ``async_*`` names are aliases of the same clas
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from trinity.registry import WORKFLOWS
@@ -40,11 +41,18 @@ class Workflow:
     """
 
     can_repeat = True
+    auxiliary_model_wrappers: list[Any] = []  # noqa: RUF012 - explorer.auxiliary_models, set per run
 
     def __init__(self, task: Task, sampler: Sampler):
         self.task = task
         self.sampler = sampler
         self.model = sampler
+
+    @functools.cached_property
+    def auxiliary_models(self) -> list[Any]:
+        """``explorer.auxiliary_models`` as ``openai.AsyncOpenAI`` clients, in config order (the
+        original's name; it hands async workflows async clients, and every workflow here is)."""
+        return [model.get_openai_async_client() for model in self.auxiliary_model_wrappers]
 
     @classmethod
     def required_fields(cls, fmt: dict[str, Any]) -> dict[str, tuple[str, ...]]:

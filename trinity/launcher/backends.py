@@ -1,0 +1,256 @@
+"""What one process talks to, built from the validated config: the local engine, Ray rollout
+actors, or a Tinker service (Thinking Machines', a team's own ``trinity server``, or one started
+for this run with ``model.tinker.base_url: local``)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trinity.algorithms import build_loss_plan
+from trinity.backends.local import LocalRuntime, LocalSampler, LocalTrainer
+from trinity.backends.ray_actors import TinkerSamplers
+from trinity.backends.tinker_sdk import TinkerSampler, TinkerSession, TinkerTrainer
+from trinity.explorer.sampler import AuxiliaryModel, RolloutSettings
+from trinity.jobdir import JobDir
+from trinity.launcher.cluster import RayCluster, runner_env
+
+log = logging.getLogger("trinity")
+
+LOCAL_SERVER = "local"  # model.tinker.base_url value: start `trinity server` for this run
+
+
+def check_credentials(config: Any) -> None:
+    """The Tinker backend needs an API key unless this run starts its own server."""
+    from trinity.config import ConfigError
+
+    tinker_cfg = config.model.tinker
+    if not tinker_cfg.enable or _base_url(config) == LOCAL_SERVER:
+        return
+    if not _api_key():
+        raise ConfigError(
+            "model.tinker.enable: set TRINITY_API_KEY or TINKER_API_KEY for the Tinker service "
+            f"(or model.tinker.base_url: {LOCAL_SERVER} to serve the model on this machine)"
+        )
+
+
+def _base_url(config: Any) -> str | None:
+    return config.model.tinker.base_url or os.environ.get("TINKER_BASE_URL")
+
+
+def _api_key() -> str | None:
+    return os.environ.get("TRINITY_API_KEY") or os.environ.get("TINKER_API_KEY")
+
+
+@dataclass
+class Backends:
+    """What one process talks to: a trainer and/or a sampler, and how to close them."""
+
+    trainer: Any = None
+    sampler: Any = None
+    ref_sampler: Any = None
+    tokenizer: Any = None
+    auxiliary: list[AuxiliaryModel] = field(default_factory=list)  # explorer.auxiliary_models
+    closers: list = field(default_factory=list)
+
+    session: Any = None  # a TinkerSession, told at the end how the run went
+    runners: Any = None  # Ray mode: the RunnerPool the explorer's workflows run on
+
+    async def close(self, error: BaseException | None = None) -> None:
+        if self.session is not None:  # first: an embedded server is among the closers
+            status = "success" if error is None else "errored"
+            if isinstance(error, KeyboardInterrupt | asyncio.CancelledError):
+                status = "interrupted"
+            await self.session.close(status, None if error is None else repr(error)[:500])
+        for close in reversed(self.closers):
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
+
+
+def _lora_spec(config: Any) -> Any:
+    from trinity.engine import LoraSpec
+
+    tinker_cfg = config.model.tinker
+    if tinker_cfg.enable or not config.model.lora_configs:
+        return LoraSpec(
+            rank=tinker_cfg.rank,
+            seed=tinker_cfg.seed,
+            train_mlp=tinker_cfg.train_mlp,
+            train_attn=tinker_cfg.train_attn,
+            train_unembed=tinker_cfg.train_unembed,
+        )
+    lora = config.model.lora_configs[0]
+    return LoraSpec(rank=lora.lora_rank, alpha=lora.lora_alpha, seed=tinker_cfg.seed)
+
+
+async def build_backends(
+    config: Any,
+    *,
+    explore: bool,
+    train: bool,
+    resume_ref: str | None,
+    cluster: RayCluster | None = None,
+) -> Backends:
+    """With ``cluster``, the explorer's sampling happens on Ray actors (``backends.runners``)."""
+    from trinity.engine.demo_model import resolve_model_path
+
+    backends = Backends()
+    tinker_cfg = config.model.tinker
+    needs_reference = build_loss_plan(config.algorithm).needs_reference
+    remote = explore and cluster is not None
+    if remote and config.explorer.auxiliary_models:
+        from trinity.config import ConfigError
+
+        raise ConfigError(
+            "explorer.auxiliary_models: not served to Ray workflow runners yet; run the explorer "
+            "in-process (no RAY_ADDRESS / cluster.ray_address)"
+        )
+    if not tinker_cfg.enable:
+        model_path = str(resolve_model_path(config.model.model_path))
+        if train or not remote:
+            runtime = LocalRuntime(model_path)
+            backends.closers.append(runtime.close)
+            backends.tokenizer = runtime.tokenizer
+        if train:
+            # rollout model actors load published weights from disk, as another process would
+            backends.trainer = LocalTrainer(
+                runtime, "policy", _lora_spec(config), persist_samplers=remote or not explore
+            )
+            if resume_ref:
+                await backends.trainer.load_state(resume_ref)
+            if needs_reference:
+                backends.ref_sampler = LocalSampler(runtime)
+        if remote:
+            env = runner_env(config)
+            backends.sampler = await cluster.rollout_models(model_path, env)
+            backends.tokenizer = backends.sampler.tokenizer
+            backends.runners = await cluster.runner_pool(
+                backends.sampler, backends.sampler, rollout_settings(config), env
+            )
+        elif explore:
+            backends.sampler = LocalSampler(runtime)
+        for aux in config.explorer.auxiliary_models if explore else []:
+            aux_runtime = LocalRuntime(str(resolve_model_path(aux.model_path)))
+            backends.closers.append(aux_runtime.close)
+            backends.auxiliary.append(
+                AuxiliaryModel(LocalSampler(aux_runtime), auxiliary_settings(config, aux))
+            )
+        return backends
+
+    base_url, api_key = _base_url(config), _api_key()
+    base_model = tinker_cfg.base_model or config.model.model_path
+    aux_models = [aux.model_path for aux in config.explorer.auxiliary_models] if explore else []
+    if base_url == LOCAL_SERVER:
+        base_url, api_key, (base_model, *aux_models) = _start_local_server(
+            config, backends, aux_models
+        )
+    session = TinkerSession(base_url, api_key)
+    backends.session = session
+    await asyncio.to_thread(session.check_model, base_model)
+    if train:
+        if resume_ref:
+            backends.trainer = await TinkerTrainer.from_state(session, resume_ref)
+        else:
+            backends.trainer = await TinkerTrainer.create(
+                session,
+                base_model,
+                rank=tinker_cfg.rank,
+                seed=tinker_cfg.seed,
+                train_mlp=tinker_cfg.train_mlp,
+                train_attn=tinker_cfg.train_attn,
+                train_unembed=tinker_cfg.train_unembed,
+            )
+        backends.tokenizer = backends.trainer.tokenizer
+        if needs_reference:
+            backends.ref_sampler = await TinkerSampler.create(session, base_model)
+    if explore:
+        backends.sampler = await TinkerSampler.create(session, base_model)
+        backends.tokenizer = backends.sampler.tokenizer
+    for aux, aux_model in zip(config.explorer.auxiliary_models, aux_models, strict=False):
+        await asyncio.to_thread(session.check_model, aux_model)
+        backends.auxiliary.append(
+            AuxiliaryModel(
+                await TinkerSampler.create(session, aux_model), auxiliary_settings(config, aux)
+            )
+        )
+    if remote:  # each runner opens its own session, with this run's endpoint and key
+        endpoint = {
+            "TRINITY_API_KEY": api_key,
+            **({"TINKER_BASE_URL": base_url} if base_url else {}),
+        }
+        backends.runners = await cluster.runner_pool(
+            TinkerSamplers(base_model),
+            backends.sampler,
+            rollout_settings(config),
+            runner_env(config, endpoint),
+        )
+    return backends
+
+
+def _start_local_server(
+    config: Any, backends: Backends, auxiliary: list[str]
+) -> tuple[str, str, list[str]]:
+    """``base_url: local``: serve the model (and the ``auxiliary`` ones) with ``trinity server``
+    on a loopback port; returns its URL, API key and the models' names there."""
+    from trinity.engine.demo_model import resolve_model_path
+    from trinity.server import build_service
+    from trinity.server.runner import ServerThread
+
+    policy = config.model.tinker.base_model or config.model.model_path
+    paths = [str(resolve_model_path(path)) for path in [policy, *auxiliary]]
+    api_key = f"tml-{secrets.token_hex(16)}"
+    service = build_service(
+        list(dict.fromkeys(paths)), JobDir(config.checkpoint_job_dir).server_dir, f"{api_key}=local"
+    )
+    server = ServerThread(service).start()
+    backends.closers.append(server.stop)
+    log.info("started trinity server for this run at %s (models %s)", server.url, paths)
+    return server.url, api_key, [str(Path(path).resolve()) for path in paths]
+
+
+def chat_template(config: Any) -> str | None:
+    model = config.model
+    if model.custom_chat_template is None and model.chat_template_path:
+        return Path(model.chat_template_path).read_text()
+    return model.custom_chat_template
+
+
+def auxiliary_settings(config: Any, aux: Any) -> RolloutSettings:
+    """An auxiliary model samples as ``model.*`` says, except for the lengths its entry sets;
+    it renders chats with its own template (or the entry's), never the policy's."""
+    base, model = rollout_settings(config), config.model
+    return dataclasses.replace(
+        base,
+        max_model_len=aux.max_model_len or model.max_model_len,
+        max_prompt_tokens=aux.max_prompt_tokens or model.max_prompt_tokens,
+        max_response_tokens=aux.max_response_tokens or model.max_response_tokens,
+        chat_template=aux.chat_template,
+        enable_auto_tool_choice=aux.enable_auto_tool_choice,
+        tool_call_parser=aux.tool_call_parser,
+    )
+
+
+def rollout_settings(config: Any) -> RolloutSettings:
+    model, rollout = config.model, config.explorer.rollout_model
+    template = chat_template(config)
+    return RolloutSettings(
+        max_prompt_tokens=model.max_prompt_tokens,
+        max_response_tokens=model.max_response_tokens,
+        temperature=model.temperature,
+        top_p=model.top_p,
+        top_k=model.top_k,
+        enable_prompt_truncation=model.enable_prompt_truncation,
+        chat_template=template,
+        max_model_len=model.max_model_len,
+        enable_history=rollout.enable_history,
+        enable_openai_api=rollout.enable_openai_api,
+        enable_auto_tool_choice=rollout.enable_auto_tool_choice,
+        tool_call_parser=rollout.tool_call_parser,
+    )
