@@ -22,10 +22,10 @@ def smollm2_gguf_dir() -> Path:
     return Path(spec.origin).parent
 
 
-def build_tiny_model(directory: Path, seed: int = 0) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tiny_llama(tokenizer, tie_word_embeddings: bool = True):
+    """A 2-layer, 64-wide Llama over ``tokenizer``'s vocabulary, randomly initialised."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf_dir(), gguf_file=GGUF_NAME)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -34,13 +34,24 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    return LlamaForCausalLM(config)
+
+
+def demo_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_gguf_dir(), gguf_file=GGUF_NAME)
+
+
+def build_tiny_model(directory: Path, seed: int = 0) -> Path:
+    tokenizer = demo_tokenizer()
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(tokenizer)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

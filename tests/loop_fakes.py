@@ -15,6 +15,11 @@ import torch
 from tinker import types
 from workflow_fakes import CharTokenizer
 
+from trinity.algorithms import explorer_advantage_fn
+from trinity.explorer.explorer import Explorer
+from trinity.explorer.sampler import RolloutSettings
+from trinity.synchronizer.synchronizer import Synchronizer
+
 
 class FakeLearner:
     """A ``TrainerBackend``: every datum's logprobs are -0.5 per target token."""
@@ -155,3 +160,20 @@ class RecordingMonitor:
 
     def steps_with(self, key: str) -> list[int]:
         return [step for step, metrics in self.records if key in metrics]
+
+
+def explorer_for(tmp_path, sampler, task_reader, **kwargs):
+    """An explorer over fakes (GRPO advantages); returns it with its buffer, monitor, synchronizer."""
+    buffer, monitor = ListBuffer(), RecordingMonitor()
+    sync = kwargs.pop("synchronizer", None) or Synchronizer(tmp_path, sync_timeout=5)
+    explorer = Explorer(
+        sampler=sampler,
+        settings=RolloutSettings(max_response_tokens=8),
+        reader=task_reader,
+        buffer=buffer,
+        synchronizer=sync,
+        monitor=monitor,
+        advantage_fn=explorer_advantage_fn({"algorithm_type": "grpo"}),
+        **kwargs,
+    )
+    return explorer, buffer, monitor, sync

@@ -10,29 +10,13 @@ from peft import PeftModel
 from tinker import types
 from transformers import AutoModelForCausalLM
 
+from tests.engine_probe import datums, logprobs, plain_logprobs
 from trinity.cli.main import main
 from trinity.engine import Engine, LoraSpec
 from trinity.jobdir import JobDir
 from trinity.server.store import Store
 
 STEP = types.AdamParams(learning_rate=0.02)
-
-
-def datums(seed: int, count: int = 2, length: int = 10) -> list[types.Datum]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        seq = torch.randint(0, 49152, (length + 1,), generator=g).tolist()
-        out.append(
-            types.Datum(
-                model_input=types.ModelInput.from_ints(seq[:-1]),
-                loss_fn_inputs={"target_tokens": seq[1:], "weights": [1.0] * length},
-            )
-        )
-    return out
-
-
-PROBE = datums(99, count=3)
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +30,7 @@ def trained(engine: Engine, model_id: str, lora: LoraSpec | None) -> torch.Tenso
     for i in range(2):
         engine.forward_backward(model_id, datums(i), "cross_entropy")
         engine.optim_step(model_id, STEP if lora else types.AdamParams(learning_rate=1e-3))
-    out = engine.forward_backward(model_id, PROBE, "cross_entropy", forward_only=True)
-    return torch.cat([o["logprobs"].to_torch() for o in out.loss_fn_outputs])
-
-
-def plain_logprobs(model) -> torch.Tensor:
-    out = []
-    with torch.no_grad():
-        for datum in PROBE:
-            targets = datum.loss_fn_inputs["target_tokens"].to_torch()
-            logits = model(input_ids=torch.tensor([datum.model_input.to_ints()])).logits[0]
-            out.append(logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1))
-    return torch.cat(out)
+    return logprobs(engine, model_id)
 
 
 def local_run(engine: Engine, model_id: str, run_dir, step: int = 3):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from tinker import types
 from transformers import AutoModelForCausalLM
 
+from tests.engine_probe import PROBE, datums, logprobs, plain_logprobs
 from trinity.engine import Engine, LoraSpec, SampleRequest
 
 STEP = types.AdamParams(learning_rate=0.02, weight_decay=0.01, grad_clip_norm=5.0)
@@ -23,44 +24,10 @@ def engine(tiny_model_dir):
     return Engine(str(tiny_model_dir), dtype=torch.float32)
 
 
-def datums(seed: int, count: int = 2, length: int = 12) -> list[types.Datum]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        seq = torch.randint(0, 49152, (length + 1,), generator=g).tolist()
-        out.append(
-            types.Datum(
-                model_input=types.ModelInput.from_ints(seq[:-1]),
-                loss_fn_inputs={"target_tokens": seq[1:], "weights": [1.0] * length},
-            )
-        )
-    return out
-
-
-PROBE = datums(99, count=3)
-
-
 def train(engine: Engine, model_id: str, steps: int, seed: int = 0) -> None:
     for i in range(steps):
         engine.forward_backward(model_id, datums(seed + i), "cross_entropy")
         engine.optim_step(model_id, STEP)
-
-
-def logprobs(engine: Engine, model_id: str) -> torch.Tensor:
-    out = engine.forward_backward(model_id, PROBE, "cross_entropy", forward_only=True)
-    return torch.cat([o["logprobs"].to_torch() for o in out.loss_fn_outputs])
-
-
-def plain_logprobs(model) -> torch.Tensor:
-    """The same probe through an ordinary transformers / peft forward pass."""
-    out = []
-    with torch.no_grad():
-        for datum in PROBE:
-            tokens = datum.model_input.to_ints()
-            targets = datum.loss_fn_inputs["target_tokens"].to_torch()
-            logits = model(input_ids=torch.tensor([tokens])).logits[0].float()
-            out.append(logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1))
-    return torch.cat(out)
 
 
 def greedy(engine: Engine, adapter: str | None) -> tuple[list[int], list[float]]:

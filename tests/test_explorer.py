@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import asyncio
 
-from loop_fakes import FakeSampler, ListBuffer, RecordingMonitor
+from loop_fakes import FakeSampler, explorer_for
 
-from trinity.algorithms import explorer_advantage_fn
 from trinity.buffer.tasksets import TasksetReader
-from trinity.explorer.explorer import Explorer
-from trinity.explorer.sampler import RolloutSettings
 from trinity.registry import WORKFLOWS
 from trinity.synchronizer.synchronizer import Synchronizer
 from trinity.workflows import SimpleWorkflow
@@ -48,22 +45,6 @@ def reader(workflow: str = "simple_workflow", **taskset) -> TasksetReader:
         default_workflow=workflow,
         default_reward_fn="accuracy_reward",
     )
-
-
-def explorer_for(tmp_path, sampler, task_reader, **kwargs):
-    buffer, monitor = ListBuffer(), RecordingMonitor()
-    sync = kwargs.pop("synchronizer", None) or Synchronizer(tmp_path, sync_timeout=5)
-    explorer = Explorer(
-        sampler=sampler,
-        settings=RolloutSettings(max_response_tokens=8),
-        reader=task_reader,
-        buffer=buffer,
-        synchronizer=sync,
-        monitor=monitor,
-        advantage_fn=explorer_advantage_fn({"algorithm_type": "grpo"}),
-        **kwargs,
-    )
-    return explorer, buffer, monitor, sync
 
 
 def test_a_step_puts_scored_grouped_experiences_with_advantages(tmp_path):

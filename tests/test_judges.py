@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 
-from tests.conftest import GGUF_NAME, smollm2_gguf_dir
+from tests.conftest import demo_tokenizer, tiny_llama
 from trinity.explorer.explorer import rollout
 from trinity.explorer.sampler import AuxiliaryModel, RolloutSettings
 from trinity.workflows.judges import parse_ranking, parse_score
@@ -26,24 +26,10 @@ ASSISTANT_TURN = "\n"  # the last token of the template's generation prompt
 def build_judge(directory, reply: str):
     """A 2-layer Llama that is a pure bigram model (attention and MLP outputs zeroed): token k of
     ``ASSISTANT_TURN + reply`` is followed by token k+1, the last by EOS, each with logit 240."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf_dir(), gguf_file=GGUF_NAME)
+    tokenizer = demo_tokenizer()
     chain = tokenizer.encode(ASSISTANT_TURN + reply, add_special_tokens=False)
     assert len(set(chain)) == len(chain) < 63, "a bigram chain needs distinct tokens"
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(tokenizer, tie_word_embeddings=False)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()

@@ -10,15 +10,14 @@ import math
 
 import pytest
 import yaml
-from loop_fakes import FakeLearner, FakeSampler, ListBuffer, RecordingMonitor
+from loop_fakes import FakeLearner, FakeSampler, RecordingMonitor, explorer_for
 from tinker import types
 
-from trinity.algorithms import adam_params_fn, build_loss_plan, explorer_advantage_fn
+from trinity.algorithms import adam_params_fn, build_loss_plan
 from trinity.buffer.operators import build_operator, build_pipeline
 from trinity.buffer.tasksets import TasksetReader
 from trinity.config import ConfigError, load_config
-from trinity.explorer.explorer import MAX_EXTRA_BATCHES, Explorer
-from trinity.explorer.sampler import RolloutSettings
+from trinity.explorer.explorer import MAX_EXTRA_BATCHES
 from trinity.jobdir import JobDir
 from trinity.synchronizer.synchronizer import Synchronizer
 from trinity.trainer.trainer import Trainer
@@ -230,15 +229,11 @@ def test_the_trainer_receives_full_filtered_and_masked_batches(tmp_path):
             }
         }
     )
-    buffer, monitor = ListBuffer(), RecordingMonitor()
-    explorer = Explorer(
-        sampler=TruncatingSampler(["2", "3", "xxxx", "9"]),
-        settings=RolloutSettings(max_response_tokens=8),
-        reader=reader,
-        buffer=buffer,
+    explorer, buffer, monitor, _ = explorer_for(
+        tmp_path,
+        TruncatingSampler(["2", "3", "xxxx", "9"]),
+        reader,
         synchronizer=Synchronizer(tmp_path, sync_interval=100),
-        monitor=monitor,
-        advantage_fn=explorer_advantage_fn({"algorithm_type": "grpo"}),
         pipeline=pipeline,
         job_dir=JobDir(tmp_path / "job"),
     )
@@ -300,15 +295,11 @@ def test_a_step_stops_topping_up_after_the_extra_batch_limit(tmp_path, caplog):
         default_workflow="simple_workflow",
         default_reward_fn="accuracy_reward",
     )
-    buffer, monitor = ListBuffer(), RecordingMonitor()
-    explorer = Explorer(
-        sampler=FakeSampler(["wrong"]),
-        settings=RolloutSettings(max_response_tokens=8),
-        reader=reader,
-        buffer=buffer,
+    explorer, buffer, monitor, _ = explorer_for(
+        tmp_path,
+        FakeSampler(["wrong"]),
+        reader,
         synchronizer=Synchronizer(tmp_path, sync_interval=100),
-        monitor=monitor,
-        advantage_fn=explorer_advantage_fn({"algorithm_type": "grpo"}),
         pipeline=build_pipeline(
             {"experience_pipeline": {"operators": [{"name": "reward_std_filter"}]}}
         ),

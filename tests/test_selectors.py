@@ -9,15 +9,12 @@ import json
 
 import numpy as np
 import pytest
-from loop_fakes import FakeSampler, ListBuffer, RecordingMonitor
+from loop_fakes import FakeSampler, explorer_for
 
-from trinity.algorithms import explorer_advantage_fn
 from trinity.buffer.operators import build_pipeline
 from trinity.buffer.selectors import DifficultyBased
 from trinity.buffer.tasksets import TasksetError, TasksetReader
 from trinity.config import ConfigError, load_config
-from trinity.explorer.explorer import Explorer
-from trinity.explorer.sampler import RolloutSettings
 from trinity.synchronizer.synchronizer import Synchronizer
 
 SIZE = 10
@@ -152,15 +149,11 @@ def test_the_explorer_feeds_measured_pass_rates_to_the_selector(rows_file, tmp_p
             "kwargs": {"tau": 0, "rho": 0.0},
         },
     )
-    buffer = ListBuffer()
-    explorer = Explorer(
-        sampler=FakeSampler(["1"]),
-        settings=RolloutSettings(max_response_tokens=8),
-        reader=task_reader,
-        buffer=buffer,
+    explorer, buffer, _, _ = explorer_for(
+        tmp_path,
+        FakeSampler(["1"]),
+        task_reader,
         synchronizer=Synchronizer(tmp_path, sync_interval=100),
-        monitor=RecordingMonitor(),
-        advantage_fn=explorer_advantage_fn({"algorithm_type": "grpo"}),
         pipeline=build_pipeline(
             {"experience_pipeline": {"operators": [{"name": "pass_rate_calculator"}]}}
         ),
