@@ -167,5 +167,6 @@ def test_runner_failures_lose_nothing(tmp_path, tiny_model_dir, ray_cluster, mon
         run_cli(config)
     assert "timed out; replaced it with a new actor" in caplog.text
     assert "died (ActorDiedError); replaced it with a new actor" in caplog.text
-    assert killed and calls.count(killed[0]) == 2  # the killed task ran again
+    # the killed task ran again (a third time too if its rerun passed max_timeout on a slow machine)
+    assert killed and calls.count(killed[0]) >= 2
     assert_full_batches(trainer_records(job_dir(tmp_path, "failures")))
