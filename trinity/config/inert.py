@@ -81,8 +81,6 @@ INERT: dict[str, Inert] = {
     "data_processor.experience_pipeline.inputs": Inert(NOT_YET, ({},)),
     "data_processor.experience_pipeline.output": Inert(NOT_YET),
     "service": Inert(NOT_YET, ({},)),
-    "algorithm.sample_strategy": Inert(NOT_YET, ("default", "warmup")),
-    "algorithm.sample_strategy_args": Inert(NOT_YET, ({},)),
     "algorithm.optimizer.optimizer_type": Inert("the optimizer is AdamW", ("adam", "adamw")),
     "algorithm.enable_router_replay": Inert("MoE router replay (veRL)", (False,)),
     "algorithm.bypass_old_logprobs": Inert("the sampler's logprobs are always pi_old", (True,)),

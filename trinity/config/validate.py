@@ -45,6 +45,13 @@ SYNC_STYLE_ALIASES = {
 }
 LR_SCHEDULERS = ("constant", "cosine")
 SAMPLE_STRATEGIES = ("default", "warmup", "staleness_control", "mix")
+# each strategy's args with the original's defaults (trinity.buffer.strategies applies them)
+SAMPLE_STRATEGY_ARGS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "warmup": {},
+    "staleness_control": {"max_staleness": float("inf")},
+    "mix": {"expert_data_ratio": 0.5, "sft_dataset_name": "sft_dataset"},
+}
 ENTROPY_LOSS_FNS = ("default", "mix", "none")
 TASKSET_STORAGE = ("file",)  # the original's sql tasksets are not implemented
 EXPERIENCE_STORAGE = ("queue", "sqlite", "sql", "file")
@@ -75,6 +82,7 @@ def finalize(config: Config) -> None:
     _check_algorithm(config)
     _check_model(config)
     _check_buffer(config)
+    _check_sample_strategy(config)
     _check_explorer_trainer(config)
     _check_synchronizer(config)
     _check_monitor(config)
@@ -342,6 +350,38 @@ def _check_buffer(config: Config) -> None:
             exp.storage_type = "queue"
     _at_least(exp.capacity, 1, f"{key}.capacity")
     _positive(exp.max_read_timeout, f"{key}.max_read_timeout")
+
+
+def _check_sample_strategy(config: Config) -> None:
+    """The strategy's args (the original's names), and the SFT dataset ``mix`` reads."""
+    algo, trainer_input = config.algorithm, config.buffer.trainer_input
+    name = algo.sample_strategy or ALGORITHMS.get(algo.algorithm_type).sample_strategy
+    known = SAMPLE_STRATEGY_ARGS[name]
+    _known_keys(algo.sample_strategy_args, "algorithm.sample_strategy_args", known)
+    args = {**known, **algo.sample_strategy_args}
+    if name == "staleness_control":
+        _at_least(args["max_staleness"], 0, "algorithm.sample_strategy_args.max_staleness")
+    aux = trainer_input.auxiliary_buffers
+    if name == "mix":
+        ratio = args["expert_data_ratio"]
+        require(
+            isinstance(ratio, int | float) and 0 <= ratio <= 1,
+            f"algorithm.sample_strategy_args.expert_data_ratio must be in [0, 1], got {ratio}",
+        )
+        dataset = args["sft_dataset_name"]
+        key = f"buffer.trainer_input.auxiliary_buffers.{dataset}"
+        require(
+            dataset in aux,
+            f"{key}: sample_strategy 'mix' reads its SFT rows there (auxiliary_buffers has "
+            f"{', '.join(aux) or 'nothing'})",
+        )
+        require(bool(aux[dataset].path), f"{key}.path is required (the SFT dataset to mix in)")
+    elif aux:  # as in the original: only the mix strategy reads them
+        log.warning(
+            "buffer.trainer_input.auxiliary_buffers is only read by algorithm.sample_strategy "
+            "'mix' (this config's is '%s'): ignored",
+            name,
+        )
 
 
 def _check_taskset(taskset: TasksetConfig, key: str) -> None:

@@ -28,8 +28,10 @@ from trinity.algorithms import (
 from trinity.buffer.experience import build_experience_buffer
 from trinity.buffer.operators import build_pipeline
 from trinity.buffer.sft import sft_dataset, sft_sequence
+from trinity.buffer.strategies import build_strategy
 from trinity.buffer.tasksets import TasksetReader
 from trinity.config import to_yaml
+from trinity.config.validate import SAMPLE_STRATEGY_ARGS
 from trinity.explorer.explorer import Explorer
 from trinity.jobdir import JobDir, atomic_write
 from trinity.launcher.backends import (
@@ -88,19 +90,15 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
         reader = _reader(config, buffer_cfg.explorer_input.tasksets[0])
         reader.skip_batches(job_dir.taskset_batches_read(start_step))
         eval_readers = _eval_readers(config)
-    sft = train and not explore and resolve_algorithm(algorithm).schema == "sft"
-    sft_data = None
+    settings = resolve_algorithm(algorithm)
+    sft = train and not explore and settings.schema == "sft"
+    sft_data = expert_data = None
     if sft:
-        from transformers import AutoTokenizer
-
-        from trinity.engine.demo_model import resolve_model_path
-
-        tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(config.model.model_path)))
-        sft_data = sft_dataset(
-            buffer_cfg.trainer_input.experience_buffer,
-            tokenizer,
-            chat_template=chat_template(config),
-            max_len=config.model.max_model_len,
+        sft_data = _sft_rows(config, buffer_cfg.trainer_input.experience_buffer)
+    if train and settings.sample_strategy == "mix":  # read and checked before any engine starts
+        name = {**SAMPLE_STRATEGY_ARGS["mix"], **algorithm.sample_strategy_args}
+        expert_data = _sft_rows(
+            config, buffer_cfg.trainer_input.auxiliary_buffers[name["sft_dataset_name"]]
         )
     total_steps = buffer_cfg.total_steps or config.trainer.total_steps
     if not total_steps:
@@ -152,6 +150,9 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
                 ),
                 max_checkpoints_to_keep=config.trainer.max_checkpoints_to_keep,
                 save_hf_checkpoint=config.trainer.save_hf_checkpoint,
+                strategy=_strategy(
+                    config, settings.sample_strategy, buffer, expert_data, start_step
+                ),
             )
             if resume and explore:
                 # the explorer continues from the trained weights, not from the base model
@@ -218,6 +219,34 @@ async def _feed_sft(
     while batch := list(itertools.islice(stream, batch_size)):
         await buffer.put(batch)
     await buffer.close()
+
+
+def _sft_rows(config: Any, dataset: Any) -> list[Any]:
+    """An SFT dataset (an experience or auxiliary buffer's path, split, format) tokenized."""
+    from transformers import AutoTokenizer
+
+    from trinity.engine.demo_model import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(config.model.model_path)))
+    return sft_dataset(
+        dataset, tokenizer, chat_template=chat_template(config), max_len=config.model.max_model_len
+    )
+
+
+def _strategy(
+    config: Any, name: str, buffer: Any, expert_data: list[Any] | None, start_step: int
+) -> Any:
+    """``algorithm.sample_strategy``; mix's SFT rows continue where a resumed run stopped."""
+    args = config.algorithm.sample_strategy_args
+    tbs = config.buffer.train_batch_size
+    rows = None
+    if expert_data is not None:
+        ratio = {**SAMPLE_STRATEGY_ARGS["mix"], **args}["expert_data_ratio"]
+        skip = start_step * math.ceil(ratio * tbs)
+        rows = itertools.islice(
+            sft_sequence(expert_data, config.explorer.rollout_model.seed), skip, None
+        )
+    return build_strategy(name, args, buffer, train_batch_size=tbs, expert_rows=rows)
 
 
 def _reader(config: Any, taskset: Any, *, is_eval: bool = False) -> TasksetReader:
