@@ -73,7 +73,6 @@ def test_every_key_at_its_default_names_exactly_the_gpu_settings_and_missing_fea
     expected = {
         *GPU_ROLLOUT_KEYS,
         *GPU_TRAINER_KEYS,
-        "buffer.trainer_input.auxiliary_buffers",
         # an auxiliary model is served like the rollout model: the same engine knobs do nothing
         *(key.replace("rollout_model", "auxiliary_models[0]") for key in GPU_ROLLOUT_KEYS),
     }

@@ -108,7 +108,6 @@ INERT: dict[str, Inert] = {
     **{f"buffer.explorer_input.tasksets[*].{k}": v for k, v in _TASKSET.items()},
     **{f"buffer.explorer_input.eval_tasksets[*].{k}": v for k, v in _TASKSET.items()},
     **{f"buffer.trainer_input.experience_buffer.{k}": v for k, v in _EXPERIENCE_BUFFER.items()},
-    "buffer.trainer_input.auxiliary_buffers": Inert(NOT_YET, ({},)),
     "explorer.runner_prepare_concurrency": Inert("runners need no preparation", (8,)),
     "explorer.runner_prepare_max_retries": Inert("runners need no preparation", (2,)),
     "explorer.max_repeat_times_per_runner": Inert(NOT_YET),
