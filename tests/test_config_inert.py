@@ -96,6 +96,7 @@ def test_features_switched_on_are_named_and_their_harmless_values_are_not(caplog
         assert override.split("=")[0] in named
     harmless = [
         "algorithm.sample_strategy=staleness_control",  # works: trinity.buffer.strategies
+        "buffer.trainer_input.experience_buffer.replay_buffer.enable=true",  # works: ReplayBuffer
         "model.repetition_penalty=1",
         "explorer.rollout_model.enable_log_requests=false",
         "buffer.explorer_input.taskset.data_selector.selector_type=SHUFFLE",

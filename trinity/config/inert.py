@@ -41,9 +41,6 @@ _TASKSET = {
     "rollout_args.n": Inert("n is algorithm.repeat_times"),
     "task_selector": Inert("deprecated: use data_selector"),
 }
-_EXPERIENCE_BUFFER = {
-    "replay_buffer.enable": Inert(NOT_YET, (False,)),
-}
 _ROLLOUT_MODEL = {
     "engine_type": Inert(NOT_YET, ("vllm", "sglang", "tinker")),
     "data_parallel_size": Inert(GPU_ROLLOUT),
@@ -107,7 +104,6 @@ INERT: dict[str, Inert] = {
     **{f"buffer.explorer_input.taskset.{k}": v for k, v in _TASKSET.items()},
     **{f"buffer.explorer_input.tasksets[*].{k}": v for k, v in _TASKSET.items()},
     **{f"buffer.explorer_input.eval_tasksets[*].{k}": v for k, v in _TASKSET.items()},
-    **{f"buffer.trainer_input.experience_buffer.{k}": v for k, v in _EXPERIENCE_BUFFER.items()},
     "explorer.runner_prepare_concurrency": Inert("runners need no preparation", (8,)),
     "explorer.runner_prepare_max_retries": Inert("runners need no preparation", (2,)),
     "explorer.max_repeat_times_per_runner": Inert(NOT_YET),

@@ -44,6 +44,12 @@ SYNC_STYLE_ALIASES = {
     "dynamic_by_trainer": "trainer_driven",
 }
 LR_SCHEDULERS = ("constant", "cosine")
+# the replay buffer's priority functions and their args (trinity.buffer.experience.ReplayBuffer)
+PRIORITY_FNS = {
+    "linear_decay": ("decay",),
+    "linear_decay_use_count_control_randomization": ("decay", "use_count_limit", "sigma"),
+}
+PRIORITY_FN_ALIASES = {"decay_limit_randomization": "linear_decay_use_count_control_randomization"}
 SAMPLE_STRATEGIES = ("default", "warmup", "staleness_control", "mix")
 # each strategy's args with the original's defaults (trinity.buffer.strategies applies them)
 SAMPLE_STRATEGY_ARGS: dict[str, dict[str, Any]] = {
@@ -350,6 +356,25 @@ def _check_buffer(config: Config) -> None:
             exp.storage_type = "queue"
     _at_least(exp.capacity, 1, f"{key}.capacity")
     _positive(exp.max_read_timeout, f"{key}.max_read_timeout")
+    _check_replay_buffer(exp.replay_buffer, f"{key}.replay_buffer", exp.storage_type, mode)
+
+
+def _check_replay_buffer(replay: Any, key: str, storage_type: str, mode: str) -> None:
+    """The original's priority functions and args; the buffer lives in the trainer's process."""
+    if not replay.enable:
+        return
+    replay.priority_fn = choice(
+        replay.priority_fn, f"{key}.priority_fn", PRIORITY_FNS, PRIORITY_FN_ALIASES
+    )
+    _known_keys(
+        replay.priority_fn_args, f"{key}.priority_fn_args", PRIORITY_FNS[replay.priority_fn]
+    )
+    _positive(replay.reuse_cooldown_time, f"{key}.reuse_cooldown_time")
+    require(
+        mode == "both" and storage_type == "queue",
+        f"{key}.enable: the replay buffer is an in-process queue (mode 'both', storage_type "
+        f"'queue'), not '{storage_type}' in mode '{mode}'",
+    )
 
 
 def _check_sample_strategy(config: Config) -> None:

@@ -293,6 +293,7 @@ async def _experience_buffer(config: Any, *, shared: bool, reopen: bool) -> Any:
         ),
         capacity=exp_cfg.capacity,
         max_read_timeout=exp_cfg.max_read_timeout,
+        replay=exp_cfg.replay_buffer,
     )
     if reopen and hasattr(buffer, "reopen"):
         await buffer.reopen()  # a previous explorer run closed it; this one writes again
