@@ -63,7 +63,6 @@ _ROLLOUT_MODEL = {
     "api_key": Inert(NOT_YET, ("EMPTY",)),
     "reasoning_parser": Inert(NOT_YET),
     "enable_multimodal": Inert(NOT_YET, (False,)),
-    "enable_thinking": Inert(NOT_YET),
 }
 # what an auxiliary model takes from its own entry (model.* is for the rollout model)
 _AUXILIARY_OWN = ("max_model_len", "max_prompt_tokens", "max_response_tokens", "chat_template")
@@ -87,7 +86,6 @@ INERT: dict[str, Inert] = {
     "model.logprobs": Inert(NO_TOP_K, (0,)),
     "model.min_response_tokens": Inert(NOT_YET, (0,)),
     "model.repetition_penalty": Inert(NOT_YET, (1.0,)),
-    "model.enable_thinking": Inert(NOT_YET),
     "model.lora_configs[*].name": Inert("there is one adapter; its name is the run's"),
     "model.lora_configs[*].path": Inert(NOT_YET),
     "model.lora_configs[*].base_model_name": Inert("the base model is model.model_path"),
@@ -115,8 +113,7 @@ INERT: dict[str, Inert] = {
     },
     "explorer.min_running_model_num": Inert("serve: one sampler, drained to switch", (1,)),
     "explorer.db_url": Inert("serve: unrated completions are kept in memory"),
-    "explorer.over_rollout.ratio": Inert(NOT_YET, (0, 0.0)),
-    "explorer.dynamic_timeout.enable": Inert(NOT_YET, (False,)),
+    "explorer.over_rollout.return_partial_tasks": Inert(NOT_YET, (False,)),
     "explorer.runner_state_report_interval": Inert(NOT_YET, (0,)),
     "explorer.max_inflight_batches": Inert(NOT_YET, (2,)),
     "trainer.trainer_strategy": Inert(GPU_TRAINER),

@@ -531,6 +531,16 @@ def _check_synchronizer(config: Config) -> None:
             "buffer.explorer_input.eval_tasksets are not allowed with "
             "synchronizer.sync_style 'fully_async'",
         )
+    over, timeout = config.explorer.over_rollout, config.explorer.dynamic_timeout
+    require(
+        0 <= over.ratio < 1,
+        f"explorer.over_rollout.ratio must be in [0, 1) (the share of a step's tasks it may "
+        f"leave unfinished), got {over.ratio}",
+    )
+    _at_least(over.wait_after_min, 0, "explorer.over_rollout.wait_after_min")
+    if timeout.enable:
+        _positive(timeout.ratio, "explorer.dynamic_timeout.ratio")
+        _at_least(timeout.warmup_min_steps, 0, "explorer.dynamic_timeout.warmup_min_steps")
     if config.explorer.over_rollout.ratio > 0:
         require(
             sync.sync_style != "fixed",

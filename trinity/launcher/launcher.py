@@ -318,6 +318,7 @@ def _explorer(
     auxiliary=(),
 ) -> Explorer:
     rollout = config.explorer.rollout_model
+    over, timeout = config.explorer.over_rollout, config.explorer.dynamic_timeout
     return Explorer(
         sampler=sampler,
         settings=rollout_settings(config),
@@ -338,6 +339,8 @@ def _explorer(
         pipeline=build_pipeline(config.data_processor),
         job_dir=JobDir(config.checkpoint_job_dir),
         auxiliary=auxiliary,
+        over_rollout=(over.ratio, over.wait_after_min),
+        dynamic_timeout=(timeout.warmup_min_steps, timeout.ratio) if timeout.enable else None,
     )
 
 
