@@ -304,11 +304,6 @@ def _check_buffer(config: Config) -> None:
         require(
             bool(inputs.tasksets), f"buffer.explorer_input.taskset is required in mode '{mode}'"
         )
-    if len(inputs.tasksets) > 1:
-        log.warning(
-            "buffer.explorer_input.tasksets: only the first of %d is used for training",
-            len(inputs.tasksets),
-        )
     if mode == "bench":
         require(
             bool(inputs.eval_tasksets),

@@ -29,7 +29,7 @@ from trinity.buffer.experience import build_experience_buffer
 from trinity.buffer.operators import build_pipeline
 from trinity.buffer.sft import sft_dataset, sft_sequence
 from trinity.buffer.strategies import build_strategy
-from trinity.buffer.tasksets import TasksetReader
+from trinity.buffer.tasksets import TasksetReader, TasksetScheduler
 from trinity.config import to_yaml
 from trinity.config.validate import SAMPLE_STRATEGY_ARGS
 from trinity.explorer.explorer import Explorer
@@ -87,7 +87,7 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
     algorithm = config.algorithm
     reader, eval_readers = None, {}
     if explore:  # every taskset is read and checked before any server or engine starts
-        reader = _reader(config, buffer_cfg.explorer_input.tasksets[0])
+        reader = _train_reader(config)
         reader.skip_batches(job_dir.taskset_batches_read(start_step))
         eval_readers = _eval_readers(config)
     settings = resolve_algorithm(algorithm)
@@ -247,6 +247,20 @@ def _strategy(
             sft_sequence(expert_data, config.explorer.rollout_model.seed), skip, None
         )
     return build_strategy(name, args, buffer, train_batch_size=tbs, expert_rows=rows)
+
+
+def _train_reader(config: Any) -> TasksetReader | TasksetScheduler:
+    """The training taskset, or several of them on the original's schedule."""
+    tasksets = config.buffer.explorer_input.tasksets
+    if len(tasksets) == 1:
+        return _reader(config, tasksets[0])
+    return TasksetScheduler(
+        [_reader(config, taskset) for taskset in tasksets],
+        batch_size=config.buffer.batch_size,
+        total_epochs=config.buffer.total_epochs,
+        total_steps=config.buffer.total_steps,
+        seed=tasksets[0].data_selector.seed,
+    )
 
 
 def _reader(config: Any, taskset: Any, *, is_eval: bool = False) -> TasksetReader:
