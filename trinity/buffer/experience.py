@@ -477,6 +477,131 @@ class SqliteExperienceBuffer:
         await asyncio.to_thread(self._mark_closed, False)
 
 
+class SqlExperienceBuffer(SqliteExperienceBuffer):
+    """The SQLite buffer's semantics over any database SQLAlchemy reaches (``storage_type: sql``
+    with a URL ``path``: ``sqlite:///x.db``, ``postgresql://...``, ``mysql+pymysql://...``).
+
+    Pending experiences are rows of table ``name``, the end marker a row of ``<name>_meta``. A
+    reader takes its rows and deletes them in one transaction: SQLite's is ``BEGIN IMMEDIATE``
+    (one writer at a time), other databases lock the rows (``FOR UPDATE SKIP LOCKED``), so two
+    readers never take the same experience.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        capacity: int = 10000,
+        max_read_timeout: float = 1800.0,
+        *,
+        name: str = "experience_buffer",
+    ):
+        import sqlalchemy as sa
+
+        self.url = url
+        self.name = name
+        self.capacity = capacity
+        self.max_read_timeout = max_read_timeout
+        self.backup = False
+        self._lock = threading.Lock()
+        self._producing = False
+        self._closed_here = False
+        metadata = sa.MetaData()
+        self._rows = sa.Table(
+            name,
+            metadata,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("model_version", sa.Integer, nullable=False),
+            sa.Column("data", sa.Text, nullable=False),
+            sa.Column("created", sa.Float, nullable=False),
+        )
+        self._meta = sa.Table(
+            f"{name}_meta",
+            metadata,
+            sa.Column("key", sa.String(64), primary_key=True),
+            sa.Column("value", sa.Text, nullable=False),
+        )
+        self._engine = None
+        self._metadata = metadata
+        metadata.create_all(self._connect())
+
+    def _connect(self):
+        import sqlalchemy as sa
+
+        if self._engine is None:
+            engine = sa.create_engine(self.url)
+            if engine.dialect.name == "sqlite":  # take the write lock when the transaction starts
+
+                @sa.event.listens_for(engine, "connect")
+                def _autocommit(dbapi_connection, record):
+                    dbapi_connection.isolation_level = None
+
+                @sa.event.listens_for(engine, "begin")
+                def _immediate(conn):
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+            self._engine = engine
+        return self._engine
+
+    def close_connection(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_engine"] = None
+        return state
+
+    def pending(self) -> int:
+        import sqlalchemy as sa
+
+        with self._connect().connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(self._rows)).scalar_one()
+
+    def is_closed(self) -> bool:
+        with self._connect().connect() as conn:
+            return self._closed_marker(conn)
+
+    def _closed_marker(self, conn) -> bool:
+        import sqlalchemy as sa
+
+        query = sa.select(self._meta.c.key).where(self._meta.c.key == "closed")
+        return conn.execute(query).first() is not None
+
+    def _insert(self, experiences: Sequence[Experience]) -> None:
+        now = time.time()
+        rows = [
+            {"model_version": e.model_version, "data": json.dumps(e.to_dict()), "created": now}
+            for e in experiences
+        ]
+        with self._connect().begin() as conn:
+            if not self._producing:
+                conn.execute(self._meta.delete().where(self._meta.c.key == "closed"))
+            conn.execute(self._rows.insert(), rows)
+        self._producing = True
+
+    def _take(self, n: int) -> tuple[list[Experience] | None, int]:
+        import sqlalchemy as sa
+
+        table = self._rows
+        query = sa.select(table.c.id, table.c.data).order_by(table.c.id).limit(n)
+        if self._connect().dialect.name != "sqlite":
+            query = query.with_for_update(skip_locked=True)
+        with self._connect().begin() as conn:
+            rows = conn.execute(query).all()
+            if len(rows) < n and not self._closed_marker(conn):
+                return None, len(rows)
+            if rows:
+                conn.execute(table.delete().where(table.c.id.in_([r.id for r in rows])))
+        return [Experience.from_dict(json.loads(r.data)) for r in rows], len(rows)
+
+    def _mark_closed(self, closed: bool) -> None:
+        with self._connect().begin() as conn:
+            conn.execute(self._meta.delete().where(self._meta.c.key == "closed"))
+            if closed:
+                conn.execute(self._meta.insert(), {"key": "closed", "value": str(time.time())})
+
+
 def build_experience_buffer(
     storage_type: str = "queue",
     path: str | Path | None = None,
@@ -485,10 +610,12 @@ def build_experience_buffer(
     *,
     backup: bool = False,
     replay: Any = None,
+    name: str = "experience_buffer",
 ) -> ExperienceQueue | SqliteExperienceBuffer | ReplayBuffer:
     """``queue`` (in-process; with ``backup`` the path's DB keeps all explorer output) or
     ``sqlite`` / ``sql`` (the file at ``path``, shared between explore and train processes);
-    ``replay`` (the ``replay_buffer`` section) with ``enable`` makes the queue a ``ReplayBuffer``."""
+    ``replay`` (the ``replay_buffer`` section) with ``enable`` makes the queue a ``ReplayBuffer``;
+    ``sql`` with a database URL is a ``SqlExperienceBuffer`` (table ``name``)."""
     kind = storage_type.lower()
     if replay is not None and replay.enable:
         if kind != "queue":
@@ -502,6 +629,8 @@ def build_experience_buffer(
         )
     if kind == "queue":
         return ExperienceQueue(capacity, max_read_timeout, backup_path=path if backup else None)
+    if kind == "sql" and path is not None and "://" in str(path) and not backup:
+        return SqlExperienceBuffer(str(path), capacity, max_read_timeout, name=name)
     if kind in ("sqlite", "sql"):
         if path is None:
             raise ValueError("a sqlite experience buffer needs a path")

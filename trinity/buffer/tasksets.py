@@ -21,6 +21,7 @@ import dataclasses
 import math
 import random
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -348,13 +349,15 @@ def load_rows(cfg: TasksetConfig) -> Any:
     name = cfg.name or "taskset"
     path = (cfg.path or "").strip()
     storage = cfg.storage_type.lower()
-    if storage != "file":
+    if storage not in ("file", "sql"):
         raise TasksetError(
             f"taskset '{name}': storage_type '{storage}' is not supported for tasksets; "
-            "use storage_type: file with a local file, a directory or a Hub dataset id"
+            "use file (a local file, a directory or a Hub dataset id) or sql (a database URL)"
         )
     if not path:
         raise TasksetError(f"taskset '{name}': 'path' is empty")
+    if storage == "sql":
+        return load_sql_rows(name, path, cfg.max_retry_times, cfg.max_retry_interval)
     if path.startswith(BUILTIN_PREFIX):
         kind = path[len(BUILTIN_PREFIX) :]
         if kind not in BUILTIN_TASKSETS:
@@ -389,6 +392,35 @@ def load_rows(cfg: TasksetConfig) -> Any:
     offline = not _hub_reachable()
     with _hub_offline(offline):
         return _load(name, path, path, name=subset, split=split, hub_offline=offline)
+
+
+def load_sql_rows(table: str, url: str, retries: int = 3, interval: float = 1.0) -> list[dict]:
+    """Every row of table ``table`` in the database at SQLAlchemy URL ``url``, as dicts, in
+    primary-key order; a failing connection is retried ``retries`` times, ``interval`` s apart."""
+    import sqlalchemy as sa
+
+    where = f"taskset '{table}' ({url})"
+    attempt = 0
+    while True:
+        try:
+            engine = sa.create_engine(url)
+            try:
+                with engine.connect() as conn:
+                    rows = sa.Table(table, sa.MetaData(), autoload_with=conn)
+                    query = sa.select(rows).order_by(*rows.primary_key.columns)
+                    return [dict(row._mapping) for row in conn.execute(query)]
+            finally:
+                engine.dispose()
+        except sa.exc.NoSuchTableError:
+            raise TasksetError(f"{where}: the database has no table '{table}'") from None
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+            raise TasksetError(f"{where}: not a usable SQLAlchemy URL: {exc}") from None
+        except sa.exc.SQLAlchemyError as exc:
+            if attempt >= retries:
+                detail = str(exc).splitlines()[0]
+                raise TasksetError(f"{where}: cannot read: {detail}") from None
+            attempt += 1
+            time.sleep(interval)
 
 
 def _check_text_file(taskset: str, path: Path) -> None:

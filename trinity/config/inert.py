@@ -8,7 +8,7 @@ behaves as this implementation does (``enable_log_requests: false``, ``repetitio
 Settings of GPU engines (vLLM, veRL, Megatron) can never mean anything on these backends; the
 other entries are features still to come, and leave this table as they land. Keys the original
 ignores too (``optimizer.clip_grad``, ``synchronizer.wait_for_checkpoint``) or that only serve a
-feature refused at validation (SQL tasksets, DPO's keys) behave as there: not listed.
+feature refused at validation (DPO's keys) behave as there: not listed.
 """
 
 from __future__ import annotations

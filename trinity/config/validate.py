@@ -59,7 +59,7 @@ SAMPLE_STRATEGY_ARGS: dict[str, dict[str, Any]] = {
     "mix": {"expert_data_ratio": 0.5, "sft_dataset_name": "sft_dataset"},
 }
 ENTROPY_LOSS_FNS = ("default", "mix", "none")
-TASKSET_STORAGE = ("file",)  # the original's sql tasksets are not implemented
+TASKSET_STORAGE = ("file", "sql")
 EXPERIENCE_STORAGE = ("queue", "sqlite", "sql", "file")
 SELECTORS = ("sequential", "shuffle", "random", "offline_easy2hard", "difficulty_based")
 # difficulty_based's kwargs (trinity.buffer.selectors.DIFFICULTY_KWARGS holds their defaults)
@@ -408,7 +408,14 @@ def _check_taskset(taskset: TasksetConfig, key: str) -> None:
     require(bool(taskset.path), f"{key}.path is required (an HF id, a local path or builtin:NAME)")
     path = str(taskset.path)
     taskset.storage_type = choice(taskset.storage_type, f"{key}.storage_type", TASKSET_STORAGE)
-    if path.startswith(BUILTIN_PREFIX):
+    if taskset.storage_type == "sql":
+        require(
+            "://" in path,
+            f"{key}.path: storage_type 'sql' reads a database: give a SQLAlchemy URL "
+            f"(sqlite:///tasks.db, postgresql://...), not '{path}'",
+        )
+        require(bool(taskset.name), f"{key}.name is required with storage_type 'sql' (the table)")
+    elif path.startswith(BUILTIN_PREFIX):
         name = path[len(BUILTIN_PREFIX) :]
         _check_name(name, f"{key}.path", BUILTIN_TASKSETS, prefix=BUILTIN_PREFIX)
     else:

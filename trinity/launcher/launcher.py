@@ -294,9 +294,21 @@ def _synchronizer(config: Any) -> Synchronizer:
 
 
 async def _experience_buffer(config: Any, *, shared: bool, reopen: bool) -> Any:
-    """SQLite when explorer and trainer are two processes; otherwise an in-memory queue."""
+    """SQLite when explorer and trainer are two processes; otherwise an in-memory queue; a
+    database URL in ``path`` with ``storage_type: sql`` (SQLAlchemy)."""
     exp_cfg = config.buffer.trainer_input.experience_buffer
     default_path = JobDir(config.checkpoint_job_dir).buffer_db(exp_cfg.name)
+    if exp_cfg.storage_type == "sql" and exp_cfg.path and "://" in exp_cfg.path:
+        buffer = build_experience_buffer(
+            "sql",
+            path=exp_cfg.path,
+            capacity=exp_cfg.capacity,
+            max_read_timeout=exp_cfg.max_read_timeout,
+            name=exp_cfg.name,
+        )
+        if reopen:
+            await buffer.reopen()
+        return buffer
     storage = "sqlite" if shared or exp_cfg.storage_type in ("sqlite", "sql") else "queue"
     buffer = build_experience_buffer(
         storage,
