@@ -73,7 +73,6 @@ def test_every_key_at_its_default_names_exactly_the_gpu_settings_and_missing_fea
     expected = {
         *GPU_ROLLOUT_KEYS,
         *GPU_TRAINER_KEYS,
-        "buffer.trainer_input.auxiliary_buffers",
         # an auxiliary model is served like the rollout model: the same engine knobs do nothing
         *(key.replace("rollout_model", "auxiliary_models[0]") for key in GPU_ROLLOUT_KEYS),
     }
@@ -83,12 +82,11 @@ def test_every_key_at_its_default_names_exactly_the_gpu_settings_and_missing_fea
 
 def test_features_switched_on_are_named_and_their_harmless_values_are_not(caplog):
     switched_on = [
-        "algorithm.sample_strategy=staleness_control",
         "model.repetition_penalty=1.1",
         "explorer.rollout_model.enable_log_requests=true",
         "model.min_response_tokens=4",
         "log.group_by_node=true",
-        "explorer.over_rollout.ratio=0.5",
+        "explorer.over_rollout.return_partial_tasks=true",
         "data_processor.experience_pipeline.input_save_path=sqlite:///x.db",
         "synchronizer.sync_style=explorer_driven",
     ]
@@ -97,7 +95,13 @@ def test_features_switched_on_are_named_and_their_harmless_values_are_not(caplog
     for override in switched_on[:-1]:
         assert override.split("=")[0] in named
     harmless = [
-        "algorithm.sample_strategy=warmup",
+        "algorithm.sample_strategy=staleness_control",  # works: trinity.buffer.strategies
+        "buffer.trainer_input.experience_buffer.replay_buffer.enable=true",  # works: ReplayBuffer
+        "explorer.over_rollout.ratio=0.5",  # works: Explorer.run_tasks
+        "synchronizer.sync_style=explorer_driven",  # which over_rollout needs
+        "explorer.dynamic_timeout.enable=true",  # works: Explorer.task_timeout
+        "model.enable_thinking=false",  # works: handed to the chat template
+        "explorer.rollout_model.enable_thinking=true",
         "model.repetition_penalty=1",
         "explorer.rollout_model.enable_log_requests=false",
         "buffer.explorer_input.taskset.data_selector.selector_type=SHUFFLE",

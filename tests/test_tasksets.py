@@ -211,7 +211,9 @@ def test_unknown_names_and_missing_workflow_fail_early():
 def test_missing_file_and_unsupported_storage():
     with pytest.raises(TasksetError, match="not found: data/missing.jsonl"):
         reader(taskset("data/missing.jsonl"))
-    with pytest.raises(TasksetError, match="storage_type 'sql'"):
+    with pytest.raises(TasksetError, match="storage_type 'queue' is not supported"):
+        reader(taskset(GSM8K_PATH, storage_type="queue"))
+    with pytest.raises(TasksetError, match="not a usable SQLAlchemy URL"):  # sql: tests/test_sql_*
         reader(taskset(GSM8K_PATH, storage_type="sql"))
 
 

@@ -51,6 +51,7 @@ class TokenInfo:
     advantages: Tensor
     sampler_logprobs: Tensor
     ref_logprobs: Tensor | None = None
+    expert: Tensor | None = None  # 1 on the tokens of an expert (SFT) row of a MIX batch
 
 
 class DatumBatch(list):
@@ -84,9 +85,12 @@ def to_datum(
     advantages: Sequence[float] | Tensor | None,
     ref_logprobs: Sequence[float] | Tensor | None = None,
     scale: Sequence[float] | Tensor | None = None,
+    *,
+    expert: bool = False,
 ) -> tuple[types.Datum, TokenInfo]:
     """One trajectory -> a ``Datum`` (+ its side data). Per-token arguments are indexed by
-    response position; ``scale`` is the aggregation scale (default: the mask, a token sum)."""
+    response position; ``scale`` is the aggregation scale (default: the mask, a token sum);
+    ``expert`` marks an SFT row of a MIX batch."""
     if not 1 <= prompt_length < len(tokens):
         raise ValueError(
             f"need 1 <= prompt_length < len(tokens), got {prompt_length}, {len(tokens)}"
@@ -112,6 +116,7 @@ def to_datum(
         ref_logprobs=None
         if ref is None
         else _place(torch.where(mask != 0, ref, 0.0), prompt_length),
+        expert=_place((mask != 0).float(), prompt_length) if expert else None,
     )
     target = torch.as_tensor(list(tokens[1:]), dtype=torch.int64)
     inputs: dict[str, types.TensorData] = {"target_tokens": types.TensorData.from_torch(target)}
@@ -123,6 +128,8 @@ def to_datum(
         inputs["scale"] = _td(info.scale)
         if info.ref_logprobs is not None:
             inputs["ref_logprobs"] = _td(info.ref_logprobs)
+        if info.expert is not None:
+            inputs["expert_mask"] = _td(info.expert)
     else:
         inputs.update({key: _td(value) for key, value in layout.builtin_inputs(info).items()})
     datum = types.Datum(
@@ -157,6 +164,7 @@ def to_datums(
             exp.advantages,
             None if ref_logprobs is None else ref_logprobs[i],
             scales[i],
+            expert=bool(getattr(exp, "info", {}).get("expert_mask")),
         )
         datums.append(datum)
         infos.append(info)
@@ -182,4 +190,5 @@ def info_from_datum(datum: types.Datum) -> TokenInfo:
         advantages=advantages if advantages is not None else zeros,
         sampler_logprobs=get("logprobs") if "logprobs" in inp else zeros,
         ref_logprobs=get("ref_logprobs"),
+        expert=get("expert_mask"),
     )

@@ -35,6 +35,7 @@ from trinity.algorithms.datums import (
     to_datums,
 )
 from trinity.algorithms.kl import sampled_entropy
+from trinity.algorithms.mix import mix_scales
 from trinity.algorithms.policy_losses import PolicyLoss, ppo_token_loss
 from trinity.algorithms.spec import AlgorithmSettings, resolve_algorithm
 from trinity.config.schema import AlgorithmConfig
@@ -117,7 +118,13 @@ class LossPlan:
         """Experiences -> datums with the batch's aggregation scales; the experiences are only
         read, so their advantages must already be set (``batch_advantages`` for REINFORCE++)."""
         masks = [exp.loss_mask for exp in batch]
-        scales = token_scales(masks, self.settings.loss_agg_mode, self.norm_length)
+        if self.policy.expert_token_loss is not None:  # MIX / CHORD: two parts, own aggregations
+            infos = [getattr(exp, "info", {}) for exp in batch]
+            experts = [bool(info.get("expert_mask")) for info in infos]
+            step = int(infos[0].get("step", 0)) if infos else 0
+            scales = mix_scales(masks, experts, step, self.policy_args, self.norm_length)
+        else:
+            scales = token_scales(masks, self.settings.loss_agg_mode, self.norm_length)
         return to_datums(self.layout, batch, scales, ref_logprobs)
 
     # -- the objective ---------------------------------------------------------------------------
@@ -136,14 +143,20 @@ class LossPlan:
         st = self.settings
         sel = info.mask != 0
         lp_s, q, A, s = lp[sel], info.sampler_logprobs[sel], info.advantages[sel], info.scale[sel]
-        terms = {"pg_loss": (s * self.policy.token_loss(lp_s, q, A, self.policy_args)).sum()}
+        token_loss = self.policy.token_loss(lp_s, q, A, self.policy_args)
+        expert = info.expert[sel] != 0 if info.expert is not None else None
+        if expert is not None and self.policy.expert_token_loss is not None:
+            sft_loss = self.policy.expert_token_loss(lp_s, self.policy_args)
+            token_loss = torch.where(expert, sft_loss, token_loss)
+        terms = {"pg_loss": (s * token_loss).sum()}
         if info.ref_logprobs is not None and st.kl_loss_fn != "none":
             kl_t = KL_FNS.get(st.kl_loss_fn)(lp_s, info.ref_logprobs[sel], q)
             terms["kl_loss"] = (s * kl_t).sum()
+        s_rl = s if expert is None else torch.where(expert, 0.0, s)  # the original's "mix" entropy
         if entropy is not None:
-            terms["entropy_loss"] = (s * entropy[sel]).sum()
+            terms["entropy_loss"] = (s_rl * entropy[sel]).sum()
         elif st.entropy_coef:
-            terms["entropy_loss"] = (s * sampled_entropy(lp_s)).sum()
+            terms["entropy_loss"] = (s_rl * sampled_entropy(lp_s)).sum()
         return terms
 
     def _final(self, terms: dict[str, Any]) -> Any:
@@ -202,6 +215,8 @@ class LossPlan:
                 for key, value in self.objective(lp, info, entropy).items():
                     sums[key] = sums.get(key, 0.0) + float(value)
                 sel = info.mask != 0
+                if info.expert is not None:  # SFT rows have no sampler logprobs
+                    sel = sel & (info.expert == 0)
                 lp_s, q, A = lp[sel], info.sampler_logprobs[sel], info.advantages[sel]
                 tokens += float(sel.sum())
                 kl_sum += float((q - lp_s).sum())

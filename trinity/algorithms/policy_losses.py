@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from trinity.algorithms.mix import CHORD_DEFAULTS, MIX_DEFAULTS, sft_expert_loss
 from trinity.registry import POLICY_LOSSES
 
 LOG_RATIO_CLAMP = 20.0  # the original clamps log(pi / pi_old) before exp; Tinker's built-ins do not
@@ -49,7 +50,9 @@ class PolicyLoss:
     in A, so scaling A by the aggregation scale scales the loss). ``inputs`` builds the built-in's
     per-token inputs from the already-scaled advantages ``sA`` and scale ``s`` (mask included).
     ``custom_reason`` names an option no built-in expresses (the plan then needs a custom loss);
-    ``clipped`` marks the tokens ``pg_clipfrac`` counts.
+    ``clipped`` marks the tokens ``pg_clipfrac`` counts. ``expert_token_loss(lp, args)`` is set
+    by losses that train expert (SFT) rows of a mixed batch differently (MIX / CHORD:
+    ``trinity/algorithms/mix.py``); their batch scales come from ``mix.mix_scales``.
     """
 
     builtin: str
@@ -59,6 +62,7 @@ class PolicyLoss:
     loss_fn_config: Callable[[dict[str, Any]], dict[str, float] | None] = lambda args: None
     custom_reason: Callable[[dict[str, Any], frozenset[str]], str | None] = lambda a, e: None
     clipped: Callable[[Tensor, Tensor, Tensor, dict[str, Any]], Tensor] | None = None
+    expert_token_loss: Callable[[Tensor, dict[str, Any]], Tensor] | None = None
 
 
 def _rl_inputs(q: Tensor, sA: Tensor, s: Tensor, args: dict[str, Any]) -> dict[str, Tensor]:
@@ -160,3 +164,15 @@ POLICY_LOSSES.register("opmd")(
 POLICY_LOSSES.register("sft")(
     PolicyLoss("cross_entropy", {}, sft_token_loss, lambda q, sA, s, args: {"weights": s})
 )
+for _name, _defaults in (("mix", MIX_DEFAULTS), ("mix_chord", CHORD_DEFAULTS)):
+    POLICY_LOSSES.register(_name)(
+        PolicyLoss(
+            "cross_entropy",  # the surrogate: no built-in mixes two losses
+            _defaults,
+            ppo_token_loss,
+            _rl_inputs,
+            custom_reason=lambda args, explicit: "MIX: an SFT loss on expert rows",
+            clipped=_ppo_clipped,
+            expert_token_loss=sft_expert_loss,
+        )
+    )

@@ -57,6 +57,12 @@ for _name, _spec in {
     "asymre": AlgorithmSpec(
         "asymre", "opmd", kl_loss_fn="none", entropy_loss_fn="none", use_reference=False
     ),
+    "mix": AlgorithmSpec(
+        "grpo", "mix", entropy_loss_fn="mix", repeat_times=8, sample_strategy="mix"
+    ),
+    "mix_chord": AlgorithmSpec(
+        "grpo", "mix_chord", entropy_loss_fn="mix", repeat_times=8, sample_strategy="mix"
+    ),
     "raft": AlgorithmSpec(
         None,
         "sft",

@@ -28,6 +28,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
+import heapq
+import itertools
 import json
 import math
 import sqlite3
@@ -35,7 +38,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from trinity.workflows.types import Experience
 
@@ -133,6 +136,128 @@ class ExperienceQueue:
 
     async def reopen(self) -> None:
         """A producer starts (again): forget an earlier ``close``."""
+        async with self._cond:
+            self._closed = False
+
+
+class ReplayBuffer:
+    """The original's prioritized replay buffer (``experience_buffer.replay_buffer``), in process.
+
+    ``get_batch(n)`` takes the ``n`` experiences of highest priority, oldest first among equals,
+    and puts each back for reuse with ``use_count`` + 1 (after ``reuse_cooldown_time`` seconds
+    when set), so an experience is trained on again while nothing fresher outranks it. Priority
+    (``priority_fn``):
+
+    - ``linear_decay {decay: 2}``: ``model_version - decay * use_count``;
+    - ``linear_decay_use_count_control_randomization {decay: 2, use_count_limit: 3, sigma: 0}``:
+      the same plus N(0, sigma^2) noise, and an experience is put back only while its
+      ``use_count`` is below the limit.
+
+    ``capacity`` counts stored experiences: when full, a new one replaces the lowest-priority one
+    if it outranks it and is dropped otherwise (``put`` never blocks). After ``close`` a read
+    returns what is stored (the run ends at its step count, not when the buffer runs dry).
+    """
+
+    def __init__(
+        self,
+        capacity: int = 10000,
+        max_read_timeout: float = 1800.0,
+        *,
+        priority_fn: str = "linear_decay",
+        priority_fn_args: dict | None = None,
+        reuse_cooldown_time: float | None = None,
+        seed: int = 0,
+    ):
+        import random
+
+        args = {"decay": 2.0, **(priority_fn_args or {})}
+        self.decay = float(args["decay"])
+        randomized = priority_fn != "linear_decay"
+        self.use_count_limit = int(args.get("use_count_limit", 3)) if randomized else None
+        self.sigma = float(args.get("sigma", 0.0)) if randomized else 0.0
+        self.capacity = capacity
+        self.max_read_timeout = max_read_timeout
+        self.reuse_cooldown_time = reuse_cooldown_time
+        self._rng = random.Random(seed)
+        self._heap: list[tuple[float, int, int, Experience]] = []  # (-priority, seq, uses, exp)
+        self._cooling: list[tuple[float, int, Experience]] = []  # (ready_at, uses, exp)
+        self._seq = itertools.count()
+        self._cond = asyncio.Condition()
+        self._closed = False
+
+    def pending(self) -> int:
+        return len(self._heap) + len(self._cooling)
+
+    def _priority(self, exp: Experience, uses: int) -> float:
+        noise = self._rng.gauss(0.0, self.sigma) if self.sigma else 0.0
+        return exp.model_version - self.decay * uses + noise
+
+    def _push(self, exp: Experience, uses: int) -> None:
+        entry = (-self._priority(exp, uses), next(self._seq), uses, exp)
+        if self.pending() < self.capacity:
+            heapq.heappush(self._heap, entry)
+            return
+        if not self._heap:
+            return
+        lowest = max(range(len(self._heap)), key=lambda i: self._heap[i][:2])
+        if entry[:2] < self._heap[lowest][:2]:  # outranks the lowest: replaces it
+            self._heap[lowest] = entry
+            heapq.heapify(self._heap)
+
+    def _promote(self) -> float | None:
+        """Put cooled-down experiences back; the seconds until the next one is ready."""
+        now = time.monotonic()
+        still = []
+        for ready_at, uses, exp in self._cooling:
+            if ready_at <= now:
+                self._push(exp, uses)
+            else:
+                still.append((ready_at, uses, exp))
+        self._cooling = still
+        return min((r for r, _, _ in still), default=now) - now if still else None
+
+    async def put(self, experiences: Sequence[Experience]) -> None:
+        if self._closed:
+            raise RuntimeError("put() on a closed experience buffer")
+        async with self._cond:
+            for exp in experiences:
+                self._push(exp, 0)
+            self._cond.notify_all()
+
+    async def get_batch(self, n: int, timeout: float | None = None) -> list[Experience]:
+        _check_n(n)
+        timeout = self.max_read_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        async with self._cond:
+            while True:
+                next_ready = self._promote()
+                if len(self._heap) >= n or (self._closed and (self._heap or not self._cooling)):
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _read_timeout_error(n, timeout, len(self._heap))
+                wait = left if next_ready is None else min(left, next_ready)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(None if math.isinf(wait) else wait):
+                        await self._cond.wait()
+            taken = [heapq.heappop(self._heap) for _ in range(min(n, len(self._heap)))]
+            ready_at = time.monotonic() + (self.reuse_cooldown_time or 0.0)
+            for _, _, uses, exp in taken:
+                if self.use_count_limit is None or uses + 1 < self.use_count_limit:
+                    if self.reuse_cooldown_time:
+                        self._cooling.append((ready_at, uses + 1, exp))
+                    else:
+                        self._push(exp, uses + 1)
+            return [
+                dataclasses.replace(e, info={**e.info, "use_count": u + 1}) for _, _, u, e in taken
+            ]
+
+    async def close(self) -> None:
+        async with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    async def reopen(self) -> None:
         async with self._cond:
             self._closed = False
 
@@ -352,6 +477,131 @@ class SqliteExperienceBuffer:
         await asyncio.to_thread(self._mark_closed, False)
 
 
+class SqlExperienceBuffer(SqliteExperienceBuffer):
+    """The SQLite buffer's semantics over any database SQLAlchemy reaches (``storage_type: sql``
+    with a URL ``path``: ``sqlite:///x.db``, ``postgresql://...``, ``mysql+pymysql://...``).
+
+    Pending experiences are rows of table ``name``, the end marker a row of ``<name>_meta``. A
+    reader takes its rows and deletes them in one transaction: SQLite's is ``BEGIN IMMEDIATE``
+    (one writer at a time), other databases lock the rows (``FOR UPDATE SKIP LOCKED``), so two
+    readers never take the same experience.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        capacity: int = 10000,
+        max_read_timeout: float = 1800.0,
+        *,
+        name: str = "experience_buffer",
+    ):
+        import sqlalchemy as sa
+
+        self.url = url
+        self.name = name
+        self.capacity = capacity
+        self.max_read_timeout = max_read_timeout
+        self.backup = False
+        self._lock = threading.Lock()
+        self._producing = False
+        self._closed_here = False
+        metadata = sa.MetaData()
+        self._rows = sa.Table(
+            name,
+            metadata,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("model_version", sa.Integer, nullable=False),
+            sa.Column("data", sa.Text, nullable=False),
+            sa.Column("created", sa.Float, nullable=False),
+        )
+        self._meta = sa.Table(
+            f"{name}_meta",
+            metadata,
+            sa.Column("key", sa.String(64), primary_key=True),
+            sa.Column("value", sa.Text, nullable=False),
+        )
+        self._engine = None
+        self._metadata = metadata
+        metadata.create_all(self._connect())
+
+    def _connect(self):
+        import sqlalchemy as sa
+
+        if self._engine is None:
+            engine = sa.create_engine(self.url)
+            if engine.dialect.name == "sqlite":  # take the write lock when the transaction starts
+
+                @sa.event.listens_for(engine, "connect")
+                def _autocommit(dbapi_connection, record):
+                    dbapi_connection.isolation_level = None
+
+                @sa.event.listens_for(engine, "begin")
+                def _immediate(conn):
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+            self._engine = engine
+        return self._engine
+
+    def close_connection(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_engine"] = None
+        return state
+
+    def pending(self) -> int:
+        import sqlalchemy as sa
+
+        with self._connect().connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(self._rows)).scalar_one()
+
+    def is_closed(self) -> bool:
+        with self._connect().connect() as conn:
+            return self._closed_marker(conn)
+
+    def _closed_marker(self, conn) -> bool:
+        import sqlalchemy as sa
+
+        query = sa.select(self._meta.c.key).where(self._meta.c.key == "closed")
+        return conn.execute(query).first() is not None
+
+    def _insert(self, experiences: Sequence[Experience]) -> None:
+        now = time.time()
+        rows = [
+            {"model_version": e.model_version, "data": json.dumps(e.to_dict()), "created": now}
+            for e in experiences
+        ]
+        with self._connect().begin() as conn:
+            if not self._producing:
+                conn.execute(self._meta.delete().where(self._meta.c.key == "closed"))
+            conn.execute(self._rows.insert(), rows)
+        self._producing = True
+
+    def _take(self, n: int) -> tuple[list[Experience] | None, int]:
+        import sqlalchemy as sa
+
+        table = self._rows
+        query = sa.select(table.c.id, table.c.data).order_by(table.c.id).limit(n)
+        if self._connect().dialect.name != "sqlite":
+            query = query.with_for_update(skip_locked=True)
+        with self._connect().begin() as conn:
+            rows = conn.execute(query).all()
+            if len(rows) < n and not self._closed_marker(conn):
+                return None, len(rows)
+            if rows:
+                conn.execute(table.delete().where(table.c.id.in_([r.id for r in rows])))
+        return [Experience.from_dict(json.loads(r.data)) for r in rows], len(rows)
+
+    def _mark_closed(self, closed: bool) -> None:
+        with self._connect().begin() as conn:
+            conn.execute(self._meta.delete().where(self._meta.c.key == "closed"))
+            if closed:
+                conn.execute(self._meta.insert(), {"key": "closed", "value": str(time.time())})
+
+
 def build_experience_buffer(
     storage_type: str = "queue",
     path: str | Path | None = None,
@@ -359,12 +609,28 @@ def build_experience_buffer(
     max_read_timeout: float = 1800.0,
     *,
     backup: bool = False,
-) -> ExperienceQueue | SqliteExperienceBuffer:
+    replay: Any = None,
+    name: str = "experience_buffer",
+) -> ExperienceQueue | SqliteExperienceBuffer | ReplayBuffer:
     """``queue`` (in-process; with ``backup`` the path's DB keeps all explorer output) or
-    ``sqlite`` / ``sql`` (the file at ``path``, shared between explore and train processes)."""
+    ``sqlite`` / ``sql`` (the file at ``path``, shared between explore and train processes);
+    ``replay`` (the ``replay_buffer`` section) with ``enable`` makes the queue a ``ReplayBuffer``;
+    ``sql`` with a database URL is a ``SqlExperienceBuffer`` (table ``name``)."""
     kind = storage_type.lower()
+    if replay is not None and replay.enable:
+        if kind != "queue":
+            raise ValueError("the replay buffer is in-process: it needs storage_type 'queue'")
+        return ReplayBuffer(
+            capacity,
+            max_read_timeout,
+            priority_fn=replay.priority_fn,
+            priority_fn_args=dict(replay.priority_fn_args),
+            reuse_cooldown_time=replay.reuse_cooldown_time,
+        )
     if kind == "queue":
         return ExperienceQueue(capacity, max_read_timeout, backup_path=path if backup else None)
+    if kind == "sql" and path is not None and "://" in str(path) and not backup:
+        return SqlExperienceBuffer(str(path), capacity, max_read_timeout, name=name)
     if kind in ("sqlite", "sql"):
         if path is None:
             raise ValueError("a sqlite experience buffer needs a path")

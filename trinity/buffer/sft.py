@@ -38,8 +38,15 @@ def chat_messages(row: dict[str, Any], fmt: FormatConfig) -> list[dict[str, str]
 
 
 def sft_experience(
-    messages: list[dict[str, str]], tokenizer: Any, *, chat_template: str | None, max_len: int
+    messages: list[dict[str, str]],
+    tokenizer: Any,
+    *,
+    chat_template: str | None,
+    max_len: int,
+    enable_thinking: bool | None = None,
 ) -> Experience:
+    """``enable_thinking`` (``format.enable_thinking``; None: the template's default) is handed
+    to the chat template."""
     if messages[-1]["role"] != "assistant":
         raise TasksetError("an SFT chat must end with an assistant message")
 
@@ -49,6 +56,7 @@ def sft_experience(
             tokenize=False,
             add_generation_prompt=generation_prompt,
             chat_template=chat_template,
+            **({} if enable_thinking is None else {"enable_thinking": enable_thinking}),
         )
         return tokenizer.encode(text, add_special_tokens=False)
 
@@ -84,6 +92,7 @@ def sft_dataset(
             tokenizer,
             chat_template=chat_template,
             max_len=max_len,
+            enable_thinking=exp_cfg.format.enable_thinking,
         )
         for i in range(len(rows))
     ]

@@ -15,10 +15,13 @@ trinity/buffer/selectors.py); our ``shuffle: true / false`` is short for ``shuff
 from __future__ import annotations
 
 import codecs
+import collections
 import contextlib
 import dataclasses
 import math
+import random
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -108,6 +111,7 @@ class TasksetReader:
         if not self.format.get("workflow_key"):  # rows that pick their own workflow are not
             self._check_rows()
         self._next_batch = 0
+        self._cursor = 0  # stream position when read by a TasksetScheduler
         try:
             self.selector = build_selector(
                 self.selector_type,
@@ -190,7 +194,18 @@ class TasksetReader:
         if end is not None:
             stop = min(stop, end)
         self._next_batch += 1
-        rows = self.selector.rows(batch_id, start, stop)
+        return self._tasks(batch_id, start, stop, batch_id)
+
+    def read_items(self, count: int, batch_id: int) -> list[Task]:
+        """The next ``count`` items of this taskset's stream, for a ``TasksetScheduler`` whose
+        batch ``batch_id`` they join (the selector sees one batch per call)."""
+        start = self._cursor
+        self._cursor += count
+        self._next_batch += 1
+        return self._tasks(self._next_batch - 1, start, start + count, batch_id)
+
+    def _tasks(self, selector_batch: int, start: int, stop: int, batch_id: int) -> list[Task]:
+        rows = self.selector.rows(selector_batch, start, stop)
         return [
             # the epoch is part of the id: with batch_size > rows one batch can hold a row twice,
             # and the explorer groups rollouts by task id
@@ -232,6 +247,92 @@ class TasksetReader:
         )
 
 
+class TasksetScheduler:
+    """Several training tasksets (``buffer.explorer_input.tasksets``) read as one stream.
+
+    The original's schedule: each epoch is a shuffle (seeded by ``seed + epoch``) of every
+    taskset's id repeated once per row, so tasksets are mixed in proportion to their sizes and an
+    epoch covers every row of each; batch ``k`` takes items ``[k*batch_size, (k+1)*batch_size)``
+    of that stream and asks each taskset for its share, which the taskset's own ``data_selector``
+    picks. Task rows are numbered across tasksets (taskset i's rows follow those of 0..i-1), so
+    pass-rate feedback reaches the right selector. Same interface as ``TasksetReader``.
+    """
+
+    def __init__(
+        self,
+        readers: list[TasksetReader],
+        *,
+        batch_size: int,
+        total_epochs: int = 1,
+        total_steps: int | None = None,
+        seed: int = 42,
+    ):
+        self.readers = readers
+        self.name = "+".join(r.name for r in readers)
+        self.batch_size = int(batch_size)
+        self.total_epochs = max(1, int(total_epochs or 1))
+        self.max_steps = total_steps or None
+        self.seed = int(seed)
+        sizes = [len(r) for r in readers]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.size = sum(sizes)
+        self._orders: dict[int, list[int]] = {}
+        self._next_batch = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def total_steps(self) -> int:
+        if self.max_steps:
+            return int(self.max_steps)
+        return math.ceil(self.size * self.total_epochs / self.batch_size)
+
+    @property
+    def batches_read(self) -> int:
+        return self._next_batch
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            ids = [i for i, reader in enumerate(self.readers) for _ in range(len(reader))]
+            random.Random(self.seed + epoch).shuffle(ids)
+            self._orders = {epoch: ids}  # one epoch at a time is enough
+        return self._orders[epoch]
+
+    def _shares(self, batch_id: int) -> dict[int, int]:
+        """How many of batch ``batch_id``'s tasks each taskset gives, in stream order."""
+        start = batch_id * self.batch_size
+        stop = start + self.batch_size
+        if not self.max_steps:
+            stop = min(stop, self.size * self.total_epochs)
+        ids = [self._order(i // self.size)[i % self.size] for i in range(start, stop)]
+        return dict(collections.Counter(ids))
+
+    def read_batch(self) -> list[Task]:
+        batch_id = self._next_batch
+        if batch_id >= self.total_steps():
+            return []
+        self._next_batch += 1
+        tasks = []
+        for i, count in self._shares(batch_id).items():
+            for task in self.readers[i].read_items(count, batch_id):
+                tasks.append(dataclasses.replace(task, row=task.row + self.offsets[i]))
+        return tasks
+
+    def skip_batches(self, n: int) -> None:
+        """Resume: advance every taskset as the skipped batches would have."""
+        for _ in range(int(n)):
+            for i, count in self._shares(self._next_batch).items():
+                self.readers[i].read_items(count, self._next_batch)
+            self._next_batch += 1
+
+    def feedback(self, pass_rates: dict[int, float]) -> None:
+        for i, reader in enumerate(self.readers):
+            lo, hi = self.offsets[i], self.offsets[i] + len(reader)
+            mine = {row - lo: rate for row, rate in pass_rates.items() if lo <= row < hi}
+            if mine:
+                reader.feedback(mine)
+
+
 def _columns(rows: Any) -> list[str]:
     names = getattr(rows, "column_names", None)  # a datasets.Dataset
     return list(names) if names is not None else list(dict.fromkeys(k for r in rows for k in r))
@@ -248,13 +349,15 @@ def load_rows(cfg: TasksetConfig) -> Any:
     name = cfg.name or "taskset"
     path = (cfg.path or "").strip()
     storage = cfg.storage_type.lower()
-    if storage != "file":
+    if storage not in ("file", "sql"):
         raise TasksetError(
             f"taskset '{name}': storage_type '{storage}' is not supported for tasksets; "
-            "use storage_type: file with a local file, a directory or a Hub dataset id"
+            "use file (a local file, a directory or a Hub dataset id) or sql (a database URL)"
         )
     if not path:
         raise TasksetError(f"taskset '{name}': 'path' is empty")
+    if storage == "sql":
+        return load_sql_rows(name, path, cfg.max_retry_times, cfg.max_retry_interval)
     if path.startswith(BUILTIN_PREFIX):
         kind = path[len(BUILTIN_PREFIX) :]
         if kind not in BUILTIN_TASKSETS:
@@ -289,6 +392,35 @@ def load_rows(cfg: TasksetConfig) -> Any:
     offline = not _hub_reachable()
     with _hub_offline(offline):
         return _load(name, path, path, name=subset, split=split, hub_offline=offline)
+
+
+def load_sql_rows(table: str, url: str, retries: int = 3, interval: float = 1.0) -> list[dict]:
+    """Every row of table ``table`` in the database at SQLAlchemy URL ``url``, as dicts, in
+    primary-key order; a failing connection is retried ``retries`` times, ``interval`` s apart."""
+    import sqlalchemy as sa
+
+    where = f"taskset '{table}' ({url})"
+    attempt = 0
+    while True:
+        try:
+            engine = sa.create_engine(url)
+            try:
+                with engine.connect() as conn:
+                    rows = sa.Table(table, sa.MetaData(), autoload_with=conn)
+                    query = sa.select(rows).order_by(*rows.primary_key.columns)
+                    return [dict(row._mapping) for row in conn.execute(query)]
+            finally:
+                engine.dispose()
+        except sa.exc.NoSuchTableError:
+            raise TasksetError(f"{where}: the database has no table '{table}'") from None
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+            raise TasksetError(f"{where}: not a usable SQLAlchemy URL: {exc}") from None
+        except sa.exc.SQLAlchemyError as exc:
+            if attempt >= retries:
+                detail = str(exc).splitlines()[0]
+                raise TasksetError(f"{where}: cannot read: {detail}") from None
+            attempt += 1
+            time.sleep(interval)
 
 
 def _check_text_file(taskset: str, path: Path) -> None:

@@ -8,7 +8,7 @@ behaves as this implementation does (``enable_log_requests: false``, ``repetitio
 Settings of GPU engines (vLLM, veRL, Megatron) can never mean anything on these backends; the
 other entries are features still to come, and leave this table as they land. Keys the original
 ignores too (``optimizer.clip_grad``, ``synchronizer.wait_for_checkpoint``) or that only serve a
-feature refused at validation (SQL tasksets, DPO's keys) behave as there: not listed.
+feature refused at validation (DPO's keys) behave as there: not listed.
 """
 
 from __future__ import annotations
@@ -41,9 +41,6 @@ _TASKSET = {
     "rollout_args.n": Inert("n is algorithm.repeat_times"),
     "task_selector": Inert("deprecated: use data_selector"),
 }
-_EXPERIENCE_BUFFER = {
-    "replay_buffer.enable": Inert(NOT_YET, (False,)),
-}
 _ROLLOUT_MODEL = {
     "engine_type": Inert(NOT_YET, ("vllm", "sglang", "tinker")),
     "data_parallel_size": Inert(GPU_ROLLOUT),
@@ -66,7 +63,6 @@ _ROLLOUT_MODEL = {
     "api_key": Inert(NOT_YET, ("EMPTY",)),
     "reasoning_parser": Inert(NOT_YET),
     "enable_multimodal": Inert(NOT_YET, (False,)),
-    "enable_thinking": Inert(NOT_YET),
 }
 # what an auxiliary model takes from its own entry (model.* is for the rollout model)
 _AUXILIARY_OWN = ("max_model_len", "max_prompt_tokens", "max_response_tokens", "chat_template")
@@ -81,8 +77,6 @@ INERT: dict[str, Inert] = {
     "data_processor.experience_pipeline.inputs": Inert(NOT_YET, ({},)),
     "data_processor.experience_pipeline.output": Inert(NOT_YET),
     "service": Inert(NOT_YET, ({},)),
-    "algorithm.sample_strategy": Inert(NOT_YET, ("default", "warmup")),
-    "algorithm.sample_strategy_args": Inert(NOT_YET, ({},)),
     "algorithm.optimizer.optimizer_type": Inert("the optimizer is AdamW", ("adam", "adamw")),
     "algorithm.enable_router_replay": Inert("MoE router replay (veRL)", (False,)),
     "algorithm.bypass_old_logprobs": Inert("the sampler's logprobs are always pi_old", (True,)),
@@ -92,7 +86,6 @@ INERT: dict[str, Inert] = {
     "model.logprobs": Inert(NO_TOP_K, (0,)),
     "model.min_response_tokens": Inert(NOT_YET, (0,)),
     "model.repetition_penalty": Inert(NOT_YET, (1.0,)),
-    "model.enable_thinking": Inert(NOT_YET),
     "model.lora_configs[*].name": Inert("there is one adapter; its name is the run's"),
     "model.lora_configs[*].path": Inert(NOT_YET),
     "model.lora_configs[*].base_model_name": Inert("the base model is model.model_path"),
@@ -109,8 +102,6 @@ INERT: dict[str, Inert] = {
     **{f"buffer.explorer_input.taskset.{k}": v for k, v in _TASKSET.items()},
     **{f"buffer.explorer_input.tasksets[*].{k}": v for k, v in _TASKSET.items()},
     **{f"buffer.explorer_input.eval_tasksets[*].{k}": v for k, v in _TASKSET.items()},
-    **{f"buffer.trainer_input.experience_buffer.{k}": v for k, v in _EXPERIENCE_BUFFER.items()},
-    "buffer.trainer_input.auxiliary_buffers": Inert(NOT_YET, ({},)),
     "explorer.runner_prepare_concurrency": Inert("runners need no preparation", (8,)),
     "explorer.runner_prepare_max_retries": Inert("runners need no preparation", (2,)),
     "explorer.max_repeat_times_per_runner": Inert(NOT_YET),
@@ -122,8 +113,7 @@ INERT: dict[str, Inert] = {
     },
     "explorer.min_running_model_num": Inert("serve: one sampler, drained to switch", (1,)),
     "explorer.db_url": Inert("serve: unrated completions are kept in memory"),
-    "explorer.over_rollout.ratio": Inert(NOT_YET, (0, 0.0)),
-    "explorer.dynamic_timeout.enable": Inert(NOT_YET, (False,)),
+    "explorer.over_rollout.return_partial_tasks": Inert(NOT_YET, (False,)),
     "explorer.runner_state_report_interval": Inert(NOT_YET, (0,)),
     "explorer.max_inflight_batches": Inert(NOT_YET, (2,)),
     "trainer.trainer_strategy": Inert(GPU_TRAINER),

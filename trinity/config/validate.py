@@ -44,9 +44,22 @@ SYNC_STYLE_ALIASES = {
     "dynamic_by_trainer": "trainer_driven",
 }
 LR_SCHEDULERS = ("constant", "cosine")
+# the replay buffer's priority functions and their args (trinity.buffer.experience.ReplayBuffer)
+PRIORITY_FNS = {
+    "linear_decay": ("decay",),
+    "linear_decay_use_count_control_randomization": ("decay", "use_count_limit", "sigma"),
+}
+PRIORITY_FN_ALIASES = {"decay_limit_randomization": "linear_decay_use_count_control_randomization"}
 SAMPLE_STRATEGIES = ("default", "warmup", "staleness_control", "mix")
+# each strategy's args with the original's defaults (trinity.buffer.strategies applies them)
+SAMPLE_STRATEGY_ARGS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "warmup": {},
+    "staleness_control": {"max_staleness": float("inf")},
+    "mix": {"expert_data_ratio": 0.5, "sft_dataset_name": "sft_dataset"},
+}
 ENTROPY_LOSS_FNS = ("default", "mix", "none")
-TASKSET_STORAGE = ("file",)  # the original's sql tasksets are not implemented
+TASKSET_STORAGE = ("file", "sql")
 EXPERIENCE_STORAGE = ("queue", "sqlite", "sql", "file")
 SELECTORS = ("sequential", "shuffle", "random", "offline_easy2hard", "difficulty_based")
 # difficulty_based's kwargs (trinity.buffer.selectors.DIFFICULTY_KWARGS holds their defaults)
@@ -75,6 +88,7 @@ def finalize(config: Config) -> None:
     _check_algorithm(config)
     _check_model(config)
     _check_buffer(config)
+    _check_sample_strategy(config)
     _check_explorer_trainer(config)
     _check_synchronizer(config)
     _check_monitor(config)
@@ -290,11 +304,6 @@ def _check_buffer(config: Config) -> None:
         require(
             bool(inputs.tasksets), f"buffer.explorer_input.taskset is required in mode '{mode}'"
         )
-    if len(inputs.tasksets) > 1:
-        log.warning(
-            "buffer.explorer_input.tasksets: only the first of %d is used for training",
-            len(inputs.tasksets),
-        )
     if mode == "bench":
         require(
             bool(inputs.eval_tasksets),
@@ -342,13 +351,71 @@ def _check_buffer(config: Config) -> None:
             exp.storage_type = "queue"
     _at_least(exp.capacity, 1, f"{key}.capacity")
     _positive(exp.max_read_timeout, f"{key}.max_read_timeout")
+    _check_replay_buffer(exp.replay_buffer, f"{key}.replay_buffer", exp.storage_type, mode)
+
+
+def _check_replay_buffer(replay: Any, key: str, storage_type: str, mode: str) -> None:
+    """The original's priority functions and args; the buffer lives in the trainer's process."""
+    if not replay.enable:
+        return
+    replay.priority_fn = choice(
+        replay.priority_fn, f"{key}.priority_fn", PRIORITY_FNS, PRIORITY_FN_ALIASES
+    )
+    _known_keys(
+        replay.priority_fn_args, f"{key}.priority_fn_args", PRIORITY_FNS[replay.priority_fn]
+    )
+    _positive(replay.reuse_cooldown_time, f"{key}.reuse_cooldown_time")
+    require(
+        mode == "both" and storage_type == "queue",
+        f"{key}.enable: the replay buffer is an in-process queue (mode 'both', storage_type "
+        f"'queue'), not '{storage_type}' in mode '{mode}'",
+    )
+
+
+def _check_sample_strategy(config: Config) -> None:
+    """The strategy's args (the original's names), and the SFT dataset ``mix`` reads."""
+    algo, trainer_input = config.algorithm, config.buffer.trainer_input
+    name = algo.sample_strategy or ALGORITHMS.get(algo.algorithm_type).sample_strategy
+    known = SAMPLE_STRATEGY_ARGS[name]
+    _known_keys(algo.sample_strategy_args, "algorithm.sample_strategy_args", known)
+    args = {**known, **algo.sample_strategy_args}
+    if name == "staleness_control":
+        _at_least(args["max_staleness"], 0, "algorithm.sample_strategy_args.max_staleness")
+    aux = trainer_input.auxiliary_buffers
+    if name == "mix":
+        ratio = args["expert_data_ratio"]
+        require(
+            isinstance(ratio, int | float) and 0 <= ratio <= 1,
+            f"algorithm.sample_strategy_args.expert_data_ratio must be in [0, 1], got {ratio}",
+        )
+        dataset = args["sft_dataset_name"]
+        key = f"buffer.trainer_input.auxiliary_buffers.{dataset}"
+        require(
+            dataset in aux,
+            f"{key}: sample_strategy 'mix' reads its SFT rows there (auxiliary_buffers has "
+            f"{', '.join(aux) or 'nothing'})",
+        )
+        require(bool(aux[dataset].path), f"{key}.path is required (the SFT dataset to mix in)")
+    elif aux:  # as in the original: only the mix strategy reads them
+        log.warning(
+            "buffer.trainer_input.auxiliary_buffers is only read by algorithm.sample_strategy "
+            "'mix' (this config's is '%s'): ignored",
+            name,
+        )
 
 
 def _check_taskset(taskset: TasksetConfig, key: str) -> None:
     require(bool(taskset.path), f"{key}.path is required (an HF id, a local path or builtin:NAME)")
     path = str(taskset.path)
     taskset.storage_type = choice(taskset.storage_type, f"{key}.storage_type", TASKSET_STORAGE)
-    if path.startswith(BUILTIN_PREFIX):
+    if taskset.storage_type == "sql":
+        require(
+            "://" in path,
+            f"{key}.path: storage_type 'sql' reads a database: give a SQLAlchemy URL "
+            f"(sqlite:///tasks.db, postgresql://...), not '{path}'",
+        )
+        require(bool(taskset.name), f"{key}.name is required with storage_type 'sql' (the table)")
+    elif path.startswith(BUILTIN_PREFIX):
         name = path[len(BUILTIN_PREFIX) :]
         _check_name(name, f"{key}.path", BUILTIN_TASKSETS, prefix=BUILTIN_PREFIX)
     else:
@@ -466,6 +533,16 @@ def _check_synchronizer(config: Config) -> None:
             "buffer.explorer_input.eval_tasksets are not allowed with "
             "synchronizer.sync_style 'fully_async'",
         )
+    over, timeout = config.explorer.over_rollout, config.explorer.dynamic_timeout
+    require(
+        0 <= over.ratio < 1,
+        f"explorer.over_rollout.ratio must be in [0, 1) (the share of a step's tasks it may "
+        f"leave unfinished), got {over.ratio}",
+    )
+    _at_least(over.wait_after_min, 0, "explorer.over_rollout.wait_after_min")
+    if timeout.enable:
+        _positive(timeout.ratio, "explorer.dynamic_timeout.ratio")
+        _at_least(timeout.warmup_min_steps, 0, "explorer.dynamic_timeout.warmup_min_steps")
     if config.explorer.over_rollout.ratio > 0:
         require(
             sync.sync_style != "fixed",

@@ -76,9 +76,17 @@ def _key(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> 
 class Conversations:
     """Chat rendering for one rollout model, plus the replies it may be asked to continue."""
 
-    def __init__(self, tokenizer: Any, chat_template: str | None = None):
+    def __init__(
+        self,
+        tokenizer: Any,
+        chat_template: str | None = None,
+        enable_thinking: bool | None = None,
+    ):
+        """``enable_thinking`` (None: the template's default) is handed to the template, which
+        Qwen3-style templates read to open or skip the reasoning block."""
         self.tokenizer = tokenizer
         self.chat_template = chat_template
+        self.template_args = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
         self._replies: dict[str, tuple[list[int], bool]] = {}
         self._ignores_tools: bool | None = None
 
@@ -101,6 +109,7 @@ class Conversations:
             add_generation_prompt=generate,
             chat_template=self.chat_template,
             **({"tools": tools} if tools else {}),
+            **self.template_args,
         )
 
     def _template_ignores_tools(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import statistics
 import time
 from collections import defaultdict
@@ -63,6 +64,8 @@ class Explorer:
         pipeline: ExperiencePipeline | None = None,
         job_dir: JobDir | None = None,
         auxiliary: Sequence[AuxiliaryModel] = (),
+        over_rollout: tuple[float, float] = (0.0, 30.0),
+        dynamic_timeout: tuple[int, float] | None = None,
     ):
         """``remote_rollout(task, seed)``: run workflows elsewhere (Ray runner actors) instead of
         in this event loop; retries, timeouts and bookkeeping stay here either way.
@@ -70,7 +73,12 @@ class Explorer:
         ``pipeline``: the experience operators, run on each step's experiences before the group
         advantages (``data_processor.experience_pipeline``). ``job_dir``: where the taskset's
         position is recorded when a step reads extra batches, for resuming.
-        ``auxiliary``: ``explorer.auxiliary_models``, handed to every workflow."""
+        ``auxiliary``: ``explorer.auxiliary_models``, handed to every workflow.
+        ``over_rollout``: ``(ratio, wait_after_min)``: a step moves on once
+        ``ceil(tasks * (1 - ratio))`` of its tasks finished, waiting at most ``wait_after_min``
+        seconds more for the rest, which are then cancelled. ``dynamic_timeout``:
+        ``(warmup_min_steps, ratio)``: after that many steps a workflow run times out at ``ratio``
+        times the mean duration of the successful training runs so far (at most ``max_timeout``)."""
         self.sampler = sampler
         self.settings = settings
         self.reader = reader
@@ -90,6 +98,10 @@ class Explorer:
         self.pipeline = pipeline or ExperiencePipeline([])
         self.job_dir = job_dir
         self.auxiliary = list(auxiliary)
+        self.over_rollout_ratio, self.over_rollout_wait = over_rollout
+        self.dynamic_timeout = dynamic_timeout
+        self.run_durations: list[float] = []  # successful training workflow runs, seconds
+        self.steps_explored = 0
         self.model_version = 0
         self.failed_in_a_row = 0
         self.last_failure = ""
@@ -149,10 +161,10 @@ class Explorer:
         kept: list[Experience] = []
         rounds: list[dict[str, float]] = []
         finished = failed = extra_batches = 0
+        cancelled = 0
         while True:
-            groups = await asyncio.gather(
-                *(self.run_task(task, step, i) for i, task in enumerate(tasks))
-            )
+            groups, dropped = await self.run_tasks(tasks, step)
+            cancelled += dropped
             self._count_failures(groups)
             finished += sum(1 for g in groups if g)
             failed += sum(1 for g in groups if not g)
@@ -193,7 +205,43 @@ class Explorer:
                 "explorer/time/explore_step": time.monotonic() - started,
             }
         )
+        if self.over_rollout_ratio:
+            metrics["rollout/over_rollout_cancelled_task_count"] = float(cancelled)
+        if self.dynamic_timeout is not None:
+            metrics["rollout/timeout"] = self.task_timeout()
+        self.steps_explored += 1
         return kept, metrics
+
+    async def run_tasks(self, tasks: list[Task], step: int) -> tuple[list[list[Experience]], int]:
+        """Each task's experiences, in order; with over-rollout only those of the tasks that
+        finished in time (and how many were cancelled)."""
+        jobs = [asyncio.ensure_future(self.run_task(t, step, i)) for i, t in enumerate(tasks)]
+        if not self.over_rollout_ratio:
+            return list(await asyncio.gather(*jobs)), 0
+        enough = math.ceil(len(jobs) * (1.0 - self.over_rollout_ratio))
+        try:
+            for finished, job in enumerate(asyncio.as_completed(jobs), start=1):
+                await job
+                if finished >= enough:
+                    break
+            running = [job for job in jobs if not job.done()]
+            if running:
+                await asyncio.wait(running, timeout=self.over_rollout_wait)
+        finally:
+            for job in jobs:
+                job.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
+        groups = [job.result() for job in jobs if not job.cancelled()]
+        return groups, len(jobs) - len(groups)
+
+    def task_timeout(self, is_eval: bool = False) -> float:
+        """``max_timeout``, or the dynamic one once its warm-up steps are explored."""
+        if is_eval or self.dynamic_timeout is None or not self.run_durations:
+            return self.max_timeout
+        warmup_steps, ratio = self.dynamic_timeout
+        if self.steps_explored < warmup_steps:
+            return self.max_timeout
+        return min(self.max_timeout, ratio * statistics.fmean(self.run_durations))
 
     def _count_failures(self, groups: list[list[Experience]]) -> None:
         for group in groups:
@@ -215,12 +263,15 @@ class Explorer:
             )
             try:
                 async with self.runners:
+                    started = time.monotonic()
                     experiences = await asyncio.wait_for(
                         self.remote_rollout(task, seed)
                         if self.remote_rollout
                         else rollout(task, self.sampler, self.settings, seed, self.auxiliary),
-                        self.max_timeout,
+                        self.task_timeout(is_eval),
                     )
+                    if not is_eval:
+                        self.run_durations.append(time.monotonic() - started)
             except Exception as exc:  # noqa: BLE001 - a workflow is user code; report and retry
                 self.last_failure = f"task {task.task_id}: {type(exc).__name__}: {exc}"
                 log.warning(

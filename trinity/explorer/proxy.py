@@ -75,7 +75,9 @@ class Proxy:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REQUEST_COUNTS, 0))
 
     def __post_init__(self):
-        self.conversations = Conversations(self.backend.tokenizer, self.settings.chat_template)
+        self.conversations = Conversations(
+            self.backend.tokenizer, self.settings.chat_template, self.settings.enable_thinking
+        )
         self._idle = asyncio.Condition()
         self._in_flight = 0
         self._switching = False

@@ -30,6 +30,9 @@ class RolloutSettings:
     top_k: int = -1
     enable_prompt_truncation: bool = True
     chat_template: str | None = None
+    enable_thinking: bool | None = (
+        None  # handed to the chat template (Qwen3-style); None: its default
+    )
     max_model_len: int | None = None
     # explorer.rollout_model.*: agent workflows (trinity.explorer.openai_api, .history)
     enable_history: bool = False
@@ -80,7 +83,9 @@ class PolicySampler:
         self.enable_history = settings.enable_history
         self.enable_openai_api = settings.enable_openai_api
         self.history: list[Response] = []
-        self.conversations = Conversations(self.tokenizer, settings.chat_template)
+        self.conversations = Conversations(
+            self.tokenizer, settings.chat_template, settings.enable_thinking
+        )
         self._calls = 0
 
     @property

@@ -232,6 +232,7 @@ def auxiliary_settings(config: Any, aux: Any) -> RolloutSettings:
         max_prompt_tokens=aux.max_prompt_tokens or model.max_prompt_tokens,
         max_response_tokens=aux.max_response_tokens or model.max_response_tokens,
         chat_template=aux.chat_template,
+        enable_thinking=aux.enable_thinking,
         enable_auto_tool_choice=aux.enable_auto_tool_choice,
         tool_call_parser=aux.tool_call_parser,
     )
@@ -248,6 +249,9 @@ def rollout_settings(config: Any) -> RolloutSettings:
         top_k=model.top_k,
         enable_prompt_truncation=model.enable_prompt_truncation,
         chat_template=template,
+        enable_thinking=model.enable_thinking
+        if rollout.enable_thinking is None
+        else rollout.enable_thinking,
         max_model_len=model.max_model_len,
         enable_history=rollout.enable_history,
         enable_openai_api=rollout.enable_openai_api,

@@ -28,8 +28,10 @@ from trinity.algorithms import (
 from trinity.buffer.experience import build_experience_buffer
 from trinity.buffer.operators import build_pipeline
 from trinity.buffer.sft import sft_dataset, sft_sequence
-from trinity.buffer.tasksets import TasksetReader
+from trinity.buffer.strategies import build_strategy
+from trinity.buffer.tasksets import TasksetReader, TasksetScheduler
 from trinity.config import to_yaml
+from trinity.config.validate import SAMPLE_STRATEGY_ARGS
 from trinity.explorer.explorer import Explorer
 from trinity.jobdir import JobDir, atomic_write
 from trinity.launcher.backends import (
@@ -85,22 +87,18 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
     algorithm = config.algorithm
     reader, eval_readers = None, {}
     if explore:  # every taskset is read and checked before any server or engine starts
-        reader = _reader(config, buffer_cfg.explorer_input.tasksets[0])
+        reader = _train_reader(config)
         reader.skip_batches(job_dir.taskset_batches_read(start_step))
         eval_readers = _eval_readers(config)
-    sft = train and not explore and resolve_algorithm(algorithm).schema == "sft"
-    sft_data = None
+    settings = resolve_algorithm(algorithm)
+    sft = train and not explore and settings.schema == "sft"
+    sft_data = expert_data = None
     if sft:
-        from transformers import AutoTokenizer
-
-        from trinity.engine.demo_model import resolve_model_path
-
-        tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(config.model.model_path)))
-        sft_data = sft_dataset(
-            buffer_cfg.trainer_input.experience_buffer,
-            tokenizer,
-            chat_template=chat_template(config),
-            max_len=config.model.max_model_len,
+        sft_data = _sft_rows(config, buffer_cfg.trainer_input.experience_buffer)
+    if train and settings.sample_strategy == "mix":  # read and checked before any engine starts
+        name = {**SAMPLE_STRATEGY_ARGS["mix"], **algorithm.sample_strategy_args}
+        expert_data = _sft_rows(
+            config, buffer_cfg.trainer_input.auxiliary_buffers[name["sft_dataset_name"]]
         )
     total_steps = buffer_cfg.total_steps or config.trainer.total_steps
     if not total_steps:
@@ -152,6 +150,9 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
                 ),
                 max_checkpoints_to_keep=config.trainer.max_checkpoints_to_keep,
                 save_hf_checkpoint=config.trainer.save_hf_checkpoint,
+                strategy=_strategy(
+                    config, settings.sample_strategy, buffer, expert_data, start_step
+                ),
             )
             if resume and explore:
                 # the explorer continues from the trained weights, not from the base model
@@ -220,6 +221,48 @@ async def _feed_sft(
     await buffer.close()
 
 
+def _sft_rows(config: Any, dataset: Any) -> list[Any]:
+    """An SFT dataset (an experience or auxiliary buffer's path, split, format) tokenized."""
+    from transformers import AutoTokenizer
+
+    from trinity.engine.demo_model import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(config.model.model_path)))
+    return sft_dataset(
+        dataset, tokenizer, chat_template=chat_template(config), max_len=config.model.max_model_len
+    )
+
+
+def _strategy(
+    config: Any, name: str, buffer: Any, expert_data: list[Any] | None, start_step: int
+) -> Any:
+    """``algorithm.sample_strategy``; mix's SFT rows continue where a resumed run stopped."""
+    args = config.algorithm.sample_strategy_args
+    tbs = config.buffer.train_batch_size
+    rows = None
+    if expert_data is not None:
+        ratio = {**SAMPLE_STRATEGY_ARGS["mix"], **args}["expert_data_ratio"]
+        skip = start_step * math.ceil(ratio * tbs)
+        rows = itertools.islice(
+            sft_sequence(expert_data, config.explorer.rollout_model.seed), skip, None
+        )
+    return build_strategy(name, args, buffer, train_batch_size=tbs, expert_rows=rows)
+
+
+def _train_reader(config: Any) -> TasksetReader | TasksetScheduler:
+    """The training taskset, or several of them on the original's schedule."""
+    tasksets = config.buffer.explorer_input.tasksets
+    if len(tasksets) == 1:
+        return _reader(config, tasksets[0])
+    return TasksetScheduler(
+        [_reader(config, taskset) for taskset in tasksets],
+        batch_size=config.buffer.batch_size,
+        total_epochs=config.buffer.total_epochs,
+        total_steps=config.buffer.total_steps,
+        seed=tasksets[0].data_selector.seed,
+    )
+
+
 def _reader(config: Any, taskset: Any, *, is_eval: bool = False) -> TasksetReader:
     inputs = config.buffer.explorer_input
     workflow = inputs.default_workflow_type
@@ -251,9 +294,21 @@ def _synchronizer(config: Any) -> Synchronizer:
 
 
 async def _experience_buffer(config: Any, *, shared: bool, reopen: bool) -> Any:
-    """SQLite when explorer and trainer are two processes; otherwise an in-memory queue."""
+    """SQLite when explorer and trainer are two processes; otherwise an in-memory queue; a
+    database URL in ``path`` with ``storage_type: sql`` (SQLAlchemy)."""
     exp_cfg = config.buffer.trainer_input.experience_buffer
     default_path = JobDir(config.checkpoint_job_dir).buffer_db(exp_cfg.name)
+    if exp_cfg.storage_type == "sql" and exp_cfg.path and "://" in exp_cfg.path:
+        buffer = build_experience_buffer(
+            "sql",
+            path=exp_cfg.path,
+            capacity=exp_cfg.capacity,
+            max_read_timeout=exp_cfg.max_read_timeout,
+            name=exp_cfg.name,
+        )
+        if reopen:
+            await buffer.reopen()
+        return buffer
     storage = "sqlite" if shared or exp_cfg.storage_type in ("sqlite", "sql") else "queue"
     buffer = build_experience_buffer(
         storage,
@@ -264,6 +319,7 @@ async def _experience_buffer(config: Any, *, shared: bool, reopen: bool) -> Any:
         ),
         capacity=exp_cfg.capacity,
         max_read_timeout=exp_cfg.max_read_timeout,
+        replay=exp_cfg.replay_buffer,
     )
     if reopen and hasattr(buffer, "reopen"):
         await buffer.reopen()  # a previous explorer run closed it; this one writes again
@@ -288,6 +344,7 @@ def _explorer(
     auxiliary=(),
 ) -> Explorer:
     rollout = config.explorer.rollout_model
+    over, timeout = config.explorer.over_rollout, config.explorer.dynamic_timeout
     return Explorer(
         sampler=sampler,
         settings=rollout_settings(config),
@@ -308,6 +365,8 @@ def _explorer(
         pipeline=build_pipeline(config.data_processor),
         job_dir=JobDir(config.checkpoint_job_dir),
         auxiliary=auxiliary,
+        over_rollout=(over.ratio, over.wait_after_min),
+        dynamic_timeout=(timeout.warmup_min_steps, timeout.ratio) if timeout.enable else None,
     )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from tinker import types
 
+from trinity.buffer.strategies import DefaultStrategy
 from trinity.jobdir import JobDir
 from trinity.workflows.types import Experience
 
@@ -42,13 +43,16 @@ class Trainer:
         checkpoint_prefix: str = "trinity",
         max_checkpoints_to_keep: int = 0,
         save_hf_checkpoint: str = "last",
+        strategy: Any | None = None,
     ):
         """``max_checkpoints_to_keep``: 0 keeps all; ``save_hf_checkpoint`` "always" also exports
         the weights as a peft adapter beside every checkpoint ("last" and "never" are the
-        launcher's final export)."""
+        launcher's final export). ``strategy`` reads each batch from ``buffer``
+        (``trinity.buffer.strategies``; default: the oldest ``train_batch_size``)."""
         self.backend = backend
         self.plan = plan
         self.buffer = buffer
+        self.strategy = strategy if strategy is not None else DefaultStrategy(buffer)
         self.synchronizer = synchronizer
         self.monitor = monitor
         self.job_dir = JobDir(job_dir)
@@ -66,14 +70,15 @@ class Trainer:
         try:
             while step < total_steps:
                 started = time.monotonic()
-                batch = await self.buffer.get_batch(
-                    self.train_batch_size, timeout=self.max_read_timeout
+                batch = await self.strategy.sample(
+                    step + 1, self.train_batch_size, self.max_read_timeout
                 )
                 if not batch:
                     break
                 read_time = time.monotonic() - started
                 step += 1
                 metrics = await self.train_step(step, batch)
+                metrics.update(self.strategy.metrics)
                 metrics["time/read_experience"] = read_time
                 if self.synchronizer.trainer_should_publish(step):
                     metrics["time/sync_weight"] = await self.publish(step)
