@@ -35,6 +35,7 @@ from trinity.jobdir import JobDir, atomic_write
 from trinity.launcher.backends import (
     Backends,
     build_backends,
+    build_critic,
     chat_template,
     check_credentials,
     rollout_settings,
@@ -133,6 +134,9 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
         jobs = []
         if train:
             synchronizer.reset()
+            critic = build_critic(config, total_steps, backends.tokenizer)
+            if critic is not None and resume:
+                await critic.load(job_dir.critic_dir(start_step))
             trainer = Trainer(
                 backend=backends.trainer,
                 plan=build_loss_plan(algorithm, norm_length=config.model.max_response_tokens),
@@ -152,6 +156,8 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
                 ),
                 max_checkpoints_to_keep=config.trainer.max_checkpoints_to_keep,
                 save_hf_checkpoint=config.trainer.save_hf_checkpoint,
+                critic=critic,
+                critic_warmup=config.trainer.critic_warmup,
             )
             if resume and explore:
                 # the explorer continues from the trained weights, not from the base model
