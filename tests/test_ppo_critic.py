@@ -312,3 +312,23 @@ def test_ppo_runs_steps_on_both_backends(tmp_path, tiny_model_dir, backend):
         ]
         assert [r["step"] for r in trainer] == [1, 2, 3]
         assert (job / "global_step_3" / "critic" / "trinity_state.json").exists()
+
+
+def test_a_critic_with_another_vocabulary_is_refused(tmp_path, tiny_model_dir):
+    from trinity.config import ConfigError
+    from trinity.launcher.backends import build_critic
+
+    config = load_config(
+        _write(tmp_path, ORIGINAL_PPO.format(root=tmp_path).replace("demo", str(tiny_model_dir)))
+    )
+    from transformers import AutoTokenizer
+
+    critic = build_critic(config, 4, AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert critic.cliprange_value == 0.5 and critic.model.lora.rank == config.model.tinker.rank
+
+    class OtherTokenizer:
+        def get_vocab(self):
+            return {"a": 0, "b": 1}
+
+    with pytest.raises(ConfigError, match="model.critic_model_path: .* another tokenizer"):
+        build_critic(config, 4, OtherTokenizer())
