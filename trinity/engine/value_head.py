@@ -67,7 +67,7 @@ class ValueModel:
             self.module = base.get_decoder().requires_grad_(True)
             params = dict(self.module.named_parameters())
         else:
-            adapters = Adapters(base, str(model_path), self.dtype)
+            adapters = Adapters(base, str(path), self.dtype)
             adapters.activate(adapter := adapters.add(self.lora, "c"))
             self.module = base.get_decoder()
             params = adapters.params(adapter)
