@@ -41,7 +41,10 @@ class ValueRow:
 
 
 class ValueModel:
-    micro_batch_tokens = 2048  # padded tokens per pass, as the engine's
+    # Padded tokens per pass. Smaller than the engine's 2048: the critic's update overlaps the
+    # policy's, and with the policy in this process too (local engine, an embedded server) both
+    # passes' activations are alive at once.
+    micro_batch_tokens = 512
 
     def __init__(
         self,
