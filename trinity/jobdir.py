@@ -113,6 +113,10 @@ class JobDir:
         step = int(self.latest_checkpoint_file.read_text().strip())
         return step, self.checkpoint_ref(step)
 
+    def critic_dir(self, step: int) -> Path:
+        """PPO's critic state at ``step`` (the original's ``global_step_N/critic``)."""
+        return self.step_dir(step) / "critic"
+
     def hf_adapter_dir(self, step: int) -> Path:
         """``trainer.save_hf_checkpoint: always``: the weights of ``step`` as a peft adapter."""
         return self.step_dir(step) / "huggingface"

@@ -20,6 +20,7 @@ from trinity.algorithms.advantages import (
 )
 from trinity.algorithms.aggregation import LOSS_AGG_MODES, aggregate, token_scales
 from trinity.algorithms.datums import DatumBatch, DatumLayout, TokenInfo, info_from_datum
+from trinity.algorithms.gae import clipped_value_loss, gae_advantages
 from trinity.algorithms.kl import (
     KL_FNS,
     entropy_from_logits,
@@ -56,10 +57,12 @@ __all__ = [
     "aggregate",
     "asymre_advantages",
     "build_loss_plan",
+    "clipped_value_loss",
     "compute_advantages",
     "entropy_from_logits",
     "explorer_advantage_fn",
     "explorer_hook",
+    "gae_advantages",
     "group_advantage_fn",
     "grpo_advantages",
     "info_from_datum",

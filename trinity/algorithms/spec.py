@@ -33,6 +33,7 @@ class AlgorithmSpec:
     use_reference: bool = True  # the original's flag; we fetch reference logprobs only when used
     schema: str = "experience"
     sample_strategy: str = "warmup"
+    use_critic: bool = False  # trains a value model beside the policy (trinity/trainer/critic.py)
     advantage_fn_args: Mapping[str, Any] = field(default_factory=dict)
     policy_loss_fn_args: Mapping[str, Any] = field(default_factory=dict)
 
@@ -49,6 +50,7 @@ for _name, _spec in {
         sample_strategy="default",
     ),
     "grpo": AlgorithmSpec("grpo", "ppo"),
+    "ppo": AlgorithmSpec("ppo", "ppo", repeat_times=1, use_critic=True),
     "dapo": AlgorithmSpec("grpo", "ppo", kl_loss_fn="none", repeat_times=16, use_reference=False),
     "opmd": AlgorithmSpec("opmd", "opmd"),
     "rloo": AlgorithmSpec("rloo", "ppo"),
@@ -82,6 +84,7 @@ ADVANTAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "asymre": {"baseline_shift": -0.1},
     "reinforce": {},
     "reinforceplusplus": {"gamma": 1.0},
+    "ppo": {"gamma": 1.0, "lam": 1.0},
 }
 KL_DEFAULTS = {"kl_coef": 0.001, "adaptive": False}
 ENTROPY_DEFAULTS = {"entropy_coef": 0.0}
@@ -108,6 +111,7 @@ class AlgorithmSettings:
     use_reference: bool
     schema: str
     sample_strategy: str
+    use_critic: bool = False
 
     @property
     def kl_coef(self) -> float:
@@ -173,6 +177,7 @@ def resolve_algorithm(config: AlgorithmConfig | AlgorithmSettings | Any) -> Algo
         use_reference=spec.use_reference,
         schema=spec.schema,
         sample_strategy=algo.sample_strategy or spec.sample_strategy,
+        use_critic=spec.use_critic,
     )
 
 

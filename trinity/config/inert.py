@@ -41,6 +41,73 @@ _TASKSET = {
     "rollout_args.n": Inert("n is algorithm.repeat_times"),
     "task_selector": Inert("deprecated: use data_selector"),
 }
+# an inline veRL config: only the critic's section acts (trinity/config/critic.py)
+_VERL_SECTIONS = (
+    "data",
+    "actor_rollout_ref",
+    "reward_model",
+    "custom_reward_function",
+    "algorithm",
+    "trainer",
+    "global_profiler",
+    "synchronizer",
+    "enable_preview",
+)
+_SET_HERE = "set from the rest of the config, as in the original"
+_CRITIC = {
+    **{
+        key: Inert(GPU_TRAINER)
+        for key in (
+            "strategy",
+            "ppo_micro_batch_size",
+            "ppo_micro_batch_size_per_gpu",
+            "forward_micro_batch_size",
+            "forward_micro_batch_size_per_gpu",
+            "use_dynamic_bsz",
+            "ppo_max_token_len_per_gpu",
+            "forward_max_token_len_per_gpu",
+            "ulysses_sequence_parallel_size",
+            "checkpoint",
+            "megatron",
+            "profile",
+            "profiler",
+            "load_weight",
+            "nccl_timeout",
+            "data_loader_seed",
+            "model.override_config",
+            "model.external_lib",
+            "model.enable_gradient_checkpointing",
+            "model.use_remove_padding",
+            "model.fsdp_config",
+            "optim.optimizer_impl",
+            "optim.lr_warmup_init",
+            "optim.lr_decay_steps",
+            "optim.lr_decay_style",
+            "optim.min_lr",
+            "optim.weight_decay_incr_style",
+            "optim.lr_wsd_decay_style",
+            "optim.lr_wsd_decay_steps",
+            "optim.use_checkpoint_opt_param_scheduler",
+            "optim.override_optimizer_config",
+        )
+    },
+    **{
+        key: Inert(_SET_HERE)
+        for key in (
+            "enable",
+            "ppo_mini_batch_size",
+            "rollout_n",
+            "ray_namespace",
+            "model.path",
+            "model.tokenizer_path",
+            "optim.total_training_steps",
+        )
+    },
+    "optim.optimizer": Inert("the optimizer is AdamW", ("adam", "adamw")),
+    "model.trust_remote_code": Inert("models load without remote code", (False,)),
+    "model.rope_scaling": Inert(NOT_YET),
+    "model.rope_theta": Inert(NOT_YET),
+}
 _ROLLOUT_MODEL = {
     "engine_type": Inert(NOT_YET, ("vllm", "sglang", "tinker")),
     "data_parallel_size": Inert(GPU_ROLLOUT),
@@ -82,7 +149,6 @@ INERT: dict[str, Inert] = {
     "algorithm.bypass_old_logprobs": Inert("the sampler's logprobs are always pi_old", (True,)),
     "algorithm.rollout_correction": Inert(NOT_YET),
     "model.trust_remote_code": Inert("models load without remote code", (False,)),
-    "model.critic_model_path": Inert(NOT_YET, ("",)),
     "model.logprobs": Inert(NO_TOP_K, (0,)),
     "model.min_response_tokens": Inert(NOT_YET, (0,)),
     "model.repetition_penalty": Inert(NOT_YET, (1.0,)),
@@ -121,7 +187,6 @@ INERT: dict[str, Inert] = {
     "trainer.use_dynamic_bsz": Inert(GPU_TRAINER),
     "trainer.use_remove_padding": Inert(GPU_TRAINER),
     "trainer.balance_batch": Inert(GPU_TRAINER),
-    "trainer.critic_warmup": Inert(NOT_YET, (0,)),
     "trainer.max_token_len_per_gpu": Inert(GPU_TRAINER),
     "trainer.ulysses_sequence_parallel_size": Inert(GPU_TRAINER),
     "trainer.fix_actor_microbatch_loss_scale": Inert(GPU_TRAINER, (False,)),
@@ -131,7 +196,8 @@ INERT: dict[str, Inert] = {
     "trainer.offload_policy": Inert(GPU_TRAINER),
     "trainer.save_strategy": Inert(GPU_TRAINER),
     "trainer.megatron": Inert(GPU_TRAINER),
-    "trainer.trainer_config": Inert(GPU_TRAINER, ({},)),
+    **{f"trainer.trainer_config.{k}": Inert(GPU_TRAINER) for k in _VERL_SECTIONS},
+    **{f"trainer.trainer_config.critic.{k}": v for k, v in _CRITIC.items()},
     "monitor.detailed_stats": Inert(NOT_YET, (False,)),
     "monitor.enable_ray_timeline": Inert(NOT_YET, (False,)),
     "synchronizer.group_name": Inert(

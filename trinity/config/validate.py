@@ -90,6 +90,7 @@ def finalize(config: Config) -> None:
     _check_buffer(config)
     _check_sample_strategy(config)
     _check_explorer_trainer(config)
+    _check_critic(config)
     _check_synchronizer(config)
     _check_monitor(config)
     _check_data_processor(config.data_processor)
@@ -162,6 +163,17 @@ def _check_algorithm(config: Config) -> None:
         registered(algo.advantage_fn, "algorithm.advantage_fn", names)
     if algo.policy_loss_fn is not None:
         registered(algo.policy_loss_fn, "algorithm.policy_loss_fn", POLICY_LOSSES.names())
+    advantage_fn = algo.advantage_fn or spec.advantage_fn
+    require(
+        not spec.use_critic or advantage_fn == "ppo",
+        f"algorithm.advantage_fn: '{algo.algorithm_type}' trains its critic on GAE returns, so "
+        f"its advantage_fn must be 'ppo', got '{advantage_fn}'",
+    )
+    require(
+        spec.use_critic or advantage_fn != "ppo",
+        f"algorithm.advantage_fn: 'ppo' (GAE) needs a critic's values, which only "
+        f"algorithm_type 'ppo' trains; '{algo.algorithm_type}' has none",
+    )
     for key in ("kl_loss_fn", "kl_penalty_fn"):
         if getattr(algo, key) is not None:
             registered(getattr(algo, key), f"algorithm.{key}", KL_FNS.names())
@@ -510,6 +522,41 @@ def _check_explorer_trainer(config: Config) -> None:
         explorer.rollout_model.engine_type = "tinker"
         for model in explorer.auxiliary_models:
             model.engine_type = "tinker"
+
+
+def _check_critic(config: Config) -> None:
+    """``trainer.trainer_config.critic`` (trinity/config/critic.py); for an algorithm with a
+    critic on a Tinker service, a critic model this process can load (docs/algorithms.md)."""
+    from trinity.config.critic import critic_config
+
+    critic = critic_config(config.trainer.trainer_config)
+    if not ALGORITHMS.get(config.algorithm.algorithm_type).use_critic:
+        return
+    where = "trainer.trainer_config.critic"
+    registered(critic.loss_agg_mode, f"{where}.loss_agg_mode", LOSS_AGG_MODES.names())
+    choice(
+        critic.optim.warmup_style or critic.optim.lr_scheduler_type,
+        f"{where}.optim.lr_scheduler_type",
+        LR_SCHEDULERS,
+    )
+    tinker, path = config.model.tinker, config.model.critic_model_path
+    if tinker.enable and tinker.base_url != "local" and not _loadable_here(path):
+        raise ConfigError(
+            f"model.critic_model_path: the Tinker API has no value head, so PPO's critic runs in "
+            f"this process beside the remote policy; set it to a local model directory (or a "
+            f"Hugging Face id in the local cache) with the policy's tokenizer, got '{path}'"
+        )
+
+
+def _loadable_here(path: str) -> bool:
+    if Path(path).expanduser().exists():
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(path, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
 
 
 def _check_synchronizer(config: Config) -> None:

@@ -215,6 +215,44 @@ def _start_local_server(
     return server.url, api_key, [str(Path(path).resolve()) for path in paths]
 
 
+def build_critic(config: Any, total_steps: int | None, tokenizer: Any) -> Any:
+    """PPO's critic (trinity/trainer/critic.py) for an algorithm that has one, else None: a value
+    model over ``model.critic_model_path`` in this process, whatever backend trains the policy
+    (docs/algorithms.md, "PPO and its critic")."""
+    from trinity.algorithms import adam_params_fn, resolve_algorithm
+    from trinity.config import ConfigError
+    from trinity.config.critic import critic_config, optimizer_section
+    from trinity.engine.value_head import ValueModel
+    from trinity.trainer.critic import Critic
+
+    algorithm = resolve_algorithm(config.algorithm)
+    if not algorithm.use_critic:
+        return None
+    settings = critic_config(config.trainer.trainer_config)
+    lora, rank = _lora_spec(config), settings.model.lora_rank
+    if rank == 0:
+        lora = None
+    elif rank is not None:
+        alpha = settings.model.lora_alpha or lora.alpha
+        lora = dataclasses.replace(lora, rank=rank, alpha=alpha)
+    path = config.model.critic_model_path or config.model.model_path
+    model = ValueModel(path, lora, seed=config.model.tinker.seed or 0)
+    if tokenizer is not None and model.tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(
+            f"model.critic_model_path: '{path}' has another tokenizer than the policy; the critic "
+            "values the policy's token ids, so it needs the same vocabulary"
+        )
+    grad_clip = config.trainer.grad_clip if settings.grad_clip is None else settings.grad_clip
+    return Critic(
+        model,
+        algorithm,
+        adam_params_fn(optimizer_section(settings), total_steps, grad_clip),
+        cliprange_value=settings.cliprange_value,
+        ppo_epochs=settings.ppo_epochs,
+        loss_agg_mode=settings.loss_agg_mode,
+    )
+
+
 def chat_template(config: Any) -> str | None:
     model = config.model
     if model.custom_chat_template is None and model.chat_template_path:

@@ -37,6 +37,7 @@ from trinity.jobdir import JobDir, atomic_write
 from trinity.launcher.backends import (
     Backends,
     build_backends,
+    build_critic,
     chat_template,
     check_credentials,
     rollout_settings,
@@ -131,6 +132,9 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
         jobs = []
         if train:
             synchronizer.reset()
+            critic = build_critic(config, total_steps, backends.tokenizer)
+            if critic is not None and resume:
+                await critic.load(job_dir.critic_dir(start_step))
             trainer = Trainer(
                 backend=backends.trainer,
                 plan=build_loss_plan(algorithm, norm_length=config.model.max_response_tokens),
@@ -153,6 +157,8 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
                 strategy=_strategy(
                     config, settings.sample_strategy, buffer, expert_data, start_step
                 ),
+                critic=critic,
+                critic_warmup=config.trainer.critic_warmup,
             )
             if resume and explore:
                 # the explorer continues from the trained weights, not from the base model

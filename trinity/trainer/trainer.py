@@ -44,11 +44,15 @@ class Trainer:
         max_checkpoints_to_keep: int = 0,
         save_hf_checkpoint: str = "last",
         strategy: Any | None = None,
+        critic: Any | None = None,
+        critic_warmup: int = 0,
     ):
         """``max_checkpoints_to_keep``: 0 keeps all; ``save_hf_checkpoint`` "always" also exports
         the weights as a peft adapter beside every checkpoint ("last" and "never" are the
         launcher's final export). ``strategy`` reads each batch from ``buffer``
-        (``trinity.buffer.strategies``; default: the oldest ``train_batch_size``)."""
+        (``trinity.buffer.strategies``; default: the oldest ``train_batch_size``). ``critic``:
+        PPO's ``trainer.critic.Critic``; the policy stays frozen for steps before
+        ``critic_warmup``."""
         self.backend = backend
         self.plan = plan
         self.buffer = buffer
@@ -64,6 +68,8 @@ class Trainer:
         self.prefix = checkpoint_prefix
         self.max_checkpoints_to_keep = max_checkpoints_to_keep
         self.save_hf_checkpoint = save_hf_checkpoint
+        self.critic = critic
+        self.critic_warmup = critic_warmup
 
     async def run(self, start_step: int, total_steps: int) -> int:
         step = start_step
@@ -95,22 +101,30 @@ class Trainer:
     async def train_step(self, step: int, batch: list[Experience]) -> dict[str, float]:
         started = time.monotonic()
         ref_logprobs = await self.reference_logprobs(batch) if self.plan.needs_reference else None
-        self.plan.batch_advantages(batch, ref_logprobs)  # before the datums, which only read them
-        datums = self.plan.to_datums(batch, ref_logprobs)
-        if self.plan.custom_loss is not None:
-            fwd_bwd = self.backend.forward_backward_custom(datums, self.plan.custom_loss)
+        critic_update = None
+        if self.critic is not None:  # values with the critic's weights before this step's update
+            values = await self.critic.values(batch)
+            returns = self.critic.set_advantages(batch, values, ref_logprobs)
+            critic_update = asyncio.ensure_future(self.critic.update(step, batch, values, returns))
         else:
-            fwd_bwd = self.backend.forward_backward(
-                datums, self.plan.loss_fn, self.plan.loss_fn_config
-            )
-        optim = self.backend.optim_step(self.adam_params(step))  # queued before awaiting fwd_bwd
-        output = await fwd_bwd
-        optim_result = await optim
+            self.plan.batch_advantages(batch, ref_logprobs)  # before the datums, which read them
+        datums = self.plan.to_datums(batch, ref_logprobs)
+        metrics = batch_metrics(batch)
+        if step >= self.critic_warmup:
+            if self.plan.custom_loss is not None:
+                fwd_bwd = self.backend.forward_backward_custom(datums, self.plan.custom_loss)
+            else:
+                fwd_bwd = self.backend.forward_backward(
+                    datums, self.plan.loss_fn, self.plan.loss_fn_config
+                )
+            optim = self.backend.optim_step(self.adam_params(step))  # queued before awaiting
+            output = await fwd_bwd
+            metrics.update(self.plan.metrics(datums, output))
+            metrics.update(_optim_metrics(await optim))
+        if critic_update is not None:
+            metrics.update(await critic_update)
         update_time = time.monotonic() - started
 
-        metrics = batch_metrics(batch)
-        metrics.update(self.plan.metrics(datums, output))
-        metrics.update(_optim_metrics(optim_result))
         n_tokens = sum(len(exp.tokens) for exp in batch)
         metrics.update(
             {
@@ -144,6 +158,8 @@ class Trainer:
         step_dir = self.job_dir.step_dir(step)
         step_dir.mkdir(parents=True, exist_ok=True)
         ref = await self.backend.save_state(f"{self.prefix}-state-{step}", str(step_dir))
+        if self.critic is not None:
+            await self.critic.save(self.job_dir.critic_dir(step))
         self.job_dir.write_checkpoint(step, ref)
         if self.save_hf_checkpoint == "always":
             await self.backend.export_adapter(str(self.job_dir.hf_adapter_dir(step)))
