@@ -88,7 +88,8 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
         reader = _reader(config, buffer_cfg.explorer_input.tasksets[0])
         reader.skip_batches(job_dir.taskset_batches_read(start_step))
         eval_readers = _eval_readers(config)
-    sft = train and not explore and resolve_algorithm(algorithm).schema == "sft"
+    schema = resolve_algorithm(algorithm).schema
+    sft = train and not explore and schema != "experience"  # a dataset: sft, cpt or dpo
     sft_data = None
     if sft:
         from transformers import AutoTokenizer
@@ -101,6 +102,7 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
             tokenizer,
             chat_template=chat_template(config),
             max_len=config.model.max_model_len,
+            schema=schema,
         )
     total_steps = buffer_cfg.total_steps or config.trainer.total_steps
     if not total_steps:
@@ -140,7 +142,7 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
                 synchronizer=synchronizer,
                 monitor=RoleMonitor(monitor, "trainer"),
                 job_dir=job_dir.path,
-                train_batch_size=buffer_cfg.train_batch_size,
+                train_batch_size=buffer_cfg.train_batch_size * (2 if schema == "dpo" else 1),
                 adam_params=adam_params_fn(
                     algorithm.optimizer, total_steps, config.trainer.grad_clip
                 ),
@@ -209,14 +211,15 @@ async def _owned(monitor: Any):
 async def _feed_sft(
     data: list[Any], buffer: Any, config: Any, start_step: int, total_steps: int
 ) -> None:
-    """Put the SFT batches of steps ``start_step+1 .. total_steps`` in order, then close."""
+    """Put the dataset batches of steps ``start_step+1 .. total_steps`` in order, then close
+    (``train_batch_size`` rows a step; a DPO row is two experiences)."""
     batch_size = config.buffer.train_batch_size
     seed = config.explorer.rollout_model.seed
     stream = itertools.islice(
         sft_sequence(data, seed), start_step * batch_size, total_steps * batch_size
     )
-    while batch := list(itertools.islice(stream, batch_size)):
-        await buffer.put(batch)
+    while units := list(itertools.islice(stream, batch_size)):
+        await buffer.put([exp for unit in units for exp in unit])
     await buffer.close()
 
 
