@@ -64,6 +64,14 @@ class LossPlan:
         return self._custom_loss if self.custom_reasons else None
 
     @property
+    def path(self) -> str:
+        """The plan in words, as docs/algorithms.md lists it: the built-in in one pass, or the
+        custom loss (``forward_backward_custom``: a forward, then the linearized backward), plus
+        the reference model's forward when the loss reads reference logprobs."""
+        core = "custom, 2 passes" if self.custom_reasons else f"`{self.loss_fn}`, 1 pass"
+        return core + (" + ref" if self.needs_reference else "")
+
+    @property
     def policy_args(self) -> dict[str, Any]:
         return self.settings.policy_loss_fn_args
 
