@@ -69,6 +69,41 @@ def test_dpo_reward_margin_grows_on_a_fixed_batch(tmp_path, tiny_model_dir, back
     assert margins[0] == pytest.approx(0.0, abs=1e-4)
     assert margins[1] > margins[0] and margins[3] > margins[1], margins
     assert steps[4]["actor/reward_accuracy"] == 1.0
+    # independently of the loss's own bookkeeping: the exported adapter prefers each chosen
+    # answer over its rejected one more than the base model does
+    for margin in trained_margins(tiny_model_dir, job_dir(tmp_path) / "final_adapter", rows):
+        assert margin > 0
+
+
+def trained_margins(model_dir, adapter_dir, rows):
+    """Per row: (log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected), with HF + peft."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trinity.buffer.sft import preference_chats, sft_experience
+    from trinity.config.schema import FormatConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+
+    def response_logprob(model, exp):
+        with torch.no_grad():
+            logits = model(torch.tensor([exp.tokens])).logits[0, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(exp.tokens[1:])[:, None])
+        return float(lp[exp.prompt_length - 1 :].sum())
+
+    pairs = [
+        [
+            sft_experience(chat, tokenizer, chat_template=None, max_len=256)
+            for chat in preference_chats(row, FormatConfig())
+        ]
+        for row in rows
+    ]
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    before = [[response_logprob(base, exp) for exp in pair] for pair in pairs]
+    tuned = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    after = [[response_logprob(tuned, exp) for exp in pair] for pair in pairs]
+    return [(a[0] - b[0]) - (a[1] - b[1]) for a, b in zip(after, before, strict=True)]
 
 
 @pytest.mark.parametrize("backend", ["local", "tinker"])
