@@ -68,6 +68,7 @@ class PolicyLoss:
     custom_reason: Callable[[dict[str, Any], frozenset[str]], str | None] = lambda a, e: None
     clipped: Callable[[Tensor, Tensor, Tensor, dict[str, Any]], Tensor] | None = None
     pair_loss: Callable[[Tensor, Tensor, dict[str, Any]], tuple[Tensor, dict]] | None = None
+    check_args: Callable[[dict[str, Any]], Any] = lambda args: None  # ValueError: config check
 
 
 def _rl_inputs(q: Tensor, sA: Tensor, s: Tensor, args: dict[str, Any]) -> dict[str, Tensor]:
@@ -397,6 +398,7 @@ POLICY_LOSSES.register("rec")(
         _rec_inputs,
         custom_reason=_rec_custom_reason,
         clipped=lambda lp, q, A, args: ~_rec_kept(lp, q, A, args),
+        check_args=_rec_args,
     )
 )
 POLICY_LOSSES.register("dpo")(

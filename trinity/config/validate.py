@@ -153,6 +153,11 @@ def _check_algorithm(config: Config) -> None:
         registered(algo.advantage_fn, "algorithm.advantage_fn", names)
     if algo.policy_loss_fn is not None:
         registered(algo.policy_loss_fn, "algorithm.policy_loss_fn", POLICY_LOSSES.names())
+    loss = POLICY_LOSSES.get(algo.policy_loss_fn or spec.policy_loss_fn)
+    try:  # option values the loss refuses (REC's clip_mode, ...)
+        loss.check_args({**loss.defaults, **spec.policy_loss_fn_args, **algo.policy_loss_fn_args})
+    except ValueError as error:
+        raise ConfigError(f"algorithm: {error}") from None
     for key in ("kl_loss_fn", "kl_penalty_fn"):
         if getattr(algo, key) is not None:
             registered(getattr(algo, key), f"algorithm.{key}", KL_FNS.names())
