@@ -14,6 +14,7 @@ experience-level adapters only duck-type ``reward``, ``group_id``, ``loss_mask``
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import random
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -90,10 +91,46 @@ def reinforce_advantages(rewards_G: Sequence[float] | Tensor) -> Tensor:
     return _as_tensor(rewards_G).clone()
 
 
+@ADVANTAGE_FNS.register("grpo_verl")
+def grpo_verl_advantages(rewards_G: Sequence[float] | Tensor, epsilon: float = 1e-6) -> Tensor:
+    """The original's in-trainer GRPO: the same group statistics, so computed by the explorer."""
+    return grpo_advantages(rewards_G, epsilon)
+
+
+@ADVANTAGE_FNS.register("rec")
+def rec_advantages(
+    rewards_G: Sequence[float] | Tensor,
+    epsilon: float = 1e-6,
+    std_normalize: bool = False,
+    drop: str | None = None,
+    rng: random.Random | None = None,
+) -> Tensor:
+    """REC: A = r - mean (divided by population std + eps with ``std_normalize``).
+
+    ``drop: balance`` first zeroes randomly chosen negatives (r < mean) beyond the number of
+    positives; mean and std are then taken over the samples kept. A lone sample gets 0.
+    """
+    if drop not in (None, "none", "balance"):
+        raise ValueError(f"advantage_fn_args.drop must be null or 'balance', got {drop!r}")
+    r = _as_tensor(rewards_G)
+    kept = torch.ones_like(r, dtype=torch.bool)
+    if drop == "balance":
+        negatives = (r < r.mean()).nonzero().flatten().tolist()
+        surplus = len(negatives) - int((r >= r.mean()).sum())
+        if surplus > 0:
+            kept[(rng or random).sample(negatives, surplus)] = False
+    mean = r[kept].mean()
+    advantages = r - mean
+    if std_normalize:
+        advantages = advantages / (r[kept].std(unbiased=False) + epsilon)
+    return torch.where(kept, advantages, torch.zeros_like(r))
+
+
 def compute_advantages(
     advantage_fn: str,
     rewards_by_group: Mapping[Hashable, Sequence[float]],
     std_threshold: float | None = None,
+    rng: random.Random | None = None,
     **fn_args: Any,
 ) -> tuple[dict[Hashable, Tensor], dict[str, float]]:
     """Run a group advantage function over every group.
@@ -101,12 +138,15 @@ def compute_advantages(
     ``std_threshold`` (GRPO's option, honoured for any group function) drops groups whose reward
     std is at or below it, and lone samples, as the original does: their advantages would carry no
     signal. Dropped groups are absent from the returned dict. Metrics use the original names.
+    ``rng`` goes to functions that draw (``rec``'s ``drop: balance``).
     ``advantage_fn`` may also name an algorithm (``dapo`` -> its ``grpo``).
     """
     if advantage_fn not in ADVANTAGE_FNS:
         if advantage_fn in ALGORITHMS and ALGORITHMS.get(advantage_fn).advantage_fn:
             advantage_fn = ALGORITHMS.get(advantage_fn).advantage_fn
     fn = ADVANTAGE_FNS.get(advantage_fn)
+    if rng is not None and "rng" in inspect.signature(fn).parameters:  # REC's random drop
+        fn_args = {**fn_args, "rng": rng}
     advantages: dict[Hashable, Tensor] = {}
     means, stds, dropped = [], [], 0
     for key, rewards in rewards_by_group.items():
@@ -244,7 +284,7 @@ def group_advantage_fn(
             groups.setdefault(exp.group_id or exp.task_id, []).append(exp)
         rewards = {key: [float(e.reward) for e in group] for key, group in groups.items()}
         advantages, metrics = compute_advantages(
-            advantage_fn, rewards, std_threshold=std_threshold, **args
+            advantage_fn, rewards, std_threshold=std_threshold, rng=rng, **args
         )
         kept: list[Any] = []
         for key, group in groups.items():

@@ -65,6 +65,14 @@ class LossPlan:
         return self._custom_loss if self.custom_reasons else None
 
     @property
+    def path(self) -> str:
+        """The plan in words, as docs/algorithms.md lists it: the built-in in one pass, or the
+        custom loss (``forward_backward_custom``: a forward, then the linearized backward), plus
+        the reference model's forward when the loss reads reference logprobs."""
+        core = "custom, 2 passes" if self.custom_reasons else f"`{self.loss_fn}`, 1 pass"
+        return core + (" + ref" if self.needs_reference else "")
+
+    @property
     def policy_args(self) -> dict[str, Any]:
         return self.settings.policy_loss_fn_args
 
@@ -101,10 +109,12 @@ class LossPlan:
             sA = info.scale * info.advantages
             return policy.inputs(info.sampler_logprobs, sA, info.scale, args)
 
+        rollouts = self.settings.schema == "experience"  # datasets carry no sampler logprobs
         return DatumLayout(
             builtin_inputs=None if self.custom_reasons else builtin_inputs,
-            needs_logprobs=policy.builtin != "cross_entropy",
-            needs_advantages=self.settings.policy_loss_fn != "sft",
+            needs_logprobs=rollouts
+            and (policy.builtin != "cross_entropy" or bool(self.custom_reasons)),
+            needs_advantages=self.settings.policy_loss_fn != "sft" and policy.pair_loss is None,
             algorithm=self.settings.algorithm_type,
         )
 
@@ -143,12 +153,14 @@ class LossPlan:
         st = self.settings
         sel = info.mask != 0
         lp_s, q, A, s = lp[sel], info.sampler_logprobs[sel], info.advantages[sel], info.scale[sel]
-        token_loss = self.policy.token_loss(lp_s, q, A, self.policy_args)
         expert = info.expert[sel] != 0 if info.expert is not None else None
-        if expert is not None and self.policy.expert_token_loss is not None:
-            sft_loss = self.policy.expert_token_loss(lp_s, self.policy_args)
-            token_loss = torch.where(expert, sft_loss, token_loss)
-        terms = {"pg_loss": (s * token_loss).sum()}
+        terms = {}
+        if self.policy.pair_loss is None:  # a pair loss is the batch's (``batch_terms``)
+            token_loss = self.policy.token_loss(lp_s, q, A, self.policy_args)
+            if expert is not None and self.policy.expert_token_loss is not None:
+                sft_loss = self.policy.expert_token_loss(lp_s, self.policy_args)
+                token_loss = torch.where(expert, sft_loss, token_loss)
+            terms["pg_loss"] = (s * token_loss).sum()
         if info.ref_logprobs is not None and st.kl_loss_fn != "none":
             kl_t = KL_FNS.get(st.kl_loss_fn)(lp_s, info.ref_logprobs[sel], q)
             terms["kl_loss"] = (s * kl_t).sum()
@@ -173,18 +185,41 @@ class LossPlan:
         self, data: list[types.Datum], logprobs_list: list[Tensor]
     ) -> tuple[Tensor, dict[str, float]]:
         """``forward_backward_custom``'s loss: the full objective from the custom datums' inputs."""
-        total = torch.zeros(())
-        sums: dict[str, float] = {}
-        for datum, lp in zip(data, logprobs_list, strict=True):
-            info = info_from_datum(datum)
-            if self.needs_reference and info.ref_logprobs is None:
-                raise ValueError("this loss needs ref_logprobs in every datum")
-            terms = self.objective(lp, info)
-            total = total + self._final(terms)
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
-        metrics = {f"{key}:sum": value for key, value in sums.items()}
-        return total, metrics
+        infos = [info_from_datum(datum) for datum in data]
+        if self.needs_reference and any(info.ref_logprobs is None for info in infos):
+            raise ValueError("this loss needs ref_logprobs in every datum")
+        terms, extra = self.batch_terms(logprobs_list, infos)
+        metrics = {f"{key}:sum": float(value.detach()) for key, value in terms.items()}
+        metrics.update({f"{key}:mean": value for key, value in extra.items()})
+        return self._final(terms), metrics
+
+    def batch_terms(
+        self,
+        logprobs_list: Sequence[Tensor],
+        infos: Sequence[TokenInfo],
+        entropies: Sequence[Tensor | None] | None = None,
+    ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """The batch's terms (sums of ``objective`` over datums, or a pair loss's mean over
+        pairs) and the pair loss's own metrics."""
+        entropies = entropies or [None] * len(infos)
+        terms: dict[str, Tensor] = {}
+        for lp, info, entropy in zip(logprobs_list, infos, entropies, strict=True):
+            for key, value in self.objective(lp, info, entropy).items():
+                terms[key] = terms[key] + value if key in terms else value
+        if self.policy.pair_loss is None:
+            return terms, {}
+        if len(infos) % 2:
+            raise ValueError(f"'{self.settings.algorithm_type}' needs (chosen, rejected) pairs")
+        log_ratio_B = torch.stack(
+            [
+                ((lp - info.ref_logprobs) * (info.mask != 0)).sum()
+                for lp, info in zip(logprobs_list, infos, strict=True)
+            ]
+        )
+        terms["pg_loss"], extra = self.policy.pair_loss(
+            log_ratio_B[0::2], log_ratio_B[1::2], self.policy_args
+        )
+        return terms, extra
 
     # -- metrics --------------------------------------------------------------------------------
 
@@ -205,15 +240,18 @@ class LossPlan:
         else:
             outputs = output.loss_fn_outputs
         st = self.settings
-        sums: dict[str, float] = {}
         clipped = clipped_lower = kl_sum = tokens = 0.0
         c = self.policy_args.get("clip_ratio_c") if self.policy.builtin == "ppo" else None
-        for info, out in zip(infos, outputs, strict=True):
-            lp = out["logprobs"].to_torch().reshape(-1).to(torch.float32)
-            entropy = out["entropy"].to_torch().reshape(-1).float() if "entropy" in out else None
+        lps = [out["logprobs"].to_torch().reshape(-1).to(torch.float32) for out in outputs]
+        entropies = [
+            out["entropy"].to_torch().reshape(-1).float() if "entropy" in out else None
+            for out in outputs
+        ]
+        with torch.no_grad():
+            terms, extra = self.batch_terms(lps, infos, entropies)
+        sums = {key: float(value) for key, value in terms.items()}
+        for info, lp in zip(infos, lps, strict=True):
             with torch.no_grad():
-                for key, value in self.objective(lp, info, entropy).items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
                 sel = info.mask != 0
                 if info.expert is not None:  # SFT rows have no sampler logprobs
                     sel = sel & (info.expert == 0)
@@ -226,9 +264,9 @@ class LossPlan:
                     args_no_c = {**self.policy_args, "clip_ratio_c": None}
                     base = ppo_token_loss(lp_s, q, A, args_no_c)
                     clipped_lower += float(((A < 0) & (-A * float(c) < base)).sum())
-        metrics = {f"actor/{key}": value for key, value in sums.items()}
+        metrics = {f"actor/{key}": value for key, value in {**sums, **extra}.items()}
         metrics["actor/final_loss"] = float(self._final(sums))
-        if tokens and st.policy_loss_fn != "sft":  # SFT data has no sampler logprobs
+        if tokens and st.schema == "experience" and st.policy_loss_fn != "sft":  # datasets: no q
             metrics["actor/ppo_kl"] = kl_sum / tokens
             if self.policy.clipped is not None:
                 metrics["actor/pg_clipfrac"] = clipped / tokens
@@ -261,7 +299,7 @@ def build_loss_plan(
     if settings.entropy_coef:
         reasons.append(f"entropy bonus (entropy_coef={settings.entropy_coef})")
     kl_in_reward = settings.advantage_fn in BATCH_ADVANTAGE_FNS and settings.kl_penalty_coef != 0
-    plan.needs_reference = bool(settings.kl_coef) or kl_in_reward
+    plan.needs_reference = bool(settings.kl_coef) or kl_in_reward or policy.pair_loss is not None
     if reasons:
         plan.loss_fn = "cross_entropy"  # the SDK's surrogate for forward_backward_custom
     else:

@@ -31,7 +31,7 @@ class AlgorithmSpec:
     entropy_loss_fn: str = "default"
     repeat_times: int = 2
     use_reference: bool = True  # the original's flag; we fetch reference logprobs only when used
-    schema: str = "experience"
+    schema: str = "experience"  # rollouts; or a train-only dataset: sft chats, cpt text, dpo pairs
     sample_strategy: str = "warmup"
     use_critic: bool = False  # trains a value model beside the policy (trinity/trainer/critic.py)
     advantage_fn_args: Mapping[str, Any] = field(default_factory=dict)
@@ -65,6 +65,25 @@ for _name, _spec in {
     "mix_chord": AlgorithmSpec(
         "grpo", "mix_chord", entropy_loss_fn="mix", repeat_times=8, sample_strategy="mix"
     ),
+    "grpo_verl": AlgorithmSpec("grpo_verl", "ppo"),
+    "gspo": AlgorithmSpec("grpo", "gspo"),
+    "sapo": AlgorithmSpec("grpo", "sapo"),
+    "topr": AlgorithmSpec("reinforce", "topr"),
+    "sppo": AlgorithmSpec(
+        "opmd", "sppo", kl_loss_fn="none", entropy_loss_fn="none", use_reference=False
+    ),
+    "rec": AlgorithmSpec("rec", "rec"),
+    "cpt": AlgorithmSpec(
+        None,
+        "sft",
+        kl_loss_fn="none",
+        entropy_loss_fn="none",
+        repeat_times=1,
+        use_reference=False,
+        schema="cpt",
+        sample_strategy="default",
+    ),
+    "dpo": AlgorithmSpec(None, "dpo", schema="dpo", sample_strategy="default"),
     "raft": AlgorithmSpec(
         None,
         "sft",
@@ -85,6 +104,8 @@ ADVANTAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "reinforce": {},
     "reinforceplusplus": {"gamma": 1.0},
     "ppo": {"gamma": 1.0, "lam": 1.0},
+    "grpo_verl": {"epsilon": 1e-6},
+    "rec": {"epsilon": 1e-6, "std_normalize": False, "drop": None},
 }
 KL_DEFAULTS = {"kl_coef": 0.001, "adaptive": False}
 ENTROPY_DEFAULTS = {"entropy_coef": 0.0}

@@ -1,7 +1,14 @@
-"""SFT data for ``mode: train``: a dataset of chats (or prompt / response pairs) as experiences.
+"""Datasets for ``mode: train``: SFT chats, CPT text, DPO preference pairs, as experiences.
 
-The trainer only reads experiences, so an SFT run is the usual trainer fed from a file instead of
-an explorer: each row becomes one ``Experience`` whose loss mask covers the last assistant turn.
+The trainer only reads experiences, so these runs are the usual trainer fed from a file instead of
+an explorer. Each row becomes one unit the feeder keeps together in a batch:
+
+- sft: one ``Experience`` whose loss mask covers the last assistant turn (``messages_key``, or
+  ``prompt_key`` + ``response_key``);
+- cpt: one ``Experience`` of raw text (``prompt_key``, else ``text``) trained on every token after
+  the first (``prompt_length`` 1, as the original);
+- dpo: the chosen then the rejected completion of one prompt (``chosen_key`` / ``rejected_key``:
+  a string, or messages; the prompt from ``messages_key`` or ``prompt_key``).
 """
 
 from __future__ import annotations
@@ -35,6 +42,48 @@ def chat_messages(row: dict[str, Any], fmt: FormatConfig) -> list[dict[str, str]
         {"role": "user", "content": str(row[prompt_key])},
         {"role": "assistant", "content": str(row[response_key])},
     ]
+
+
+def preference_chats(
+    row: dict[str, Any], fmt: FormatConfig
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """A DPO row as (chosen chat, rejected chat), each ending with the compared assistant turn."""
+    missing = [key for key in (fmt.chosen_key, fmt.rejected_key) if key not in row]
+    if missing:
+        raise TasksetError(
+            f"DPO row has no '{missing[0]}' (buffer.trainer_input.experience_buffer.format."
+            f"{'chosen_key' if missing[0] == fmt.chosen_key else 'rejected_key'}; keys: "
+            f"{', '.join(sorted(row))})"
+        )
+
+    def prompt() -> list[dict[str, str]]:
+        messages = row.get(fmt.messages_key)
+        if messages:
+            return [{"role": m["role"], "content": m["content"]} for m in messages]
+        if fmt.prompt_key not in row:
+            raise TasksetError(
+                f"DPO row has neither '{fmt.messages_key}' nor '{fmt.prompt_key}' for its prompt"
+            )
+        system = [{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt else []
+        return [*system, {"role": "user", "content": str(row[fmt.prompt_key])}]
+
+    def chat(answer: Any) -> list[dict[str, str]]:
+        if isinstance(answer, str):
+            return [*prompt(), {"role": "assistant", "content": answer}]
+        answer = [{"role": m["role"], "content": m["content"]} for m in answer]
+        return answer if any(m["role"] == "user" for m in answer) else [*prompt(), *answer]
+
+    return chat(row[fmt.chosen_key]), chat(row[fmt.rejected_key])
+
+
+def cpt_experience(text: str, tokenizer: Any, *, max_len: int) -> Experience:
+    tokens = tokenizer(text)["input_ids"][:max_len]
+    if len(tokens) < 2:
+        raise TasksetError(f"a CPT text needs at least 2 tokens, got {len(tokens)}: {text!r}")
+    n = len(tokens) - 1
+    return Experience(
+        tokens=tokens, prompt_length=1, logprobs=[0.0] * n, loss_mask=[1] * n, reward=0.0
+    )
 
 
 def sft_experience(
@@ -77,29 +126,48 @@ def sft_experience(
 
 
 def sft_dataset(
-    exp_cfg: ExperienceBufferConfig, tokenizer: Any, *, chat_template: str | None, max_len: int
-) -> list[Experience]:
-    """Every row of ``buffer.trainer_input.experience_buffer`` (path, split, format) tokenized."""
+    exp_cfg: ExperienceBufferConfig,
+    tokenizer: Any,
+    *,
+    chat_template: str | None,
+    max_len: int,
+    schema: str = "sft",
+) -> list[list[Experience]]:
+    """Every row of ``buffer.trainer_input.experience_buffer`` (path, split, format) tokenized,
+    one unit per row (see the module doc)."""
     source = TasksetConfig(
         name=exp_cfg.name, path=exp_cfg.path, split=exp_cfg.split, subset_name=exp_cfg.subset_name
     )
     rows = load_rows(source)
     if len(rows) == 0:
-        raise TasksetError(f"SFT dataset '{exp_cfg.path}' has no rows")
-    return [
-        sft_experience(
-            chat_messages(dict(rows[i]), exp_cfg.format),
+        raise TasksetError(f"{schema.upper()} dataset '{exp_cfg.path}' has no rows")
+    fmt = exp_cfg.format
+
+    def chat(messages: list[dict[str, str]]) -> Experience:
+        return sft_experience(
+            messages,
             tokenizer,
             chat_template=chat_template,
             max_len=max_len,
-            enable_thinking=exp_cfg.format.enable_thinking,
+            enable_thinking=fmt.enable_thinking,
         )
-        for i in range(len(rows))
-    ]
+
+    def unit(row: dict[str, Any]) -> list[Experience]:
+        if schema == "cpt":
+            text = row[fmt.prompt_key] if fmt.prompt_key in row else row.get("text")
+            if not isinstance(text, str):
+                raise TasksetError(f"CPT row has no text in '{fmt.prompt_key}' or 'text'")
+            return [cpt_experience(text, tokenizer, max_len=max_len)]
+        if schema == "dpo":
+            return [chat(messages) for messages in preference_chats(row, fmt)]
+        return [chat(chat_messages(row, fmt))]
+
+    return [unit(dict(rows[i])) for i in range(len(rows))]
 
 
-def sft_sequence(dataset: list[Experience], seed: int) -> Iterator[Experience]:
-    """The dataset epoch after epoch, shuffled per epoch by seed (a resumed run skips ahead)."""
+def sft_sequence(dataset: list[list[Experience]], seed: int) -> Iterator[list[Experience]]:
+    """The dataset's units epoch after epoch, shuffled per epoch by seed (a resumed run skips
+    ahead)."""
     for epoch in itertools.count():
         order = list(range(len(dataset)))
         random.Random(seed + epoch).shuffle(order)

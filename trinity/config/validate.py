@@ -156,6 +156,11 @@ def _check_mode(config: Config) -> None:
 
 def _check_algorithm(config: Config) -> None:
     algo = config.algorithm
+    require(
+        algo.algorithm_type != "gigpo",
+        "algorithm.algorithm_type: 'gigpo' is not supported: its step advantages group turns by "
+        "info['env_state_hash'] and info['step_reward'], which no workflow here records",
+    )
     registered(algo.algorithm_type, "algorithm.algorithm_type", ALGORITHMS.names())
     spec = ALGORITHMS.get(algo.algorithm_type)  # the algorithm's defaults
     if algo.advantage_fn is not None:
@@ -174,6 +179,11 @@ def _check_algorithm(config: Config) -> None:
         f"algorithm.advantage_fn: 'ppo' (GAE) needs a critic's values, which only "
         f"algorithm_type 'ppo' trains; '{algo.algorithm_type}' has none",
     )
+    loss = POLICY_LOSSES.get(algo.policy_loss_fn or spec.policy_loss_fn)
+    try:  # option values the loss refuses (REC's clip_mode, ...)
+        loss.check_args({**loss.defaults, **spec.policy_loss_fn_args, **algo.policy_loss_fn_args})
+    except ValueError as error:
+        raise ConfigError(f"algorithm: {error}") from None
     for key in ("kl_loss_fn", "kl_penalty_fn"):
         if getattr(algo, key) is not None:
             registered(getattr(algo, key), f"algorithm.{key}", KL_FNS.names())
@@ -218,7 +228,7 @@ def _check_algorithm(config: Config) -> None:
     if algo.repeat_times is None:
         algo.repeat_times = spec.repeat_times
     _at_least(algo.repeat_times, 1, "algorithm.repeat_times")
-    if spec.schema in ("sft", "dpo") and config.mode in ("both", "explore"):
+    if spec.schema != "experience" and config.mode in ("both", "explore"):
         raise ConfigError(
             f"algorithm.algorithm_type: '{algo.algorithm_type}' trains on a fixed dataset and "
             f"has no explorer; use mode 'train', not '{config.mode}'"
@@ -321,7 +331,7 @@ def _check_buffer(config: Config) -> None:
             bool(inputs.eval_tasksets),
             "buffer.explorer_input.eval_tasksets is required in mode 'bench'",
         )
-    sft = ALGORITHMS.get(config.algorithm.algorithm_type).schema == "sft"
+    sft = ALGORITHMS.get(config.algorithm.algorithm_type).schema != "experience"  # a dataset
     if mode == "train" and buffer.total_steps is None:
         require(
             config.trainer.total_steps is not None or sft,

@@ -92,10 +92,10 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
         reader.skip_batches(job_dir.taskset_batches_read(start_step))
         eval_readers = _eval_readers(config)
     settings = resolve_algorithm(algorithm)
-    sft = train and not explore and settings.schema == "sft"
+    sft = train and not explore and settings.schema != "experience"  # a dataset: sft, cpt or dpo
     sft_data = expert_data = None
     if sft:
-        sft_data = _sft_rows(config, buffer_cfg.trainer_input.experience_buffer)
+        sft_data = _sft_rows(config, buffer_cfg.trainer_input.experience_buffer, settings.schema)
     if train and settings.sample_strategy == "mix":  # read and checked before any engine starts
         name = {**SAMPLE_STRATEGY_ARGS["mix"], **algorithm.sample_strategy_args}
         expert_data = _sft_rows(
@@ -142,7 +142,8 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
                 synchronizer=synchronizer,
                 monitor=RoleMonitor(monitor, "trainer"),
                 job_dir=job_dir.path,
-                train_batch_size=buffer_cfg.train_batch_size,
+                train_batch_size=buffer_cfg.train_batch_size
+                * (2 if settings.schema == "dpo" else 1),
                 adam_params=adam_params_fn(
                     algorithm.optimizer, total_steps, config.trainer.grad_clip
                 ),
@@ -216,26 +217,32 @@ async def _owned(monitor: Any):
 async def _feed_sft(
     data: list[Any], buffer: Any, config: Any, start_step: int, total_steps: int
 ) -> None:
-    """Put the SFT batches of steps ``start_step+1 .. total_steps`` in order, then close."""
+    """Put the dataset batches of steps ``start_step+1 .. total_steps`` in order, then close
+    (``train_batch_size`` rows a step; a DPO row is two experiences)."""
     batch_size = config.buffer.train_batch_size
     seed = config.explorer.rollout_model.seed
     stream = itertools.islice(
         sft_sequence(data, seed), start_step * batch_size, total_steps * batch_size
     )
-    while batch := list(itertools.islice(stream, batch_size)):
-        await buffer.put(batch)
+    while units := list(itertools.islice(stream, batch_size)):
+        await buffer.put([exp for unit in units for exp in unit])
     await buffer.close()
 
 
-def _sft_rows(config: Any, dataset: Any) -> list[Any]:
-    """An SFT dataset (an experience or auxiliary buffer's path, split, format) tokenized."""
+def _sft_rows(config: Any, dataset: Any, schema: str = "sft") -> list[list[Any]]:
+    """A dataset (an experience or auxiliary buffer's path, split, format) tokenized, one unit
+    of experiences per row (``schema``: sft, cpt or dpo; see ``trinity.buffer.sft``)."""
     from transformers import AutoTokenizer
 
     from trinity.engine.demo_model import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(config.model.model_path)))
     return sft_dataset(
-        dataset, tokenizer, chat_template=chat_template(config), max_len=config.model.max_model_len
+        dataset,
+        tokenizer,
+        chat_template=chat_template(config),
+        max_len=config.model.max_model_len,
+        schema=schema,
     )
 
 
@@ -249,9 +256,8 @@ def _strategy(
     if expert_data is not None:
         ratio = {**SAMPLE_STRATEGY_ARGS["mix"], **args}["expert_data_ratio"]
         skip = start_step * math.ceil(ratio * tbs)
-        rows = itertools.islice(
-            sft_sequence(expert_data, config.explorer.rollout_model.seed), skip, None
-        )
+        units = sft_sequence(expert_data, config.explorer.rollout_model.seed)
+        rows = itertools.islice((exp for unit in units for exp in unit), skip, None)
     return build_strategy(name, args, buffer, train_batch_size=tbs, expert_rows=rows)
 
 
