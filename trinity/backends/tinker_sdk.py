@@ -68,6 +68,7 @@ class TinkerSession:
         self.service = tinker.ServiceClient(base_url=base_url, api_key=api_key)
         self.rest = tinker.RestClient(base_url=base_url, api_key=api_key)
         self._tokenizer: Any = None
+        self._background: set[asyncio.Task] = set()
 
     def supported_models(self) -> list[str]:
         caps = self.rest.get_server_capabilities().result()
@@ -89,8 +90,17 @@ class TinkerSession:
         except tinker.TinkerError as exc:
             log.warning("could not delete checkpoint %s: %s", path, exc)
 
+    def delete_checkpoint_later(self, path: str) -> None:
+        """Delete in the background: a far service's round trip must not hold up a step (the
+        next step needs nothing from it). ``close`` waits for every deletion still running."""
+        task = asyncio.get_running_loop().create_task(self.delete_checkpoint(path))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def close(self, status: str = "success", detail: str | None = None) -> None:
         """Finish the session on the service (status: success | errored | interrupted)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         await asyncio.to_thread(lambda: self.service.close(status, detail).result())
 
 
@@ -151,7 +161,7 @@ class TinkerTrainer:
         self.client = fresh.client
 
     async def delete_state(self, ref: str) -> None:
-        await self.session.delete_checkpoint(ref)
+        self.session.delete_checkpoint_later(ref)
 
     async def publish_sampler(self, name: str, directory: str) -> str:
         response = await with_retries(
@@ -215,7 +225,7 @@ class TinkerSampler:
         fresh = await TinkerSampler.create(self.session, self.client.get_base_model(), ref)
         self.client, self.ref = fresh.client, ref
         if old is not None and old != ref:
-            await self.session.delete_checkpoint(old)
+            self.session.delete_checkpoint_later(old)
 
 
 # Tinker's exports name the unembedding LoRA after a module no Hugging Face model has.

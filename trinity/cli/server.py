@@ -3,7 +3,7 @@
     trinity server --model PATH|demo [--model NAME=PATH ...] [--host 127.0.0.1] [--port 8000]
         [--state-dir DIR] [--api-key tml-KEY=USER ...] [--session-idle-timeout SECONDS]
         [--max-body-mb N] [--max-decoded-mb N] [--max-lora-rank N] [--held-timeout-s S]
-        [--max-held N]
+        [--max-held N] [--inject-latency-ms N]
     trinity server export tinker://RUN/weights/NAME OUT_DIR [--state-dir DIR] [--model PATH]
 
 Clients: ``TINKER_BASE_URL=http://HOST:PORT TINKER_API_KEY=tml-... python train.py`` with the
@@ -12,6 +12,8 @@ official ``tinker`` SDK. ``--api-key`` (repeatable; a file of such lines works t
 With no keys any ``tml-`` key is accepted and every client is one user. A session with no
 heartbeat or call for ``--session-idle-timeout`` seconds (default 600; 0 = never) is finished and
 its models and samplers freed: the SDK heartbeats every 10 s while its client lives.
+``--inject-latency-ms N`` delays every API call by N ms, as a far service would (for measuring
+how well a client hides latency; bench/tinker_latency.py).
 """
 
 from __future__ import annotations
@@ -62,6 +64,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="SECONDS",
         help="finish sessions silent this long, freeing their models (default 600; 0 = never)",
     )
+    parser.add_argument(
+        "--inject-latency-ms",
+        default="0",
+        metavar="N",
+        help="delay every API call by N milliseconds, for measurement (default 0)",
+    )
     actions = parser.add_subparsers(dest="server_action", metavar="{export}")
     export = actions.add_parser("export", help="write a checkpoint as a peft adapter directory")
     export.add_argument("tinker_path")
@@ -105,6 +113,14 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    latency_ms = _latency_ms(args.inject_latency_ms)
+    if latency_ms is None:
+        print(
+            "trinity server: error: --inject-latency-ms must be a number of milliseconds >= 0, "
+            f"got {args.inject_latency_ms!r}",
+            file=sys.stderr,
+        )
+        return 2
     idle_s = getattr(args, "session_idle_timeout", None)
     if idle_s is not None and not idle_s >= 0:
         print(
@@ -130,13 +146,23 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not service.api_keys:
         print("trinity server: no API keys configured; any tml- key is accepted", file=sys.stderr)
+    delayed = f", every call delayed {latency_ms:g} ms" if latency_ms else ""
     print(
         f"trinity server: serving {[m.name for m in service.models]} on "
-        f"http://{args.host}:{args.port} (state in {state_dir})",
+        f"http://{args.host}:{args.port} (state in {state_dir}{delayed})",
         file=sys.stderr,
     )
-    serve(service, args.host, args.port)
+    serve(service, args.host, args.port, latency_ms)
     return 0
+
+
+def _latency_ms(text: str) -> float | None:
+    """``--inject-latency-ms``: a finite number >= 0, else None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0 <= value < float("inf") else None
 
 
 def _export(path: str, out_dir: str, state_dir: str, models: list[str] | None) -> int:

@@ -19,17 +19,25 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import math
 import os
 import socket
 from typing import Any
 
 from trinity.config import ConfigError
+from trinity.engine.process import ENV_VAR as THREADS_ENV_VAR
 from trinity.plugins import ENV_VAR as PLUGIN_ENV_VAR
 from trinity.plugins import loaded_plugin_dirs
 
 log = logging.getLogger("trinity")
 
-FORWARDED_ENV = ("TRINITY_API_KEY", "TINKER_API_KEY", "TINKER_BASE_URL", "TRINITY_LOG_LEVEL")
+FORWARDED_ENV = (
+    "TRINITY_API_KEY",
+    "TINKER_API_KEY",
+    "TINKER_BASE_URL",
+    "TRINITY_LOG_LEVEL",
+    THREADS_ENV_VAR,
+)
 PLACEMENT_TIMEOUT_S = 120.0
 
 
@@ -123,6 +131,8 @@ class RayCluster:
                 "or add nodes"
             ) from None
         actor_cls = ray.remote(RolloutModel)
+        # each engine its share of its node's cores (Ray alone would give it OMP_NUM_THREADS=1)
+        env = {THREADS_ENV_VAR: str(self.actor_threads()), **env}
         models = [
             actor_cls.options(
                 num_cpus=bundle["CPU"],
@@ -136,6 +146,21 @@ class RayCluster:
         ]
         self.actors += models
         return RolloutModels(models, await models[0].tokenizer.remote())
+
+    def actors_per_node(self) -> int:
+        """Rollout-model actors on the busiest node (placed SPREAD over the alive nodes)."""
+        import ray
+
+        nodes = max(1, sum(1 for node in ray.nodes() if node["Alive"]))
+        return math.ceil(self.config.explorer.rollout_model.engine_num / nodes)
+
+    def actor_threads(self) -> int:
+        """Compute threads of one rollout model: the smallest node's cores shared by its actors
+        and the driver (which trains)."""
+        import ray
+
+        cores = [int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["Alive"]] or [1]
+        return max(1, min(cores) // (self.actors_per_node() + 1))
 
     def _bundle(self) -> dict[str, float]:
         import ray

@@ -32,6 +32,7 @@ from trinity.buffer.strategies import build_strategy
 from trinity.buffer.tasksets import TasksetReader, TasksetScheduler
 from trinity.config import to_yaml
 from trinity.config.validate import SAMPLE_STRATEGY_ARGS
+from trinity.engine.process import apply_thread_budget, thread_budget
 from trinity.explorer.explorer import Explorer
 from trinity.jobdir import JobDir, atomic_write
 from trinity.launcher.backends import (
@@ -122,6 +123,8 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
     )
     async with _owned(monitor) as owned:
         cluster = owned.cluster = connect(config, explore=explore)
+        budget = apply_thread_budget(thread_budget(compute_processes(config, cluster)))
+        log.info("%d compute threads per process (%s)", budget.threads, budget.why)
         backends = owned.backends = await build_backends(
             config, explore=explore, train=train, resume_ref=resume_ref, cluster=cluster
         )
@@ -186,6 +189,18 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
             out = job_dir.final_adapter_dir
             await backends.trainer.export_adapter(str(out))
             log.info("exported the trained adapter to %s", out)
+
+
+def compute_processes(config: Any, cluster: Any = None) -> int:
+    """How many compute-heavy processes of this run share this machine.
+
+    ``explore`` / ``train`` / ``serve`` run beside the other half of the pair; with Ray on the
+    local backend, the rollout-model actors placed on a node share it with this driver.
+    """
+    processes = 2 if config.mode in ("explore", "train", "serve") else 1
+    if cluster is not None and not config.model.tinker.enable:
+        processes += cluster.actors_per_node()
+    return processes
 
 
 @dataclass
@@ -450,6 +465,8 @@ async def run_serve(config: Any) -> None:
         monitor_args=config.monitor.monitor_args,
     )
     async with _owned(monitor) as owned:
+        budget = apply_thread_budget(thread_budget(compute_processes(config)))
+        log.info("%d compute threads per process (%s)", budget.threads, budget.why)
         backends = owned.backends = await build_backends(
             config, explore=True, train=False, resume_ref=None
         )

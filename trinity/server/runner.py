@@ -7,6 +7,7 @@ HTTP exactly as it would to a remote service.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -89,10 +90,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(service: Service, host: str, port: int, log_level: str) -> uvicorn.Config:
+class InjectedLatency:
+    """ASGI wrapper: every HTTP request waits ``seconds`` before the app sees it, as a call to a
+    far service would (``trinity server --inject-latency-ms``: measuring how well a client hides
+    latency). The wait is asynchronous: concurrent requests wait side by side, not in turn."""
+
+    def __init__(self, app: Any, seconds: float):
+        self.app, self.seconds = app, seconds
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await asyncio.sleep(self.seconds)
+        await self.app(scope, receive, send)
+
+
+def _config(
+    service: Service, host: str, port: int, log_level: str, latency_ms: float = 0.0
+) -> uvicorn.Config:
+    app = create_app(service)
     # A pending long-poll must not hold shutdown for its full window.
     return uvicorn.Config(
-        create_app(service),
+        InjectedLatency(app, latency_ms / 1000) if latency_ms else app,
         host=host,
         port=port,
         log_level=log_level,
@@ -104,10 +122,16 @@ def _config(service: Service, host: str, port: int, log_level: str) -> uvicorn.C
 class ServerThread:
     """The app under uvicorn in a daemon thread; ``stop()`` shuts it down cleanly."""
 
-    def __init__(self, service: Service, host: str = "127.0.0.1", port: int | None = None):
+    def __init__(
+        self,
+        service: Service,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        latency_ms: float = 0.0,
+    ):
         self.service = service
         self.host, self.port = host, port or free_port()
-        self.server = uvicorn.Server(_config(service, self.host, self.port, "warning"))
+        self.server = uvicorn.Server(_config(service, self.host, self.port, "warning", latency_ms))
         self.thread = threading.Thread(target=self.server.run, name="trinity-server", daemon=True)
 
     @property
@@ -136,9 +160,11 @@ class ServerThread:
         self.stop()
 
 
-def serve(service: Service, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(
+    service: Service, host: str = "127.0.0.1", port: int = 8000, latency_ms: float = 0.0
+) -> None:
     """Run in the foreground until interrupted."""
     try:
-        uvicorn.Server(_config(service, host, port, "info")).run()
+        uvicorn.Server(_config(service, host, port, "info", latency_ms)).run()
     finally:
         service.close()
