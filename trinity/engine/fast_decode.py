@@ -246,11 +246,12 @@ def decode_step(
     tokens_B: torch.Tensor,
     position_B: torch.Tensor,
     mask_BT: torch.Tensor,
-    column: int,
+    column_1: torch.Tensor,
     lora: list | None,
 ) -> torch.Tensor:
-    """Logits [B, V] of one token per row; writes its keys / values at ``column`` and attends
-    over columns ``[0, column]`` where ``mask_BT`` (bool, [B, column + 1]) is set."""
+    """Logits [B, V] of one token per row; writes its keys / values at column ``column_1`` (a
+    one-element tensor, so a compiled step does not specialize on it) and attends over the
+    first ``mask_BT.shape[1]`` columns where ``mask_BT`` (bool) is set."""
     heads, kv_heads, d = weights.heads, weights.kv_heads, weights.head_dim
     batch = tokens_B.shape[0]
     group = heads // kv_heads
@@ -258,6 +259,7 @@ def decode_step(
     cos_B1D, sin_B1D = weights.rotary(x_BH, position_B[:, None])
     cos_B1D, sin_B1D = cos_B1D.to(x_BH.dtype), sin_B1D.to(x_BH.dtype)
     attn_mask = mask_BT[:, None, None, :]
+    attend = mask_BT.shape[1]
     qk_heads = heads + kv_heads
     eps = weights.norm_eps
     for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(weights.layers):
@@ -266,14 +268,16 @@ def decode_step(
         qkv_BF = _apply(qkv, h, lo and lo[0])
         qk_BND = qkv_BF[:, : qk_heads * d].view(batch, qk_heads, d)
         qk_BND = qk_BND * cos_B1D + (qk_BND @ weights.rotate_DD) * sin_B1D
-        keys_LBHTD[i, :, :, column] = qk_BND[:, heads:]
-        values_LBHTD[i, :, :, column] = qkv_BF[:, qk_heads * d :].view(batch, kv_heads, d)
+        keys_LBHTD[i].index_copy_(2, column_1, qk_BND[:, heads:, None])
+        values_LBHTD[i].index_copy_(
+            2, column_1, qkv_BF[:, qk_heads * d :].view(batch, kv_heads, 1, d)
+        )
         # One query per row: a KV group's query heads are the rows of one plain SDPA call.
         q_BGQD = qk_BND[:, :heads].view(batch, kv_heads, group, d)
         att_BGQD = F.scaled_dot_product_attention(
             q_BGQD,
-            keys_LBHTD[i, :, :, : column + 1],
-            values_LBHTD[i, :, :, : column + 1],
+            keys_LBHTD[i, :, :, :attend],
+            values_LBHTD[i, :, :, :attend],
             attn_mask=attn_mask,
         )
         x_BH = x_BH + _apply(out, att_BGQD.reshape(batch, heads * d), lo and lo[1])

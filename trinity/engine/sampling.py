@@ -476,7 +476,8 @@ class _FastStepper:
         width = mask_BW.shape[1]
         self.cache = fast_decode.StaticCache.from_layers(weights, layers, width + self.room)
         self.column = width
-        self.mask_BT = torch.ones(
+        # Set for the prompt's real tokens, then column by column as the steps write them.
+        self.mask_BT = torch.zeros(
             (len(source_B), self.cache.capacity), dtype=torch.bool, device=mask_BW.device
         )
         self.mask_BT[:, :width] = mask_BW.bool()
@@ -486,9 +487,10 @@ class _FastStepper:
         if self.column >= self.cache.capacity:
             capacity = 2 * self.cache.capacity
             self.cache.grow(capacity)
-            grown = self.mask_BT.new_ones((len(tokens_B), capacity))
+            grown = self.mask_BT.new_zeros((len(tokens_B), capacity))
             grown[:, : self.mask_BT.shape[1]] = self.mask_BT
             self.mask_BT = grown
+        self.mask_BT[:, self.column] = True
         logits_BV = fast_decode.decode_step(
             self.weights,
             self.cache.keys,
@@ -496,7 +498,7 @@ class _FastStepper:
             tokens_B,
             position_B,
             self.mask_BT[:, : self.column + 1],
-            self.column,
+            torch.tensor([self.column], device=tokens_B.device),
             self.lora,
         )
         self.column += 1
