@@ -1,5 +1,7 @@
 """Sampling on the tiny random Llama in fp32: numerics against teacher forcing, stops, seeds, peft.
 
+Every test runs on both decode paths: the Hugging Face forward ("reference") and the fused step on
+a static cache ("fast", trinity/engine/fast_decode.py).
 Tolerance: fp32 on CPU, batched + left-padded + KV-cached vs one unpadded forward: 1e-4 on logprobs.
 """
 
@@ -15,21 +17,23 @@ from trinity.engine.sampling import SampleRequest, sample_batch
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
+@pytest.fixture(scope="module", params=[False, True], ids=["reference", "fast"])
+def tiny(tiny_model_dir, request):
+    """(model, tokenizer, fast): ``fast`` is the ``sample_batch`` decode path under test."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    return model, tokenizer
+    return model, tokenizer, request.param
 
 
 def run(tiny, requests, model=None):
-    base, tokenizer = tiny
+    base, tokenizer, fast = tiny
     return sample_batch(
         model or base,
         requests,
         eos_token_ids=[tokenizer.eos_token_id],
         pad_token_id=tokenizer.pad_token_id,
         tokenizer=tokenizer,
+        fast=fast,
     )
 
 
@@ -66,8 +70,10 @@ def test_sampled_logprobs_equal_teacher_forcing(tiny):
         responses = run(tiny, requests)
     finally:
         hook.remove()
-    # One prefill row per distinct prompt (7 rows, 3 prompts), then 7 rows decode.
-    assert batch_shapes[0] == (3, max(map(len, PROMPTS))) and batch_shapes[1] == (7, 1)
+    # One prefill row per distinct prompt (7 rows, 3 prompts), then 7 rows decode: through the
+    # Hugging Face forward on the reference path, never on the fast one.
+    assert batch_shapes[0] == (3, max(map(len, PROMPTS)))
+    assert batch_shapes[1:] == ([] if tiny[2] else [(7, 1)] * 7)
     for request, response in zip(requests, responses, strict=True):
         assert len(response.sequences) == request.num_samples
         for seq in response.sequences:
@@ -145,7 +151,7 @@ def test_top_k_restricts_to_k_most_likely(tiny):
 
 
 def test_stop_conditions(tiny):
-    model, tokenizer = tiny
+    model, tokenizer, fast = tiny
     (free,) = run(tiny, [SampleRequest(prompt_tokens=PROMPTS[2], params=params(temperature=0))])
     tokens = free.sequences[0].tokens
     assert free.sequences[0].stop_reason == "length" and len(tokens) == 8
@@ -178,6 +184,7 @@ def test_stop_conditions(tiny):
         ],
         eos_token_ids=[tokens[0]],
         pad_token_id=tokenizer.pad_token_id,
+        fast=fast,
     )[0].sequences[0]
     assert eos_is_first.tokens == tokens[:1] and eos_is_first.stop_reason == "stop"
     no_stops = sample_batch(
@@ -185,6 +192,7 @@ def test_stop_conditions(tiny):
         [SampleRequest(prompt_tokens=PROMPTS[2], params=params(temperature=0, stop=[]))],
         eos_token_ids=[tokens[0]],
         pad_token_id=tokenizer.pad_token_id,
+        fast=fast,
     )[0].sequences[0]
     assert no_stops.tokens == tokens and no_stops.stop_reason == "length"
 

@@ -36,7 +36,9 @@ import numpy as np
 import torch
 from tinker import types
 from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from trinity.engine import fast_decode
 
 BASE_ADAPTER = "__base__"
 
@@ -102,7 +104,7 @@ class _Row:
     max_tokens: int
     stop_ids: frozenset[int]
     stop_strings: tuple[str, ...]
-    generator: torch.Generator
+    seed: int
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     stop_reason: str = "length"
@@ -136,9 +138,6 @@ def _make_rows(
         stop_ids, stop_strings = _stop_spec(params.stop, eos_token_ids)
         base_seed = params.seed if params.seed is not None else random.getrandbits(40)
         for sample_index in range(request.num_samples):
-            generator = torch.Generator().manual_seed(
-                (base_seed * 1_000_003 + sample_index) % 2**63
-            )
             rows.append(
                 _Row(
                     request_index=index,
@@ -150,59 +149,117 @@ def _make_rows(
                     max_tokens=max_tokens,
                     stop_ids=stop_ids,
                     stop_strings=stop_strings,
-                    generator=generator,
+                    seed=(base_seed * 1_000_003 + sample_index) % 2**63,
                 )
             )
     return rows
 
 
-def _choose_tokens(logits_BV: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-    """Pick one token per row: greedy, or inverse-CDF sampling after temperature / top-k / top-p."""
-    sampled = [i for i, row in enumerate(rows) if row.temperature > 0 and row.top_k != 1]
-    if len(sampled) < len(rows):
-        tokens_B = logits_BV.argmax(dim=-1)
-        if not sampled:
-            return tokens_B
-    else:  # every row samples: skip the argmax over the vocabulary
-        tokens_B = torch.empty(len(rows), dtype=torch.long, device=logits_BV.device)
-    device = logits_BV.device
-    index_S = torch.tensor(sampled, dtype=torch.long, device=device)
-    temperature_S1 = torch.tensor([rows[i].temperature for i in sampled], device=device)[:, None]
-    all_rows = len(sampled) == len(rows)
-    logits_SV = (logits_BV if all_rows else logits_BV[index_S]) / temperature_S1
-    # Generators live on the CPU: one draw per row keeps each row's stream independent of others.
-    uniform_S = torch.cat([torch.rand(1, generator=rows[i].generator) for i in sampled]).to(device)
-    filtered = [j for j, i in enumerate(sampled) if rows[i].top_k > 0 or rows[i].top_p < 1.0]
-    if filtered:
-        # Sort only the rows that filter; the cutoff keeps the tokens whose preceding mass < top_p.
-        index_F = torch.tensor(filtered, dtype=torch.long, device=device)
-        sorted_FV, _ = logits_SV[index_F].sort(dim=-1, descending=True)
-        probs_FV = sorted_FV.softmax(dim=-1)
-        mass_before_FV = probs_FV.cumsum(dim=-1) - probs_FV
-        top_p_F = torch.tensor([rows[sampled[j]].top_p for j in filtered], device=device)[:, None]
-        keep_FV = mass_before_FV < top_p_F
-        top_k_F = torch.tensor([rows[sampled[j]].top_k for j in filtered], device=device)[:, None]
-        ranks_V = torch.arange(sorted_FV.shape[-1], device=device)[None, :]
-        keep_FV &= (top_k_F <= 0) | (ranks_V < top_k_F)
-        keep_FV[:, 0] = True
-        kept_count_F = keep_FV.sum(dim=-1, keepdim=True)
-        threshold_F = sorted_FV.gather(1, kept_count_F - 1)
-        # Ties at the threshold are kept (a few extra tokens at most): no second sort needed.
-        sub_FV = logits_SV[index_F]
-        logits_SV[index_F] = sub_FV.masked_fill(sub_FV < threshold_F, float("-inf"))
-    probs_SV = logits_SV.float().softmax(dim=-1)
-    cdf_SV = probs_SV.cumsum(dim=-1)
-    target_S = uniform_S * cdf_SV[:, -1]
-    choice_S = torch.searchsorted(cdf_SV, target_S.unsqueeze(1), right=True).squeeze(1)
-    # u < 1 so target < cdf[-1]: right-searchsorted lands on a token with nonzero probability.
-    choice_S = choice_S.clamp(max=probs_SV.shape[-1] - 1)
-    tokens_B[index_S] = choice_S
-    return tokens_B
+def _signed(value: int) -> int:
+    """A 64-bit constant as the int64 that has its bits."""
+    return value - 2**64 if value >= 2**63 else value
 
 
-def _hit_stop_string(row: _Row, tokenizer, tail_tokens: int) -> bool:
-    text = tokenizer.decode(row.tokens[-tail_tokens:], skip_special_tokens=False)
-    return any(s in text for s in row.stop_strings)
+_GOLDEN, _MIX1, _MIX2 = (
+    _signed(0x9E3779B97F4A7C15),
+    _signed(0xBF58476D1CE4E5B9),
+    _signed(0x94D049BB133111EB),
+)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _uniform(seed_B: torch.Tensor, step: int) -> torch.Tensor:
+    """One uniform draw in [0, 1) per row from (row seed, step): splitmix64 on int64 tensors
+    (multiplication wraps mod 2^64), so a row's stream depends on nothing else in its batch and
+    needs no per-row generator."""
+    z = seed_B + torch.full_like(seed_B, step + 1) * _GOLDEN
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    z = z ^ _shift_right(z, 31)
+    return _shift_right(z, 11).double() * 2.0**-53
+
+
+class _Sampler:
+    """Per-row sampling parameters as tensors on the device, chosen from in one batched pass:
+    greedy rows take the argmax, the others inverse-CDF sampling after temperature / top-k /
+    top-p (only rows that filter are sorted). ``select`` follows row compaction."""
+
+    def __init__(self, rows: list[_Row], device: torch.device):
+        self.sampled = [row.temperature > 0 and row.top_k != 1 for row in rows]
+        self.filters = [
+            sampled and (row.top_k > 0 or row.top_p < 1.0)
+            for row, sampled in zip(rows, self.sampled, strict=True)
+        ]
+        self.device = device
+        self.temperature_B = torch.tensor(
+            [row.temperature if s else 1.0 for row, s in zip(rows, self.sampled, strict=True)],
+            device=device,
+        )
+        self.top_k_B = torch.tensor([row.top_k for row in rows], device=device)
+        self.top_p_B = torch.tensor([row.top_p for row in rows], device=device)
+        self.seed_B = torch.tensor([row.seed for row in rows], dtype=torch.long, device=device)
+        width = max((len(row.stop_ids) for row in rows), default=0)
+        stop_BS = torch.full((len(rows), max(width, 1)), -1, dtype=torch.long)
+        for i, row in enumerate(rows):
+            stop_BS[i, : len(row.stop_ids)] = torch.tensor(sorted(row.stop_ids), dtype=torch.long)
+        self.stop_BS = stop_BS.to(device)
+        self.max_tokens_B = torch.tensor([row.max_tokens for row in rows], device=device)
+        self._index()
+
+    def _index(self) -> None:
+        device = self.device
+        self.sampled_S = torch.tensor(
+            [i for i, s in enumerate(self.sampled) if s], dtype=torch.long, device=device
+        )
+        self.filter_F = torch.tensor(
+            [i for i, f in enumerate(self.filters) if f], dtype=torch.long, device=device
+        )
+
+    def select(self, keep: list[int], keep_K: torch.Tensor) -> None:
+        self.sampled = [self.sampled[i] for i in keep]
+        self.filters = [self.filters[i] for i in keep]
+        for name in ("temperature_B", "top_k_B", "top_p_B", "seed_B", "stop_BS", "max_tokens_B"):
+            setattr(self, name, getattr(self, name)[keep_K])
+        self._index()
+
+    def choose(self, logits_BV: torch.Tensor, step: int) -> torch.Tensor:
+        """One token per row; ``logits_BV`` fp32."""
+        n_sampled = len(self.sampled_S)
+        if n_sampled == 0:
+            return logits_BV.argmax(dim=-1)
+        every = n_sampled == len(self.sampled)
+        scaled_BV = logits_BV / self.temperature_B[:, None]
+        if len(self.filter_F):
+            index_F = self.filter_F
+            sub_FV = scaled_BV[index_F]
+            sorted_FV, _ = sub_FV.sort(dim=-1, descending=True)
+            probs_FV = sorted_FV.softmax(dim=-1)
+            # Keep the tokens whose preceding mass < top_p, and the top_k first (>= 1 always).
+            keep_FV = (probs_FV.cumsum(dim=-1) - probs_FV) < self.top_p_B[index_F, None]
+            top_k_F1 = self.top_k_B[index_F, None]
+            ranks_V = torch.arange(sorted_FV.shape[-1], device=logits_BV.device)
+            keep_FV &= (top_k_F1 <= 0) | (ranks_V < top_k_F1)
+            keep_FV[:, 0] = True
+            threshold_F1 = sorted_FV.gather(1, keep_FV.sum(dim=-1, keepdim=True) - 1)
+            # Ties at the threshold are kept (a few extra tokens at most): no second sort.
+            scaled_BV = scaled_BV.index_put(
+                (index_F,), sub_FV.masked_fill(sub_FV < threshold_F1, float("-inf"))
+            )
+        chosen_SV = scaled_BV if every else scaled_BV[self.sampled_S]
+        cdf_SV = chosen_SV.softmax(dim=-1).cumsum(dim=-1)
+        uniform_S = _uniform(self.seed_B if every else self.seed_B[self.sampled_S], step)
+        # u <= 1 - 2^-22 keeps u * cdf[-1] below cdf[-1] after fp32 rounding, so the
+        # right-searchsorted lands on a token of nonzero probability.
+        uniform_S = uniform_S.clamp(max=1 - 2.0**-22).to(cdf_SV.dtype)
+        target_S1 = (uniform_S * cdf_SV[:, -1])[:, None]
+        choice_S = torch.searchsorted(cdf_SV, target_S1, right=True).squeeze(1)
+        if every:
+            return choice_S
+        return logits_BV.argmax(dim=-1).index_put((self.sampled_S,), choice_S)
 
 
 def _forward(model, input_ids, attention_mask, position_ids, cache, adapters, logits_to_keep):
@@ -244,11 +301,14 @@ def sample_batch(
     device: torch.device | str = "cpu",
     tokenizer=None,
     max_context_length: int | None = None,
+    fast: bool = True,
 ) -> list[types.SampleResponse]:
     """Decode all requests as one batch; one ``SampleResponse`` per request, in order.
 
     ``tokenizer`` is needed only for string stops. ``max_context_length`` defaults to the model
     config's ``max_position_embeddings``; ``max_tokens=None`` means "up to the context length".
+    ``fast``: decode steps through trinity/engine/fast_decode.py where the model is supported
+    (else, or with ``fast=False``, the Hugging Face forward: the reference path).
     """
     if not requests:
         return []
@@ -272,6 +332,7 @@ def sample_batch(
             torch.device(device),
             tokenizer,
             tail_tokens,
+            fast_decode.build(model) if fast else None,
         )
     finally:
         model.train(was_training)
@@ -312,7 +373,7 @@ def _topk(logprobs_TV: torch.Tensor, k: int) -> TopkLogprobs:
     return TopkLogprobs(token_ids=ids, logprobs=lps)
 
 
-def _decode(model, requests, rows, adapters, pad_token_id, device, tokenizer, tail_tokens):
+def _decode(model, requests, rows, adapters, pad_token_id, device, tokenizer, tail_tokens, weights):
     batch = len(rows)
     # Rows with the same prompt and adapter (a request's samples, GRPO's repeats) share one
     # prefill row; its cache and last logits are then gathered out to every such row.
@@ -338,7 +399,7 @@ def _decode(model, requests, rows, adapters, pad_token_id, device, tokenizer, ta
         request.prompt_logprobs or request.topk_prompt_logprobs for request in requests
     )
 
-    cache = Cache(layer_class_to_replicate=_GrowingLayer)
+    cache = DynamicCache() if weights is not None else Cache(layer_class_to_replicate=_GrowingLayer)
     logits = _forward(
         model,
         input_ids_UT.to(device),
@@ -366,49 +427,150 @@ def _decode(model, requests, rows, adapters, pad_token_id, device, tokenizer, ta
             if request.topk_prompt_logprobs:
                 topk_prompt[row.request_index] = _topk(logprobs_TV, request.topk_prompt_logprobs)
     source_B = source_B.to(device)
-    logits_BV = logits[:, -1][source_B]
-    if len(unique) < batch:
-        cache.batch_select_indices(source_B)
-    mask_BT = mask_UT.to(device)[source_B]
-    next_position_B = torch.tensor([len(row.prompt) for row in rows], device=device)
+    logits_BV = logits[:, -1][source_B].float()
+    if weights is not None:
+        stepper = _FastStepper(weights, cache, source_B, mask_UT.to(device)[source_B], adapters)
+    else:
+        if len(unique) < batch:
+            cache.batch_select_indices(source_B)
+        stepper = _HFStepper(model, cache, mask_UT.to(device)[source_B], adapters)
+    _generate(stepper, logits_BV, rows, device, tokenizer, tail_tokens)
+    return prompt_logprobs, topk_prompt
 
-    active = list(range(batch))  # indices into rows of the rows still decoding
-    while True:
-        active_rows = [rows[i] for i in active]
-        logits_BV = logits_BV.float()
-        tokens_B = _choose_tokens(logits_BV, active_rows)
-        logprobs_B = logits_BV.log_softmax(dim=-1).gather(1, tokens_B.unsqueeze(1)).squeeze(1)
-        keep = []
-        for j, (row, token, logprob) in enumerate(
-            zip(active_rows, tokens_B.tolist(), logprobs_B.tolist(), strict=True)
-        ):
-            row.tokens.append(token)
-            row.logprobs.append(logprob)
-            if token in row.stop_ids or (
-                row.stop_strings and _hit_stop_string(row, tokenizer, tail_tokens)
-            ):
-                row.stop_reason = "stop"
-            elif len(row.tokens) < row.max_tokens:
-                keep.append(j)
-        if not keep:
-            return prompt_logprobs, topk_prompt
-        if len(keep) < len(active):
-            keep_K = torch.tensor(keep, dtype=torch.long, device=device)
-            cache.batch_select_indices(keep_K)
-            mask_BT = mask_BT[keep_K]
-            next_position_B = next_position_B[keep_K]
-            tokens_B = tokens_B[keep_K]
-            active = [active[j] for j in keep]
-            if adapters is not None:
-                adapters = [adapters[j] for j in keep]
-        mask_BT = torch.cat([mask_BT, mask_BT.new_ones((len(active), 1))], dim=1)
-        logits_BV = _forward(
-            model,
-            tokens_B.unsqueeze(1).to(device),
-            mask_BT,
-            next_position_B.unsqueeze(1),
-            cache,
-            adapters,
+
+class _HFStepper:
+    """The reference decode step: the Hugging Face forward on a growing cache."""
+
+    def __init__(self, model, cache, mask_BT: torch.Tensor, adapters: list[str] | None):
+        self.model, self.cache, self.mask_BT, self.adapters = model, cache, mask_BT, adapters
+
+    def __call__(self, tokens_B: torch.Tensor, position_B: torch.Tensor) -> torch.Tensor:
+        self.mask_BT = torch.cat([self.mask_BT, self.mask_BT.new_ones((len(tokens_B), 1))], 1)
+        logits = _forward(
+            self.model,
+            tokens_B[:, None],
+            self.mask_BT,
+            position_B[:, None],
+            self.cache,
+            self.adapters,
             1,
-        )[:, -1]
-        next_position_B = next_position_B + 1
+        )
+        return logits[:, -1].float()
+
+    def select(self, keep: list[int], keep_K: torch.Tensor) -> None:
+        self.cache.batch_select_indices(keep_K)
+        self.mask_BT = self.mask_BT[keep_K]
+        if self.adapters is not None:
+            self.adapters = [self.adapters[j] for j in keep]
+
+
+class _FastStepper:
+    """The fused decode step (trinity/engine/fast_decode.py) on a preallocated static cache
+    that grows (doubling) only when a step would run past it."""
+
+    room = 256  # columns allocated past the prompt at first
+
+    def __init__(self, weights, cache, source_B, mask_BW, adapters: list[str] | None):
+        self.weights = weights
+        layers = [(layer.keys[source_B], layer.values[source_B]) for layer in cache.layers]
+        width = mask_BW.shape[1]
+        self.cache = fast_decode.StaticCache.from_layers(weights, layers, width + self.room)
+        self.column = width
+        # Set for the prompt's real tokens, then column by column as the steps write them.
+        self.mask_BT = torch.zeros(
+            (len(source_B), self.cache.capacity), dtype=torch.bool, device=mask_BW.device
+        )
+        self.mask_BT[:, :width] = mask_BW.bool()
+        self.lora = fast_decode.lora_inputs(weights, adapters, mask_BW.device)
+
+    def __call__(self, tokens_B: torch.Tensor, position_B: torch.Tensor) -> torch.Tensor:
+        if self.column >= self.cache.capacity:
+            capacity = 2 * self.cache.capacity
+            self.cache.grow(capacity)
+            grown = self.mask_BT.new_zeros((len(tokens_B), capacity))
+            grown[:, : self.mask_BT.shape[1]] = self.mask_BT
+            self.mask_BT = grown
+        self.mask_BT[:, self.column] = True
+        logits_BV = fast_decode.decode_step(
+            self.weights,
+            self.cache.keys,
+            self.cache.values,
+            tokens_B,
+            position_B,
+            self.mask_BT[:, : self.column + 1],
+            torch.tensor([self.column], device=tokens_B.device),
+            self.lora,
+        )
+        self.column += 1
+        return logits_BV.float()
+
+    def select(self, keep: list[int], keep_K: torch.Tensor) -> None:
+        self.cache.select(keep_K)
+        self.mask_BT = self.mask_BT[keep_K]
+        if self.lora is not None:
+            self.lora = [None if p is None else (p[0], p[1], p[2][keep_K]) for p in self.lora]
+
+
+def _generate(stepper, logits_BV, rows: list[_Row], device, tokenizer, tail_tokens) -> None:
+    """Decode until every row stops; fills each row's tokens, logprobs and stop reason.
+
+    Per step one host sync (how many rows are still going). Stopped rows stay in the batch
+    (their tokens are ignored) until the live ones are at most 3/4 of it: then the batch is
+    compacted, so shapes change rarely and the cache is copied rarely.
+    """
+    batch = len(rows)
+    sampler = _Sampler(rows, device)
+    max_new = max(row.max_tokens for row in rows)
+    tokens_RN = torch.zeros((batch, max_new), dtype=torch.long, device=device)
+    logprobs_RN = torch.zeros((batch, max_new), dtype=torch.float32, device=device)
+    length_R = torch.zeros(batch, dtype=torch.long, device=device)
+    stopped_R = torch.zeros(batch, dtype=torch.bool, device=device)
+    row_B = torch.arange(batch, device=device)  # the row (index into rows) of each batch slot
+    position_B = torch.tensor([len(row.prompt) for row in rows], device=device)
+    string_rows = [i for i, row in enumerate(rows) if row.stop_strings]
+    live = list(range(batch))  # batch slots -> rows, host side
+    step = 0
+    while True:
+        tokens_B = sampler.choose(logits_BV, step)
+        logprobs_B = logits_BV.log_softmax(dim=-1).gather(1, tokens_B[:, None]).squeeze(1)
+        tokens_RN[row_B, step] = tokens_B
+        logprobs_RN[row_B, step] = logprobs_B
+        going_B = length_R[row_B] == 0
+        hit_B = (tokens_B[:, None] == sampler.stop_BS).any(dim=1)
+        if string_rows:
+            hit_B = hit_B | _string_hits(tokens_RN, row_B, live, rows, step, tokenizer, tail_tokens)
+        ends_B = going_B & (hit_B | (sampler.max_tokens_B <= step + 1))
+        length_R[row_B] = torch.where(ends_B, step + 1, length_R[row_B])
+        stopped_R[row_B] |= ends_B & hit_B
+        going = int((going_B & ~ends_B).sum())
+        if going == 0:
+            break
+        if going <= 3 * len(live) // 4:
+            keep_K = (length_R[row_B] == 0).nonzero().squeeze(1)
+            keep = keep_K.tolist()
+            stepper.select(keep, keep_K)
+            sampler.select(keep, keep_K)
+            row_B, position_B, tokens_B = row_B[keep_K], position_B[keep_K], tokens_B[keep_K]
+            live = [live[j] for j in keep]
+        logits_BV = stepper(tokens_B, position_B)
+        position_B = position_B + 1
+        step += 1
+    lengths, stopped = length_R.tolist(), stopped_R.tolist()
+    tokens_all, logprobs_all = tokens_RN.tolist(), logprobs_RN.tolist()
+    for i, row in enumerate(rows):
+        row.tokens = tokens_all[i][: lengths[i]]
+        row.logprobs = logprobs_all[i][: lengths[i]]
+        row.stop_reason = "stop" if stopped[i] else "length"
+
+
+def _string_hits(tokens_RN, row_B, live, rows, step, tokenizer, tail_tokens) -> torch.Tensor:
+    """Which batch slots just completed one of their row's stop strings (host-side decode,
+    only for rows that have stop strings)."""
+    hits = [False] * len(live)
+    for j, i in enumerate(live):
+        row = rows[i]
+        if row.stop_strings:
+            tail = tokens_RN[i, max(0, step + 1 - tail_tokens) : step + 1].tolist()
+            text = tokenizer.decode(tail, skip_special_tokens=False)
+            hits[j] = any(s in text for s in row.stop_strings)
+    return torch.tensor(hits, device=row_B.device)

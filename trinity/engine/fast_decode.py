@@ -1,0 +1,289 @@
+"""The fast decode step: a Llama-family decoder re-laid out for one-token steps.
+
+Why: at batch 1 the matmuls of a decode step already run at the memory bandwidth; the rest of
+the time is the Hugging Face forward's ~20 separately dispatched small ops per layer (and its
+Python around them). Here a step is, per layer: rmsnorm, one fused QKV matmul, rotary on q and k
+together as ``x * cos + (x @ R) * sin`` (no slicing / concatenation), two in-place writes into a
+preallocated KV cache, one ``scaled_dot_product_attention`` over the valid prefix (the query
+heads of a KV group are the "sequence" of a plain SDPA call: no KV repetition), the output
+matmul, rmsnorm, one fused gate-up matmul, SiLU-and-multiply, the down matmul.
+
+LoRA: every adapter of the batch is concatenated along the rank (``A_cat``: [n r, in],
+``B_cat``: [out, n r], scaling folded into B); a row's low-rank term is
+``((x A_cat^T) * mask_row) B_cat^T`` with ``mask_row`` selecting its adapter's block (all zeros for
+base rows): two extra matmuls per fused projection whatever the adapter mix, and exact, since the
+other blocks contribute exact zeros.
+
+``torch.compile`` of the step (``compile=True``) traces the layer loop into one graph per
+(batch, cache-capacity) shape; see ``DecodeStep`` and docs/benchmarks.md ("Sampling speed") for
+what it costs and when the engine uses it.
+
+Supported: ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` (optionally in
+peft with plain LoRA adapters: no DoRA, not merged), SiLU MLP, no sliding window. Anything else
+makes ``build`` return None and the caller uses the Hugging Face forward (the reference path).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_SUPPORTED = {"llama", "mistral", "qwen2"}
+
+
+def _linear_parts(module: nn.Module) -> tuple[nn.Linear, dict]:
+    """(base Linear, {adapter: (A [r, in], B [out, r] * scaling)}) of a plain or peft Linear."""
+    base = getattr(module, "base_layer", module)
+    loras = {}
+    if hasattr(module, "lora_A"):
+        for name in module.lora_A:
+            b = module.lora_B[name].weight * module.scaling[name]
+            loras[name] = (module.lora_A[name].weight, b)
+    return base, loras
+
+
+def _unsupported(model: nn.Module) -> str | None:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = inner.config
+    if config.model_type not in _SUPPORTED:
+        return f"model_type {config.model_type}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act {config.hidden_act}"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        if config.model_type != "qwen2" or getattr(config, "use_sliding_window", False):
+            return "sliding window"
+    for module in inner.modules():
+        if hasattr(module, "lora_A"):
+            if getattr(module, "merged", False) or getattr(module, "lora_magnitude_vector", None):
+                return "merged or DoRA adapter"
+    return None
+
+
+@dataclass
+class _Proj:
+    """A (possibly fused) projection: ``weight_OI`` (+ bias) and the LoRA of every adapter."""
+
+    weight_OI: torch.Tensor
+    bias_O: torch.Tensor | None
+    a_by: dict  # adapter -> A [r, in] (the fused parts' ranks concatenated)
+    b_by: dict  # adapter -> B [out, r] (scaling folded), block-diagonal over the fused parts
+
+
+def _fuse(modules: list[nn.Module]) -> _Proj:
+    parts = [_linear_parts(m) for m in modules]
+    bases = [base for base, _ in parts]
+    weight = torch.cat([b.weight for b in bases]) if len(bases) > 1 else bases[0].weight
+    bias = None
+    if any(b.bias is not None for b in bases):
+        bias = torch.cat(
+            [b.bias if b.bias is not None else b.weight.new_zeros(b.out_features) for b in bases]
+        )
+    a_by, b_by = {}, {}
+    for name in set().union(*(loras for _, loras in parts)):
+        a_by[name] = torch.cat([loras[name][0] for _, loras in parts if name in loras])
+        # Block-diagonal B: each fused part's output rows take only that part's rank columns.
+        b_full = a_by[name].new_zeros(weight.shape[0], a_by[name].shape[0])
+        row = col = 0
+        for base, loras in parts:
+            if name in loras:
+                a, b = loras[name]
+                b_full[row : row + base.out_features, col : col + a.shape[0]] = b
+                col += a.shape[0]
+            row += base.out_features
+        b_by[name] = b_full
+    return _Proj(weight, bias, a_by, b_by)
+
+
+class Weights:
+    """The model's weights in decode layout (fused QKV / gate-up), cached per model and rebuilt
+    when any source tensor changes (by ``data_ptr`` and version counter, so optimizer steps and
+    loaded states are seen)."""
+
+    def __init__(self, model: nn.Module):
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = inner.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.layers_n = config.num_hidden_layers
+        decoder = inner.model
+        self.rotary = decoder.rotary_emb
+        self.embed = decoder.embed_tokens.weight
+        self.norm_w = decoder.norm.weight
+        self.norm_eps = decoder.norm.variance_epsilon
+        self.layers = []
+        for layer in decoder.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(
+                (
+                    layer.input_layernorm.weight,
+                    _fuse([attn.q_proj, attn.k_proj, attn.v_proj]),
+                    _fuse([attn.o_proj]),
+                    layer.post_attention_layernorm.weight,
+                    _fuse([mlp.gate_proj, mlp.up_proj]),
+                    _fuse([mlp.down_proj]),
+                )
+            )
+        self.head = _fuse([inner.get_output_embeddings()])
+        d = self.head_dim
+        rot = torch.zeros(d, d, dtype=self.embed.dtype, device=self.embed.device)
+        half = d // 2
+        idx = torch.arange(half, device=rot.device)
+        rot[idx + half, idx] = -1.0  # (x @ R)[:half] = -x[half:]
+        rot[idx, idx + half] = 1.0  # (x @ R)[half:] = x[:half]
+        self.rotate_DD = rot
+        self.signature = _signature(model)
+
+
+def _signature(model: nn.Module) -> tuple:
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def build(model: nn.Module) -> Weights | None:
+    """The decode-layout weights of ``model`` (cached), or None when it is not supported."""
+    if _unsupported(model) is not None:
+        return None
+    cached = _CACHE.get(model)
+    if cached is not None and cached.signature == _signature(model):
+        return cached
+    _CACHE.pop(model, None)  # free the stale copy before building the new one
+    with torch.inference_mode():
+        weights = Weights(model)
+    _CACHE[model] = weights
+    return weights
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm (fp32 statistics, weight applied in the input dtype)."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def _apply(proj: _Proj, x: torch.Tensor, lora) -> torch.Tensor:
+    out = F.linear(x, proj.weight_OI, proj.bias_O)
+    if lora is not None:
+        a_NI, b_ON, mask_BN = lora
+        out = out + F.linear(F.linear(x, a_NI) * mask_BN, b_ON).to(out.dtype)
+    return out
+
+
+class StaticCache:
+    """Keys and values of every layer, [L, B, Hkv, capacity, D], written in place each step."""
+
+    def __init__(self, weights: Weights, keys_LBHTD: torch.Tensor, values_LBHTD: torch.Tensor):
+        self.weights = weights
+        self.keys = keys_LBHTD
+        self.values = values_LBHTD
+
+    @classmethod
+    def from_layers(cls, weights: Weights, layers, capacity: int) -> StaticCache:
+        """A cache holding the prefill's (key, value) per layer, room for ``capacity`` columns."""
+        k0 = layers[0][0]
+        shape = (weights.layers_n, k0.shape[0], k0.shape[1], capacity, k0.shape[3])
+        keys = k0.new_empty(shape)
+        values = k0.new_empty(shape)
+        width = k0.shape[2]
+        for i, (k, v) in enumerate(layers):
+            keys[i, :, :, :width] = k
+            values[i, :, :, :width] = v
+        return cls(weights, keys, values)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    def grow(self, capacity: int) -> None:
+        for attr in ("keys", "values"):
+            old = getattr(self, attr)
+            new = old.new_empty(*old.shape[:3], capacity, old.shape[4])
+            new[:, :, :, : old.shape[3]] = old
+            setattr(self, attr, new)
+
+    def select(self, index_K: torch.Tensor) -> None:
+        self.keys = self.keys[:, index_K]
+        self.values = self.values[:, index_K]
+
+
+def lora_inputs(weights: Weights, adapters_B: list[str] | None, device) -> list | None:
+    """Per projection (layer order, then the head): (A_cat, B_cat, row mask) for this batch's
+    adapter mix, or None for projections without any of its adapters."""
+    if adapters_B is None:
+        return None
+    names = sorted(set(adapters_B))
+    projections = [p for layer in weights.layers for p in (layer[1], layer[2], layer[4], layer[5])]
+    projections.append(weights.head)
+    out = []
+    for proj in projections:
+        present = [n for n in names if n in proj.a_by]
+        if not any(n in present for n in adapters_B):
+            out.append(None)
+            continue
+        a = torch.cat([proj.a_by[n] for n in present])
+        b = torch.cat([proj.b_by[n] for n in present], dim=1)
+        mask = torch.zeros(len(adapters_B), a.shape[0], dtype=a.dtype)
+        col = 0
+        for n in present:
+            r = proj.a_by[n].shape[0]
+            rows = [i for i, name in enumerate(adapters_B) if name == n]
+            mask[rows, col : col + r] = 1.0
+            col += r
+        out.append((a, b, mask.to(device)))
+    return out
+
+
+def decode_step(
+    weights: Weights,
+    keys_LBHTD: torch.Tensor,
+    values_LBHTD: torch.Tensor,
+    tokens_B: torch.Tensor,
+    position_B: torch.Tensor,
+    mask_BT: torch.Tensor,
+    column_1: torch.Tensor,
+    lora: list | None,
+) -> torch.Tensor:
+    """Logits [B, V] of one token per row; writes its keys / values at column ``column_1`` (a
+    one-element tensor, so a compiled step does not specialize on it) and attends over the
+    first ``mask_BT.shape[1]`` columns where ``mask_BT`` (bool) is set."""
+    heads, kv_heads, d = weights.heads, weights.kv_heads, weights.head_dim
+    batch = tokens_B.shape[0]
+    group = heads // kv_heads
+    x_BH = F.embedding(tokens_B, weights.embed)
+    cos_B1D, sin_B1D = weights.rotary(x_BH, position_B[:, None])
+    cos_B1D, sin_B1D = cos_B1D.to(x_BH.dtype), sin_B1D.to(x_BH.dtype)
+    attn_mask = mask_BT[:, None, None, :]
+    attend = mask_BT.shape[1]
+    qk_heads = heads + kv_heads
+    eps = weights.norm_eps
+    for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(weights.layers):
+        lo = None if lora is None else lora[4 * i : 4 * i + 4]
+        h = _rms_norm(x_BH, norm1, eps)
+        qkv_BF = _apply(qkv, h, lo and lo[0])
+        qk_BND = qkv_BF[:, : qk_heads * d].view(batch, qk_heads, d)
+        qk_BND = qk_BND * cos_B1D + (qk_BND @ weights.rotate_DD) * sin_B1D
+        keys_LBHTD[i].index_copy_(2, column_1, qk_BND[:, heads:, None])
+        values_LBHTD[i].index_copy_(
+            2, column_1, qkv_BF[:, qk_heads * d :].view(batch, kv_heads, 1, d)
+        )
+        # One query per row: a KV group's query heads are the rows of one plain SDPA call.
+        q_BGQD = qk_BND[:, :heads].view(batch, kv_heads, group, d)
+        att_BGQD = F.scaled_dot_product_attention(
+            q_BGQD,
+            keys_LBHTD[i, :, :, :attend],
+            values_LBHTD[i, :, :, :attend],
+            attn_mask=attn_mask,
+        )
+        x_BH = x_BH + _apply(out, att_BGQD.reshape(batch, heads * d), lo and lo[1])
+        h = _rms_norm(x_BH, norm2, eps)
+        gu_BF = _apply(gate_up, h, lo and lo[2])
+        inner = gu_BF.shape[1] // 2
+        x_BH = x_BH + _apply(down, F.silu(gu_BF[:, :inner]) * gu_BF[:, inner:], lo and lo[3])
+    h = _rms_norm(x_BH, weights.norm_w, eps)
+    return _apply(weights.head, h, None if lora is None else lora[-1])
