@@ -32,7 +32,8 @@ class TrainerBackend(Protocol):
     async def save_state(self, name: str, directory: str) -> str:
         """Save weights + optimizer; returns a reference ``load_state`` accepts."""
 
-    async def load_state(self, ref: str) -> None: ...
+    async def load_state(self, ref: str, optimizer: bool = True) -> None:
+        """Load saved weights (and, with ``optimizer``, the optimizer state)."""
 
     async def delete_state(self, ref: str) -> None:
         """Free a saved state (``trainer.max_checkpoints_to_keep``)."""

@@ -80,8 +80,8 @@ class LocalTrainer:
         await self._call(self.runtime.engine.save_state, self.model_id, path, True)
         return path
 
-    async def load_state(self, ref: str) -> None:
-        await self._call(self.runtime.engine.load_state, self.model_id, ref, True)
+    async def load_state(self, ref: str, optimizer: bool = True) -> None:
+        await self._call(self.runtime.engine.load_state, self.model_id, ref, optimizer)
 
     async def delete_state(self, ref: str) -> None:
         shutil.rmtree(ref, ignore_errors=True)

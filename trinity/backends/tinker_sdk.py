@@ -136,11 +136,20 @@ class TinkerTrainer:
         return cls(session, client)
 
     @classmethod
-    async def from_state(cls, session: TinkerSession, ref: str) -> TinkerTrainer:
-        client = await with_retries(
-            "create_training_client_from_state_with_optimizer",
-            lambda: session.service.create_training_client_from_state_with_optimizer(ref),
-        )
+    async def from_state(
+        cls, session: TinkerSession, ref: str, optimizer: bool = True
+    ) -> TinkerTrainer:
+        """A training client with the saved weights (and, with ``optimizer``, Adam's moments)."""
+        if optimizer:
+            client = await with_retries(
+                "create_training_client_from_state_with_optimizer",
+                lambda: session.service.create_training_client_from_state_with_optimizer(ref),
+            )
+        else:
+            client = await with_retries(
+                "create_training_client_from_state",
+                lambda: session.service.create_training_client_from_state(ref),
+            )
         return cls(session, client)
 
     def forward_backward(self, data, loss_fn, loss_fn_config=None):
@@ -156,8 +165,8 @@ class TinkerTrainer:
         response = await with_retries("save_state", lambda: self.client.save_state(name))
         return response.path
 
-    async def load_state(self, ref: str) -> None:
-        fresh = await TinkerTrainer.from_state(self.session, ref)
+    async def load_state(self, ref: str, optimizer: bool = True) -> None:
+        fresh = await TinkerTrainer.from_state(self.session, ref, optimizer)
         self.client = fresh.client
 
     async def delete_state(self, ref: str) -> None:

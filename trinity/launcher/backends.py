@@ -97,8 +97,10 @@ async def build_backends(
     train: bool,
     resume_ref: str | None,
     cluster: RayCluster | None = None,
+    server_dir: Path | None = None,
 ) -> Backends:
-    """With ``cluster``, the explorer's sampling happens on Ray actors (``backends.runners``)."""
+    """With ``cluster``, the explorer's sampling happens on Ray actors (``backends.runners``);
+    ``server_dir``: the store of a ``base_url: local`` server (default: the run's)."""
     from trinity.engine.demo_model import resolve_model_path
 
     backends = Backends()
@@ -149,7 +151,7 @@ async def build_backends(
     aux_models = [aux.model_path for aux in config.explorer.auxiliary_models] if explore else []
     if base_url == LOCAL_SERVER:
         base_url, api_key, (base_model, *aux_models) = _start_local_server(
-            config, backends, aux_models
+            config, backends, aux_models, server_dir
         )
     session = TinkerSession(base_url, api_key)
     backends.session = session
@@ -195,7 +197,7 @@ async def build_backends(
 
 
 def _start_local_server(
-    config: Any, backends: Backends, auxiliary: list[str]
+    config: Any, backends: Backends, auxiliary: list[str], server_dir: Path | None = None
 ) -> tuple[str, str, list[str]]:
     """``base_url: local``: serve the model (and the ``auxiliary`` ones) with ``trinity server``
     on a loopback port; returns its URL, API key and the models' names there."""
@@ -207,7 +209,9 @@ def _start_local_server(
     paths = [str(resolve_model_path(path)) for path in [policy, *auxiliary]]
     api_key = f"tml-{secrets.token_hex(16)}"
     service = build_service(
-        list(dict.fromkeys(paths)), JobDir(config.checkpoint_job_dir).server_dir, f"{api_key}=local"
+        list(dict.fromkeys(paths)),
+        server_dir or JobDir(config.checkpoint_job_dir).server_dir,
+        f"{api_key}=local",
     )
     server = ServerThread(service).start()
     backends.closers.append(server.stop)

@@ -54,12 +54,21 @@ from trinity.trainer.trainer import Trainer
 log = logging.getLogger("trinity")
 
 
-def run(config: Any) -> int:
-    """Run the configured mode (or each of ``stages`` in turn) to the end; returns exit status."""
-    for stage in config.stages or []:
-        log.info("stage %s", stage.stage_name)
-        run(stage.config)
+def run(config: Any, *, init_ref: str | None = None, server_dir: Path | None = None) -> int:
+    """Run the configured mode (or each of ``stages`` in turn) to the end; returns exit status.
+
+    Each stage starts from the previous stage's last checkpoint (``init_ref``: its weights, with a
+    fresh optimizer), as the original seeds a stage's ``model_path`` with the previous stage's
+    weights. With ``base_url: local`` the stages share one server store (``server_dir``), where
+    the previous stage's ``tinker://`` state lives.
+    """
     if config.stages:
+        shared = JobDir(config.checkpoint_job_dir).server_dir
+        for stage in config.stages:
+            log.info("stage %s%s", stage.stage_name, f" from {init_ref}" if init_ref else "")
+            run(stage.config, init_ref=init_ref, server_dir=shared)
+            latest = JobDir(stage.config.checkpoint_job_dir).latest_checkpoint()
+            init_ref = latest[1] if latest else init_ref
         return 0
     check_credentials(config)
     job_dir = JobDir(config.checkpoint_job_dir)
@@ -74,17 +83,28 @@ def run(config: Any) -> int:
         explore, train = mode in ("both", "explore"), mode in ("both", "train")
         if config.trainer.trainer_type == "verl" and not config.model.tinker.enable:
             log.info("trainer.trainer_type 'verl': training runs on the local engine")
-        asyncio.run(run_rl(config, explore=explore, train=train))
+        asyncio.run(
+            run_rl(config, explore=explore, train=train, init_ref=init_ref, server_dir=server_dir)
+        )
     return 0
 
 
-async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
+async def run_rl(
+    config: Any,
+    *,
+    explore: bool,
+    train: bool,
+    init_ref: str | None = None,
+    server_dir: Path | None = None,
+) -> None:
+    """``init_ref``: the weights a stage starts from (a resumed checkpoint of its own wins)."""
     job_dir = JobDir(config.checkpoint_job_dir)
     atomic_write(job_dir.config_file, to_yaml(config))  # what tools show as the run's config
     resume = job_dir.latest_checkpoint() if config.continue_from_checkpoint else None
     start_step, resume_ref = resume if resume else (0, None)
     if resume:
         log.info("resuming after step %d from %s", start_step, resume_ref)
+        init_ref = None
     buffer_cfg = config.buffer
     algorithm = config.algorithm
     reader, eval_readers = None, {}
@@ -126,8 +146,15 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
         budget = apply_thread_budget(thread_budget(compute_processes(config, cluster)))
         log.info("%d compute threads per process (%s)", budget.threads, budget.why)
         backends = owned.backends = await build_backends(
-            config, explore=explore, train=train, resume_ref=resume_ref, cluster=cluster
+            config,
+            explore=explore,
+            train=train,
+            resume_ref=resume_ref,
+            cluster=cluster,
+            server_dir=server_dir,
         )
+        if init_ref:
+            await _start_from(backends, init_ref, job_dir)
         synchronizer = _synchronizer(config)
         buffer = await _experience_buffer(
             config, shared=explore != train and not sft, reopen=explore
@@ -201,6 +228,21 @@ def compute_processes(config: Any, cluster: Any = None) -> int:
     if cluster is not None and not config.model.tinker.enable:
         processes += cluster.actors_per_node()
     return processes
+
+
+async def _start_from(backends: Backends, ref: str, job_dir: JobDir) -> None:
+    """A stage's start: the trainer loads the previous stage's weights (not its optimizer), and
+    the explorer and the reference model sample from them, as from a new ``model_path``."""
+    if backends.trainer is None:
+        raise ValueError("a stage that does not train cannot start from the previous stage")
+    await backends.trainer.load_state(ref, optimizer=False)
+    log.info("starting from the previous stage's weights %s", ref)
+    for role, sampler in (("explorer", backends.sampler), ("reference", backends.ref_sampler)):
+        if sampler is not None:  # each its own copy: a sampler lets go of the one it leaves
+            directory = job_dir.path / "stage_start" / role
+            await sampler.switch(
+                await backends.trainer.publish_sampler(f"stage-{role}", str(directory))
+            )
 
 
 @dataclass

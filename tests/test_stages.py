@@ -1,0 +1,109 @@
+"""Multi-stage training: each stage starts from the previous stage's final weights.
+
+SFT -> GRPO on a tiny random model, on the local engine and through the Tinker SDK against the
+``trinity server`` the run starts. The GRPO stage trains with lr 1e-12, so its final checkpoint holds
+the weights it started from; those must be the SFT stage's final weights, not the base model's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import tinker
+import torch
+import yaml
+from tinker import types
+
+from tests.test_rl_loop import backend_model, job_dir, run_cli, trainer_records, write_config
+from trinity.jobdir import JobDir
+
+TOKENS = [1, 520, 314, 2023, 4416, 28, 216, 33, 34, 35, 2, 1542]
+
+
+def _datum() -> types.Datum:
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(TOKENS[:-1]),
+        loss_fn_inputs={
+            "target_tokens": types.TensorData.from_torch(torch.tensor(TOKENS[1:])),
+            "weights": types.TensorData.from_torch(torch.ones(len(TOKENS) - 1)),
+        },
+    )
+
+
+def local_logprobs(model_dir: Path, ref: str | None) -> torch.Tensor:
+    """Logprobs of ``TOKENS`` under a local checkpoint (None: the base model)."""
+    from trinity.engine import Engine, LoraSpec
+
+    engine = Engine(str(model_dir))
+    if ref is None:
+        engine.create_model("m", LoraSpec(rank=4, seed=0))
+    else:
+        engine.load_state("m", ref, optimizer=False)
+    out = engine.forward_backward("m", [_datum()], "cross_entropy", None, forward_only=True)
+    return out.loss_fn_outputs[0]["logprobs"].to_torch().float()
+
+
+def tinker_logprobs(model_dir: Path, server_dir: Path, ref: str) -> torch.Tensor:
+    """Logprobs of ``TOKENS`` under a ``tinker://`` state kept in a run's server store."""
+    from trinity.server import build_service
+    from trinity.server.runner import ServerThread
+
+    server = ServerThread(build_service([str(model_dir)], server_dir, "tml-test=local")).start()
+    try:
+        client = tinker.ServiceClient(base_url=server.url, api_key="tml-test")
+        training = client.create_training_client_from_state(ref).result()
+        out = training.forward([_datum()], "cross_entropy").result()
+        return out.loss_fn_outputs[0]["logprobs"].to_torch().float()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("backend", ["local", "tinker"])
+def test_sft_then_grpo_starts_from_the_sft_weights(tmp_path, tiny_model_dir, backend):
+    data = tmp_path / "chats.jsonl"
+    rows = [{"prompt": f"What is {i} + {i}?", "response": str(2 * i)} for i in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config_path = write_config(tmp_path, tiny_model_dir)
+    config = yaml.safe_load(config_path.read_text())
+    config["model"] = backend_model(tmp_path, tiny_model_dir, backend)
+    config["buffer"]["total_steps"] = 1
+    config["stages"] = [
+        {
+            "stage_name": "sft",
+            "mode": "train",
+            "algorithm": {"algorithm_type": "sft", "optimizer": {"lr": 5e-2}},
+            "buffer": {
+                "batch_size": 2,
+                "train_batch_size": 2,
+                "total_steps": 2,
+                "trainer_input": {
+                    "experience_buffer": {"name": "sft", "storage_type": "file", "path": str(data)}
+                },
+            },
+        },
+        {
+            "stage_name": "grpo",
+            "algorithm": {"algorithm_type": "grpo", "repeat_times": 4, "optimizer": {"lr": 1e-12}},
+        },
+    ]
+    config_path.write_text(yaml.safe_dump(config))
+    run_cli(config_path)
+
+    root = job_dir(tmp_path)
+    sft_ref = JobDir(root / "sft").latest_checkpoint()[1]
+    grpo_ref = JobDir(root / "grpo").latest_checkpoint()[1]
+    if backend == "local":
+        sft_lp, grpo_lp = (local_logprobs(tiny_model_dir, ref) for ref in (sft_ref, grpo_ref))
+    else:
+        assert sft_ref.startswith("tinker://") and grpo_ref.startswith("tinker://")
+        sft_lp, grpo_lp = (
+            tinker_logprobs(tiny_model_dir, root / "server", ref) for ref in (sft_ref, grpo_ref)
+        )
+    base_lp = local_logprobs(tiny_model_dir, None)
+    assert (sft_lp - base_lp).abs().max() > 1e-2  # SFT moved the weights: the test can fail
+    torch.testing.assert_close(grpo_lp, sft_lp, atol=1e-5, rtol=0)
+    # the explorer sampled the GRPO stage's first step with the same weights the trainer had
+    first = trainer_records(root / "grpo")[1]
+    assert abs(first["actor/ppo_kl"]) < 1e-3
