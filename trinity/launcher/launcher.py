@@ -96,9 +96,9 @@ async def run_rl(config: Any, *, explore: bool, train: bool) -> None:
     if sft:
         sft_data = _sft_rows(config, buffer_cfg.trainer_input.experience_buffer)
     if train and settings.sample_strategy == "mix":  # read and checked before any engine starts
-        name = {**SAMPLE_STRATEGY_ARGS["mix"], **algorithm.sample_strategy_args}
+        args = {**SAMPLE_STRATEGY_ARGS["mix"], **algorithm.sample_strategy_args}
         expert_data = _sft_rows(
-            config, buffer_cfg.trainer_input.auxiliary_buffers[name["sft_dataset_name"]]
+            config, buffer_cfg.trainer_input.auxiliary_buffers[args["sft_dataset_name"]]
         )
     total_steps = buffer_cfg.total_steps or config.trainer.total_steps
     if not total_steps:
