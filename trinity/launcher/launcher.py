@@ -365,7 +365,7 @@ def _explorer(
         pipeline=build_pipeline(config.data_processor),
         job_dir=JobDir(config.checkpoint_job_dir),
         auxiliary=auxiliary,
-        over_rollout=(over.ratio, over.wait_after_min),
+        over_rollout=(over.ratio, over.wait_after_min, over.return_partial_tasks),
         dynamic_timeout=(timeout.warmup_min_steps, timeout.ratio) if timeout.enable else None,
     )
 
