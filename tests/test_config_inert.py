@@ -86,7 +86,6 @@ def test_features_switched_on_are_named_and_their_harmless_values_are_not(caplog
         "explorer.rollout_model.enable_log_requests=true",
         "model.min_response_tokens=4",
         "log.group_by_node=true",
-        "explorer.over_rollout.return_partial_tasks=true",
         "data_processor.experience_pipeline.input_save_path=sqlite:///x.db",
         "synchronizer.sync_style=explorer_driven",
     ]
@@ -98,6 +97,7 @@ def test_features_switched_on_are_named_and_their_harmless_values_are_not(caplog
         "algorithm.sample_strategy=staleness_control",  # works: trinity.buffer.strategies
         "buffer.trainer_input.experience_buffer.replay_buffer.enable=true",  # works: ReplayBuffer
         "explorer.over_rollout.ratio=0.5",  # works: Explorer.run_tasks
+        "explorer.over_rollout.return_partial_tasks=true",
         "synchronizer.sync_style=explorer_driven",  # which over_rollout needs
         "explorer.dynamic_timeout.enable=true",  # works: Explorer.task_timeout
         "model.enable_thinking=false",  # works: handed to the chat template

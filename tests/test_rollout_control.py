@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 
 import pytest
 from loop_fakes import FakeSampler
@@ -43,7 +44,7 @@ def test_over_rollout_returns_when_the_first_tasks_finish(tmp_path):
         tmp_path,
         FakeSampler(["2"]),
         reader(4),
-        over_rollout=(0.25, 0.2),  # 3 of 4 tasks, then at most 0.2 s for the last
+        over_rollout=(0.25, 0.2, False),  # 3 of 4 tasks, then at most 0.2 s for the last
     )
 
     async def main():
@@ -59,6 +60,42 @@ def test_over_rollout_returns_when_the_first_tasks_finish(tmp_path):
     assert metrics["rollout/failed_task_count"] == 0.0
 
 
+RUN_DELAYS: dict[int, list[float]] = {}  # task row -> each run's delay, in call order
+
+
+@WORKFLOWS.register("test_slow_runs_workflow")
+class SlowRunsWorkflow(SimpleWorkflow):
+    can_repeat = False  # one run per repeat, so a task can end partly done
+
+    async def run(self):
+        delays = RUN_DELAYS.get(self.task.row)
+        await asyncio.sleep(delays.pop(0) if delays else 0.0)
+        return await super().run()
+
+
+@pytest.mark.parametrize("keep_partial", [True, False])
+def test_return_partial_tasks_keeps_the_runs_a_cancelled_task_finished(tmp_path, keep_partial):
+    RUN_DELAYS.clear()
+    RUN_DELAYS.update({1: [0.0, 30.0]})  # task 1: its first run ends, its second hangs
+    explorer, *_ = explorer_for(
+        tmp_path,
+        FakeSampler(["2"]),
+        TasksetReader(
+            TASKSET,
+            repeat_times=2,
+            batch_size=2,
+            default_workflow="test_slow_runs_workflow",
+            default_reward_fn="accuracy_reward",
+        ),
+        over_rollout=(0.5, 0.1, keep_partial),
+    )
+    kept, metrics = asyncio.run(explorer.explore_step(1, explorer.reader.read_batch()))
+    groups = Counter(e.group_id for e in kept)
+    expected = {"1/arith/0/0": 2, "1/arith/0/1": 1} if keep_partial else {"1/arith/0/0": 2}
+    assert groups == expected
+    assert metrics["rollout/over_rollout_cancelled_task_count"] == 1.0
+
+
 def test_over_rollout_keeps_late_tasks_that_finish_within_wait_after_min(tmp_path):
     DELAYS.clear()
     DELAYS.update({3: 0.3})
@@ -66,7 +103,7 @@ def test_over_rollout_keeps_late_tasks_that_finish_within_wait_after_min(tmp_pat
         tmp_path,
         FakeSampler(["2"]),
         reader(4),
-        over_rollout=(0.5, 5.0),
+        over_rollout=(0.5, 5.0, False),
     )
     kept, metrics = asyncio.run(explorer.explore_step(1, explorer.reader.read_batch()))
     assert len({e.group_id for e in kept}) == 4

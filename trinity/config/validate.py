@@ -398,6 +398,7 @@ def _check_sample_strategy(config: Config) -> None:
     """The strategy's args (the original's names), and the SFT dataset ``mix`` reads."""
     algo, trainer_input = config.algorithm, config.buffer.trainer_input
     name = algo.sample_strategy or ALGORITHMS.get(algo.algorithm_type).sample_strategy
+    name = choice(name, "algorithm.sample_strategy", SAMPLE_STRATEGIES)  # a plugin's default too
     known = SAMPLE_STRATEGY_ARGS[name]
     _known_keys(algo.sample_strategy_args, "algorithm.sample_strategy_args", known)
     args = {**known, **algo.sample_strategy_args}

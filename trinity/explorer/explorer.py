@@ -64,7 +64,7 @@ class Explorer:
         pipeline: ExperiencePipeline | None = None,
         job_dir: JobDir | None = None,
         auxiliary: Sequence[AuxiliaryModel] = (),
-        over_rollout: tuple[float, float] = (0.0, 30.0),
+        over_rollout: tuple[float, float, bool] = (0.0, 30.0, False),
         dynamic_timeout: tuple[int, float] | None = None,
     ):
         """``remote_rollout(task, seed)``: run workflows elsewhere (Ray runner actors) instead of
@@ -74,9 +74,10 @@ class Explorer:
         advantages (``data_processor.experience_pipeline``). ``job_dir``: where the taskset's
         position is recorded when a step reads extra batches, for resuming.
         ``auxiliary``: ``explorer.auxiliary_models``, handed to every workflow.
-        ``over_rollout``: ``(ratio, wait_after_min)``: a step moves on once
-        ``ceil(tasks * (1 - ratio))`` of its tasks finished, waiting at most ``wait_after_min``
-        seconds more for the rest, which are then cancelled. ``dynamic_timeout``:
+        ``over_rollout``: ``(ratio, wait_after_min, return_partial_tasks)``: a step moves on
+        once ``ceil(tasks * (1 - ratio))`` of its tasks finished, waiting at most
+        ``wait_after_min`` seconds more for the rest, which are then cancelled (keeping the runs
+        that ended, with ``return_partial_tasks``). ``dynamic_timeout``:
         ``(warmup_min_steps, ratio)``: after that many steps a workflow run times out at ``ratio``
         times the mean duration of the successful training runs so far (at most ``max_timeout``)."""
         self.sampler = sampler
@@ -98,7 +99,7 @@ class Explorer:
         self.pipeline = pipeline or ExperiencePipeline([])
         self.job_dir = job_dir
         self.auxiliary = list(auxiliary)
-        self.over_rollout_ratio, self.over_rollout_wait = over_rollout
+        self.over_rollout_ratio, self.over_rollout_wait, self.keep_partial = over_rollout
         self.dynamic_timeout = dynamic_timeout
         self.run_durations: list[float] = []  # successful training workflow runs, seconds
         self.steps_explored = 0
@@ -215,7 +216,13 @@ class Explorer:
     async def run_tasks(self, tasks: list[Task], step: int) -> tuple[list[list[Experience]], int]:
         """Each task's experiences, in order; with over-rollout only those of the tasks that
         finished in time (and how many were cancelled)."""
-        jobs = [asyncio.ensure_future(self.run_task(t, step, i)) for i, t in enumerate(tasks)]
+        partial: list[list[Experience]] = [[] for _ in tasks]
+        jobs = [
+            asyncio.ensure_future(
+                self.run_task(t, step, i, finished_runs=partial[i] if self.keep_partial else None)
+            )
+            for i, t in enumerate(tasks)
+        ]
         if not self.over_rollout_ratio:
             return list(await asyncio.gather(*jobs)), 0
         enough = math.ceil(len(jobs) * (1.0 - self.over_rollout_ratio))
@@ -231,8 +238,12 @@ class Explorer:
             for job in jobs:
                 job.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)
-        groups = [job.result() for job in jobs if not job.cancelled()]
-        return groups, len(jobs) - len(groups)
+        groups = [
+            job.result() if not job.cancelled() else self._stamp(runs, task, step)
+            for job, runs, task in zip(jobs, partial, tasks, strict=True)
+            if not job.cancelled() or runs
+        ]
+        return groups, sum(job.cancelled() for job in jobs)
 
     def task_timeout(self, is_eval: bool = False) -> float:
         """``max_timeout``, or the dynamic one once its warm-up steps are explored."""
@@ -254,20 +265,32 @@ class Explorer:
                 )
 
     async def run_task(
-        self, task: Task, step: int, index: int, *, is_eval: bool = False
+        self,
+        task: Task,
+        step: int,
+        index: int,
+        *,
+        is_eval: bool = False,
+        finished_runs: list[Experience] | None = None,
     ) -> list[Experience]:
-        """One workflow run with retries and a timeout; a task that keeps failing yields nothing."""
+        """One workflow run with retries and a timeout; a task that keeps failing yields nothing.
+        ``finished_runs`` collects the runs of a non-repeatable workflow as each ends (in-process
+        rollouts), for over-rollout's ``return_partial_tasks``."""
         for attempt in range(self.max_retry_times + 1):
             seed = derive_seed(
                 self.seed, "eval" if is_eval else "train", step, task.task_id, attempt
             )
+            if finished_runs is not None:
+                finished_runs.clear()  # runs of an earlier, failed attempt do not count
             try:
                 async with self.runners:
                     started = time.monotonic()
                     experiences = await asyncio.wait_for(
                         self.remote_rollout(task, seed)
                         if self.remote_rollout
-                        else rollout(task, self.sampler, self.settings, seed, self.auxiliary),
+                        else rollout(
+                            task, self.sampler, self.settings, seed, self.auxiliary, finished_runs
+                        ),
                         self.task_timeout(is_eval),
                     )
                     if not is_eval:
@@ -284,15 +307,21 @@ class Explorer:
                 continue
             if not experiences:
                 log.warning("task %s: the workflow returned no experiences; skipped", task.task_id)
-            group_id = f"{step}/{task.task_id}"
-            for exp in experiences:
-                exp.group_id = group_id
-                exp.model_version = self.model_version
-                exp.is_eval = is_eval
-                if task.row is not None:  # the original's key, which pass_rate_calculator reads
-                    exp.info.setdefault("task_index", {"taskset_id": 0, "index": task.row})
-            return experiences
+            return self._stamp(experiences, task, step, is_eval)
         return []
+
+    def _stamp(
+        self, experiences: list[Experience], task: Task, step: int, is_eval: bool = False
+    ) -> list[Experience]:
+        """The task's group, the model version, and the original's ``task_index``."""
+        group_id = f"{step}/{task.task_id}"
+        for exp in experiences:
+            exp.group_id = group_id
+            exp.model_version = self.model_version
+            exp.is_eval = is_eval
+            if task.row is not None:  # the original's key, which pass_rate_calculator reads
+                exp.info.setdefault("task_index", {"taskset_id": 0, "index": task.row})
+        return experiences
 
     async def evaluate(self, step: int, prefix: str = "eval") -> None:
         """mean@k etc. over every eval taskset, logged as ``<prefix>/<taskset>/...``."""
@@ -314,11 +343,13 @@ async def rollout(
     settings: RolloutSettings,
     seed: int,
     auxiliary: Sequence[AuxiliaryModel] = (),
+    finished_runs: list[Experience] | None = None,
 ) -> list[Experience]:
     """One run of the task's workflow against a backend sampler (here or in a runner actor).
 
     A workflow that cannot repeat runs once per ``repeat_times``, concurrently, each episode with
-    its own sampler; a failed episode is dropped (logged) unless all fail.
+    its own sampler; a failed episode is dropped (logged) unless all fail. Each episode's
+    experiences also go to ``finished_runs`` as it ends (what survives a cancellation).
     """
     workflow = WORKFLOWS.get(task.workflow)
     concatenated = bool(task.format.get("enable_concatenated_multi_turn"))
@@ -339,6 +370,8 @@ async def rollout(
         experiences = await instance(single, derive_seed(seed, "run", run)).run()
         for exp in experiences:
             exp.info["run"] = run
+        if finished_runs is not None:
+            finished_runs.extend(experiences)
         return experiences
 
     results = await asyncio.gather(

@@ -30,9 +30,7 @@ class RolloutSettings:
     top_k: int = -1
     enable_prompt_truncation: bool = True
     chat_template: str | None = None
-    enable_thinking: bool | None = (
-        None  # handed to the chat template (Qwen3-style); None: its default
-    )
+    enable_thinking: bool | None = None  # for the chat template (Qwen3-style); None: its default
     max_model_len: int | None = None
     # explorer.rollout_model.*: agent workflows (trinity.explorer.openai_api, .history)
     enable_history: bool = False

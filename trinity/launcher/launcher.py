@@ -118,9 +118,9 @@ async def run_rl(
     if sft:
         sft_data = _sft_rows(config, buffer_cfg.trainer_input.experience_buffer, settings.schema)
     if train and settings.sample_strategy == "mix":  # read and checked before any engine starts
-        name = {**SAMPLE_STRATEGY_ARGS["mix"], **algorithm.sample_strategy_args}
+        args = {**SAMPLE_STRATEGY_ARGS["mix"], **algorithm.sample_strategy_args}
         expert_data = _sft_rows(
-            config, buffer_cfg.trainer_input.auxiliary_buffers[name["sft_dataset_name"]]
+            config, buffer_cfg.trainer_input.auxiliary_buffers[args["sft_dataset_name"]]
         )
     total_steps = buffer_cfg.total_steps or config.trainer.total_steps
     if not total_steps:
@@ -434,7 +434,7 @@ def _explorer(
         pipeline=build_pipeline(config.data_processor),
         job_dir=JobDir(config.checkpoint_job_dir),
         auxiliary=auxiliary,
-        over_rollout=(over.ratio, over.wait_after_min),
+        over_rollout=(over.ratio, over.wait_after_min, over.return_partial_tasks),
         dynamic_timeout=(timeout.warmup_min_steps, timeout.ratio) if timeout.enable else None,
     )
 
