@@ -165,6 +165,26 @@ def test_gspo_is_the_builtin_gspo_with_the_original_defaults(mode):
     check(loss, g, ref_gspo, trajs, mode)
 
 
+def test_a_user_clip_range_sets_both_sides_over_the_loss_defaults():
+    """The original replaces the default args wholesale, so clip_range alone means both sides."""
+    plan = build_loss_plan(
+        {"algorithm_type": "gspo", "kl_loss_fn": "none", "policy_loss_fn_args": {"clip_range": 0.1}}
+    )
+    assert plan.loss_fn_config == pytest.approx(
+        {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}
+    )
+    plan = build_loss_plan(
+        {
+            "algorithm_type": "gspo",
+            "kl_loss_fn": "none",
+            "policy_loss_fn_args": {"clip_range": 0.1, "clip_range_high": 0.3},
+        }
+    )
+    assert plan.loss_fn_config == pytest.approx(
+        {"clip_low_threshold": 0.9, "clip_high_threshold": 1.3}
+    )
+
+
 def test_gspo_clip_edges_bite():
     """Inside the band the gradient is the ratio's; outside (a sequence ratio above 1 + 4e-4 with
     A > 0) it is zero, as PPO's clip on the sequence ratio."""
@@ -334,7 +354,9 @@ def test_dpo_with_the_original_k2_kl_adds_it():
     datums = datums_for(plan, trajs, with_ref=True)
     loss, metrics = plan.custom_loss(datums, leaves(trajs))
     assert metrics["kl_loss:sum"] > 0
-    assert float(loss) == pytest.approx(metrics["pg_loss:sum"] + 0.001 * metrics["kl_loss:sum"])
+    assert float(loss.detach()) == pytest.approx(
+        metrics["pg_loss:sum"] + 0.001 * metrics["kl_loss:sum"]
+    )
 
 
 # ----------------------------------------------------------------------------- advantages

@@ -11,7 +11,9 @@ passes): a KL loss to the reference (kl_loss_fn != none and kl_coef != 0), an en
 (entropy_coef != 0; estimated from sampled tokens, see ``kl.sampled_entropy``), PPO's dual clip
 (only when ``clip_ratio_c`` is set explicitly: the original applies it by default with c = 3, but
 it only bites when the ratio exceeds 3 on a negative-advantage token, and honouring it always would
-cost every GRPO run the second pass), and CISPO's mask clip.
+cost every GRPO run the second pass), CISPO's mask clip, and the losses whose weight reads the
+current ratio (SAPO, TOPR, SPPO, REC's clip modes) or that compare pairs of sequences (DPO, whose
+reference logprobs the trainer fetches each step). docs/algorithms.md lists each algorithm's path.
 """
 
 from __future__ import annotations

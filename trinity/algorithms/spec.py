@@ -164,11 +164,11 @@ def resolve_algorithm(config: AlgorithmConfig | AlgorithmSettings | Any) -> Algo
     spec = ALGORITHMS.get(algo.algorithm_type)
     advantage_fn = algo.advantage_fn or spec.advantage_fn
     policy_loss_fn = algo.policy_loss_fn or spec.policy_loss_fn
-    policy_args = {
-        **POLICY_LOSSES.get(policy_loss_fn).defaults,
-        **spec.policy_loss_fn_args,
-        **algo.policy_loss_fn_args,
-    }
+    policy_defaults = {**POLICY_LOSSES.get(policy_loss_fn).defaults, **spec.policy_loss_fn_args}
+    if "clip_range" in algo.policy_loss_fn_args:  # it sets both sides, as in the original
+        for side in ("clip_range_low", "clip_range_high"):
+            policy_defaults.pop(side, None)
+    policy_args = {**policy_defaults, **algo.policy_loss_fn_args}
     advantage_args = {
         **ADVANTAGE_DEFAULTS.get(advantage_fn or "", {}),
         **spec.advantage_fn_args,
