@@ -135,7 +135,7 @@ def test_value_loss_at_a_tie_has_the_squared_error_gradient():
     scale = torch.full((3,), 1 / 3)
     loss, clipped = clipped_value_loss(v, v.detach().clone(), r, scale, 0.2)
     (grad,) = torch.autograd.grad(loss, v)
-    assert float(loss) == pytest.approx(float(0.5 * ((v - r) ** 2).mean()))
+    assert float(loss.detach()) == pytest.approx(float(0.5 * ((v.detach() - r) ** 2).mean()))
     assert grad.tolist() == pytest.approx(((v - r) / 3).tolist())
     assert clipped.sum() == 0
 
@@ -256,6 +256,17 @@ def test_the_originals_ppo_section_loads(tmp_path, caplog):
     assert "trainer.trainer_config.critic.ppo_micro_batch_size_per_gpu" in warning
     assert "trainer.trainer_config.algorithm" in warning
     assert "critic.cliprange_value" not in warning and "critic.optim.lr" not in warning
+
+
+def test_a_hosted_policy_takes_a_local_critic(tmp_path, tiny_model_dir):
+    """The refusal (tests/configs/broken/ppo_critic_on_hosted_tinker.yaml) names its way out."""
+    text = ORIGINAL_PPO.format(root=tmp_path).replace(
+        "  model_path: demo\n",
+        f"  model_path: Qwen/Qwen3-4B-Instruct-2507\n  critic_model_path: {tiny_model_dir}\n"
+        "  tinker:\n    enable: true\n",
+    )
+    config = load_config(_write(tmp_path, text))
+    assert config.model.tinker.enable and config.model.critic_model_path == str(tiny_model_dir)
 
 
 def test_ppo_defaults():

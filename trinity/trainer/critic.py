@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,7 @@ class Critic:
             return await asyncio.to_thread(self._update, step, batch, old_values, returns)
 
     def _update(self, step, batch, old_values, returns) -> dict[str, float]:
+        started = time.monotonic()
         scales = token_scales([exp.loss_mask for exp in batch], self.loss_agg_mode)
         tokens = max(float(sum(float((s != 0).sum()) for s in scales)), 1.0)
         params = self.adam_params(step)
@@ -105,6 +107,7 @@ class Critic:
                 "critic/grad_norm": float(optim.get("grad_norm", 0.0)),
             }
         metrics["critic/lr"] = params.learning_rate
+        metrics["time/update_critic"] = time.monotonic() - started
         metrics.update(value_metrics(batch, old_values, returns))
         return metrics
 
