@@ -12,22 +12,12 @@ import math
 import pytest
 import torch
 
+from tests.test_algorithms_losses import verl_agg
 from trinity.algorithms import build_loss_plan, resolve_algorithm
 from trinity.algorithms.mix import chord_mu
 from trinity.workflows.types import Experience
 
 MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
-
-
-def verl_agg(per_token, masks, mode):
-    width = max(m.numel() for m in masks)
-    loss = torch.stack([torch.nn.functional.pad(x, (0, width - x.numel())) for x in per_token])
-    mask = torch.stack([torch.nn.functional.pad(m, (0, width - m.numel())) for m in masks])
-    if mode == "token-mean":
-        return (loss * mask).sum() / mask.sum()
-    if mode == "seq-mean-token-sum":
-        return (loss * mask).sum(-1).mean()
-    return ((loss * mask).sum(-1) / mask.sum(-1)).mean()
 
 
 def ppo(lp, q, A, eps=0.2):

@@ -167,6 +167,17 @@ def compute_advantages(
     return advantages, metrics
 
 
+def sequence_token_rewards(reward: float, m: Tensor, kl: Tensor | None, kl_coef: float) -> Tensor:
+    """Per-token rewards of one response (mask ``m``): ``-kl_coef * kl * m``, plus the sequence
+    reward on the last response token (REINFORCE++ and PPO's GAE, as veRL)."""
+    token_rewards = torch.zeros_like(m)
+    if kl is not None and kl_coef:
+        token_rewards = token_rewards - kl_coef * torch.as_tensor(kl, dtype=torch.float32) * m
+    if m.numel():
+        token_rewards[-1] += float(reward)
+    return token_rewards
+
+
 @BATCH_ADVANTAGE_FNS.register("reinforceplusplus")
 def reinforce_plus_plus_advantages(
     rewards: Sequence[float],
@@ -190,13 +201,7 @@ def reinforce_plus_plus_advantages(
     returns: list[Tensor] = []
     for i, (reward, mask) in enumerate(zip(rewards, masks, strict=True)):
         m = torch.as_tensor(mask, dtype=torch.float32)
-        token_rewards = torch.zeros_like(m)
-        if kl is not None and kl_coef:
-            token_rewards = (
-                token_rewards - kl_coef * torch.as_tensor(kl[i], dtype=torch.float32) * m
-            )
-        if m.numel():
-            token_rewards[-1] += float(reward)
+        token_rewards = sequence_token_rewards(reward, m, None if kl is None else kl[i], kl_coef)
         ret = torch.zeros_like(m)
         running = 0.0
         for t in range(m.numel() - 1, -1, -1):

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from trinity.algorithms.advantages import sequence_token_rewards
 from trinity.registry import BATCH_ADVANTAGE_FNS
 
 
@@ -67,13 +68,7 @@ def gae_advantages(
         v = torch.as_tensor(values[i], dtype=torch.float32).reshape(-1) * m
         if v.numel() != m.numel():
             raise ValueError(f"sequence {i}: {v.numel()} values for {m.numel()} response tokens")
-        token_rewards = torch.zeros_like(m)
-        if kl is not None and kl_coef:
-            token_rewards = (
-                token_rewards - kl_coef * torch.as_tensor(kl[i], dtype=torch.float32) * m
-            )
-        if m.numel():
-            token_rewards[-1] += float(reward)
+        token_rewards = sequence_token_rewards(reward, m, None if kl is None else kl[i], kl_coef)
         adv = torch.zeros_like(m)
         last, next_value = 0.0, 0.0
         for t in range(m.numel() - 1, -1, -1):

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from trinity.config.critic import VERL_SECTIONS
+
 GPU_ROLLOUT = "vLLM/SGLang tuning (rollouts run on the run's backend)"
 GPU_TRAINER = "veRL/FSDP/Megatron tuning (training runs on the run's backend)"
 NOT_YET = "not implemented yet"
@@ -42,17 +44,7 @@ _TASKSET = {
     "task_selector": Inert("deprecated: use data_selector"),
 }
 # an inline veRL config: only the critic's section acts (trinity/config/critic.py)
-_VERL_SECTIONS = (
-    "data",
-    "actor_rollout_ref",
-    "reward_model",
-    "custom_reward_function",
-    "algorithm",
-    "trainer",
-    "global_profiler",
-    "synchronizer",
-    "enable_preview",
-)
+_VERL_SECTIONS = tuple(section for section in VERL_SECTIONS if section != "critic")
 _SET_HERE = "set from the rest of the config, as in the original"
 _CRITIC = {
     **{
