@@ -118,3 +118,88 @@ def test_trinity_server_entropy_is_exact(tmp_path, tiny_model_dir):
 )
 def test_only_a_server_on_this_machine_is_asked_for_exact_entropy(url, loopback):
     assert is_loopback(url) is loopback
+
+
+# ----------------------------------------------------------------------------- the loss term
+
+
+def hf_logprobs_entropy(model, tokens):
+    logp = torch.log_softmax(model(torch.tensor([tokens[:-1]])).logits[0].float(), -1)
+    lp = logp.gather(1, torch.tensor(tokens[1:])[:, None]).squeeze(1)
+    return lp, -(logp.exp() * logp).sum(-1)
+
+
+def test_engine_entropy_weights_add_the_exact_entropy_with_its_gradient(tiny_model_dir):
+    """cross_entropy + entropy_weights e: loss sum(-w lp) + sum(e H), gradients through the
+    full-vocabulary entropy (full fine-tuning, against torch autograd on the HF model)."""
+    from tinker import types
+    from transformers import AutoModelForCausalLM
+
+    from trinity.engine import Engine
+
+    engine = Engine(str(tiny_model_dir), dtype=torch.float32)
+    engine.create_model("full", None)
+    g = torch.Generator().manual_seed(0)
+    n = len(TOKENS) - 1
+    w, e = torch.rand(n, generator=g), torch.randn(n, generator=g)
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(TOKENS[:-1]),
+        loss_fn_inputs={
+            "target_tokens": TOKENS[1:],
+            "weights": w.tolist(),
+            "entropy_weights": types.TensorData.from_torch(e),
+        },
+    )
+    out = engine.forward_backward("full", [datum], "cross_entropy")
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lp, h = hf_logprobs_entropy(reference, TOKENS)
+    total = (-w * lp).sum() + (e * h).sum()
+    total.backward()
+    assert out.metrics["loss:sum"] == pytest.approx(total.item(), rel=1e-5)
+    got = engine._models["full"].params
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(got[name].grad, param.grad, atol=1e-5, rtol=1e-3)
+
+
+def test_local_entropy_bonus_is_exact(tiny_model_dir):
+    """GRPO with entropy_coef on the local engine: the custom loss's entropy term is the exact
+    entropy (value and gradient), not the sampled-token estimate."""
+    from transformers import AutoModelForCausalLM
+
+    from trinity.backends.local import LocalRuntime, LocalTrainer
+
+    coef = 0.5
+    plan = build_loss_plan(
+        {
+            "algorithm_type": "grpo",
+            "kl_loss_fn": "none",
+            "loss_agg_mode": "token-mean",
+            "entropy_loss_fn_args": {"entropy_coef": coef},
+        }
+    )
+    assert plan.custom_loss is not None
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lp, h = hf_logprobs_entropy(reference, TOKENS)
+    exp = batch()[0]
+    exp.logprobs = lp[PROMPT - 1 :].tolist()  # on-policy: ratio 1
+    mask = torch.tensor(exp.loss_mask, dtype=torch.float32)
+    runtime = LocalRuntime(str(tiny_model_dir))
+    try:
+        trainer = LocalTrainer(runtime, "policy", None)
+        datums = plan.to_datums([exp])
+        out = trainer.forward_backward_custom(list(datums), plan.custom_loss).result()
+        A = torch.tensor(exp.advantages)
+        lp_r, h_r = lp[PROMPT - 1 :], h[PROMPT - 1 :]
+        ratio = torch.exp(lp_r - lp_r.detach())
+        pg = torch.max(-A * ratio, -A * ratio.clamp(0.8, 1.2))
+        total = ((pg - coef * h_r) * mask).sum() / mask.sum()
+        total.backward()
+        assert out.metrics["loss:sum"] == pytest.approx(total.item(), rel=1e-4)
+        assert out.metrics["entropy_loss:sum"] == pytest.approx(
+            float((h_r * mask).sum() / mask.sum()), rel=1e-4
+        )
+        got = runtime.engine._models["policy"].params
+        for name, param in reference.named_parameters():
+            torch.testing.assert_close(got[name].grad, param.grad, atol=1e-5, rtol=1e-3)
+    finally:
+        runtime.close()

@@ -157,16 +157,23 @@ class LossPlan:
         return final
 
     def _custom_loss(
-        self, data: list[types.Datum], logprobs_list: list[Tensor]
+        self,
+        data: list[types.Datum],
+        logprobs_list: list[Tensor],
+        entropy_list: list[Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """``forward_backward_custom``'s loss: the full objective from the custom datums' inputs."""
+        """``forward_backward_custom``'s loss: the full objective from the custom datums' inputs.
+
+        ``entropy_list``: each token's exact entropy, where the learner gives it (local engine);
+        the entropy term then uses it instead of the sampled-token estimate."""
         total = torch.zeros(())
         sums: dict[str, float] = {}
-        for datum, lp in zip(data, logprobs_list, strict=True):
+        entropies = entropy_list or [None] * len(logprobs_list)
+        for datum, lp, entropy in zip(data, logprobs_list, entropies, strict=True):
             info = info_from_datum(datum)
             if self.needs_reference and info.ref_logprobs is None:
                 raise ValueError("this loss needs ref_logprobs in every datum")
-            terms = self.objective(lp, info)
+            terms = self.objective(lp, info, entropy)
             total = total + self._final(terms)
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
@@ -222,6 +229,9 @@ class LossPlan:
         if "actor/kl_loss" in metrics:
             metrics["actor/kl_coef"] = st.kl_coef
         return metrics
+
+
+LossPlan._custom_loss.takes_entropy = True  # the local backend hands it exact entropies
 
 
 def build_loss_plan(

@@ -68,10 +68,14 @@ class LocalTrainer:
 
         def run() -> types.ForwardBackwardOutput:
             forward = engine.forward_backward(
-                self.model_id, data, "cross_entropy", None, forward_only=True
+                self.model_id, data, "cross_entropy", None, forward_only=True, return_entropy=True
             )
             logprobs = [out["logprobs"].to_torch() for out in forward.loss_fn_outputs]
-            linear, metrics, loss_sum = custom_loss_as_weights(data, logprobs, loss_fn)
+            entropy = [out["entropy"].to_torch() for out in forward.loss_fn_outputs]
+            exact = getattr(loss_fn, "takes_entropy", False)  # LossPlan's: an exact entropy term
+            linear, metrics, loss_sum = custom_loss_as_weights(
+                data, logprobs, loss_fn, entropy if exact else None
+            )
             result = engine.forward_backward(
                 self.model_id, linear, "cross_entropy", None, return_entropy=True
             )

@@ -159,7 +159,7 @@ async def build_backends(
     if train and plan.settings.entropy_coef and not session.exact_entropy:
         log.warning(
             "entropy_coef=%s on Thinking Machines' hosted service: the entropy term and metric "
-            "are estimated from the sampled tokens (-p log p of each), not exact over the vocabulary",
+            "are estimated from the sampled tokens (-log p of each), not exact over the vocabulary",
             plan.settings.entropy_coef,
         )
     await asyncio.to_thread(session.check_model, base_model)
