@@ -8,7 +8,8 @@ aggregated objective, value and gradient. It also gives the trainer its batch-ad
 
 Terms no built-in expresses switch the plan to ``custom_loss`` (``forward_backward_custom``, two
 passes): a KL loss to the reference (kl_loss_fn != none and kl_coef != 0), an entropy bonus
-(entropy_coef != 0; estimated from sampled tokens, see ``kl.sampled_entropy``), PPO's dual clip
+(entropy_coef != 0; exact when the learner hands the loss each token's entropy, the
+local engine, else estimated from sampled tokens, see ``kl.sampled_entropy``), PPO's dual clip
 (only when ``clip_ratio_c`` is set explicitly: the original applies it by default with c = 3, but
 it only bites when the ratio exceeds 3 on a negative-advantage token, and honouring it always would
 cost every GRPO run the second pass), and CISPO's mask clip.
