@@ -8,7 +8,8 @@ aggregated objective, value and gradient. It also gives the trainer its batch-ad
 
 Terms no built-in expresses switch the plan to ``custom_loss`` (``forward_backward_custom``, two
 passes): a KL loss to the reference (kl_loss_fn != none and kl_coef != 0), an entropy bonus
-(entropy_coef != 0; estimated from sampled tokens, see ``kl.sampled_entropy``), PPO's dual clip
+(entropy_coef != 0; exact when the learner hands the loss each token's entropy, the
+local engine, else estimated from sampled tokens, see ``kl.sampled_entropy``), PPO's dual clip
 (only when ``clip_ratio_c`` is set explicitly: the original applies it by default with c = 3, but
 it only bites when the ratio exceeds 3 on a negative-advantage token, and honouring it always would
 cost every GRPO run the second pass), CISPO's mask clip, and the losses whose weight reads the
@@ -184,13 +185,19 @@ class LossPlan:
         return final
 
     def _custom_loss(
-        self, data: list[types.Datum], logprobs_list: list[Tensor]
+        self,
+        data: list[types.Datum],
+        logprobs_list: list[Tensor],
+        entropy_list: list[Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """``forward_backward_custom``'s loss: the full objective from the custom datums' inputs."""
+        """``forward_backward_custom``'s loss: the full objective from the custom datums' inputs.
+
+        ``entropy_list``: each token's exact entropy, where the learner gives it (local engine);
+        the entropy term then uses it instead of the sampled-token estimate."""
         infos = [info_from_datum(datum) for datum in data]
         if self.needs_reference and any(info.ref_logprobs is None for info in infos):
             raise ValueError("this loss needs ref_logprobs in every datum")
-        terms, extra = self.batch_terms(logprobs_list, infos)
+        terms, extra = self.batch_terms(logprobs_list, infos, entropy_list)
         metrics = {f"{key}:sum": float(value.detach()) for key, value in terms.items()}
         metrics.update({f"{key}:mean": value for key, value in extra.items()})
         return self._final(terms), metrics
@@ -277,6 +284,9 @@ class LossPlan:
         if "actor/kl_loss" in metrics:
             metrics["actor/kl_coef"] = st.kl_coef
         return metrics
+
+
+LossPlan._custom_loss.takes_entropy = True  # the local backend hands it exact entropies
 
 
 def build_loss_plan(

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trinity.algorithms.advantages import group_advantage_fn
+from trinity.algorithms.distill import DISTILL_DEFAULTS, TOKEN_ADVANTAGE_FNS, token_advantage_fn
 from trinity.config import load_section
 from trinity.config.schema import AlgorithmConfig
 from trinity.registry import ALGORITHMS, POLICY_LOSSES
@@ -107,6 +108,19 @@ ADVANTAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "grpo_verl": {"epsilon": 1e-6},
     "rec": {"epsilon": 1e-6, "std_normalize": False, "drop": None},
 }
+# on-policy distillation: per-token advantages from the teacher's logprobs (algorithms/distill.py)
+for _name in ("on_policy_distill", "jsd"):
+    ALGORITHMS.register(_name)(
+        AlgorithmSpec(
+            _name,
+            "ppo",
+            kl_loss_fn="none",
+            entropy_loss_fn="none",
+            repeat_times=8,
+            use_reference=False,
+        )
+    )
+ADVANTAGE_DEFAULTS.update(DISTILL_DEFAULTS)
 KL_DEFAULTS = {"kl_coef": 0.001, "adaptive": False}
 ENTROPY_DEFAULTS = {"entropy_coef": 0.0}
 
@@ -210,4 +224,6 @@ def explorer_advantage_fn(
     settings = resolve_algorithm(config)
     if settings.advantage_fn is None:
         return lambda experiences: {}
+    if settings.advantage_fn in TOKEN_ADVANTAGE_FNS:
+        return token_advantage_fn(settings.advantage_fn, settings.advantage_fn_args)
     return group_advantage_fn(settings.advantage_fn, settings.advantage_fn_args, seed=seed)

@@ -62,29 +62,38 @@ class SamplerBackend(Protocol):
 
 
 def custom_loss_as_weights(
-    data: list[types.Datum], logprobs_list: list[Any], loss_fn: CustomLoss
+    data: list[types.Datum],
+    logprobs_list: list[Any],
+    loss_fn: CustomLoss,
+    entropy_list: list[Any] | None = None,
 ) -> tuple[list[types.Datum], dict[str, float], float]:
     """Linearise a custom loss around the current logprobs: CE datums with weights = -dLoss/dlp.
 
     This is the SDK's ``forward_backward_custom`` recipe (a forward pass, then a weighted
-    cross-entropy backward), used by the local backend so both give the same gradients.
+    cross-entropy backward), used by the local backend so both give the same gradients. With
+    ``entropy_list`` (each token's exact entropy) the loss also gets them, and the datums carry
+    ``entropy_weights`` = dLoss/dH, which the engine's cross-entropy adds as sum(e * H).
     """
     import torch
 
-    leaves = [
-        torch.as_tensor(lp, dtype=torch.float32).clone().requires_grad_(True)
-        for lp in logprobs_list
-    ]
-    loss, metrics = loss_fn(data, leaves)
+    def leaf(values: Any) -> Any:
+        return torch.as_tensor(values, dtype=torch.float32).clone().requires_grad_(True)
+
+    leaves = [leaf(lp) for lp in logprobs_list]
+    if entropy_list is None:
+        loss, metrics = loss_fn(data, leaves)
+        entropies = [None] * len(leaves)
+    else:
+        entropies = [leaf(h) for h in entropy_list]
+        loss, metrics = loss_fn(data, leaves, entropies)
     loss.backward()
-    linear = [
-        types.Datum(
-            model_input=datum.model_input,
-            loss_fn_inputs={
-                "target_tokens": datum.loss_fn_inputs["target_tokens"],
-                "weights": types.TensorData.from_torch(-leaf.grad),
-            },
-        )
-        for datum, leaf in zip(data, leaves, strict=True)
-    ]
+    linear = []
+    for datum, lp, h in zip(data, leaves, entropies, strict=True):
+        inputs = {
+            "target_tokens": datum.loss_fn_inputs["target_tokens"],
+            "weights": types.TensorData.from_torch(-lp.grad),
+        }
+        if h is not None and h.grad is not None:
+            inputs["entropy_weights"] = types.TensorData.from_torch(h.grad)
+        linear.append(types.Datum(model_input=datum.model_input, loss_fn_inputs=inputs))
     return linear, metrics, float(loss.detach())

@@ -50,9 +50,17 @@ class LocalTrainer:
     def _call(self, fn, *args):
         return self.runtime.worker.call(fn, *args)
 
+    exact_entropy = True  # the engine returns each token's entropy over the full vocabulary
+
     def forward_backward(self, data, loss_fn, loss_fn_config=None):
         return self._call(
-            self.runtime.engine.forward_backward, self.model_id, data, loss_fn, loss_fn_config
+            self.runtime.engine.forward_backward,
+            self.model_id,
+            data,
+            loss_fn,
+            loss_fn_config,
+            False,
+            True,
         )
 
     def forward_backward_custom(self, data: list[types.Datum], loss_fn: CustomLoss):
@@ -60,11 +68,17 @@ class LocalTrainer:
 
         def run() -> types.ForwardBackwardOutput:
             forward = engine.forward_backward(
-                self.model_id, data, "cross_entropy", None, forward_only=True
+                self.model_id, data, "cross_entropy", None, forward_only=True, return_entropy=True
             )
             logprobs = [out["logprobs"].to_torch() for out in forward.loss_fn_outputs]
-            linear, metrics, loss_sum = custom_loss_as_weights(data, logprobs, loss_fn)
-            result = engine.forward_backward(self.model_id, linear, "cross_entropy", None)
+            entropy = [out["entropy"].to_torch() for out in forward.loss_fn_outputs]
+            exact = getattr(loss_fn, "takes_entropy", False)  # LossPlan's: an exact entropy term
+            linear, metrics, loss_sum = custom_loss_as_weights(
+                data, logprobs, loss_fn, entropy if exact else None
+            )
+            result = engine.forward_backward(
+                self.model_id, linear, "cross_entropy", None, return_entropy=True
+            )
             result.metrics["surrogate_loss:sum"] = result.metrics.pop("loss:sum")
             result.metrics.update(metrics)
             result.metrics["loss:sum"] = loss_sum

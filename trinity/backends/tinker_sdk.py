@@ -61,10 +61,26 @@ async def with_retries(
     raise AssertionError("unreachable")
 
 
+def is_loopback(base_url: str | None) -> bool:
+    """A service on this machine (a ``trinity server``), not Thinking Machines' hosted one."""
+    import ipaddress
+    from urllib.parse import urlparse
+
+    host = urlparse(base_url or "").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class TinkerSession:
     """One ServiceClient (session) and RestClient for a run."""
 
     def __init__(self, base_url: str | None, api_key: str):
+        # trinity server's extension: loss_fn_config["return_entropy"] = 1 (server/wire.py)
+        self.exact_entropy = is_loopback(base_url)
         self.service = tinker.ServiceClient(base_url=base_url, api_key=api_key)
         self.rest = tinker.RestClient(base_url=base_url, api_key=api_key)
         self._tokenizer: Any = None
@@ -109,6 +125,7 @@ class TinkerTrainer:
         self.session = session
         self.client = client
         self.tokenizer = client.get_tokenizer()
+        self.exact_entropy = session.exact_entropy
 
     @classmethod
     async def create(
@@ -153,6 +170,8 @@ class TinkerTrainer:
         return cls(session, client)
 
     def forward_backward(self, data, loss_fn, loss_fn_config=None):
+        if self.exact_entropy:  # each token's entropy over the full vocabulary, for the metrics
+            loss_fn_config = {**(loss_fn_config or {}), "return_entropy": 1}
         return self.client.forward_backward(data, loss_fn, loss_fn_config)
 
     def forward_backward_custom(self, data: list[types.Datum], loss_fn: CustomLoss):

@@ -185,18 +185,24 @@ class Engine:
         total = 0.0
         for clusters in micro_batches(examples, self.micro_batch_tokens):
             group = [e for _, members in clusters for e in members]
+            # an entropy term (losses.ENTROPY_WEIGHTS) needs the entropy, with its gradient
+            weighted = any(
+                losses.ENTROPY_WEIGHTS in d.loss_fn_inputs for d in (datums[e.index] for e in group)
+            )
             with torch.set_grad_enabled(not forward_only):
                 logprobs_N, entropy_N = self._forward.logprobs(
-                    model.module, model.adapter, clusters, return_entropy
+                    model.module, model.adapter, clusters, return_entropy or weighted
                 )
                 inputs = {k: v.to(self.device) for k, v in batch_inputs(group, config).items()}
                 loss = losses.token_losses(loss_fn, logprobs_N, inputs, config).sum()
+                if weighted:
+                    loss = loss + (inputs[losses.ENTROPY_WEIGHTS] * entropy_N).sum()
                 if not forward_only and loss.requires_grad:  # (False for empty datums only)
                     loss.backward()
             total += loss.item()
             offsets = np.cumsum([0] + [e.length for e in group])
             logprobs_np = logprobs_N.detach().cpu().numpy()
-            entropy_np = entropy_N.cpu().numpy()
+            entropy_np = entropy_N.detach().cpu().numpy()
             for e, start, end in zip(group, offsets[:-1], offsets[1:], strict=True):
                 out = outputs[e.index]
                 out["logprobs"] = types.TensorData.from_numpy(logprobs_np[start:end].copy())

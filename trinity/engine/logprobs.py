@@ -4,7 +4,7 @@
 ``log_softmax(hidden @ weight.T + low @ b.T).gather(targets)``; the optional low-rank term is a
 LoRA on the unembedding (``low = scaling * hidden @ A.T``). It holds at most one chunk of fp32
 logits at a time: the forward walks token chunks (logits -> logsumexp -> target logit, entropy on
-request) and keeps only the per-token logsumexp; the backward recomputes logits over *vocabulary*
+request) and keeps only the per-token logsumexp (and entropy); the backward recomputes logits over *vocabulary*
 chunks for all tokens at once, so each chunk yields its slice of the weight gradients complete
 (no V x H accumulator) while the small N x H input gradients accumulate in fp32. Gradients are
 computed only for inputs that need them: a frozen unembedding under LoRA costs no weight
@@ -46,13 +46,13 @@ class _TargetLogprobs(torch.autograd.Function):
             if want_entropy:
                 probs_CV = (logits_CV - lse_C[:, None]).exp_()
                 entropy_N[rows] = lse_C - (probs_CV * logits_CV).sum(-1)
-        ctx.save_for_backward(hidden_NH, weight_VH, low_NR, b_VR, targets_N, lse_N)
-        ctx.mark_non_differentiable(entropy_N)
+        ctx.save_for_backward(hidden_NH, weight_VH, low_NR, b_VR, targets_N, lse_N, entropy_N)
+        ctx.set_materialize_grads(False)
         return logprobs_N, entropy_N
 
     @staticmethod
-    def backward(ctx, grad_logprobs_N, _grad_entropy):
-        hidden_NH, weight_VH, low_NR, b_VR, targets_N, lse_N = ctx.saved_tensors
+    def backward(ctx, grad_logprobs_N, grad_entropy_N):
+        hidden_NH, weight_VH, low_NR, b_VR, targets_N, lse_N, entropy_N = ctx.saved_tensors
         need = ctx.needs_input_grad
         n, vocab = hidden_NH.shape[0], weight_VH.shape[0]
         grad_hidden = torch.zeros(hidden_NH.shape, device=hidden_NH.device) if need[0] else None
@@ -60,13 +60,22 @@ class _TargetLogprobs(torch.autograd.Function):
         grad_low = torch.zeros(low_NR.shape, device=low_NR.device) if need[2] else None
         grad_b = torch.empty_like(b_VR) if need[3] else None
         chunk = max(1, CHUNK_ELEMENTS // max(n, 1))
+        if grad_logprobs_N is None:
+            grad_logprobs_N = lse_N.new_zeros(n)
         g_N1 = grad_logprobs_N.float()[:, None]
+        use_entropy = grad_entropy_N is not None and entropy_N.numel() > 0
         rows_N = torch.arange(n, device=hidden_NH.device)
         for start in range(0, vocab, chunk):
             cols = slice(start, min(start + chunk, vocab))
-            # d logprob_t / d logit_tv = 1[v == y_t] - p_tv, times the incoming gradient g_t.
+            # d logprob_t / d logit_tv = 1[v == y_t] - p_tv, times the incoming gradient g_t;
+            # d entropy_t / d logit_tv = -p_tv (log p_tv + H_t), times its gradient gH_t.
             grad_NC = _logits(hidden_NH, weight_VH, low_NR, b_VR, cols=cols)
-            grad_NC.sub_(lse_N[:, None]).exp_().mul_(-g_N1)
+            grad_NC.sub_(lse_N[:, None])
+            if use_entropy:
+                coef_NC = (grad_NC + entropy_N[:, None]).mul_(grad_entropy_N.float()[:, None])
+                grad_NC.exp_().mul_(-(coef_NC.add_(g_N1)))
+            else:
+                grad_NC.exp_().mul_(-g_N1)
             hit_N = (targets_N >= cols.start) & (targets_N < cols.stop)
             grad_NC[rows_N[hit_N], targets_N[hit_N] - cols.start] += g_N1[hit_N, 0]
             grad_NC = grad_NC.to(hidden_NH.dtype)
@@ -93,7 +102,7 @@ def target_logprobs(
     b_VR: Tensor | None = None,
     want_entropy: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """(logprobs_N, entropy_N) in fp32; entropy is empty unless requested (not differentiable).
+    """(logprobs_N, entropy_N) in fp32; entropy (differentiable) is empty unless requested.
 
     ``low_NR`` / ``b_VR``: an optional low-rank logit term ``low @ b.T`` (both or neither).
     """

@@ -51,6 +51,13 @@ class LossFn:
     input_defaults: dict[str, Callable[[Inputs], Tensor]] = field(default_factory=dict)
 
 
+ENTROPY_WEIGHTS = "entropy_weights"
+
+
+def _zeros(inputs: Inputs) -> Tensor:
+    return torch.zeros_like(inputs["weights"])
+
+
 def _ratio(lp: Tensor, inputs: Inputs) -> Tensor:
     return torch.exp(lp - inputs["logprobs"])
 
@@ -113,7 +120,11 @@ _RL_INPUTS = ("target_tokens", "logprobs", "advantages")
 _CLIP = ("clip_low_threshold", "clip_high_threshold")
 
 LOSSES: dict[str, LossFn] = {
-    "cross_entropy": LossFn(("target_tokens", "weights"), {}, cross_entropy),
+    # our extension: optional per-token "entropy_weights" e add sum(e * H), H the token's entropy
+    # over the full vocabulary (an exact entropy term in a linearized custom loss)
+    "cross_entropy": LossFn(
+        ("target_tokens", "weights"), {}, cross_entropy, input_defaults={ENTROPY_WEIGHTS: _zeros}
+    ),
     "importance_sampling": LossFn(_RL_INPUTS, {}, importance_sampling),
     "ppo": LossFn(_RL_INPUTS, {_CLIP[0]: 0.8, _CLIP[1]: 1.2}, ppo, _CLIP),
     "cispo": LossFn(_RL_INPUTS, {_CLIP[0]: 0.0, _CLIP[1]: 4.0}, cispo, _CLIP),

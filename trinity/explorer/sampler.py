@@ -148,6 +148,19 @@ class PolicySampler:
             self.history.extend(responses)
         return responses
 
+    async def logprobs(self, tokens: list[int], temperature: float = 1.0) -> list[float]:
+        """The model's logprob of each of ``tokens[1:]`` (the original's ``logprobs_async``; a
+        distillation teacher scores the student's samples with it)."""
+        if temperature != 1.0:
+            raise ValueError(
+                f"logprobs at temperature {temperature}: only 1.0 is supported (Tinker's "
+                "compute_logprobs has no temperature)"
+            )
+        values = await self.backend.compute_logprobs(list(tokens))
+        return [float(x) for x in values[1:]]
+
+    logprobs_async = logprobs
+
     def clone_with_isolated_history(self, seed: int | None = None) -> PolicySampler:
         """The same policy with its own history (one per episode of a task)."""
         clone = PolicySampler(self.backend, self.settings, seed, concatenated=self.concatenated)

@@ -105,7 +105,8 @@ async def build_backends(
 
     backends = Backends()
     tinker_cfg = config.model.tinker
-    needs_reference = build_loss_plan(config.algorithm).needs_reference
+    plan = build_loss_plan(config.algorithm)
+    needs_reference = plan.needs_reference
     remote = explore and cluster is not None
     if remote and config.explorer.auxiliary_models:
         from trinity.config import ConfigError
@@ -155,6 +156,12 @@ async def build_backends(
         )
     session = TinkerSession(base_url, api_key)
     backends.session = session
+    if train and plan.settings.entropy_coef and not session.exact_entropy:
+        log.warning(
+            "entropy_coef=%s on Thinking Machines' hosted service: the entropy term and metric "
+            "are estimated from the sampled tokens (-log p of each), not exact over the vocabulary",
+            plan.settings.entropy_coef,
+        )
     await asyncio.to_thread(session.check_model, base_model)
     if train:
         if resume_ref:

@@ -6,6 +6,7 @@ from trinity.workflows.agents import (
     MultiTurnWorkflow,
     agent_workflow,
 )
+from trinity.workflows.distill import OnPolicyDistillMathWorkflow, OnPolicyDistillWorkflow
 from trinity.workflows.judges import MathJudgeWorkflow, MathRulerWorkflow
 from trinity.workflows.rewards import REWARD_FUNCTIONS
 from trinity.workflows.types import Experience, Response, Sampler, Task
@@ -23,6 +24,8 @@ __all__ = [
     "AgentWorkflow",
     "EnvWorkflow",
     "MultiTurnWorkflow",
+    "OnPolicyDistillMathWorkflow",
+    "OnPolicyDistillWorkflow",
     "agent_workflow",
     "WORKFLOWS",
     "CountdownWorkflow",

@@ -81,6 +81,7 @@ class Experience:
     is_eval: bool = False
     advantages: list[float] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    teacher_logprobs: list[float] | None = None  # per response token (on-policy distillation)
 
     @property
     def response_length(self) -> int:

@@ -1,0 +1,205 @@
+"""Exact entropy: the learner returns each token's entropy over the full vocabulary (local engine,
+``trinity server``), and the trainer's entropy metric uses it instead of the sampled-token
+estimate. Checked against the entropy computed directly from the tiny model's logits."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from trinity.algorithms import build_loss_plan
+from trinity.backends.tinker_sdk import TinkerSession, TinkerTrainer, is_loopback
+from trinity.workflows.types import Experience
+
+TOKENS = [1, 520, 314, 2023, 4416, 28, 216, 33, 34, 35, 2, 1542, 17, 18]
+PROMPT = 6
+
+
+def direct_entropy(model_dir) -> torch.Tensor:
+    """H at every position predicting tokens[1:], from the HF model's full logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([TOKENS[:-1]])).logits[0].float(), -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def batch() -> list[Experience]:
+    n = len(TOKENS) - PROMPT
+    return [
+        Experience(
+            tokens=TOKENS,
+            prompt_length=PROMPT,
+            logprobs=[-2.0] * n,
+            loss_mask=[1, 1, 0, 1, 1, 1, 1, 1][:n],
+            reward=1.0,
+            advantages=[0.5] * n,
+        )
+    ]
+
+
+async def learner_step(trainer):
+    plan = build_loss_plan(
+        {"algorithm_type": "grpo", "kl_loss_fn": "none", "loss_agg_mode": "token-mean"}
+    )
+    datums = plan.to_datums(batch())
+    output = await trainer.forward_backward(list(datums), plan.loss_fn, plan.loss_fn_config)
+    return plan, datums, output
+
+
+def check(output, plan, datums, expected: torch.Tensor) -> None:
+    entropy = output.loss_fn_outputs[0]["entropy"].to_torch().float()
+    torch.testing.assert_close(entropy, expected, atol=2e-4, rtol=1e-4)
+    mask = torch.tensor(batch()[0].loss_mask, dtype=torch.float32)
+    response = expected[PROMPT - 1 :]
+    exact_mean = float((response * mask).sum() / mask.sum())  # token-mean over trained tokens
+    metrics = plan.metrics(datums, output)
+    assert metrics["actor/entropy_loss"] == pytest.approx(exact_mean, rel=1e-4)
+    lp = output.loss_fn_outputs[0]["logprobs"].to_torch().float()[PROMPT - 1 :]
+    estimate = float(((-lp) * mask).sum() / mask.sum())  # what the sampled-token estimate gives
+    assert abs(metrics["actor/entropy_loss"] - estimate) > 1e-2
+
+
+def test_local_engine_entropy_is_exact(tiny_model_dir):
+    from trinity.backends.local import LocalRuntime, LocalTrainer
+    from trinity.engine import LoraSpec
+
+    runtime = LocalRuntime(str(tiny_model_dir))
+    try:
+        trainer = LocalTrainer(runtime, "policy", LoraSpec(rank=4, seed=0))
+        assert trainer.exact_entropy
+        plan, datums, output = asyncio.run(learner_step(trainer))
+        check(output, plan, datums, direct_entropy(tiny_model_dir))
+    finally:
+        runtime.close()
+
+
+def test_trinity_server_entropy_is_exact(tmp_path, tiny_model_dir):
+    from trinity.server import build_service
+    from trinity.server.runner import ServerThread
+
+    path = str(tiny_model_dir.resolve())
+    server = ServerThread(build_service([path], tmp_path / "server", "tml-e=local")).start()
+    try:
+
+        async def go():
+            session = TinkerSession(server.url, "tml-e")
+            assert session.exact_entropy
+            trainer = await TinkerTrainer.create(
+                session,
+                path,
+                rank=4,
+                seed=0,
+                train_mlp=True,
+                train_attn=True,
+                train_unembed=True,
+            )
+            return await learner_step(trainer)
+
+        plan, datums, output = asyncio.run(go())
+        check(output, plan, datums, direct_entropy(tiny_model_dir))
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("url", "loopback"),
+    [
+        ("http://127.0.0.1:8123", True),
+        ("http://localhost:9000/", True),
+        ("http://[::1]:80", True),
+        ("https://tinker.thinkingmachines.dev/services/tinker-prod", False),
+        ("http://10.0.0.5:8000", False),
+        (None, False),
+    ],
+)
+def test_only_a_server_on_this_machine_is_asked_for_exact_entropy(url, loopback):
+    assert is_loopback(url) is loopback
+
+
+# ----------------------------------------------------------------------------- the loss term
+
+
+def hf_logprobs_entropy(model, tokens):
+    logp = torch.log_softmax(model(torch.tensor([tokens[:-1]])).logits[0].float(), -1)
+    lp = logp.gather(1, torch.tensor(tokens[1:])[:, None]).squeeze(1)
+    return lp, -(logp.exp() * logp).sum(-1)
+
+
+def test_engine_entropy_weights_add_the_exact_entropy_with_its_gradient(tiny_model_dir):
+    """cross_entropy + entropy_weights e: loss sum(-w lp) + sum(e H), gradients through the
+    full-vocabulary entropy (full fine-tuning, against torch autograd on the HF model)."""
+    from tinker import types
+    from transformers import AutoModelForCausalLM
+
+    from trinity.engine import Engine
+
+    engine = Engine(str(tiny_model_dir), dtype=torch.float32)
+    engine.create_model("full", None)
+    g = torch.Generator().manual_seed(0)
+    n = len(TOKENS) - 1
+    w, e = torch.rand(n, generator=g), torch.randn(n, generator=g)
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(TOKENS[:-1]),
+        loss_fn_inputs={
+            "target_tokens": TOKENS[1:],
+            "weights": w.tolist(),
+            "entropy_weights": types.TensorData.from_torch(e),
+        },
+    )
+    out = engine.forward_backward("full", [datum], "cross_entropy")
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lp, h = hf_logprobs_entropy(reference, TOKENS)
+    total = (-w * lp).sum() + (e * h).sum()
+    total.backward()
+    assert out.metrics["loss:sum"] == pytest.approx(total.item(), rel=1e-5)
+    got = engine._models["full"].params
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(got[name].grad, param.grad, atol=1e-5, rtol=1e-3)
+
+
+def test_local_entropy_bonus_is_exact(tiny_model_dir):
+    """GRPO with entropy_coef on the local engine: the custom loss's entropy term is the exact
+    entropy (value and gradient), not the sampled-token estimate."""
+    from transformers import AutoModelForCausalLM
+
+    from trinity.backends.local import LocalRuntime, LocalTrainer
+
+    coef = 0.5
+    plan = build_loss_plan(
+        {
+            "algorithm_type": "grpo",
+            "kl_loss_fn": "none",
+            "loss_agg_mode": "token-mean",
+            "entropy_loss_fn_args": {"entropy_coef": coef},
+        }
+    )
+    assert plan.custom_loss is not None
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lp, h = hf_logprobs_entropy(reference, TOKENS)
+    exp = batch()[0]
+    exp.logprobs = lp[PROMPT - 1 :].tolist()  # on-policy: ratio 1
+    mask = torch.tensor(exp.loss_mask, dtype=torch.float32)
+    runtime = LocalRuntime(str(tiny_model_dir))
+    try:
+        trainer = LocalTrainer(runtime, "policy", None)
+        datums = plan.to_datums([exp])
+        out = trainer.forward_backward_custom(list(datums), plan.custom_loss).result()
+        A = torch.tensor(exp.advantages)
+        lp_r, h_r = lp[PROMPT - 1 :], h[PROMPT - 1 :]
+        ratio = torch.exp(lp_r - lp_r.detach())
+        pg = torch.max(-A * ratio, -A * ratio.clamp(0.8, 1.2))
+        total = ((pg - coef * h_r) * mask).sum() / mask.sum()
+        total.backward()
+        assert out.metrics["loss:sum"] == pytest.approx(total.item(), rel=1e-4)
+        assert out.metrics["entropy_loss:sum"] == pytest.approx(
+            float((h_r * mask).sum() / mask.sum()), rel=1e-4
+        )
+        got = runtime.engine._models["policy"].params
+        for name, param in reference.named_parameters():
+            torch.testing.assert_close(got[name].grad, param.grad, atol=1e-5, rtol=1e-3)
+    finally:
+        runtime.close()
