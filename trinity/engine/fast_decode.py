@@ -25,8 +25,10 @@ makes ``build`` return None and the caller uses the Hugging Face forward (the re
 
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -287,3 +289,22 @@ def decode_step(
         x_BH = x_BH + _apply(down, F.silu(gu_BF[:, :inner]) * gu_BF[:, inner:], lo and lo[3])
     h = _rms_norm(x_BH, weights.norm_w, eps)
     return _apply(weights.head, h, None if lora is None else lora[-1])
+
+
+_COMPILED = None
+
+
+def compiled_decode_step():
+    """``decode_step`` under ``torch.compile`` (inductor, static shapes, one graph for the whole
+    layer loop). Inductor's caches go to ``$TRINITY_CACHE_DIR/inductor`` (default
+    ``~/.cache/trinity/inductor``) unless ``TORCHINDUCTOR_CACHE_DIR`` is set, so a later process
+    reuses the compiled code instead of compiling again."""
+    global _COMPILED
+    if _COMPILED is None:
+        root = os.environ.get("TRINITY_CACHE_DIR")
+        base = Path(root) if root else Path.home() / ".cache" / "trinity"
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(base / "inductor"))
+        # One graph per (batch bucket, cache capacity, adapter layout): allow more than 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _COMPILED = torch.compile(decode_step, dynamic=False, fullgraph=True)
+    return _COMPILED
