@@ -1,10 +1,13 @@
 """Batched, KV-cached decoding over a Hugging Face causal LM (optionally a peft multi-adapter model).
 
 Every request is expanded into ``num_samples`` rows; all rows (from every request, whatever
-adapter they name) are decoded as one batch step by step with a KV cache that grows in place.
-The prefill runs once per distinct (adapter, prompt), left-padded, and its cache is gathered out
-to the rows that share it: GRPO's n samples of a prompt cost one prefill, not n. Rows that stop
-are dropped from the batch (and the cache) so the remaining rows do not pay for them.
+adapter they name) are decoded as one batch step by step. The prefill runs once per distinct
+(adapter, prompt), left-padded, through the model's own forward, and its cache is gathered out
+to the rows that share it: GRPO's n samples of a prompt cost one prefill, not n. The steps then
+run through trinity/engine/fast_decode.py (a fused step on a preallocated static cache) where the
+model is supported, else through the model's forward on a cache that grows in place (the
+reference path, ``fast=False``). Stopped rows are compacted out of the batch once the live ones
+fit in 3/4 of it. Choosing tokens is batched: per-row parameters are tensors, no Python per row.
 
 Semantics (Tinker's ``SamplingParams``):
 
@@ -13,9 +16,9 @@ Semantics (Tinker's ``SamplingParams``):
   ``stop=[]`` disables EOS too). ``stop`` may be a string, a list of strings or a list of token ids.
   The token that completes a stop (token or string) is kept in the output, as Tinker does;
   ``stop_reason`` is ``"stop"``, or ``"length"`` when ``max_tokens`` ran out first.
-- ``seed``: each row owns a ``torch.Generator`` seeded from (seed, sample index), and draws one
-  uniform number per step by inverse CDF, so a seeded request gives the same tokens whatever else
-  shares its batch (up to floating-point differences across batch shapes).
+- ``seed``: each row draws one uniform number per step by inverse CDF, a counter-based hash
+  (splitmix64) of (seed, sample index, step), so a seeded request gives the same tokens whatever
+  else shares its batch (up to floating-point differences across batch shapes) and on both paths.
 - ``logprobs`` are the model's own log-softmax (temperature 1, no top-k / top-p) of the sampled
   tokens: the same numbers a teacher-forced forward pass gives, which is what importance ratios
   against the trainer's logprobs need. (The sampling distribution differs when temperature != 1.)
