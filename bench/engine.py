@@ -332,12 +332,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--new-tokens", type=int, help="new tokens per sampled row")
     parser.add_argument("--compiled", action="store_true", help="also the compiled decode step")
+    parser.add_argument("--repeats", type=int, help="interleaved sampling runs per path (best)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     configure_process()
     ctx = {
         "new_tokens": args.new_tokens or (32 if args.quick else 64),
-        "sample_repeats": 1 if args.quick else 2,
+        "sample_repeats": args.repeats or (1 if args.quick else 2),
         "compiled": args.compiled,
         "batches": [1, 16] if args.quick else [1, 16, 64],
         "train_shape": (2, 128) if args.quick else (8, 512),

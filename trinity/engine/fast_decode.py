@@ -178,7 +178,10 @@ def _apply(proj: _Proj, x: torch.Tensor, lora) -> torch.Tensor:
 
 
 class StaticCache:
-    """Keys and values of every layer, [L, B, Hkv, capacity, D], written in place each step."""
+    """Keys and values of every layer, [L, B, Hkv, capacity, D], written in place each step.
+
+    Zero-filled, not left uninitialized: a compiled step attends over every column (masked),
+    and a masked column's weight 0 times garbage NaN would still be NaN."""
 
     def __init__(self, weights: Weights, keys_LBHTD: torch.Tensor, values_LBHTD: torch.Tensor):
         self.weights = weights
@@ -190,8 +193,8 @@ class StaticCache:
         """A cache holding the prefill's (key, value) per layer, room for ``capacity`` columns."""
         k0 = layers[0][0]
         shape = (weights.layers_n, k0.shape[0], k0.shape[1], capacity, k0.shape[3])
-        keys = k0.new_empty(shape)
-        values = k0.new_empty(shape)
+        keys = k0.new_zeros(shape)
+        values = k0.new_zeros(shape)
         width = k0.shape[2]
         for i, (k, v) in enumerate(layers):
             keys[i, :, :, :width] = k
@@ -205,7 +208,7 @@ class StaticCache:
     def grow(self, capacity: int) -> None:
         for attr in ("keys", "values"):
             old = getattr(self, attr)
-            new = old.new_empty(*old.shape[:3], capacity, old.shape[4])
+            new = old.new_zeros(*old.shape[:3], capacity, old.shape[4])
             new[:, :, :, : old.shape[3]] = old
             setattr(self, attr, new)
 
