@@ -180,7 +180,7 @@ def sampling_section(ctx: dict) -> list[str]:
                 f"({100 * tps['compiled'] / bound:.0f}%) | {tps['compiled'] / tps['fast']:.2f}x |"
             )
     targets = "Targets (issue 16): >= 60 % of the bound at batch 1, >= 40 % at batch 64, >= 3x HF."
-    return lines + ["", targets, "", *SAMPLING_NOTES]
+    return lines + ["", targets, "", "\n\n".join(SAMPLING_NOTES)]
 
 
 SAMPLING_NOTES = [
