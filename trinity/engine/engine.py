@@ -71,8 +71,12 @@ class Engine:
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        compile_decode: bool = False,
     ):
+        """``compile_decode``: run the fused decode step under ``torch.compile`` (off by default:
+        on a CPU compilation costs more than it saves, see docs/benchmarks.md "Sampling speed")."""
         name = str(model_path)
+        self.compile_decode = compile_decode
         self.model_name = DEMO_HUB_ID if name in DEMO_ALIASES else name
         self.path = Path(resolve_model_path(name))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -327,6 +331,7 @@ class Engine:
                     device=self.device,
                     tokenizer=self.tokenizer,
                     max_context_length=self.max_context_length,
+                    compiled=self.compile_decode,
                 )
             for (index, _), response in zip(items, out, strict=True):
                 responses[index] = response

@@ -25,8 +25,10 @@ makes ``build`` return None and the caller uses the Hugging Face forward (the re
 
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -176,7 +178,10 @@ def _apply(proj: _Proj, x: torch.Tensor, lora) -> torch.Tensor:
 
 
 class StaticCache:
-    """Keys and values of every layer, [L, B, Hkv, capacity, D], written in place each step."""
+    """Keys and values of every layer, [L, B, Hkv, capacity, D], written in place each step.
+
+    Zero-filled, not left uninitialized: a compiled step attends over every column (masked),
+    and a masked column's weight 0 times garbage NaN would still be NaN."""
 
     def __init__(self, weights: Weights, keys_LBHTD: torch.Tensor, values_LBHTD: torch.Tensor):
         self.weights = weights
@@ -188,8 +193,8 @@ class StaticCache:
         """A cache holding the prefill's (key, value) per layer, room for ``capacity`` columns."""
         k0 = layers[0][0]
         shape = (weights.layers_n, k0.shape[0], k0.shape[1], capacity, k0.shape[3])
-        keys = k0.new_empty(shape)
-        values = k0.new_empty(shape)
+        keys = k0.new_zeros(shape)
+        values = k0.new_zeros(shape)
         width = k0.shape[2]
         for i, (k, v) in enumerate(layers):
             keys[i, :, :, :width] = k
@@ -203,7 +208,7 @@ class StaticCache:
     def grow(self, capacity: int) -> None:
         for attr in ("keys", "values"):
             old = getattr(self, attr)
-            new = old.new_empty(*old.shape[:3], capacity, old.shape[4])
+            new = old.new_zeros(*old.shape[:3], capacity, old.shape[4])
             new[:, :, :, : old.shape[3]] = old
             setattr(self, attr, new)
 
@@ -287,3 +292,22 @@ def decode_step(
         x_BH = x_BH + _apply(down, F.silu(gu_BF[:, :inner]) * gu_BF[:, inner:], lo and lo[3])
     h = _rms_norm(x_BH, weights.norm_w, eps)
     return _apply(weights.head, h, None if lora is None else lora[-1])
+
+
+_COMPILED = None
+
+
+def compiled_decode_step():
+    """``decode_step`` under ``torch.compile`` (inductor, static shapes, one graph for the whole
+    layer loop). Inductor's caches go to ``$TRINITY_CACHE_DIR/inductor`` (default
+    ``~/.cache/trinity/inductor``) unless ``TORCHINDUCTOR_CACHE_DIR`` is set, so a later process
+    reuses the compiled code instead of compiling again."""
+    global _COMPILED
+    if _COMPILED is None:
+        root = os.environ.get("TRINITY_CACHE_DIR")
+        base = Path(root) if root else Path.home() / ".cache" / "trinity"
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(base / "inductor"))
+        # One graph per (batch bucket, cache capacity, adapter layout): allow more than 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _COMPILED = torch.compile(decode_step, dynamic=False, fullgraph=True)
+    return _COMPILED

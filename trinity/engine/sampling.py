@@ -1,10 +1,13 @@
 """Batched, KV-cached decoding over a Hugging Face causal LM (optionally a peft multi-adapter model).
 
 Every request is expanded into ``num_samples`` rows; all rows (from every request, whatever
-adapter they name) are decoded as one batch step by step with a KV cache that grows in place.
-The prefill runs once per distinct (adapter, prompt), left-padded, and its cache is gathered out
-to the rows that share it: GRPO's n samples of a prompt cost one prefill, not n. Rows that stop
-are dropped from the batch (and the cache) so the remaining rows do not pay for them.
+adapter they name) are decoded as one batch step by step. The prefill runs once per distinct
+(adapter, prompt), left-padded, through the model's own forward, and its cache is gathered out
+to the rows that share it: GRPO's n samples of a prompt cost one prefill, not n. The steps then
+run through trinity/engine/fast_decode.py (a fused step on a preallocated static cache) where the
+model is supported, else through the model's forward on a cache that grows in place (the
+reference path, ``fast=False``). Stopped rows are compacted out of the batch once the live ones
+fit in 3/4 of it. Choosing tokens is batched: per-row parameters are tensors, no Python per row.
 
 Semantics (Tinker's ``SamplingParams``):
 
@@ -13,9 +16,9 @@ Semantics (Tinker's ``SamplingParams``):
   ``stop=[]`` disables EOS too). ``stop`` may be a string, a list of strings or a list of token ids.
   The token that completes a stop (token or string) is kept in the output, as Tinker does;
   ``stop_reason`` is ``"stop"``, or ``"length"`` when ``max_tokens`` ran out first.
-- ``seed``: each row owns a ``torch.Generator`` seeded from (seed, sample index), and draws one
-  uniform number per step by inverse CDF, so a seeded request gives the same tokens whatever else
-  shares its batch (up to floating-point differences across batch shapes).
+- ``seed``: each row draws one uniform number per step by inverse CDF, a counter-based hash
+  (splitmix64) of (seed, sample index, step), so a seeded request gives the same tokens whatever
+  else shares its batch (up to floating-point differences across batch shapes) and on both paths.
 - ``logprobs`` are the model's own log-softmax (temperature 1, no top-k / top-p) of the sampled
   tokens: the same numbers a teacher-forced forward pass gives, which is what importance ratios
   against the trainer's logprobs need. (The sampling distribution differs when temperature != 1.)
@@ -302,13 +305,16 @@ def sample_batch(
     tokenizer=None,
     max_context_length: int | None = None,
     fast: bool = True,
+    compiled: bool = False,
 ) -> list[types.SampleResponse]:
     """Decode all requests as one batch; one ``SampleResponse`` per request, in order.
 
     ``tokenizer`` is needed only for string stops. ``max_context_length`` defaults to the model
     config's ``max_position_embeddings``; ``max_tokens=None`` means "up to the context length".
     ``fast``: decode steps through trinity/engine/fast_decode.py where the model is supported
-    (else, or with ``fast=False``, the Hugging Face forward: the reference path).
+    (else, or with ``fast=False``, the Hugging Face forward: the reference path);
+    ``compiled``: that step under ``torch.compile`` (off by default: see docs/benchmarks.md,
+    "Sampling speed", for what compilation costs against what it saves on a CPU).
     """
     if not requests:
         return []
@@ -333,6 +339,7 @@ def sample_batch(
             tokenizer,
             tail_tokens,
             fast_decode.build(model) if fast else None,
+            compiled,
         )
     finally:
         model.train(was_training)
@@ -373,7 +380,9 @@ def _topk(logprobs_TV: torch.Tensor, k: int) -> TopkLogprobs:
     return TopkLogprobs(token_ids=ids, logprobs=lps)
 
 
-def _decode(model, requests, rows, adapters, pad_token_id, device, tokenizer, tail_tokens, weights):
+def _decode(
+    model, requests, rows, adapters, pad_token_id, device, tokenizer, tail_tokens, weights, compiled
+):
     batch = len(rows)
     # Rows with the same prompt and adapter (a request's samples, GRPO's repeats) share one
     # prefill row; its cache and last logits are then gathered out to every such row.
@@ -429,7 +438,8 @@ def _decode(model, requests, rows, adapters, pad_token_id, device, tokenizer, ta
     source_B = source_B.to(device)
     logits_BV = logits[:, -1][source_B].float()
     if weights is not None:
-        stepper = _FastStepper(weights, cache, source_B, mask_UT.to(device)[source_B], adapters)
+        mask_BW = mask_UT.to(device)[source_B]
+        stepper = _FastStepper(weights, cache, source_B, mask_BW, adapters, compiled)
     else:
         if len(unique) < batch:
             cache.batch_select_indices(source_B)
@@ -440,6 +450,10 @@ def _decode(model, requests, rows, adapters, pad_token_id, device, tokenizer, ta
 
 class _HFStepper:
     """The reference decode step: the Hugging Face forward on a growing cache."""
+
+    @staticmethod
+    def bucket(going: int) -> int:
+        return going
 
     def __init__(self, model, cache, mask_BT: torch.Tensor, adapters: list[str] | None):
         self.model, self.cache, self.mask_BT, self.adapters = model, cache, mask_BT, adapters
@@ -466,15 +480,26 @@ class _HFStepper:
 
 class _FastStepper:
     """The fused decode step (trinity/engine/fast_decode.py) on a preallocated static cache
-    that grows (doubling) only when a step would run past it."""
+    that grows (doubling) only when a step would run past it.
+
+    ``compiled``: the step runs under ``torch.compile`` with static shapes, so the cache
+    capacity is a multiple of 256 columns, attention spans all of it (masked), and batches are
+    compacted to powers of two only (``bucket``): a handful of shapes, each compiled once and
+    then cached on disk.
+    """
 
     room = 256  # columns allocated past the prompt at first
 
-    def __init__(self, weights, cache, source_B, mask_BW, adapters: list[str] | None):
+    def __init__(self, weights, cache, source_B, mask_BW, adapters, compiled: bool):
         self.weights = weights
+        self.compiled = compiled
+        self.step = fast_decode.compiled_decode_step() if compiled else fast_decode.decode_step
         layers = [(layer.keys[source_B], layer.values[source_B]) for layer in cache.layers]
         width = mask_BW.shape[1]
-        self.cache = fast_decode.StaticCache.from_layers(weights, layers, width + self.room)
+        capacity = width + self.room
+        if compiled:
+            capacity = -(-capacity // 256) * 256
+        self.cache = fast_decode.StaticCache.from_layers(weights, layers, capacity)
         self.column = width
         # Set for the prompt's real tokens, then column by column as the steps write them.
         self.mask_BT = torch.zeros(
@@ -482,6 +507,10 @@ class _FastStepper:
         )
         self.mask_BT[:, :width] = mask_BW.bool()
         self.lora = fast_decode.lora_inputs(weights, adapters, mask_BW.device)
+
+    def bucket(self, going: int) -> int:
+        """The batch size to compact ``going`` live rows into."""
+        return 1 << (going - 1).bit_length() if self.compiled else going
 
     def __call__(self, tokens_B: torch.Tensor, position_B: torch.Tensor) -> torch.Tensor:
         if self.column >= self.cache.capacity:
@@ -491,13 +520,13 @@ class _FastStepper:
             grown[:, : self.mask_BT.shape[1]] = self.mask_BT
             self.mask_BT = grown
         self.mask_BT[:, self.column] = True
-        logits_BV = fast_decode.decode_step(
+        logits_BV = self.step(
             self.weights,
             self.cache.keys,
             self.cache.values,
             tokens_B,
             position_B,
-            self.mask_BT[:, : self.column + 1],
+            self.mask_BT if self.compiled else self.mask_BT[:, : self.column + 1],
             torch.tensor([self.column], device=tokens_B.device),
             self.lora,
         )
@@ -515,8 +544,9 @@ def _generate(stepper, logits_BV, rows: list[_Row], device, tokenizer, tail_toke
     """Decode until every row stops; fills each row's tokens, logprobs and stop reason.
 
     Per step one host sync (how many rows are still going). Stopped rows stay in the batch
-    (their tokens are ignored) until the live ones are at most 3/4 of it: then the batch is
-    compacted, so shapes change rarely and the cache is copied rarely.
+    (their tokens are ignored) until the live ones fit in at most 3/4 of it: then the batch is
+    compacted (to ``stepper.bucket`` rows), so shapes change rarely and the cache is copied
+    rarely.
     """
     batch = len(rows)
     sampler = _Sampler(rows, device)
@@ -545,9 +575,12 @@ def _generate(stepper, logits_BV, rows: list[_Row], device, tokenizer, tail_toke
         going = int((going_B & ~ends_B).sum())
         if going == 0:
             break
-        if going <= 3 * len(live) // 4:
-            keep_K = (length_R[row_B] == 0).nonzero().squeeze(1)
-            keep = keep_K.tolist()
+        target = stepper.bucket(going)
+        if target <= 3 * len(live) // 4:
+            # The live rows, then (bucketed steps only) stopped ones as filler up to ``target``.
+            order_B = (length_R[row_B] != 0).to(torch.int8).argsort(stable=True)
+            keep = sorted(order_B[:target].tolist())
+            keep_K = torch.tensor(keep, device=device)
             stepper.select(keep, keep_K)
             sampler.select(keep, keep_K)
             row_B, position_B, tokens_B = row_B[keep_K], position_B[keep_K], tokens_B[keep_K]
