@@ -314,7 +314,7 @@ def _explorer(
         synchronizer=synchronizer,
         monitor=monitor,
         advantage_fn=explorer_hook(config.algorithm, seed=rollout.seed),
-        runners=rollout.engine_num * config.explorer.runner_per_model,
+        runners=explorer_concurrency(config),
         seed=rollout.seed,
         max_retry_times=config.explorer.max_retry_times,
         max_timeout=config.explorer.max_timeout,
@@ -327,6 +327,16 @@ def _explorer(
         job_dir=JobDir(config.checkpoint_job_dir),
         auxiliary=auxiliary,
     )
+
+
+def explorer_concurrency(config: Any) -> int:
+    """Workflows in flight: ``engine_num x runner_per_model``; on the Tinker backend at least a
+    step's tasks, so every sample request of a step is in flight at once (a far service's round
+    trip is then paid once per step, not once per ``runner_per_model`` tasks)."""
+    concurrency = config.explorer.rollout_model.engine_num * config.explorer.runner_per_model
+    if config.model.tinker.enable:
+        concurrency = max(concurrency, config.buffer.batch_size)
+    return concurrency
 
 
 def _eval_readers(config: Any) -> dict[str, TasksetReader]:
