@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.engine import machine_section, write_section  # noqa: E402
+from bench.two_process import cpu_kind  # noqa: E402
 from trinity.config import load_config  # noqa: E402
 from trinity.engine import configure_process  # noqa: E402
 from trinity.engine.demo_model import resolve_model_path  # noqa: E402
@@ -88,7 +89,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     configure_process()
-    machine = machine_section({})
+    machine = [cpu_kind(), *machine_section({})]
     print("\n".join(machine), flush=True)
     load = os.getloadavg()[0]
     started = time.monotonic()

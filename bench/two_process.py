@@ -4,7 +4,7 @@ two, not their sum?
     python bench/two_process.py [--steps 5] [--oversubscribed]
 
 GRPO on the local engine (bench/two_process.yaml: demo model, 2 prompts x 4 samples x <= 16 new
-tokens, LoRA rank 16, weights handed over through the run directory). Three runs, each a real
+tokens by default, LoRA rank 16, weights handed over through the run directory). Three runs, each a real
 ``trinity run`` process (or two), each process with its thread budget (trinity.engine.process:
 ``mode: explore`` / ``mode: train`` each take half the cores, as they do beside each other):
 
@@ -40,12 +40,27 @@ from trinity.engine.process import ENV_VAR, thread_budget, usable_cores  # noqa:
 from trinity.monitor import read_metrics  # noqa: E402
 
 CONFIG = ROOT / "bench" / "two_process.yaml"
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_kind() -> str:
+    """``lscpu``'s model name, the vector / matrix flags that set the engine's dtype, and cores."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if "model name" in ln), "?"
+    )
+    words = set(text.split())
+    flags = " ".join(f for f in FLAGS if f in words) or "none of " + ", ".join(FLAGS)
+    return f"- CPU: {model}, {os.cpu_count()} cores, flags: {flags}"
+
+
+SHAPES: list[str] = []  # overrides from the command line (prompts, new tokens)
 
 
 def start(tmp: Path, name: str, mode: str, steps: int, threads: int | None, *extra: str):
     cmd = [sys.executable, "-m", "trinity.cli.main", "run", "--config", str(CONFIG)]
     cmd += [f"checkpoint_root_dir={tmp}", f"name={name}", f"mode={mode}"]
-    cmd += [f"buffer.total_steps={steps}", *extra]
+    cmd += [f"buffer.total_steps={steps}", *SHAPES, *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRINITY_LOG_LEVEL": "WARNING"}
     env.pop(ENV_VAR, None)
     if threads:
@@ -82,10 +97,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="steps per run, first is warm-up")
     parser.add_argument("--oversubscribed", action="store_true")
+    parser.add_argument("--prompts", type=int, default=2, help="prompts per step (x 4 samples)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="max new tokens per sample")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
+    SHAPES[:] = [
+        f"buffer.batch_size={args.prompts}",
+        f"model.max_response_tokens={args.new_tokens}",
+    ]
     configure_process()
-    machine = machine_section({})
+    machine = [cpu_kind(), *machine_section({})]
     print("\n".join(machine), flush=True)
     load, started = os.getloadavg()[0], time.monotonic()
     budget = thread_budget(2)
@@ -117,7 +138,8 @@ def main() -> None:
         f"- load average {load:.1f} at the start (other processes share these cores); "
         f"{time.monotonic() - started:.0f} s in all",
         "",
-        "GRPO, local engine, demo model, 2 prompts x 4 samples x <= 16 new tokens, LoRA rank 16, "
+        f"GRPO, local engine, demo model, {args.prompts} prompts x 4 samples x <= "
+        f"{args.new_tokens} new tokens, LoRA rank 16, "
         f"{args.steps} steps per run (median after the first). Thread budget: "
         f"{budget.threads} threads per process ({budget.why}).",
         "",
