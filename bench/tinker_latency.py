@@ -4,7 +4,7 @@
 
 Thinking Machines' service is tens to hundreds of ms away; this measures how much of that a run
 hides. The same GRPO config (bench/tinker_backend.yaml: demo model, 4 prompts x 4 samples x
-<= 32 new tokens, LoRA rank 32; ``synchronizer.sync_offset`` 1 by default, so the next step's
+<= 32 new tokens by default, LoRA rank 32; ``synchronizer.sync_offset`` 1, so the next step's
 sampling overlaps this step's training) runs twice against a ``trinity server`` subprocess on a
 loopback port: once as is, once with ``--inject-latency-ms``. Step time is the median of the
 trainer's ``perf/time_per_step`` after the first step (warm-up). Target: ratio <= 1.15.
@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.engine import machine_section, write_section  # noqa: E402
+from bench.two_process import cpu_kind  # noqa: E402
 from trinity.config import load_config  # noqa: E402
 from trinity.engine import configure_process  # noqa: E402
 from trinity.engine.demo_model import resolve_model_path  # noqa: E402
@@ -53,18 +54,20 @@ def start_server(state_dir: Path, latency_ms: float) -> tuple[subprocess.Popen, 
     return server, f"http://127.0.0.1:{port}"
 
 
-def run(tmp: Path, name: str, steps: int, latency_ms: float, offset: int) -> list[float]:
+def run(tmp: Path, name: str, args: argparse.Namespace, latency_ms: float) -> list[float]:
     """Seconds of each trainer step (perf/time_per_step)."""
     server, url = start_server(tmp / f"server-{name}", latency_ms)
     try:
         overrides = [
             f"checkpoint_root_dir={tmp}",
             f"name={name}",
-            f"buffer.total_steps={steps}",
+            f"buffer.total_steps={args.steps}",
+            f"buffer.batch_size={args.prompts}",
+            f"model.max_response_tokens={args.new_tokens}",
             "model.tinker.enable=true",
             f"model.tinker.base_url={url}",
             f"model.tinker.base_model={resolve_model_path('demo')}",
-            f"synchronizer.sync_offset={offset}",
+            f"synchronizer.sync_offset={args.sync_offset}",
         ]
         os.environ["TRINITY_API_KEY"] = API_KEY
         config = load_config(ROOT / "bench" / "tinker_backend.yaml", overrides=overrides)
@@ -81,16 +84,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per run, first is warm-up")
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--sync-offset", type=int, default=1)
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per step (x 4 samples)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="max new tokens per sample")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     configure_process()
-    machine = machine_section({})
+    machine = [cpu_kind(), *machine_section({})]
     print("\n".join(machine), flush=True)
     load = os.getloadavg()[0]
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        base = run(Path(tmp), "no-latency", args.steps, 0.0, args.sync_offset)
-        late = run(Path(tmp), "latency", args.steps, args.latency_ms, args.sync_offset)
+        base = run(Path(tmp), "no-latency", args, 0.0)
+        late = run(Path(tmp), "latency", args, args.latency_ms)
     base_s, late_s = statistics.median(base[1:]), statistics.median(late[1:])
     ratio = late_s / base_s
     lines = [
@@ -98,8 +103,9 @@ def main() -> None:
         f"- load average {load:.1f} at the start (other processes share these cores); "
         f"{time.monotonic() - started:.0f} s in all",
         "",
-        "Demo model on `trinity server` (a subprocess, real HTTP, official SDK), 4 prompts x 4 "
-        f"samples x <= 32 new tokens, LoRA rank 32, sync_offset {args.sync_offset}; median of "
+        f"Demo model on `trinity server` (a subprocess, real HTTP, official SDK), {args.prompts} "
+        f"prompts x 4 samples x <= {args.new_tokens} new tokens, LoRA rank 32, sync_offset "
+        f"{args.sync_offset}; median of "
         f"{args.steps - 1} steps after one warm-up step.",
         "",
         "| injected latency per call | s/step (median) | steps (s) |",

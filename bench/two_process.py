@@ -4,13 +4,15 @@ two, not their sum?
     python bench/two_process.py [--steps 5] [--oversubscribed]
 
 GRPO on the local engine (bench/two_process.yaml: demo model, 2 prompts x 4 samples x <= 16 new
-tokens, LoRA rank 16, weights handed over through the run directory). Three runs, each a real
+tokens by default, LoRA rank 16, weights handed over through the run directory). Three runs, each a real
 ``trinity run`` process (or two), each process with its thread budget (trinity.engine.process:
 ``mode: explore`` / ``mode: train`` each take half the cores, as they do beside each other):
 
-1. explore alone (``mode: explore``, no weight syncs): step time = ``explorer/time/explore_step``;
-2. train alone (``mode: train`` on the experiences run 1 left in the buffer, publishing weights
-   every step): step time = the trainer's ``perf/time_per_step``;
+1. explore alone (``mode: explore``) sampling with run 2's trained LoRA weights (from its second
+   step on; the first, on the base model, is the warm-up): step time =
+   ``explorer/time/explore_step``;
+2. train alone (``mode: train`` on experiences an untimed explore run left in the buffer,
+   publishing weights every step): step time = the trainer's ``perf/time_per_step``;
 3. both at once, ``sync_interval: 1``, ``sync_offset: 1``: step time = the trainer's
    ``perf/time_per_step`` (a step's wait for experiences included).
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,12 +43,28 @@ from trinity.engine.process import ENV_VAR, thread_budget, usable_cores  # noqa:
 from trinity.monitor import read_metrics  # noqa: E402
 
 CONFIG = ROOT / "bench" / "two_process.yaml"
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_kind() -> str:
+    """``lscpu``'s model name, the vector / matrix flags that set the engine's dtype, and cores."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if "model name" in ln), "?"
+    )
+    words = set(text.split())
+    flags = " ".join(f for f in FLAGS if f in words) or "none of " + ", ".join(FLAGS)
+    return f"- CPU: {model}, {os.cpu_count()} cores, flags: {flags}"
+
+
+SHAPES: list[str] = []  # overrides from the command line (prompts, new tokens)
 
 
 def start(tmp: Path, name: str, mode: str, steps: int, threads: int | None, *extra: str):
     cmd = [sys.executable, "-m", "trinity.cli.main", "run", "--config", str(CONFIG)]
     cmd += [f"checkpoint_root_dir={tmp}", f"name={name}", f"mode={mode}"]
-    cmd += [f"buffer.total_steps={steps}", *extra]
+    cmd += ["continue_from_checkpoint=true"]  # the runs of a pair (or 1 then 2) share a job dir
+    cmd += [f"buffer.total_steps={steps}", *SHAPES, *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRINITY_LOG_LEVEL": "WARNING"}
     env.pop(ENV_VAR, None)
     if threads:
@@ -82,23 +101,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="steps per run, first is warm-up")
     parser.add_argument("--oversubscribed", action="store_true")
+    parser.add_argument("--prompts", type=int, default=2, help="prompts per step (x 4 samples)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="max new tokens per sample")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
+    SHAPES[:] = [
+        f"buffer.batch_size={args.prompts}",
+        f"model.max_response_tokens={args.new_tokens}",
+    ]
     configure_process()
-    machine = machine_section({})
+    machine = [cpu_kind(), *machine_section({})]
     print("\n".join(machine), flush=True)
     load, started = os.getloadavg()[0], time.monotonic()
     budget = thread_budget(2)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        # 1. explore alone: sync_interval beyond the run, so it never waits for weights
-        finish(
-            start(tmp, "alone", "explore", args.steps, None, "synchronizer.sync_interval=100000")
-        )
-        explore = metric(tmp, "alone", "explorer/time/explore_step")
-        # 2. train alone, on what run 1 left in the buffer
+        # experiences for run 2 (sampled from the base model: not timed)
+        no_sync = "synchronizer.sync_interval=100000"
+        finish(start(tmp, "alone", "explore", args.steps, None, no_sync))
+        # 2. train alone, on what that left in the buffer
         finish(start(tmp, "alone", "train", args.steps, None))
         train = metric(tmp, "alone", "perf/time_per_step")
+        # 1. explore alone with the trained LoRA weights, as in the pair (an adapter costs
+        # decoding time): a copy of run 2's published weights, no checkpoint to resume from
+        jobs = tmp / "bench" / "two-process"
+        skip = ("global_step_*", "latest_checkpointed_*", "monitor", "buffer")
+        shutil.copytree(jobs / "alone", jobs / "lora", ignore=shutil.ignore_patterns(*skip))
+        sync = "synchronizer.sync_offset=0"
+        finish(start(tmp, "lora", "explore", args.steps, None, sync))
+        explore = metric(tmp, "lora", "explorer/time/explore_step")
         # 3. both at once
         both = pair(tmp, "pair", args.steps, None)
         over = (
@@ -117,13 +148,14 @@ def main() -> None:
         f"- load average {load:.1f} at the start (other processes share these cores); "
         f"{time.monotonic() - started:.0f} s in all",
         "",
-        "GRPO, local engine, demo model, 2 prompts x 4 samples x <= 16 new tokens, LoRA rank 16, "
+        f"GRPO, local engine, demo model, {args.prompts} prompts x 4 samples x <= "
+        f"{args.new_tokens} new tokens, LoRA rank 16, "
         f"{args.steps} steps per run (median after the first). Thread budget: "
         f"{budget.threads} threads per process ({budget.why}).",
         "",
         "| run | s/step (median) | steps (s) |",
         "|---|---:|---|",
-        row("explore alone (`mode: explore`)", explore),
+        row("explore alone (`mode: explore`, LoRA weights)", explore),
         row("train alone (`mode: train`, publishing every step)", train),
         row("explore + train, two processes, sync_offset 1", both),
         *([row("the same, every process on all cores (oversubscribed)", over)] if over else []),

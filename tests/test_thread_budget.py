@@ -98,11 +98,12 @@ def test_budget_is_applied_to_torch_and_subprocess_env():
 
 
 def test_trinity_run_applies_the_budget_of_its_mode(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    """``mode: explore`` (one half of a pair) runs with its budget, here the override's."""
+    """``mode: explore`` (one half of a pair) runs on half the cores; a bad override is refused."""
     import torch
 
     from tests.test_rl_loop import run_cli, write_config
     from trinity.cli.main import main
+    from trinity.engine.process import usable_cores
 
     config = write_config(
         tmp_path,
@@ -113,15 +114,18 @@ def test_trinity_run_applies_the_budget_of_its_mode(tmp_path, tiny_model_dir, mo
     )
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         monkeypatch.setenv(var, "")  # restored after the test, as are torch's threads below
+    monkeypatch.delenv(ENV_VAR, raising=False)
     threads = torch.get_num_threads()
-    monkeypatch.setenv(ENV_VAR, "1")
+    cores = usable_cores()
+    torch.set_num_threads(cores)  # what a process starts with
     try:
         run_cli(config)
-        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+        share = max(1, cores // 2)
+        assert torch.get_num_threads() == share and os.environ["OMP_NUM_THREADS"] == str(share)
     finally:
         torch.set_num_threads(threads)
     log = next((tmp_path / "ckpt").rglob("trinity.log")).read_text()
-    assert f"1 compute threads per process ({ENV_VAR}=1)" in log
+    assert f"{share} compute threads per process ({cores} cores / 2 process(es))" in log
     monkeypatch.setenv(ENV_VAR, "zero")
     assert main(["run", "--config", str(config)]) == 2
     assert (

@@ -184,6 +184,27 @@ def test_switching_weights_deletes_the_old_ones_in_the_background(server, tiny_m
     assert deletes and all(answered > switched for _, _, answered in deletes), deletes
 
 
+@pytest.mark.parametrize(("tinker_enabled", "expected"), [(True, 12), (False, 2)])
+def test_tinker_explorer_keeps_a_whole_step_in_flight(tmp_path, tinker_enabled, expected):
+    """``runner_per_model`` bounds local engines' concurrency, not a remote service's."""
+    from test_rl_loop import PLUGINS, write_config
+
+    from trinity.config import load_config
+    from trinity.launcher.launcher import explorer_concurrency
+    from trinity.plugins import load_plugins
+
+    load_plugins([str(PLUGINS)])
+    path = write_config(
+        tmp_path,
+        Path("demo"),
+        buffer={"batch_size": 12},
+        explorer={"runner_per_model": 2, "rollout_model": {"engine_num": 1}},
+    )
+    config = load_config(path)
+    config.model.tinker.enable = tinker_enabled
+    assert explorer_concurrency(config) == expected
+
+
 @pytest.mark.parametrize("bad", ["abc", "-5", "nan", "inf"])
 def test_bad_latency_is_a_one_line_error_exit_2(bad, capsys):
     assert main(["server", "--model", "demo", "--inject-latency-ms", bad]) == 2

@@ -359,6 +359,9 @@ def _synchronizer(config: Any) -> Synchronizer:
         sync_timeout=sync.sync_timeout,
         explorer_sync_interval=sync.explorer_sync_interval,
         trainer_sync_interval=sync.trainer_sync_interval,
+        # another process's new weights are a file: a stat every 0.1 s while waiting keeps the
+        # hand-over off a step's time (at 1 s it added up to a second per step)
+        poll_seconds=0.1,
     )
 
 
@@ -422,7 +425,7 @@ def _explorer(
         synchronizer=synchronizer,
         monitor=monitor,
         advantage_fn=explorer_hook(config.algorithm, seed=rollout.seed),
-        runners=rollout.engine_num * config.explorer.runner_per_model,
+        runners=explorer_concurrency(config),
         seed=rollout.seed,
         max_retry_times=config.explorer.max_retry_times,
         max_timeout=config.explorer.max_timeout,
@@ -437,6 +440,16 @@ def _explorer(
         over_rollout=(over.ratio, over.wait_after_min, over.return_partial_tasks),
         dynamic_timeout=(timeout.warmup_min_steps, timeout.ratio) if timeout.enable else None,
     )
+
+
+def explorer_concurrency(config: Any) -> int:
+    """Workflows in flight: ``engine_num x runner_per_model``; on the Tinker backend at least a
+    step's tasks, so every sample request of a step is in flight at once (a far service's round
+    trip is then paid once per step, not once per ``runner_per_model`` tasks)."""
+    concurrency = config.explorer.rollout_model.engine_num * config.explorer.runner_per_model
+    if config.model.tinker.enable:
+        concurrency = max(concurrency, config.buffer.batch_size)
+    return concurrency
 
 
 def _eval_readers(config: Any) -> dict[str, TasksetReader]:
