@@ -129,7 +129,6 @@ _AUXILIARY_OWN = ("max_model_len", "max_prompt_tokens", "max_response_tokens", "
 INERT: dict[str, Inert] = {
     "ray_namespace": Inert("Ray actors are named by the run", ("",)),
     "ignore_validator_suggestions": Inert("the GPU memory advisor has nothing to advise", (False,)),
-    "data_processor.task_pipeline": Inert(NOT_YET),
     "data_processor.experience_pipeline.input_save_path": Inert(
         "explorer output is kept in monitor/rollouts.db (monitor.max_rollouts)"
     ),

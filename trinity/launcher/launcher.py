@@ -346,6 +346,7 @@ def _reader(config: Any, taskset: Any, *, is_eval: bool = False) -> TasksetReade
         is_eval=is_eval,
         default_workflow=workflow,
         default_reward_fn=inputs.default_reward_fn_type,
+        task_pipeline=None if is_eval else config.data_processor.get("task_pipeline"),
     )
 
 
