@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +82,55 @@ def test_config_check_finds_the_plugin_operators(tmp_path):
     assert done.returncode == 0, done.stderr
     missing = subprocess.run(check, capture_output=True, text=True)
     assert missing.returncode == 2 and "keep_top_reward" in missing.stderr
+
+
+@pytest.mark.parametrize("storage", ["file", "sqlite"])
+def test_pipeline_output_also_gets_the_processed_experiences(tmp_path, storage):
+    path = tmp_path / "out.jsonl" if storage == "file" else tmp_path / "out.db"
+    output = {"name": "processed", "storage_type": storage, "path": str(path)}
+    if storage == "sqlite":
+        output["path"] = f"sqlite:///{path}"  # the original's form
+    pipeline = build_pipeline(
+        {
+            "experience_pipeline": {
+                "operators": [{"name": "reward_filter", "args": {"threshold": 0.5}}],
+                "output": output,
+            }
+        }
+    )
+    for step in range(2):
+        kept, _ = pipeline.process([exp("a", 1.0 + step, 2), exp("a", 0.0, 1)])
+        assert [e.reward for e in kept] == [1.0 + step]
+    if storage == "file":
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [row["reward"] for row in rows] == [1.0, 2.0]
+        assert types.Experience.from_dict(rows[0]).tokens == [1, 2, 3, 3]
+    else:
+        with sqlite3.connect(path) as conn:
+            rewards = [r for (r,) in conn.execute("SELECT reward FROM explorer_output ORDER BY id")]
+        assert rewards == [1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ({"storage_type": "queue", "path": "x"}, "must be a mapping with a path"),
+        ({"storage_type": "sql", "path": "postgresql://h/db"}, "only a file or a SQLite"),
+    ],
+)
+def test_pipeline_output_refused_at_config_check(tmp_path, output, message):
+    from trinity.config import ConfigError, load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"model_path": "demo", "max_prompt_tokens": 8, "max_response_tokens": 8},
+                "checkpoint_root_dir": str(tmp_path),
+                "buffer": {"explorer_input": {"taskset": {"path": "builtin:arithmetic"}}},
+                "data_processor": {"experience_pipeline": {"output": output}},
+            }
+        )
+    )
+    with pytest.raises(ConfigError, match=rf"experience_pipeline\.output.*{message}"):
+        load_config(path)

@@ -133,7 +133,6 @@ INERT: dict[str, Inert] = {
         "explorer output is kept in monitor/rollouts.db (monitor.max_rollouts)"
     ),
     "data_processor.experience_pipeline.inputs": Inert(NOT_YET, ({},)),
-    "data_processor.experience_pipeline.output": Inert(NOT_YET),
     "service": Inert(NOT_YET, ({},)),
     "algorithm.optimizer.optimizer_type": Inert("the optimizer is AdamW", ("adam", "adamw")),
     "algorithm.enable_router_replay": Inert("MoE router replay (veRL)", (False,)),

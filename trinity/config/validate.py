@@ -88,6 +88,7 @@ TASK_PIPELINE_REFUSED = {
     "inputs": "the pipeline runs on the training taskset's rows; point the taskset at the file",
     "output": "processed tasks are used in memory, not written",
 }
+PIPELINE_OUTPUT_STORAGE = ("file", "sqlite", "sql")
 EXPERIENCE_PIPELINE_KEYS = ("operators", "save_input", "input_save_path", "inputs", "output")
 
 
@@ -686,6 +687,20 @@ def _check_data_processor(data_processor: dict[str, Any]) -> None:
     key = "data_processor.experience_pipeline"
     require(isinstance(pipeline, dict), f"{key} must be a mapping, got {pipeline!r}")
     _known_keys(pipeline, key, EXPERIENCE_PIPELINE_KEYS)
+    output = pipeline.get("output")
+    if output:
+        require(
+            isinstance(output, dict)
+            and str(output.get("storage_type") or "file").lower() in PIPELINE_OUTPUT_STORAGE
+            and bool(output.get("path")),
+            f"{key}.output must be a mapping with a path and a storage_type of "
+            f"{', '.join(PIPELINE_OUTPUT_STORAGE)}, got {output!r}",
+        )
+        path = str(output["path"])
+        require(
+            "://" not in path or path.startswith("sqlite:///"),
+            f"{key}.output.path: only a file or a SQLite database here, got {path}",
+        )
     operators = pipeline.get("operators") or []
     require(isinstance(operators, list), f"{key}.operators must be a list of {{name, args}}")
     for index, operator in enumerate(operators):

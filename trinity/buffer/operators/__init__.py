@@ -16,16 +16,19 @@ batches, see ``Explorer.explore_step``). Without that a trainer in sync mode, wa
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from trinity.registry import EXPERIENCE_OPERATORS as OPERATORS
 from trinity.workflows.types import Experience
 
 Metrics = dict[str, float]
+SQLITE_URL = "sqlite:///"
 DATA_JUICER = "data_juicer"  # the original's Data-Juicer operator, which needs its service
 
 
@@ -198,16 +201,23 @@ class PassRateCalculator:
 
 
 class ExperiencePipeline:
-    """The configured operators, in order."""
+    """The configured operators, in order; ``output`` also gets what they keep."""
 
-    def __init__(self, operators: list[Any]):
+    def __init__(
+        self,
+        operators: list[Any],
+        output: Callable[[list[Experience]], None] | None = None,
+    ):
         self.operators = operators
+        self.output = output
 
     def process(self, experiences: list[Experience]) -> tuple[list[Experience], Metrics]:
         metrics: Metrics = {}
         for operator in self.operators:
             experiences, more = operator.process(experiences)
             metrics.update(more)
+        if self.output is not None and experiences:
+            self.output(experiences)
         return experiences, metrics
 
     def pass_rates(self) -> dict[int, float]:
@@ -228,9 +238,30 @@ def build_operator(name: str, args: dict[str, Any] | None) -> Any:
 def build_pipeline(data_processor: Any) -> ExperiencePipeline:
     """From the config's ``data_processor`` section (validated: see ``trinity.config.validate``)."""
     pipeline = (data_processor or {}).get("experience_pipeline") or {}
+    output = pipeline.get("output")
     return ExperiencePipeline(
-        [build_operator(op["name"], op.get("args")) for op in pipeline.get("operators") or []]
+        [build_operator(op["name"], op.get("args")) for op in pipeline.get("operators") or []],
+        output=output_writer(output) if output else None,
     )
+
+
+def output_writer(output: dict[str, Any]) -> Callable[[list[Experience]], None]:
+    """Where ``experience_pipeline.output`` sends the processed experiences, besides the
+    trainer: ``file`` appends JSON lines (``Experience.to_dict``) to ``path``; ``sqlite`` / ``sql``
+    (a SQLite file, or its URL ``sqlite:///x.db``) adds rows to its ``explorer_output`` table."""
+    from trinity.buffer.experience import build_experience_buffer
+
+    kind, path = str(output.get("storage_type") or "file").lower(), str(output["path"])
+    if kind == "file":
+        target = Path(path).expanduser()
+        target.parent.mkdir(parents=True, exist_ok=True)
+
+        def append(experiences: list[Experience]) -> None:
+            with target.open("a") as file:
+                file.writelines(json.dumps(exp.to_dict()) + "\n" for exp in experiences)
+
+        return append
+    return build_experience_buffer("sqlite", path.removeprefix(SQLITE_URL)).archive
 
 
 # the original's import path: its plugins import these from here
