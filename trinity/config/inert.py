@@ -120,7 +120,6 @@ _ROLLOUT_MODEL = {
     "enable_log_requests": Inert(NOT_YET, (False,)),
     "base_port": Inert(NOT_YET),
     "api_key": Inert(NOT_YET, ("EMPTY",)),
-    "reasoning_parser": Inert(NOT_YET),
     "enable_multimodal": Inert(NOT_YET, (False,)),
 }
 # what an auxiliary model takes from its own entry (model.* is for the rollout model)

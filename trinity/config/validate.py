@@ -68,6 +68,8 @@ DIFFICULTY_KWARGS = ("m", "lamb", "rho", "adaptive_rho", "do_sample", "target_re
 PROMPT_TYPES = ("messages", "plaintext")
 CONCURRENT_MODES = ("sequential", "asynchronous", "multi-threading")
 NO_MONITOR = ("none", "null", "off", "")
+# vLLM's <think> reasoning parsers (trinity.explorer.openai_api.split_reasoning)
+REASONING_PARSERS = ("deepseek_r1", "qwen3")
 SAVE_HF_CHECKPOINT = ("last", "always", "never")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 BUILTIN_PREFIX = "builtin:"
@@ -524,6 +526,14 @@ def _check_explorer_trainer(config: Config) -> None:
     explorer, trainer = config.explorer, config.trainer
     _at_least(explorer.runner_per_model, 1, "explorer.runner_per_model")
     _at_least(explorer.rollout_model.engine_num, 1, "explorer.rollout_model.engine_num")
+    models = [("explorer.rollout_model", explorer.rollout_model)] + [
+        (f"explorer.auxiliary_models[{i}]", aux) for i, aux in enumerate(explorer.auxiliary_models)
+    ]
+    for where, model in models:
+        if model.reasoning_parser:
+            model.reasoning_parser = choice(
+                model.reasoning_parser, f"{where}.reasoning_parser", REASONING_PARSERS
+            )
     _at_least(explorer.max_retry_times, 0, "explorer.max_retry_times")
     _positive(explorer.max_timeout, "explorer.max_timeout")
     _at_least(explorer.eval_interval, 1, "explorer.eval_interval")
