@@ -159,7 +159,6 @@ INERT: dict[str, Inert] = {
     **{f"buffer.explorer_input.eval_tasksets[*].{k}": v for k, v in _TASKSET.items()},
     "explorer.runner_prepare_concurrency": Inert("runners need no preparation", (8,)),
     "explorer.runner_prepare_max_retries": Inert("runners need no preparation", (2,)),
-    "explorer.max_repeat_times_per_runner": Inert(NOT_YET),
     **{f"explorer.rollout_model.{k}": v for k, v in _ROLLOUT_MODEL.items()},
     **{
         f"explorer.auxiliary_models[*].{k}": v

@@ -526,6 +526,7 @@ def _check_explorer_trainer(config: Config) -> None:
     explorer, trainer = config.explorer, config.trainer
     _at_least(explorer.runner_per_model, 1, "explorer.runner_per_model")
     _at_least(explorer.rollout_model.engine_num, 1, "explorer.rollout_model.engine_num")
+    _at_least(explorer.max_repeat_times_per_runner, 1, "explorer.max_repeat_times_per_runner")
     models = [("explorer.rollout_model", explorer.rollout_model)] + [
         (f"explorer.auxiliary_models[{i}]", aux) for i, aux in enumerate(explorer.auxiliary_models)
     ]

@@ -436,6 +436,7 @@ def _explorer(
         job_dir=JobDir(config.checkpoint_job_dir),
         auxiliary=auxiliary,
         over_rollout=(over.ratio, over.wait_after_min, over.return_partial_tasks),
+        max_repeat_times_per_runner=config.explorer.max_repeat_times_per_runner,
         dynamic_timeout=(timeout.warmup_min_steps, timeout.ratio) if timeout.enable else None,
     )
 
