@@ -408,3 +408,39 @@ def test_a_stop_string_keeps_eos_and_the_recorded_tokens_are_the_sampled_ones(
         assert choice.message.content == model.tokenizer.decode(sampled[:-1])
     finally:
         close()
+
+
+@pytest.mark.parametrize(
+    ("parser", "reply", "reasoning", "content"),
+    [
+        ("qwen3", "<think>add them</think>\n\nThe answer is 5", "add them", "The answer is 5"),
+        ("qwen3", "The answer is 5", None, "The answer is 5"),
+        ("deepseek_r1", "add them</think>It is 5", "add them", "It is 5"),  # <think> in the prompt
+        ("deepseek_r1", "still thinking", "still thinking", None),
+        (None, "<think>add them</think>5", None, "<think>add them</think>5"),
+    ],
+)
+def test_reasoning_parser_splits_the_reply(tokenizer, parser, reply, reasoning, content):
+    model = policy(ScriptedBackend(tokenizer, [f"{reply}<|im_end|>"]), reasoning_parser=parser)
+    completion = model.get_openai_client().chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "What is 2 + 3?"}]
+    )
+    message = completion.choices[0].message
+    assert message.content == content
+    assert getattr(message, "reasoning_content", None) == reasoning
+    # the recorded sample is the whole reply, reasoning included
+    assert tokenizer.decode(completion.choices[0].token_ids).startswith(reply)
+
+
+def test_unknown_reasoning_parser_is_a_config_error(tmp_path):
+    from trinity.config import ConfigError, load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "model: {model_path: demo, max_prompt_tokens: 8, max_response_tokens: 8}\n"
+        f"checkpoint_root_dir: {tmp_path}\n"
+        "buffer: {explorer_input: {taskset: {path: 'builtin:arithmetic'}}}\n"
+        "explorer: {rollout_model: {reasoning_parser: deepseek}}\n"
+    )
+    with pytest.raises(ConfigError, match="explorer.rollout_model.reasoning_parser: 'deepseek'"):
+        load_config(path)

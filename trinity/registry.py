@@ -91,6 +91,9 @@ REWARD_FUNCTIONS: Registry[Callable[..., dict[str, float]]] = Registry(
 MONITORS: Registry[Any] = Registry("monitor", "trinity.monitor")
 # data_processor.experience_pipeline.operators[*].name -> a class taking the operator's args
 EXPERIENCE_OPERATORS: Registry[Any] = Registry("experience operator", "trinity.buffer.operators")
+# data_processor.task_pipeline.operators[*].name -> a factory taking the operator's args, giving
+# ``op(rows, target_fields) -> rows``
+TASK_OPERATORS: Registry[Any] = Registry("task operator", "trinity.buffer.task_pipeline")
 BUILTIN_TASKSETS: Registry[Callable[..., list[dict[str, Any]]]] = Registry(
     "builtin taskset", "trinity.buffer.procedural"
 )

@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 
 from trinity.buffer.procedural import BUILTIN_TASKSETS, build_builtin
 from trinity.buffer.selectors import build_selector
+from trinity.buffer.task_pipeline import run_task_pipeline
 from trinity.config import ConfigError, load_section
 from trinity.config.schema import TasksetConfig
 from trinity.workflows import REWARD_FUNCTIONS, WORKFLOWS
@@ -68,7 +69,10 @@ class TasksetReader:
         default_reward_fn: str | None = None,
         is_eval: bool = False,
         seed: int | None = None,
+        task_pipeline: dict[str, Any] | None = None,
     ):
+        """``task_pipeline``: the original's ``data_processor.task_pipeline``, run once over the
+        rows when they are loaded (``trinity.buffer.task_pipeline``)."""
         cfg = load_section(TasksetConfig, taskset_cfg)
         self.name = cfg.name or "taskset"
         self.path = cfg.path or ""
@@ -106,8 +110,13 @@ class TasksetReader:
         self._check_names()
 
         self.rows = load_rows(cfg)
+        if task_pipeline:
+            self.rows = run_task_pipeline(self.rows, task_pipeline, cfg.format.prompt_key)
         if len(self.rows) == 0:
-            raise TasksetError(f"taskset '{self.name}' ({self.path}) has no rows")
+            raise TasksetError(
+                f"taskset '{self.name}' ({self.path}) has no rows"
+                + (" left after data_processor.task_pipeline" if task_pipeline else "")
+            )
         if not self.format.get("workflow_key"):  # rows that pick their own workflow are not
             self._check_rows()
         self._next_batch = 0

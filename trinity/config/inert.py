@@ -120,7 +120,6 @@ _ROLLOUT_MODEL = {
     "enable_log_requests": Inert(NOT_YET, (False,)),
     "base_port": Inert(NOT_YET),
     "api_key": Inert(NOT_YET, ("EMPTY",)),
-    "reasoning_parser": Inert(NOT_YET),
     "enable_multimodal": Inert(NOT_YET, (False,)),
 }
 # what an auxiliary model takes from its own entry (model.* is for the rollout model)
@@ -129,12 +128,10 @@ _AUXILIARY_OWN = ("max_model_len", "max_prompt_tokens", "max_response_tokens", "
 INERT: dict[str, Inert] = {
     "ray_namespace": Inert("Ray actors are named by the run", ("",)),
     "ignore_validator_suggestions": Inert("the GPU memory advisor has nothing to advise", (False,)),
-    "data_processor.task_pipeline": Inert(NOT_YET),
     "data_processor.experience_pipeline.input_save_path": Inert(
         "explorer output is kept in monitor/rollouts.db (monitor.max_rollouts)"
     ),
     "data_processor.experience_pipeline.inputs": Inert(NOT_YET, ({},)),
-    "data_processor.experience_pipeline.output": Inert(NOT_YET),
     "service": Inert(NOT_YET, ({},)),
     "algorithm.optimizer.optimizer_type": Inert("the optimizer is AdamW", ("adam", "adamw")),
     "algorithm.enable_router_replay": Inert("MoE router replay (veRL)", (False,)),
@@ -162,7 +159,6 @@ INERT: dict[str, Inert] = {
     **{f"buffer.explorer_input.eval_tasksets[*].{k}": v for k, v in _TASKSET.items()},
     "explorer.runner_prepare_concurrency": Inert("runners need no preparation", (8,)),
     "explorer.runner_prepare_max_retries": Inert("runners need no preparation", (2,)),
-    "explorer.max_repeat_times_per_runner": Inert(NOT_YET),
     **{f"explorer.rollout_model.{k}": v for k, v in _ROLLOUT_MODEL.items()},
     **{
         f"explorer.auxiliary_models[*].{k}": v

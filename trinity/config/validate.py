@@ -29,6 +29,7 @@ from trinity.registry import (
     MONITORS,
     POLICY_LOSSES,
     REWARD_FUNCTIONS,
+    TASK_OPERATORS,
     WORKFLOWS,
     Registry,
 )
@@ -67,10 +68,29 @@ DIFFICULTY_KWARGS = ("m", "lamb", "rho", "adaptive_rho", "do_sample", "target_re
 PROMPT_TYPES = ("messages", "plaintext")
 CONCURRENT_MODES = ("sequential", "asynchronous", "multi-threading")
 NO_MONITOR = ("none", "null", "off", "")
+# vLLM's <think> reasoning parsers (trinity.explorer.openai_api.split_reasoning)
+REASONING_PARSERS = ("deepseek_r1", "qwen3")
 SAVE_HF_CHECKPOINT = ("last", "always", "never")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 BUILTIN_PREFIX = "builtin:"
 DATA_PROCESSOR_KEYS = ("task_pipeline", "experience_pipeline")
+TASK_PIPELINE_KEYS = (
+    "operators",
+    "num_process",
+    "config_path",
+    "inputs",
+    "output",
+    "target_fields",
+    "priority_weights",
+    "top_k",
+)
+# task_pipeline keys refused here, and why
+TASK_PIPELINE_REFUSED = {
+    "config_path": "a Data-Juicer recipe needs Data-Juicer",
+    "inputs": "the pipeline runs on the training taskset's rows; point the taskset at the file",
+    "output": "processed tasks are used in memory, not written",
+}
+PIPELINE_OUTPUT_STORAGE = ("file", "sqlite", "sql")
 EXPERIENCE_PIPELINE_KEYS = ("operators", "save_input", "input_save_path", "inputs", "output")
 
 
@@ -506,6 +526,15 @@ def _check_explorer_trainer(config: Config) -> None:
     explorer, trainer = config.explorer, config.trainer
     _at_least(explorer.runner_per_model, 1, "explorer.runner_per_model")
     _at_least(explorer.rollout_model.engine_num, 1, "explorer.rollout_model.engine_num")
+    _at_least(explorer.max_repeat_times_per_runner, 1, "explorer.max_repeat_times_per_runner")
+    models = [("explorer.rollout_model", explorer.rollout_model)] + [
+        (f"explorer.auxiliary_models[{i}]", aux) for i, aux in enumerate(explorer.auxiliary_models)
+    ]
+    for where, model in models:
+        if model.reasoning_parser:
+            model.reasoning_parser = choice(
+                model.reasoning_parser, f"{where}.reasoning_parser", REASONING_PARSERS
+            )
     _at_least(explorer.max_retry_times, 0, "explorer.max_retry_times")
     _positive(explorer.max_timeout, "explorer.max_timeout")
     _at_least(explorer.eval_interval, 1, "explorer.eval_interval")
@@ -664,10 +693,25 @@ def _derive_paths(config: Config) -> None:
 def _check_data_processor(data_processor: dict[str, Any]) -> None:
     """Known sections, and operators that exist and accept their args (built once to check)."""
     _known_keys(data_processor, "data_processor", DATA_PROCESSOR_KEYS)
+    _check_task_pipeline(data_processor.get("task_pipeline") or {})
     pipeline = data_processor.get("experience_pipeline") or {}
     key = "data_processor.experience_pipeline"
     require(isinstance(pipeline, dict), f"{key} must be a mapping, got {pipeline!r}")
     _known_keys(pipeline, key, EXPERIENCE_PIPELINE_KEYS)
+    output = pipeline.get("output")
+    if output:
+        require(
+            isinstance(output, dict)
+            and str(output.get("storage_type") or "file").lower() in PIPELINE_OUTPUT_STORAGE
+            and bool(output.get("path")),
+            f"{key}.output must be a mapping with a path and a storage_type of "
+            f"{', '.join(PIPELINE_OUTPUT_STORAGE)}, got {output!r}",
+        )
+        path = str(output["path"])
+        require(
+            "://" not in path or path.startswith("sqlite:///"),
+            f"{key}.output.path: only a file or a SQLite database here, got {path}",
+        )
     operators = pipeline.get("operators") or []
     require(isinstance(operators, list), f"{key}.operators must be a list of {{name, args}}")
     for index, operator in enumerate(operators):
@@ -687,6 +731,49 @@ def _check_data_processor(data_processor: dict[str, Any]) -> None:
         require(isinstance(args, dict), f"{where}.args must be a mapping, got {args!r}")
         try:
             EXPERIENCE_OPERATORS.get(name)(**args)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}.args: {name}: {exc}") from None
+
+
+def _check_task_pipeline(pipeline: Any) -> None:
+    key = "data_processor.task_pipeline"
+    require(isinstance(pipeline, dict), f"{key} must be a mapping, got {pipeline!r}")
+    _known_keys(pipeline, key, TASK_PIPELINE_KEYS)
+    for name, why in TASK_PIPELINE_REFUSED.items():
+        require(not pipeline.get(name), f"{key}.{name}: not supported here ({why})")
+    top_k = pipeline.get("top_k", -1)
+    require(
+        isinstance(top_k, int) and (top_k >= 1 or top_k == -1),
+        f"{key}.top_k must be a positive integer or -1 (all), got {top_k!r}",
+    )
+    weights = pipeline.get("priority_weights") or {}
+    require(
+        isinstance(weights, dict) and all(isinstance(w, int | float) for w in weights.values()),
+        f"{key}.priority_weights must map row fields to numbers, got {weights!r}",
+    )
+    fields = pipeline.get("target_fields") or []
+    require(
+        isinstance(fields, list) and all(isinstance(f, str) for f in fields),
+        f"{key}.target_fields must be a list of row field names, got {fields!r}",
+    )
+    operators = pipeline.get("operators") or []
+    require(isinstance(operators, list), f"{key}.operators must be a list of {{name, args}}")
+    for index, operator in enumerate(operators):
+        where = f"{key}.operators[{index}]"
+        require(
+            isinstance(operator, dict) and isinstance(operator.get("name"), str),
+            f"{where} must be a mapping with a name, got {operator!r}",
+        )
+        _known_keys(operator, where, ("name", "args"))
+        name, args = operator["name"], operator.get("args") or {}
+        require(
+            name in TASK_OPERATORS,
+            f"{where}.name: '{name}' needs Data-Juicer or is unknown; the operators that run "
+            f"here without it: {', '.join(sorted(TASK_OPERATORS))}",
+        )
+        require(isinstance(args, dict), f"{where}.args must be a mapping, got {args!r}")
+        try:
+            TASK_OPERATORS.get(name)(**args)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}.args: {name}: {exc}") from None
 

@@ -66,6 +66,7 @@ class Explorer:
         auxiliary: Sequence[AuxiliaryModel] = (),
         over_rollout: tuple[float, float, bool] = (0.0, 30.0, False),
         dynamic_timeout: tuple[int, float] | None = None,
+        max_repeat_times_per_runner: int | None = None,
     ):
         """``remote_rollout(task, seed)``: run workflows elsewhere (Ray runner actors) instead of
         in this event loop; retries, timeouts and bookkeeping stay here either way.
@@ -79,7 +80,10 @@ class Explorer:
         ``wait_after_min`` seconds more for the rest, which are then cancelled (keeping the runs
         that ended, with ``return_partial_tasks``). ``dynamic_timeout``:
         ``(warmup_min_steps, ratio)``: after that many steps a workflow run times out at ``ratio``
-        times the mean duration of the successful training runs so far (at most ``max_timeout``)."""
+        times the mean duration of the successful training runs so far (at most ``max_timeout``).
+        ``max_repeat_times_per_runner``: a task of more ``repeat_times`` runs as several parts of
+        at most that many, each in its own runner slot with its own seed; their experiences form
+        the one group (``info["run"]`` numbered across the parts)."""
         self.sampler = sampler
         self.settings = settings
         self.reader = reader
@@ -88,6 +92,7 @@ class Explorer:
         self.monitor = monitor
         self.advantage_fn = advantage_fn
         self.runners = asyncio.Semaphore(max(1, runners))
+        self.max_repeat_times_per_runner = max_repeat_times_per_runner
         self.seed = seed
         self.max_retry_times = max_retry_times
         self.max_timeout = max_timeout
@@ -275,11 +280,40 @@ class Explorer:
     ) -> list[Experience]:
         """One workflow run with retries and a timeout; a task that keeps failing yields nothing.
         ``finished_runs`` collects the runs of a non-repeatable workflow as each ends (in-process
-        rollouts), for over-rollout's ``return_partial_tasks``."""
+        rollouts), for over-rollout's ``return_partial_tasks`` (not kept for a split task)."""
+        limit = self.max_repeat_times_per_runner
+        if not limit or task.repeat_times <= limit:
+            return await self._run_part(task, step, is_eval, finished_runs)
+        offsets = range(0, task.repeat_times, limit)
+        parts = await asyncio.gather(
+            *(
+                self._run_part(
+                    dataclasses.replace(task, repeat_times=min(limit, task.repeat_times - first)),
+                    step,
+                    is_eval,
+                    None,
+                    first_run=first,
+                )
+                for first in offsets
+            )
+        )
+        return [exp for part in parts for exp in part]
+
+    async def _run_part(
+        self,
+        task: Task,
+        step: int,
+        is_eval: bool,
+        finished_runs: list[Experience] | None,
+        first_run: int = 0,
+    ) -> list[Experience]:
+        """``task``'s runs ``first_run ...`` (all of them unless split)."""
         for attempt in range(self.max_retry_times + 1):
             seed = derive_seed(
                 self.seed, "eval" if is_eval else "train", step, task.task_id, attempt
             )
+            if first_run:
+                seed = derive_seed(seed, "part", first_run)
             if finished_runs is not None:
                 finished_runs.clear()  # runs of an earlier, failed attempt do not count
             try:
@@ -307,6 +341,9 @@ class Explorer:
                 continue
             if not experiences:
                 log.warning("task %s: the workflow returned no experiences; skipped", task.task_id)
+            if first_run:
+                for exp in experiences:
+                    exp.info["run"] = exp.info.get("run", 0) + first_run
             return self._stamp(experiences, task, step, is_eval)
         return []
 

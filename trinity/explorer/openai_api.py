@@ -11,7 +11,8 @@ A chat completion: the prompt is the conversation as ``Conversations`` builds it
 as their sampled ids), the samples are the sampler's (recorded in its history), and the answer
 is the SDK's own ``ChatCompletion``: content cut at a stop string as OpenAI does (the stop's
 tokens stay in the recorded sample), tool calls parsed (``trinity.explorer.tool_calls``),
-per-token logprobs, and vLLM's ``prompt_token_ids`` / ``token_ids`` extras. Bad requests (a
+per-token logprobs, the reasoning split from the content as vLLM's ``reasoning_parser`` does
+(``reasoning_content``), and vLLM's ``prompt_token_ids`` / ``token_ids`` extras. Bad requests (a
 prompt past the context, streaming, unknown tools settings) answer 400 with one line.
 """
 
@@ -36,6 +37,10 @@ from trinity.explorer.tool_calls import MalformedToolCall, parse_tool_calls, res
 
 log = logging.getLogger(__name__)
 UNSUPPORTED = ("stream", "top_logprobs")
+THINK_START, THINK_END = "<think>", "</think>"
+# explorer.rollout_model.reasoning_parser -> whether a reply without </think> is all reasoning
+# (deepseek_r1: the chat template opened <think> in the prompt) or all content (qwen3)
+REASONING_PARSERS = {"deepseek_r1": True, "qwen3": False}
 
 
 class RequestError(ValueError):
@@ -242,7 +247,21 @@ def _message(
         if calls:
             message["tool_calls"] = calls
             finish = "tool_calls"
+    if model.settings.reasoning_parser and message["content"]:
+        reasoning, message["content"] = split_reasoning(
+            message["content"], model.settings.reasoning_parser
+        )
+        message["reasoning_content"] = reasoning
     return message, finish
+
+
+def split_reasoning(text: str, parser: str) -> tuple[str | None, str | None]:
+    """(reasoning, content) of a reply, as vLLM's ``parser`` reasoning parser splits it: the
+    text up to ``</think>`` (without ``<think>``) is the reasoning, the rest the content."""
+    if THINK_END not in text:
+        return (text.removeprefix(THINK_START), None) if REASONING_PARSERS[parser] else (None, text)
+    reasoning, _, content = text.partition(THINK_END)
+    return reasoning.strip().removeprefix(THINK_START).strip(), content.strip() or None
 
 
 def _token_logprobs(tokenizer: Any, response: Any) -> list[dict[str, Any]]:

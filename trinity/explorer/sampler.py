@@ -37,6 +37,7 @@ class RolloutSettings:
     enable_openai_api: bool = False
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    reasoning_parser: str | None = None  # trinity.explorer.openai_api.REASONING_PARSERS
 
 
 @dataclass

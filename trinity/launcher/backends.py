@@ -284,6 +284,7 @@ def auxiliary_settings(config: Any, aux: Any) -> RolloutSettings:
         enable_thinking=aux.enable_thinking,
         enable_auto_tool_choice=aux.enable_auto_tool_choice,
         tool_call_parser=aux.tool_call_parser,
+        reasoning_parser=aux.reasoning_parser,
     )
 
 
@@ -306,4 +307,5 @@ def rollout_settings(config: Any) -> RolloutSettings:
         enable_openai_api=rollout.enable_openai_api,
         enable_auto_tool_choice=rollout.enable_auto_tool_choice,
         tool_call_parser=rollout.tool_call_parser,
+        reasoning_parser=rollout.reasoning_parser,
     )

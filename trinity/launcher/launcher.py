@@ -346,6 +346,7 @@ def _reader(config: Any, taskset: Any, *, is_eval: bool = False) -> TasksetReade
         is_eval=is_eval,
         default_workflow=workflow,
         default_reward_fn=inputs.default_reward_fn_type,
+        task_pipeline=None if is_eval else config.data_processor.get("task_pipeline"),
     )
 
 
@@ -438,6 +439,7 @@ def _explorer(
         job_dir=JobDir(config.checkpoint_job_dir),
         auxiliary=auxiliary,
         over_rollout=(over.ratio, over.wait_after_min, over.return_partial_tasks),
+        max_repeat_times_per_runner=config.explorer.max_repeat_times_per_runner,
         dynamic_timeout=(timeout.warmup_min_steps, timeout.ratio) if timeout.enable else None,
     )
 

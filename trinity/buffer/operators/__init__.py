@@ -5,7 +5,7 @@ its names and arguments. They run in the explorer on each step's experiences, in
 before the group advantages (as in the original), so a filtered group never skews a baseline.
 Each operator is ``process(experiences) -> (kept experiences, metrics)``; the explorer logs the
 metrics as ``experience_pipeline/<metric>``. Plugins add operators with
-``@EXPERIENCE_OPERATORS.register("name")`` on a class taking the operator's ``args``.
+``@OPERATORS.register("name")`` on a class taking the operator's ``args``.
 
 Groups are the explorer's: the ``repeat_times`` rollouts of one task in one step (``group_id``).
 Filters only drop, as the original's do; refilling the step is the explorer's (dynamic sampling:
@@ -16,16 +16,19 @@ batches, see ``Explorer.explore_step``). Without that a trainer in sync mode, wa
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
-from trinity.registry import EXPERIENCE_OPERATORS
+from trinity.registry import EXPERIENCE_OPERATORS as OPERATORS
 from trinity.workflows.types import Experience
 
 Metrics = dict[str, float]
+SQLITE_URL = "sqlite:///"
 DATA_JUICER = "data_juicer"  # the original's Data-Juicer operator, which needs its service
 
 
@@ -50,7 +53,7 @@ def _keep_groups(
     }
 
 
-@EXPERIENCE_OPERATORS.register("reward_filter")
+@OPERATORS.register("reward_filter")
 class RewardFilter:
     """Keep experiences whose reward is at least ``threshold`` (RAFT-style rejection sampling)."""
 
@@ -62,7 +65,7 @@ class RewardFilter:
         return kept, {"reward_filter/filtered_count": float(len(experiences) - len(kept))}
 
 
-@EXPERIENCE_OPERATORS.register("reward_std_filter")
+@OPERATORS.register("reward_std_filter")
 class RewardStdFilter:
     """Drop task groups of fewer than two experiences or whose rewards' population standard
     deviation is at most ``threshold``: with GRPO they would all get advantage 0."""
@@ -78,7 +81,7 @@ class RewardStdFilter:
         return _keep_groups(experiences, "reward_std_filter", varied)
 
 
-@EXPERIENCE_OPERATORS.register("dapo_dynamic_sampling")
+@OPERATORS.register("dapo_dynamic_sampling")
 class DapoDynamicSampling:
     """DAPO's dynamic sampling: keep groups that are neither all correct nor all wrong, where an
     experience is correct when its ``metric_key`` (a reward component, else an ``info`` entry,
@@ -99,7 +102,7 @@ class DapoDynamicSampling:
         return _keep_groups(experiences, "dapo_dynamic_sampling", mixed)
 
 
-@EXPERIENCE_OPERATORS.register("invalid_reward_filter")
+@OPERATORS.register("invalid_reward_filter")
 class InvalidRewardFilter:
     """Drop experiences whose reward is missing or not a finite number."""
 
@@ -112,7 +115,7 @@ class InvalidRewardFilter:
         return kept, {"invalid_reward_filter/filtered_count": float(len(experiences) - len(kept))}
 
 
-@EXPERIENCE_OPERATORS.register("mask_response_truncated")
+@OPERATORS.register("mask_response_truncated")
 class MaskResponseTruncated:
     """Zero the loss mask of responses cut at ``max_response_tokens``: they still count in their
     group's baseline but teach nothing themselves (DAPO's overlong filtering)."""
@@ -134,7 +137,7 @@ SHAPING_OPS: dict[str, Callable[[float, float], float]] = {
 }
 
 
-@EXPERIENCE_OPERATORS.register("reward_shaping_mapper")
+@OPERATORS.register("reward_shaping_mapper")
 class RewardShapingMapper:
     """``reward <op>= weight * value`` for each ``{stats_key, op_type: ADD|SUB|MUL|DIV, weight}``,
     the value read from the experience's ``info`` (else its reward components); an experience
@@ -167,7 +170,7 @@ class RewardShapingMapper:
         return experiences, {"reward_shaping_mapper/shaped_count": float(shaped)}
 
 
-@EXPERIENCE_OPERATORS.register("pass_rate_calculator")
+@OPERATORS.register("pass_rate_calculator")
 class PassRateCalculator:
     """Each task's pass rate this step (its group's mean reward), for the ``difficulty_based``
     task selector (``pass_rates``, by the task's taskset row) and as metrics."""
@@ -198,16 +201,23 @@ class PassRateCalculator:
 
 
 class ExperiencePipeline:
-    """The configured operators, in order."""
+    """The configured operators, in order; ``output`` also gets what they keep."""
 
-    def __init__(self, operators: list[Any]):
+    def __init__(
+        self,
+        operators: list[Any],
+        output: Callable[[list[Experience]], None] | None = None,
+    ):
         self.operators = operators
+        self.output = output
 
     def process(self, experiences: list[Experience]) -> tuple[list[Experience], Metrics]:
         metrics: Metrics = {}
         for operator in self.operators:
             experiences, more = operator.process(experiences)
             metrics.update(more)
+        if self.output is not None and experiences:
+            self.output(experiences)
         return experiences, metrics
 
     def pass_rates(self) -> dict[int, float]:
@@ -221,13 +231,44 @@ class ExperiencePipeline:
 
 def build_operator(name: str, args: dict[str, Any] | None) -> Any:
     """The operator ``name`` with its ``args``; ValueError / TypeError name what is wrong."""
-    cls = EXPERIENCE_OPERATORS.get(name)
+    cls = OPERATORS.get(name)
     return cls(**dict(args or {}))
 
 
 def build_pipeline(data_processor: Any) -> ExperiencePipeline:
     """From the config's ``data_processor`` section (validated: see ``trinity.config.validate``)."""
     pipeline = (data_processor or {}).get("experience_pipeline") or {}
+    output = pipeline.get("output")
     return ExperiencePipeline(
-        [build_operator(op["name"], op.get("args")) for op in pipeline.get("operators") or []]
+        [build_operator(op["name"], op.get("args")) for op in pipeline.get("operators") or []],
+        output=output_writer(output) if output else None,
     )
+
+
+def output_writer(output: dict[str, Any]) -> Callable[[list[Experience]], None]:
+    """Where ``experience_pipeline.output`` sends the processed experiences, besides the
+    trainer: ``file`` appends JSON lines (``Experience.to_dict``) to ``path``; ``sqlite`` / ``sql``
+    (a SQLite file, or its URL ``sqlite:///x.db``) adds rows to its ``explorer_output`` table."""
+    from trinity.buffer.experience import build_experience_buffer
+
+    kind, path = str(output.get("storage_type") or "file").lower(), str(output["path"])
+    if kind == "file":
+        target = Path(path).expanduser()
+        target.parent.mkdir(parents=True, exist_ok=True)
+
+        def append(experiences: list[Experience]) -> None:
+            with target.open("a") as file:
+                file.writelines(json.dumps(exp.to_dict()) + "\n" for exp in experiences)
+
+        return append
+    return build_experience_buffer("sqlite", path.removeprefix(SQLITE_URL)).archive
+
+
+# the original's import path: its plugins import these from here
+from trinity.compat.operators import (  # noqa: E402
+    EXPERIENCE_OPERATORS,
+    ExperienceOperator,
+    ExperienceOperatorV1,
+)
+
+__all__ = ["EXPERIENCE_OPERATORS", "ExperienceOperator", "ExperienceOperatorV1"]
