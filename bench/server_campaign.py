@@ -392,7 +392,8 @@ def tenant_work(url: str, base: str, key: str, seed: int, steps: int) -> dict:
 
 
 def probes(url: str, me: str, victim: dict) -> list[tuple[str, bool]]:
-    """(probe, refused) for every way ``me`` could reach ``victim``'s things."""
+    """(probe, refused) for every way ``me`` could reach ``victim``'s things. (Publishing, TTL
+    changes and session reads are not served at all, for anyone, so they are no probe here.)"""
     rest = tinker.RestClient(base_url=url, api_key=me)
     sc = tinker.ServiceClient(base_url=url, api_key=me)
     state, sampler, run = victim["state"], victim["sampler"], victim["run"]
@@ -405,7 +406,15 @@ def probes(url: str, me: str, victim: dict) -> list[tuple[str, bool]]:
         )
         r.raise_for_status()
 
+    def post(route: str, payload: dict) -> None:
+        r = httpx.post(f"{url}/api/v1/{route}", headers={"X-API-Key": me}, json=payload)
+        r.raise_for_status()
+
+    session = victim["session"]
     attempts = {
+        "finish_session": lambda: post(f"sessions/{session}/finish", {"reason": None}),
+        "session_heartbeat": lambda: post("session_heartbeat", {"session_id": session}),
+        "get_info": lambda: post("get_info", {"model_id": run}),
         "get_training_run": lambda: rest.get_training_run(run).result(),
         "run_by_path": lambda: rest.get_training_run_by_tinker_path(state).result(),
         "list_checkpoints": lambda: rest.list_checkpoints(run).result(),
@@ -413,9 +422,6 @@ def probes(url: str, me: str, victim: dict) -> list[tuple[str, bool]]:
         "download_urls": lambda: rest.get_external_weights_urls(state).result(),
         "delete": lambda: rest.delete_checkpoint_from_tinker_path(state).result(),
         "delete_sampler": lambda: rest.delete_checkpoint_from_tinker_path(sampler).result(),
-        "publish": lambda: rest.publish_checkpoint_from_tinker_path(state).result(),
-        "set_ttl": lambda: rest.set_checkpoint_ttl_from_tinker_path(state, 1).result(),
-        "get_session": lambda: rest.get_session(victim["session"]).result(),
         "get_sampler": lambda: rest.get_sampler(victim["sampler_id"]).result(),
         "create_from_state": lambda: sc.create_training_client_from_state(state).result(),
         "load_state": lambda: (
