@@ -377,12 +377,14 @@ def tenant_work(url: str, base: str, key: str, seed: int, steps: int) -> dict:
             calls += 3
     losses.append(loss(tc))
     state = tc.save_state("final").result().path
-    calls += 2
+    external = tc.save_weights_external("final").result().path
+    calls += 3
     return {
         "losses": losses,
         "tokens": tokens,
         "calls": calls,
         "state": state,
+        "external": external,
         "sampler": path,
         "run": tc.model_id,
         "session": sc.holder.get_session_id(),
@@ -412,16 +414,13 @@ def probes(url: str, me: str, victim: dict) -> list[tuple[str, bool]]:
 
     session = victim["session"]
     attempts = {
-        "finish_session": lambda: post(f"sessions/{session}/finish", {"reason": None}),
         "session_heartbeat": lambda: post("session_heartbeat", {"session_id": session}),
         "get_info": lambda: post("get_info", {"model_id": run}),
         "get_training_run": lambda: rest.get_training_run(run).result(),
         "run_by_path": lambda: rest.get_training_run_by_tinker_path(state).result(),
         "list_checkpoints": lambda: rest.list_checkpoints(run).result(),
         "weights_info": lambda: rest.get_weights_info_by_tinker_path(state).result(),
-        "download_urls": lambda: rest.get_external_weights_urls(state).result(),
-        "delete": lambda: rest.delete_checkpoint_from_tinker_path(state).result(),
-        "delete_sampler": lambda: rest.delete_checkpoint_from_tinker_path(sampler).result(),
+        "download_urls": lambda: rest.get_external_weights_urls(victim["external"]).result(),
         "get_sampler": lambda: rest.get_sampler(victim["sampler_id"]).result(),
         "create_from_state": lambda: sc.create_training_client_from_state(state).result(),
         "load_state": lambda: (
@@ -437,18 +436,20 @@ def probes(url: str, me: str, victim: dict) -> list[tuple[str, bool]]:
             .result()
         ),
         "export_peft": http_export,
+        "finish_session": lambda: post(f"sessions/{session}/finish", {"reason": None}),
+        "delete": lambda: rest.delete_checkpoint_from_tinker_path(state).result(),
+        "delete_sampler": lambda: rest.delete_checkpoint_from_tinker_path(sampler).result(),
     }
-    out = []
+    mine = {c.tinker_path for c in rest.list_user_checkpoints(limit=10000).result().checkpoints}
+    out = [("list_user_checkpoints", not ({state, sampler} & mine))]
+    runs = {r.training_run_id for r in rest.list_training_runs(limit=10000).result().training_runs}
+    out.append(("list_training_runs", run not in runs))
     for name, attempt in attempts.items():
         try:
             attempt()
             out.append((name, False))
         except Exception:  # noqa: BLE001 - any refusal counts; success is the failure
             out.append((name, True))
-    mine = {c.tinker_path for c in rest.list_user_checkpoints(limit=10000).result().checkpoints}
-    out.append(("list_user_checkpoints", not ({state, sampler} & mine)))
-    runs = {r.training_run_id for r in rest.list_training_runs(limit=10000).result().training_runs}
-    out.append(("list_training_runs", run not in runs))
     return out
 
 
@@ -496,6 +497,9 @@ def tenant_campaign(model: Path, data_dir: Path, n: int, steps: int) -> dict:
                 PROMPT, 1, GREEDY
             ).result()
             intact += int(abs(got - victim["losses"][-1]) < 1e-4)
+        # the control: the owner's own key gets through the same probes (the deletes last)
+        owner = together[0]
+        control = sum(not refused for _, refused in probes(srv.url, owner["key"], owner))
     finally:
         srv.stop()
     return {
@@ -508,6 +512,7 @@ def tenant_campaign(model: Path, data_dir: Path, n: int, steps: int) -> dict:
         "refused": refused,
         "leaks": leaks,
         "victims_intact": intact,
+        "control_owner_allowed": f"{control}/{tried // (n * (n - 1))}",
     }
 
 
@@ -562,6 +567,7 @@ def main() -> int:
         ),
         ("cross-tenant probes / refused", f"{tenants['probes']} / {tenants['refused']}"),
         ("victims intact after probes", f"{tenants['victims_intact']} / {tenants['clients']}"),
+        ("control: probes the owner's own key gets through", tenants["control_owner_allowed"]),
     ]
     width = max(len(r[0]) for r in rows)
     for label, value in rows:
