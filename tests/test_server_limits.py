@@ -312,6 +312,42 @@ def test_export_peft_writes_only_inside_the_callers_own_space(server, http, tmp_
     assert (written / "adapter_config.json").is_file()
 
 
+def test_offline_export_never_writes_over_the_state_dir_or_a_full_directory(tmp_path, capsys):
+    """``trinity server export`` is refused (exit 2, before any model loads) for an OUT_DIR in
+    the state dir outside ``exports/`` (a checkpoint, the SQLite file, the dir itself) or one
+    that exists and is not empty; nothing there changes."""
+    from trinity.cli.server import main
+    from trinity.server.wire import offline_export_dir
+
+    data_dir = tmp_path / "state"
+    srv = start(data_dir)
+    tc = client(srv).create_lora_training_client(base_model="fake-model", rank=4).result()
+    path = tc.save_state("mine").result().path
+    bob = client(srv, "tml-bob-key").create_lora_training_client(base_model="fake-model", rank=4)
+    bob.result().save_state("theirs").result()
+    [bob_ckpt] = srv.service.store.checkpoints("bob", None)
+    srv.stop()
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    (tmp_path / "link").symlink_to(bob_ckpt["directory"])
+    before = {f: f.read_bytes() for f in data_dir.rglob("*") if f.is_file()}
+    for out in [
+        bob_ckpt["directory"],
+        str(data_dir),
+        str(data_dir / "server.sqlite"),
+        str(data_dir / "checkpoints" / "new"),
+        str(tmp_path / "link"),  # a symlink into the state dir
+        str(full),
+    ]:
+        assert main(["export", path, out, "--state-dir", str(data_dir)]) == 2, out
+        assert "OUT_DIR" in capsys.readouterr().err
+    assert {f: f.read_bytes() for f in data_dir.rglob("*") if f.is_file()} == before
+    assert (full / "keep.txt").read_text() == "x" and len(list(full.iterdir())) == 1
+    for fine in [tmp_path / "new", full.parent / "empty", data_dir / "exports" / "a"]:
+        assert offline_export_dir(data_dir, str(fine)) == fine.resolve()
+
+
 def test_overwrite_never_leaves_a_row_pointing_at_nothing(server):
     """A kill between writing the new copy and switching the row (simulated: the switch raises)
     leaves the old checkpoint loadable; after a completed overwrite the new one loads and the old

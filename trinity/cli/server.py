@@ -5,6 +5,7 @@
         [--max-body-mb N] [--max-decoded-mb N] [--max-lora-rank N] [--held-timeout-s S]
         [--max-held N] [--inject-latency-ms N]
     trinity server export tinker://RUN/weights/NAME OUT_DIR [--state-dir DIR] [--model PATH]
+        (OUT_DIR: a new or empty directory, outside the state dir or under its exports/)
 
 Clients: ``TINKER_BASE_URL=http://HOST:PORT TINKER_API_KEY=tml-... python train.py`` with the
 official ``tinker`` SDK. ``--api-key`` (repeatable; a file of such lines works too; default env
@@ -169,9 +170,11 @@ def _export(path: str, out_dir: str, state_dir: str, models: list[str] | None) -
     """Offline: reads the state dir directly, so the server need not be running."""
     from trinity.server import ServiceError, build_service, parse_tinker_path
     from trinity.server.store import Store
+    from trinity.server.wire import offline_export_dir
 
     try:
         run_id, kind, name = parse_tinker_path(path)
+        out_dir = str(offline_export_dir(state_dir, out_dir))
     except ServiceError as exc:
         print(f"trinity server export: error: {exc.message}", file=sys.stderr)
         return 2

@@ -432,6 +432,20 @@ def confined_dir(root: Path, directory: str) -> Path:
     return target
 
 
+def offline_export_dir(state_dir: Path, out_dir: str) -> Path:
+    """``trinity server export``'s ``OUT_DIR``: a new or empty directory, and inside the state
+    dir only under ``exports/`` (elsewhere there it could overwrite checkpoints or SQLite)."""
+    target, state = Path(out_dir).resolve(), Path(state_dir).resolve()
+    if target.is_relative_to(state) and not target.is_relative_to(state / "exports"):
+        raise WireError(
+            f"OUT_DIR {out_dir!r} lies inside the state dir {str(state_dir)!r}; write outside "
+            "it or under its exports/"
+        )
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise WireError(f"OUT_DIR {out_dir!r} exists and is not an empty directory")
+    return target
+
+
 def check_new_checkpoint(checkpoint_id: str, run_id: str, overwrite: bool, exists: bool) -> None:
     if exists and not overwrite:
         raise WireError(
