@@ -256,3 +256,29 @@ def test_mixed_adapter_batch_equals_separate_runs(tiny_model_dir, tiny):
         )
     with pytest.raises(ValueError, match="unknown adapters"):
         run(tiny, [SampleRequest(prompt_tokens=PROMPTS[0], adapter="zzz")], model=model)
+
+
+def test_topk_sample_logprobs_through_compaction(tiny):
+    """Per-row k (0 for a row that did not ask), kept right when short rows are compacted out."""
+    requests = [
+        SampleRequest(prompt_tokens=PROMPTS[0], params=params(max_tokens=2, seed=1)),
+        SampleRequest(
+            prompt_tokens=PROMPTS[1], params=params(max_tokens=2, seed=2), topk_sample_logprobs=3
+        ),
+        SampleRequest(
+            prompt_tokens=PROMPTS[2], params=params(max_tokens=12, seed=3), topk_sample_logprobs=5
+        ),
+        SampleRequest(prompt_tokens=PROMPTS[0], params=params(max_tokens=12, seed=4)),
+    ]
+    responses = run(tiny, requests)
+    assert responses[0].sequences[0].topk_logprobs is None
+    assert responses[3].sequences[0].topk_logprobs is None
+    for request, response in zip(requests[1:3], responses[1:3], strict=True):
+        seq, k = response.sequences[0], request.topk_sample_logprobs
+        _, logits_TV = teacher_logprobs(tiny[0], request.prompt_tokens + seq.tokens)
+        n = len(request.prompt_tokens)
+        values_NK, ids_NK = logits_TV[n - 1 : -1].log_softmax(-1).topk(k, dim=-1)
+        assert seq.topk_logprobs_np.token_ids.tolist() == ids_NK.tolist()
+        torch.testing.assert_close(
+            torch.from_numpy(seq.topk_logprobs_np.logprobs), values_NK, atol=ATOL, rtol=0
+        )

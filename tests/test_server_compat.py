@@ -396,3 +396,92 @@ def test_cookbook_style_async_streaming_minibatches_match_the_engine(server, tin
     np.testing.assert_allclose(
         after, local_after.loss_fn_outputs[0]["logprobs"].to_numpy(), rtol=1e-4, atol=1e-4
     )
+
+
+def _plain_logprobs(model_dir, tokens: list[int]) -> torch.Tensor:
+    """log p(. | tokens[:i + 1]) for each i, from a plain transformers forward."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([tokens])).logits[0].log_softmax(-1)
+
+
+def test_topk_sample_logprobs_match_a_plain_forward(server, tiny_model_dir):
+    """Top-k of the model's log-softmax at each sampled position, for the rows that asked."""
+    sc = client(server)
+    sampler = sc.create_sampling_client(base_model=server.service.models[0].name).result(TIMEOUT_S)
+    prompt = [5, 17, 42, 99, 3, 250, 8]
+    k = 6
+    params = types.SamplingParams(max_tokens=8, temperature=1.0, seed=3, stop=[])
+    futures = [
+        sampler.sample(types.ModelInput.from_ints(prompt), 2, params, topk_sample_logprobs=k),
+        # Greedy (its token is always the top-1), with a smaller k, in the same batch.
+        sampler.sample(
+            types.ModelInput.from_ints(prompt),
+            1,
+            params.model_copy(update={"temperature": 0.0}),
+            topk_sample_logprobs=2,
+        ),
+        # Shares the batch and asks for nothing: gets no top-k.
+        sampler.sample(types.ModelInput.from_ints(prompt), 1, params),
+    ]
+    response, greedy, plain = (f.result(TIMEOUT_S) for f in futures)
+    assert plain.sequences[0].topk_logprobs is None
+    seen_in_topk = 0
+    for seq, width in [(s, k) for s in response.sequences] + [(greedy.sequences[0], 2)]:
+        tokens = seq.tokens
+        assert len(tokens) == 8 and seq.topk_logprobs_np.token_ids.shape == (8, width)
+        logprobs_NV = _plain_logprobs(tiny_model_dir, prompt + tokens)[len(prompt) - 1 : -1]
+        values_NK, ids_NK = logprobs_NV.topk(width, dim=-1)
+        np.testing.assert_array_equal(seq.topk_logprobs_np.token_ids, ids_NK.numpy())
+        np.testing.assert_allclose(seq.topk_logprobs_np.logprobs, values_NK.numpy(), atol=1e-4)
+        for token, logprob, row in zip(tokens, seq.logprobs, seq.topk_logprobs, strict=True):
+            hits = [lp for t, lp in row if t == token]
+            if hits:
+                seen_in_topk += 1
+                assert hits[0] == pytest.approx(logprob, abs=1e-5)
+    assert greedy.sequences[0].tokens == [row[0][0] for row in greedy.sequences[0].topk_logprobs]
+    assert seen_in_topk >= 8
+    for bad in (-1, 10**7):
+        with pytest.raises(tinker.BadRequestError, match=r"topk_sample_logprobs must be in \[0, "):
+            sampler.sample(
+                types.ModelInput.from_ints(prompt), 1, params, topk_sample_logprobs=bad
+            ).result(TIMEOUT_S)
+    sc.close("success").result(TIMEOUT_S)
+
+
+def test_prompt_alt_tokens_draws_and_logprobs(server, tiny_model_dir):
+    """k draws at every prompt position after the first, scored by the model's log-softmax."""
+    sc = client(server)
+    sampler = sc.create_sampling_client(base_model=server.service.models[0].name).result(TIMEOUT_S)
+    prompt = [5, 17, 42, 99, 3, 250, 8]
+    k = 4
+    logprobs_TV = _plain_logprobs(tiny_model_dir, prompt)[:-1]
+    vocab = logprobs_TV.shape[-1]
+    params = types.SamplingParams(max_tokens=2, temperature=1.0, seed=7)
+    response = sampler.sample(
+        types.ModelInput.from_ints(prompt), 1, params, prompt_alt_tokens_k=k
+    ).result(TIMEOUT_S)
+    tokens_TK = response.prompt_alt_tokens.tokens.to_numpy()
+    logprobs_TK = response.prompt_alt_tokens.logprobs.to_numpy()
+    assert tokens_TK.shape == logprobs_TK.shape == (len(prompt) - 1, k)
+    assert tokens_TK.dtype == np.int64 and logprobs_TK.dtype == np.float32
+    assert ((tokens_TK >= 0) & (tokens_TK < vocab)).all()
+    # A tiny random model is near-uniform: k independent draws differ, and are not the argmax.
+    assert all(len(set(row)) > 1 for row in tokens_TK.tolist())
+    assert (tokens_TK != logprobs_TV.argmax(-1)[:, None].numpy()).any()
+    expected_TK = logprobs_TV.gather(1, torch.from_numpy(tokens_TK))
+    np.testing.assert_allclose(logprobs_TK, expected_TK.numpy(), atol=1e-4)
+
+    greedy = types.SamplingParams(max_tokens=1, temperature=1e-6, seed=7)
+    response = sampler.sample(
+        types.ModelInput.from_ints(prompt), 1, greedy, prompt_alt_tokens_k=k
+    ).result(TIMEOUT_S)
+    argmax_TK = logprobs_TV.argmax(-1)[:, None].expand(-1, k).numpy()
+    np.testing.assert_array_equal(response.prompt_alt_tokens.tokens.to_numpy(), argmax_TK)
+    with pytest.raises(tinker.BadRequestError, match=r"prompt_alt_tokens_k must be in \[0, "):
+        sampler.sample(
+            types.ModelInput.from_ints(prompt), 1, params, prompt_alt_tokens_k=10**7
+        ).result(TIMEOUT_S)
+    sc.close("success").result(TIMEOUT_S)

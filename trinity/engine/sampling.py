@@ -25,6 +25,13 @@ Semantics (Tinker's ``SamplingParams``):
 - ``prompt_logprobs``: position 0 is ``None``; position i is log p(prompt[i] | prompt[:i]).
 - ``topk_prompt_logprobs=k``: at each prompt position i >= 1 the k likeliest tokens after
   prompt[:i] and their logprobs (most likely first); position 0 is the SDK's empty row.
+- ``topk_sample_logprobs=k``: at each sampled position the k likeliest tokens of the same
+  distribution as ``logprobs`` (the model's log-softmax, temperature 1, no top-k / top-p), most
+  likely first. Only the rows that ask pay for the ``topk`` (a batch without them runs as before).
+- ``prompt_alt_tokens_k=k``: at each prompt position i >= 1, k independent draws (with
+  replacement) from softmax(logits / temperature) after prompt[:i] (``temperature == 0``: the
+  argmax k times; top-k / top-p do not apply), with their model logprobs (temperature 1, as
+  ``logprobs``). Seeded by ``seed`` when given.
 
 Simplification: when any row asks for prompt logprobs, the prefill keeps logits for every prompt
 position of every distinct prompt (memory ~ prompts x prompt length x vocab x 4 bytes).
@@ -94,6 +101,8 @@ class SampleRequest:
     adapter: str | None = None
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    prompt_alt_tokens_k: int = 0
 
 
 @dataclass
@@ -108,8 +117,10 @@ class _Row:
     stop_ids: frozenset[int]
     stop_strings: tuple[str, ...]
     seed: int
+    topk: int = 0
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    topk_logprobs: TopkLogprobs | None = None
     stop_reason: str = "length"
 
 
@@ -153,6 +164,7 @@ def _make_rows(
                     stop_ids=stop_ids,
                     stop_strings=stop_strings,
                     seed=(base_seed * 1_000_003 + sample_index) % 2**63,
+                    topk=request.topk_sample_logprobs,
                 )
             )
     return rows
@@ -329,7 +341,7 @@ def sample_batch(
     was_training = model.training
     model.eval()
     try:
-        prompt_logprobs, topk_prompt = _decode(
+        prompt_logprobs, topk_prompt, alt_tokens = _decode(
             model,
             requests,
             rows,
@@ -352,6 +364,7 @@ def sample_batch(
                 sequence_id=f"{index}:{j}",
                 tokens_np=np.asarray(row.tokens, dtype=np.int64),
                 logprobs_np=np.asarray(row.logprobs, dtype=np.float32),
+                topk_logprobs_np=row.topk_logprobs,
             )
             for j, row in enumerate(r for r in rows if r.request_index == index)
         ]
@@ -365,6 +378,7 @@ def sample_batch(
                 if scored is None
                 else np.asarray([np.nan, *scored[1:]], dtype=np.float32),
                 topk_prompt_logprobs_np=topk,
+                prompt_alt_tokens=alt_tokens.get(index),
             )
         )
     return responses
@@ -378,6 +392,24 @@ def _topk(logprobs_TV: torch.Tensor, k: int) -> TopkLogprobs:
     ids[1:, : ids_TK.shape[1]] = ids_TK.cpu().numpy()
     lps[1:, : ids_TK.shape[1]] = values_TK.cpu().numpy()
     return TopkLogprobs(token_ids=ids, logprobs=lps)
+
+
+def _alt_tokens(logits_TV: torch.Tensor, request: SampleRequest) -> types.PromptAltTokens:
+    """``prompt_alt_tokens_k`` draws per prompt position 1..T (see the module docstring)."""
+    k, params = request.prompt_alt_tokens_k, request.params
+    logprobs_TV = logits_TV.log_softmax(dim=-1)
+    if params.temperature > 0 and len(logits_TV):
+        generator = torch.Generator(device=logits_TV.device)
+        generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        probs_TV = (logits_TV / params.temperature).softmax(dim=-1)
+        tokens_TK = torch.multinomial(probs_TV, k, replacement=True, generator=generator)
+    else:
+        tokens_TK = logits_TV.argmax(dim=-1, keepdim=True).expand(-1, k)
+    logprobs_TK = logprobs_TV.gather(1, tokens_TK)
+    return types.PromptAltTokens(
+        tokens=types.TensorData.from_numpy(tokens_TK.cpu().numpy().astype(np.int64)),
+        logprobs=types.TensorData.from_numpy(logprobs_TK.cpu().numpy().astype(np.float32)),
+    )
 
 
 def _decode(
@@ -405,7 +437,8 @@ def _decode(
         mask_UT[u, width - len(prompt) :] = 1
     position_UT = (mask_UT.cumsum(dim=1) - 1).clamp(min=0)
     want_prompt_logprobs = any(
-        request.prompt_logprobs or request.topk_prompt_logprobs for request in requests
+        request.prompt_logprobs or request.topk_prompt_logprobs or request.prompt_alt_tokens_k
+        for request in requests
     )
 
     cache = DynamicCache() if weights is not None else Cache(layer_class_to_replicate=_GrowingLayer)
@@ -420,6 +453,7 @@ def _decode(
     )
     prompt_logprobs: dict[int, list[float | None]] = {}
     topk_prompt: dict[int, TopkLogprobs] = {}
+    alt_tokens: dict[int, types.PromptAltTokens] = {}
     if want_prompt_logprobs:
         done: set[int] = set()
         for i, row in enumerate(rows):
@@ -428,13 +462,16 @@ def _decode(
                 continue
             done.add(row.request_index)
             n = len(row.prompt)
-            logprobs_TV = logits[source_B[i], width - n : width - 1].float().log_softmax(dim=-1)
+            logits_TV = logits[source_B[i], width - n : width - 1].float()
+            logprobs_TV = logits_TV.log_softmax(dim=-1)
             if request.prompt_logprobs:
                 targets_T = torch.tensor(row.prompt[1:], device=logprobs_TV.device)
                 scored = logprobs_TV.gather(1, targets_T.unsqueeze(1)).squeeze(1).tolist()
                 prompt_logprobs[row.request_index] = [None, *scored]
             if request.topk_prompt_logprobs:
                 topk_prompt[row.request_index] = _topk(logprobs_TV, request.topk_prompt_logprobs)
+            if request.prompt_alt_tokens_k:
+                alt_tokens[row.request_index] = _alt_tokens(logits_TV, request)
     source_B = source_B.to(device)
     logits_BV = logits[:, -1][source_B].float()
     if weights is not None:
@@ -445,7 +482,7 @@ def _decode(
             cache.batch_select_indices(source_B)
         stepper = _HFStepper(model, cache, mask_UT.to(device)[source_B], adapters)
     _generate(stepper, logits_BV, rows, device, tokenizer, tail_tokens)
-    return prompt_logprobs, topk_prompt
+    return prompt_logprobs, topk_prompt, alt_tokens
 
 
 class _HFStepper:
@@ -559,12 +596,27 @@ def _generate(stepper, logits_BV, rows: list[_Row], device, tokenizer, tail_toke
     position_B = torch.tensor([len(row.prompt) for row in rows], device=device)
     string_rows = [i for i, row in enumerate(rows) if row.stop_strings]
     live = list(range(batch))  # batch slots -> rows, host side
+    # topk_sample_logprobs: only the rows that ask, at the widest k they ask for.
+    k_max = max(row.topk for row in rows)
+    topk_ids_RNK = torch.zeros((batch, max_new, k_max), dtype=torch.long, device=device)
+    topk_lps_RNK = torch.zeros((batch, max_new, k_max), dtype=torch.float32, device=device)
+
+    def topk_slots() -> torch.Tensor:
+        wanted = [j for j, i in enumerate(live) if rows[i].topk]
+        return torch.tensor(wanted, dtype=torch.long, device=device)
+
+    slots_Q = topk_slots()
     step = 0
     while True:
         tokens_B = sampler.choose(logits_BV, step)
-        logprobs_B = logits_BV.log_softmax(dim=-1).gather(1, tokens_B[:, None]).squeeze(1)
+        logprobs_BV = logits_BV.log_softmax(dim=-1)
+        logprobs_B = logprobs_BV.gather(1, tokens_B[:, None]).squeeze(1)
         tokens_RN[row_B, step] = tokens_B
         logprobs_RN[row_B, step] = logprobs_B
+        if len(slots_Q):
+            values_QK, ids_QK = logprobs_BV[slots_Q].topk(k_max, dim=-1)
+            topk_ids_RNK[row_B[slots_Q], step] = ids_QK
+            topk_lps_RNK[row_B[slots_Q], step] = values_QK
         going_B = length_R[row_B] == 0
         hit_B = (tokens_B[:, None] == sampler.stop_BS).any(dim=1)
         if string_rows:
@@ -585,6 +637,8 @@ def _generate(stepper, logits_BV, rows: list[_Row], device, tokenizer, tail_toke
             sampler.select(keep, keep_K)
             row_B, position_B, tokens_B = row_B[keep_K], position_B[keep_K], tokens_B[keep_K]
             live = [live[j] for j in keep]
+            if k_max:
+                slots_Q = topk_slots()
         logits_BV = stepper(tokens_B, position_B)
         position_B = position_B + 1
         step += 1
@@ -594,6 +648,10 @@ def _generate(stepper, logits_BV, rows: list[_Row], device, tokenizer, tail_toke
         row.tokens = tokens_all[i][: lengths[i]]
         row.logprobs = logprobs_all[i][: lengths[i]]
         row.stop_reason = "stop" if stopped[i] else "length"
+        if row.topk:
+            ids_NK = topk_ids_RNK[i, : lengths[i], : row.topk].to(torch.int32).cpu().numpy()
+            lps_NK = topk_lps_RNK[i, : lengths[i], : row.topk].cpu().numpy()
+            row.topk_logprobs = TopkLogprobs(token_ids=ids_NK, logprobs=lps_NK)
 
 
 def _string_hits(tokens_RN, row_B, live, rows, step, tokenizer, tail_tokens) -> torch.Tensor:

@@ -8,7 +8,7 @@ every client of one base model share the worker queue, so concurrent samples dec
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -160,6 +160,8 @@ class Samplers:
                 adapter=sampler.weights,
                 prompt_logprobs=bool(req.prompt_logprobs),
                 topk_prompt_logprobs=req.topk_prompt_logprobs,
+                topk_sample_logprobs=req.topk_sample_logprobs,
+                prompt_alt_tokens_k=req.prompt_alt_tokens_k,
             )
             last_n = req.prompt_logprobs_last_n
 
@@ -188,6 +190,4 @@ def _last_n(response: types.SampleResponse, last_n: int) -> types.SampleResponse
         ids, lps = topk.token_ids.copy(), topk.logprobs.copy()
         ids[: len(ids) - last_n], lps[: len(lps) - last_n] = 0, MASK_LOGPROB
         topk = TopkLogprobs(token_ids=ids, logprobs=lps)
-    return types.SampleResponse(
-        sequences=response.sequences, prompt_logprobs_np=lp, topk_prompt_logprobs_np=topk
-    )
+    return replace(response, prompt_logprobs_np=lp, topk_prompt_logprobs_np=topk)

@@ -225,6 +225,11 @@ def _check_ids(ids: np.ndarray, vocab_size: int, where: str) -> None:
         raise WireError(f"{where} has token id {bad}, outside the vocabulary [0, {vocab_size})")
 
 
+MAX_SAMPLE_K = 1024
+"""Bound on ``topk_sample_logprobs`` / ``prompt_alt_tokens_k``: their buffers are
+(tokens x k), kept per row for the whole decode."""
+
+
 def check_sample_request(
     req: types.SampleRequest, vocab_size: int, max_context: int | None
 ) -> tuple[list[int], types.SamplingParams]:
@@ -249,13 +254,14 @@ def check_sample_request(
     k = req.topk_prompt_logprobs
     if not 0 <= k <= vocab_size:
         raise WireError(f"SampleRequest.topk_prompt_logprobs must be in [0, {vocab_size}], got {k}")
-    for name in (
-        "topk_sample_logprobs",
-        "prompt_alt_tokens_k",
-        "target_prompt_logprobs",
-    ):
-        if getattr(req, name):
-            raise WireError(f"SampleRequest.{name} is not supported by this server")
+    for name in ("topk_sample_logprobs", "prompt_alt_tokens_k"):
+        k = getattr(req, name)
+        if not 0 <= k <= min(vocab_size, MAX_SAMPLE_K):
+            raise WireError(
+                f"SampleRequest.{name} must be in [0, {min(vocab_size, MAX_SAMPLE_K)}], got {k}"
+            )
+    if req.target_prompt_logprobs:
+        raise WireError("SampleRequest.target_prompt_logprobs is not supported by this server")
     params = req.sampling_params
     _check_sampling_params(params, vocab_size)
     if params.max_tokens is None:
@@ -561,16 +567,32 @@ def encode_sample_response(resp: types.SampleResponse) -> bytes:
         s.tokens = np.asarray(seq.tokens, dtype=np.int32).tobytes()
         if seq.logprobs is not None:
             s.logprobs = np.asarray(seq.logprobs, dtype=np.float32).tobytes()
+        if seq.topk_logprobs_np is not None:
+            _encode_topk(s.topk_sampled_logprobs, seq.topk_logprobs_np)
     prompt_lp = resp.prompt_logprobs
     if prompt_lp is not None:
         msg.prompt_logprobs = np.asarray(
             [math.nan if v is None else v for v in prompt_lp], dtype=np.float32
         ).tobytes()
-    topk = resp.topk_prompt_logprobs_np
-    if topk is not None:
-        n, k = topk.token_ids.shape
-        msg.topk_prompt_logprobs.token_ids = np.asarray(topk.token_ids, dtype=np.int32).tobytes()
-        msg.topk_prompt_logprobs.logprobs = np.asarray(topk.logprobs, dtype=np.float32).tobytes()
-        msg.topk_prompt_logprobs.k, msg.topk_prompt_logprobs.length = k, n
+    if resp.topk_prompt_logprobs_np is not None:
+        _encode_topk(msg.topk_prompt_logprobs, resp.topk_prompt_logprobs_np)
+    alt = resp.prompt_alt_tokens
+    if alt is not None:
+        _encode_dense(msg.prompt_alt_tokens.tokens, alt.tokens.to_numpy(), np.int64, pb.DTYPE_INT64)
+        _encode_dense(
+            msg.prompt_alt_tokens.logprobs, alt.logprobs.to_numpy(), np.float32, pb.DTYPE_FLOAT32
+        )
     msg.prompt_cache_hit_tokens = int(resp.prompt_cache_hit_tokens or 0)
     return msg.SerializeToString()
+
+
+def _encode_topk(msg: pb.TopkLogprobs, topk) -> None:
+    msg.length, msg.k = topk.token_ids.shape
+    msg.token_ids = np.asarray(topk.token_ids, dtype=np.int32).tobytes()
+    msg.logprobs = np.asarray(topk.logprobs, dtype=np.float32).tobytes()
+
+
+def _encode_dense(msg: pb.Tensor, array: np.ndarray, dtype, proto_dtype: int) -> None:
+    msg.dtype = proto_dtype
+    msg.shape.extend(array.shape)
+    msg.dense = np.ascontiguousarray(array, dtype=dtype).tobytes()
