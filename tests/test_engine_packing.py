@@ -43,7 +43,9 @@ def test_prepare_example_keeps_the_loss_inputs_typed():
     ce = losses.get_loss("cross_entropy")
     e = prepare_example(3, datum([5, 6, 7], weights=[1, 0, 1], advantages=[9, 9, 9]), ce, 10, 8)
     assert (e.index, e.tokens, e.length) == (3, [5, 6, 7], 3)
-    assert set(e.inputs) == {"target_tokens", "weights"}  # only what the loss reads
+    # only what the loss reads; the optional entropy weights default to 0 (no entropy term)
+    assert set(e.inputs) == {"target_tokens", "weights", "entropy_weights"}
+    assert e.inputs["entropy_weights"].tolist() == [0.0, 0.0, 0.0]
     assert e.inputs["target_tokens"].dtype == torch.long
     assert e.inputs["weights"].dtype == torch.float32
     assert e.inputs["weights"].tolist() == [1.0, 0.0, 1.0]
