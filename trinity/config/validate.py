@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -712,27 +712,14 @@ def _check_data_processor(data_processor: dict[str, Any]) -> None:
             "://" not in path or path.startswith("sqlite:///"),
             f"{key}.output.path: only a file or a SQLite database here, got {path}",
         )
-    operators = pipeline.get("operators") or []
-    require(isinstance(operators, list), f"{key}.operators must be a list of {{name, args}}")
-    for index, operator in enumerate(operators):
-        where = f"{key}.operators[{index}]"
-        require(
-            isinstance(operator, dict) and isinstance(operator.get("name"), str),
-            f"{where} must be a mapping with a name, got {operator!r}",
-        )
-        _known_keys(operator, where, ("name", "args"))
-        name, args = operator["name"], operator.get("args") or {}
+    for where, name, args in _operators(pipeline, key):
         require(
             name != "data_juicer",
             f"{where}.name: data_juicer needs a Data-Juicer service, which is not supported here",
         )
         if name not in EXPERIENCE_OPERATORS:
             raise ConfigError(f"{where}.name: {EXPERIENCE_OPERATORS.unknown_message(name)}")
-        require(isinstance(args, dict), f"{where}.args must be a mapping, got {args!r}")
-        try:
-            EXPERIENCE_OPERATORS.get(name)(**args)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}.args: {name}: {exc}") from None
+        _build_operator(EXPERIENCE_OPERATORS, where, name, args)
 
 
 def _check_task_pipeline(pipeline: Any) -> None:
@@ -756,6 +743,18 @@ def _check_task_pipeline(pipeline: Any) -> None:
         isinstance(fields, list) and all(isinstance(f, str) for f in fields),
         f"{key}.target_fields must be a list of row field names, got {fields!r}",
     )
+    for where, name, args in _operators(pipeline, key):
+        require(
+            name in TASK_OPERATORS,
+            f"{where}.name: '{name}' needs Data-Juicer or is unknown; the operators that run "
+            f"here without it: {', '.join(sorted(TASK_OPERATORS))}",
+        )
+        _build_operator(TASK_OPERATORS, where, name, args)
+
+
+def _operators(pipeline: Mapping[str, Any], key: str) -> Iterator[tuple[str, str, Any]]:
+    """A pipeline's ``operators`` list, each entry checked to be ``{name, args}``: (where in the
+    config, name, args)."""
     operators = pipeline.get("operators") or []
     require(isinstance(operators, list), f"{key}.operators must be a list of {{name, args}}")
     for index, operator in enumerate(operators):
@@ -765,17 +764,16 @@ def _check_task_pipeline(pipeline: Any) -> None:
             f"{where} must be a mapping with a name, got {operator!r}",
         )
         _known_keys(operator, where, ("name", "args"))
-        name, args = operator["name"], operator.get("args") or {}
-        require(
-            name in TASK_OPERATORS,
-            f"{where}.name: '{name}' needs Data-Juicer or is unknown; the operators that run "
-            f"here without it: {', '.join(sorted(TASK_OPERATORS))}",
-        )
-        require(isinstance(args, dict), f"{where}.args must be a mapping, got {args!r}")
-        try:
-            TASK_OPERATORS.get(name)(**args)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}.args: {name}: {exc}") from None
+        yield where, operator["name"], operator.get("args") or {}
+
+
+def _build_operator(registry: Any, where: str, name: str, args: Any) -> None:
+    """Build the operator once, so bad args are a config error before any work starts."""
+    require(isinstance(args, dict), f"{where}.args must be a mapping, got {args!r}")
+    try:
+        registry.get(name)(**args)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}.args: {name}: {exc}") from None
 
 
 def _known_keys(section: Mapping[str, Any], key: str, known: Iterable[str]) -> None:
