@@ -192,7 +192,7 @@ def test_sft_trains_on_a_dataset(tmp_path, tiny_model_dir, backend):
     assert losses[-1] < losses[0]  # a tiny model memorises six answers
 
 
-def test_explore_and_train_as_two_processes(tmp_path, tiny_model_dir):
+def run_as_two_processes(tmp_path, tiny_model_dir, total_steps: int) -> None:
     commands = []
     for mode in ("explore", "train"):
         config = write_config(
@@ -207,6 +207,9 @@ def test_explore_and_train_as_two_processes(tmp_path, tiny_model_dir):
                 "sync_timeout": 300,
             },
         )
+        text = yaml.safe_load(config.read_text())
+        text["buffer"]["total_steps"] = total_steps
+        config.write_text(yaml.safe_dump(text))
         config = config.rename(tmp_path / f"{mode}.yaml")
         commands.append(
             [
@@ -224,10 +227,19 @@ def test_explore_and_train_as_two_processes(tmp_path, tiny_model_dir):
     for process in processes:
         _, stderr = process.communicate(timeout=600)
         assert process.returncode == 0, stderr[-3000:]
+
+
+def test_explore_and_train_as_two_processes(tmp_path, tiny_model_dir):
+    run_as_two_processes(tmp_path, tiny_model_dir, 3)
     steps = trainer_records(job_dir(tmp_path, "split"))
     assert sorted(steps) == [1, 2, 3]
     assert "actor/final_loss" in steps[3] and "rollout/model_version" in steps[3]
     assert (job_dir(tmp_path, "split") / "global_step_3" / "remote_checkpoint_path.txt").exists()
+    # resumed, the explorer process samples from the trained weights, not from the base model:
+    # the trainer's ratio to the sampler's logprobs stays 1 (ppo_kl 0)
+    run_as_two_processes(tmp_path, tiny_model_dir, 4)
+    step_4 = trainer_records(job_dir(tmp_path, "split"))[4]
+    assert abs(step_4["actor/ppo_kl"]) < 1e-4, step_4["actor/ppo_kl"]
 
 
 def test_bench_mode_evaluates_each_checkpoint(tmp_path, tiny_model_dir):

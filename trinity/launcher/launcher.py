@@ -210,6 +210,12 @@ async def run_rl(
                 backends.auxiliary,
             )
             explorer.model_version = start_step
+            if resume and not train:  # another process trains: go on from its newest weights
+                published = synchronizer.latest()
+                if published.ref is not None:
+                    await backends.sampler.switch(published.ref)
+                    log.info("explorer resumes from published weights v%d", published.version)
+                explorer.model_version = published.version
             jobs.append(explorer.run(start_step, total_steps))
         await asyncio.gather(*jobs)
         if train and config.trainer.save_hf_checkpoint != "never":

@@ -51,6 +51,7 @@ class Synchronizer:
         self._latest = Published(0, None)
         self._trainer_finished = False
         self._changed: asyncio.Condition | None = None
+        self._created = time.time()
 
     def reset(self) -> None:
         """A new trainer is starting: a finished marker from an earlier run no longer holds."""
@@ -110,7 +111,13 @@ class Synchronizer:
         return self._latest
 
     def is_trainer_finished(self) -> bool:
-        return self._trainer_finished or self.job_dir.trainer_finished_file.exists()
+        """Finished in this process, or a trainer process wrote its marker since this run began
+        (a marker an earlier run left is not this run's: a resumed trainer removes it)."""
+        marker = self.job_dir.trainer_finished_file
+        try:
+            return self._trainer_finished or marker.stat().st_mtime >= self._created
+        except FileNotFoundError:
+            return False
 
     # ---- plumbing -----------------------------------------------------------------------------
     def _condition(self) -> asyncio.Condition:
