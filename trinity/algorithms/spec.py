@@ -39,17 +39,23 @@ class AlgorithmSpec:
     policy_loss_fn_args: Mapping[str, Any] = field(default_factory=dict)
 
 
-for _name, _spec in {
-    "sft": AlgorithmSpec(
+def _cross_entropy_spec(schema: str) -> AlgorithmSpec:
+    """SFT-like algorithms: cross-entropy on the given rows, no KL, entropy, reference or repeats
+    (sft and cpt on a dataset, raft on the explorer's experiences)."""
+    return AlgorithmSpec(
         None,
         "sft",
         kl_loss_fn="none",
         entropy_loss_fn="none",
         repeat_times=1,
         use_reference=False,
-        schema="sft",
+        schema=schema,
         sample_strategy="default",
-    ),
+    )
+
+
+for _name, _spec in {
+    "sft": _cross_entropy_spec("sft"),
     "grpo": AlgorithmSpec("grpo", "ppo"),
     "ppo": AlgorithmSpec("ppo", "ppo", repeat_times=1, use_critic=True),
     "dapo": AlgorithmSpec("grpo", "ppo", kl_loss_fn="none", repeat_times=16, use_reference=False),
@@ -74,26 +80,9 @@ for _name, _spec in {
         "opmd", "sppo", kl_loss_fn="none", entropy_loss_fn="none", use_reference=False
     ),
     "rec": AlgorithmSpec("rec", "rec"),
-    "cpt": AlgorithmSpec(
-        None,
-        "sft",
-        kl_loss_fn="none",
-        entropy_loss_fn="none",
-        repeat_times=1,
-        use_reference=False,
-        schema="cpt",
-        sample_strategy="default",
-    ),
+    "cpt": _cross_entropy_spec("cpt"),
     "dpo": AlgorithmSpec(None, "dpo", schema="dpo", sample_strategy="default"),
-    "raft": AlgorithmSpec(
-        None,
-        "sft",
-        kl_loss_fn="none",
-        entropy_loss_fn="none",
-        repeat_times=1,
-        use_reference=False,
-        sample_strategy="default",
-    ),
+    "raft": _cross_entropy_spec("experience"),
 }.items():
     ALGORITHMS.register(_name)(_spec)
 
