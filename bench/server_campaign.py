@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import tinker  # noqa: E402
+from engine_probe import datums  # noqa: E402  (tests/engine_probe.py)
 from tinker import types  # noqa: E402
 
 from trinity.server.runner import free_port  # noqa: E402
@@ -53,23 +54,6 @@ from trinity.server.runner import free_port  # noqa: E402
 RANK = 4
 ADAM = types.AdamParams(learning_rate=1e-2)
 GREEDY = types.SamplingParams(max_tokens=4, temperature=0.0)
-
-
-def datums(seed: int, n: int = 2) -> list[types.Datum]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for length in range(5, 5 + n):
-        seq = rng.integers(5, 200, size=length + 1)
-        out.append(
-            types.Datum(
-                model_input=types.ModelInput.from_ints(seq[:-1].tolist()),
-                loss_fn_inputs={
-                    "target_tokens": seq[1:].astype(np.int64),
-                    "weights": np.ones(length, dtype=np.float32),
-                },
-            )
-        )
-    return out
 
 
 PROBE = datums(12345)
