@@ -66,7 +66,7 @@ def test_dpo_reward_margin_grows_on_a_fixed_batch(tmp_path, tiny_model_dir, back
     steps = trainer_records(job_dir(tmp_path))
     assert sorted(steps) == [1, 2, 3, 4]
     margins = [steps[s]["actor/reward_margin"] for s in sorted(steps)]
-    assert margins[0] == pytest.approx(0.0, abs=1e-4)
+    assert margins[0] == pytest.approx(0.0, abs=1e-3)  # bf16 engines round the two passes apart
     assert margins[1] > margins[0] and margins[3] > margins[1], margins
     assert steps[4]["actor/reward_accuracy"] == 1.0
     # independently of the loss's own bookkeeping: the exported adapter prefers each chosen

@@ -343,3 +343,31 @@ def test_killed_consumer_loses_nothing_it_did_not_take(tmp_path):
         return ids(await buf.get_batch(15))
 
     assert run(rest()) == list(range(5, 20))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "sql"])
+def test_a_reader_told_so_waits_past_an_earlier_producers_end_marker(tmp_path, kind):
+    """A resumed trainer process starts beside a new explorer that has not cleared the marker
+    the previous explorer left: it waits for the new rows instead of ending at once."""
+    path = f"sqlite:///{tmp_path / 'b.db'}" if kind == "sql" else tmp_path / "b.db"
+
+    async def main():
+        earlier = build_experience_buffer(kind, path)
+        await earlier.put([make_exp(0)])
+        await earlier.close()
+        reader = build_experience_buffer(kind, path, max_read_timeout=5)
+        reader.ignore_end_markers_before(time.time())
+        assert not reader.is_closed()
+        read = asyncio.ensure_future(reader.get_batch(2))
+        await asyncio.sleep(0.3)
+        assert not read.done()  # one row and a stale marker: not the end
+        producer = build_experience_buffer(kind, path)
+        await producer.reopen()
+        await producer.put([make_exp(1)])
+        assert ids(await read) == [0, 1]
+        await producer.put([make_exp(2)])
+        await producer.close()  # this producer's end counts
+        assert ids(await reader.get_batch(2)) == [2]
+        assert await reader.get_batch(2) == []
+
+    run(main())

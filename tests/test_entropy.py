@@ -183,7 +183,7 @@ def test_local_entropy_bonus_is_exact(tiny_model_dir):
     exp = batch()[0]
     exp.logprobs = lp[PROMPT - 1 :].tolist()  # on-policy: ratio 1
     mask = torch.tensor(exp.loss_mask, dtype=torch.float32)
-    runtime = LocalRuntime(str(tiny_model_dir))
+    runtime = LocalRuntime(str(tiny_model_dir), dtype=torch.float32)  # as the reference
     try:
         trainer = LocalTrainer(runtime, "policy", None)
         datums = plan.to_datums([exp])

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from trinity.cli.main import main
+from trinity.jobdir import JobDir
 from trinity.monitor import read_metrics
 from trinity.monitor.rollouts import RolloutStore
 
@@ -192,7 +194,11 @@ def test_sft_trains_on_a_dataset(tmp_path, tiny_model_dir, backend):
     assert losses[-1] < losses[0]  # a tiny model memorises six answers
 
 
-def run_as_two_processes(tmp_path, tiny_model_dir, total_steps: int) -> None:
+def run_as_two_processes(
+    tmp_path, tiny_model_dir, total_steps: int, *, trainer_first: bool = False
+) -> None:
+    """``trainer_first``: the explorer starts once the trainer has begun its run (it removed the
+    earlier run's finished marker), so the trainer meets the earlier explorer's end marker."""
     commands = []
     for mode in ("explore", "train"):
         config = write_config(
@@ -223,7 +229,16 @@ def run_as_two_processes(tmp_path, tiny_model_dir, total_steps: int) -> None:
                 str(PLUGINS),
             ]
         )
-    processes = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for cmd in commands]
+    if trainer_first:
+        processes = [subprocess.Popen(commands[1], stderr=subprocess.PIPE, text=True)]
+        marker = JobDir(job_dir(tmp_path, "split")).trainer_finished_file
+        deadline = time.monotonic() + 120
+        while marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # the trainer reads the buffer now
+        processes.append(subprocess.Popen(commands[0], stderr=subprocess.PIPE, text=True))
+    else:
+        processes = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for cmd in commands]
     for process in processes:
         _, stderr = process.communicate(timeout=600)
         assert process.returncode == 0, stderr[-3000:]
@@ -236,8 +251,9 @@ def test_explore_and_train_as_two_processes(tmp_path, tiny_model_dir):
     assert "actor/final_loss" in steps[3] and "rollout/model_version" in steps[3]
     assert (job_dir(tmp_path, "split") / "global_step_3" / "remote_checkpoint_path.txt").exists()
     # resumed, the explorer process samples from the trained weights, not from the base model:
-    # the trainer's ratio to the sampler's logprobs stays 1 (ppo_kl 0)
-    run_as_two_processes(tmp_path, tiny_model_dir, 4)
+    # the trainer's ratio to the sampler's logprobs stays 1 (ppo_kl 0); the trainer, started
+    # first, waits for the new explorer past the end marker the first run's explorer left
+    run_as_two_processes(tmp_path, tiny_model_dir, 4, trainer_first=True)
     step_4 = trainer_records(job_dir(tmp_path, "split"))[4]
     assert abs(step_4["actor/ppo_kl"]) < 1e-4, step_4["actor/ppo_kl"]
 

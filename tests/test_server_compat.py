@@ -15,8 +15,10 @@ import tinker
 import torch
 from tinker import types
 
+from trinity.engine import Engine
 from trinity.server import ServerThread, build_service
 from trinity.server.control_plane import API, NOT_OFFERED
+from trinity.server.runner import served_model
 
 RANK = 4
 TIMEOUT_S = 30
@@ -24,7 +26,10 @@ TIMEOUT_S = 30
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    service = build_service([str(tiny_model_dir)], tmp_path_factory.mktemp("srv"), {})
+    # fp32 as the plain forwards the tests compare with (a bf16 machine would pick bf16)
+    engine = Engine(str(tiny_model_dir), dtype=torch.float32)
+    model = served_model(str(tiny_model_dir), engine=engine)
+    service = build_service([model], tmp_path_factory.mktemp("srv"), {})
     srv = ServerThread(service).start()
     yield srv
     srv.stop()
@@ -381,7 +386,7 @@ def test_cookbook_style_async_streaming_minibatches_match_the_engine(server, tin
         return losses, after.to_numpy()
 
     losses, after = asyncio.run(remote())
-    engine = Engine(str(tiny_model_dir))
+    engine = Engine(str(tiny_model_dir), dtype=torch.float32)
     engine.create_model("local", LoraSpec(rank=RANK, seed=11))
     expected = []
     for batches in steps:

@@ -52,6 +52,21 @@ class JobDir:
         return self.path / "trainer_finished.txt"
 
     @property
+    def explorer_end_file(self) -> Path:
+        return self.path / "explorer_end_step.txt"
+
+    def record_explorer_end(self, step: int) -> None:
+        """The explorer stopped after ``step`` (written before it closes the buffer)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.explorer_end_file, str(step))
+
+    def explorer_end(self) -> int | None:
+        try:
+            return int(self.explorer_end_file.read_text())
+        except FileNotFoundError:
+            return None
+
+    @property
     def final_adapter_dir(self) -> Path:
         return self.path / "final_adapter"
 

@@ -19,10 +19,11 @@ from trinity.engine.worker import EngineWorker
 class LocalRuntime:
     """The engine and its worker thread, shared by the trainer and explorer of one process."""
 
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, dtype: Any = None):
+        """``dtype``: None picks the machine's fast one (``forward.default_dtype``)."""
         from trinity.engine import Engine
 
-        self.engine = Engine(model_path)
+        self.engine = Engine(model_path, dtype=dtype)
         # Workflows submit a moment apart (each tokenizes its prompt first): without a window the
         # worker starts decoding the first alone and the rest wait for a second batch.
         self.worker = EngineWorker(self.engine, batch_window_s=0.005)

@@ -290,7 +290,7 @@ class SqliteExperienceBuffer:
     ``model_version``; a reader takes the oldest ``n`` and deletes them in one ``BEGIN IMMEDIATE``
     transaction, so concurrent readers never see the same row. A ``closed`` row in ``meta`` is the
     producer's end marker; a producer's first ``put`` (or ``reopen``) clears a stale one left by an
-    earlier run. Readers poll with exponential backoff (50 ms to 1 s): SQLite has no notifications
+    earlier run, and a reader told so (``ignore_end_markers_before``) does not stop at one. Readers poll with exponential backoff (50 ms to 1 s): SQLite has no notifications
     across processes, and one query per second is nothing next to a training step.
     """
 
@@ -313,6 +313,7 @@ class SqliteExperienceBuffer:
         self._conn: sqlite3.Connection | None = None
         self._producing = False
         self._closed_here = False
+        self._ends_after = 0.0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connection() as conn:
             conn.executescript(_SCHEMA)
@@ -365,9 +366,19 @@ class SqliteExperienceBuffer:
         with self._connection() as conn:
             return conn.execute("SELECT COUNT(*) FROM experience").fetchone()[0]
 
+    def ignore_end_markers_before(self, moment: float) -> None:
+        """An end marker written before ``moment`` is an earlier producer's: a reader started
+        beside a producer that has not cleared it yet waits for that producer's rows."""
+        self._ends_after = moment
+
+    def _ends(self, marker: tuple | None) -> bool:
+        return marker is not None and float(marker[0]) >= self._ends_after
+
     def is_closed(self) -> bool:
         with self._connection() as conn:
-            return conn.execute("SELECT 1 FROM meta WHERE key = 'closed'").fetchone() is not None
+            return self._ends(
+                conn.execute("SELECT value FROM meta WHERE key = 'closed'").fetchone()
+            )
 
     def _insert(self, experiences: Sequence[Experience]) -> None:
         now = time.time()
@@ -411,8 +422,8 @@ class SqliteExperienceBuffer:
             rows = conn.execute(
                 "SELECT id, data FROM experience ORDER BY id LIMIT ?", (n,)
             ).fetchall()
-            closed = conn.execute("SELECT 1 FROM meta WHERE key = 'closed'").fetchone()
-            if len(rows) < n and closed is None:
+            marker = conn.execute("SELECT value FROM meta WHERE key = 'closed'").fetchone()
+            if len(rows) < n and not self._ends(marker):
                 return None, len(rows)
             if rows:
                 # AUTOINCREMENT ids only grow and we hold the write lock: these are the n oldest
@@ -505,6 +516,7 @@ class SqlExperienceBuffer(SqliteExperienceBuffer):
         self._lock = threading.Lock()
         self._producing = False
         self._closed_here = False
+        self._ends_after = 0.0
         metadata = sa.MetaData()
         self._rows = sa.Table(
             name,
@@ -565,8 +577,8 @@ class SqlExperienceBuffer(SqliteExperienceBuffer):
     def _closed_marker(self, conn) -> bool:
         import sqlalchemy as sa
 
-        query = sa.select(self._meta.c.key).where(self._meta.c.key == "closed")
-        return conn.execute(query).first() is not None
+        query = sa.select(self._meta.c.value).where(self._meta.c.key == "closed")
+        return self._ends(conn.execute(query).first())
 
     def _insert(self, experiences: Sequence[Experience]) -> None:
         now = time.time()

@@ -134,6 +134,8 @@ class Explorer:
                 if self.eval_interval and step % self.eval_interval == 0 and self.eval_readers:
                     await self.evaluate(step)
         finally:
+            if self.job_dir is not None:
+                self.job_dir.record_explorer_end(step)
             await self.buffer.close()
         return step
 

@@ -15,6 +15,7 @@ import itertools
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,9 +157,15 @@ async def run_rl(
         if init_ref:
             await _start_from(backends, init_ref, job_dir)
         synchronizer = _synchronizer(config)
+        started = time.time()
         buffer = await _experience_buffer(
             config, shared=explore != train and not sft, reopen=explore
         )
+        explored = job_dir.explorer_end()
+        if train and not explore and not sft and explored is not None and explored < total_steps:
+            # an explorer process that stopped short of this run's steps left its end marker;
+            # this run's explorer, started beside us, has not cleared it yet
+            buffer.ignore_end_markers_before(started)
         jobs = []
         if train:
             synchronizer.reset()
