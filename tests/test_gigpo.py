@@ -45,7 +45,7 @@ def test_advantage_equals_the_formula_on_a_hand_built_batch(fnorm):
     """Task A: three episodes from state s0; e0 and e1 both reach s1 (e0 goes on to the goal, e1
     stops), e2 takes another road. Task B: one episode (a lone episode group) whose second turn
     is in state s1 too (groups span the batch, as the original's) and whose first has no hash.
-    Task C: two identical episodes (zero std at both levels). gamma 0.9, omega 0.5."""
+    Task C: three identical episodes (zero std at both levels). gamma 0.9, omega 0.5."""
     gamma, omega = 0.9, 0.5
     batch = [
         turn("A", 0, 0, 0.0, "s0"),
@@ -57,14 +57,15 @@ def test_advantage_equals_the_formula_on_a_hand_built_batch(fnorm):
         turn("A", 2, 1, 1.0, "s3"),
         turn("B", 0, 0, 0.0, None),
         turn("B", 0, 1, 1.0, "s1", mask=(0, 1, 1)),
-        turn("C", 0, 0, 0.5, "c0"),
-        turn("C", 1, 0, 0.5, "c0"),
+        turn("C", 0, 0, 0.1, "c0"),
+        turn("C", 1, 0, 0.1, "c0"),
+        turn("C", 2, 0, 0.1, "c0"),
     ]
     # by hand: episode returns, discounted returns R_t, anchor groups
     a_e = {
         "A": dict(zip((0, 1, 2), normalized([1.0, 0.0, 1.0], fnorm), strict=True)),
         "B": {0: 1.0 / (1 + EPS)},
-        "C": {0: 0.0, 1: 0.0},
+        "C": {0: 0.0, 1: 0.0, 2: 0.0},
     }
     s0 = normalized([gamma**2, 0.0, gamma], fnorm)  # A.e0.t0, A.e1.t0, A.e2.t0
     s1 = normalized([gamma, 0.0, 1.0], fnorm)  # A.e0.t1, A.e1.t1, B.e0.t1
@@ -75,8 +76,6 @@ def test_advantage_equals_the_formula_on_a_hand_built_batch(fnorm):
         ("A", 0, 1): s1[0],
         ("A", 1, 1): s1[1],
         ("B", 0, 1): s1[2],
-        ("C", 0, 0): 0.0,  # equal returns
-        ("C", 1, 0): 0.0,
     }  # s2, s3 alone and B's first turn without a hash: 0
     expected = [
         [
@@ -97,6 +96,8 @@ def test_advantage_equals_the_formula_on_a_hand_built_batch(fnorm):
     metrics = hook(shuffled)
     for exp, want in zip(batch, expected, strict=True):
         assert exp.advantages == pytest.approx(want, abs=1e-6), (exp.group_id, exp.info)
+    # equal values give exactly 0, not float residue over epsilon (0.1 * 3 / 3 != 0.1)
+    assert [exp.advantages for exp in batch[-3:]] == [[0.0, 0.0, 0.0]] * 3
     assert metrics["gigpo/anchor_groups_total"] == 5  # s0 s1 s2 s3 c0
     assert metrics["gigpo/anchor_groups_size_gt1"] == 3  # s0, s1, c0
 
