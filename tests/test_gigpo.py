@@ -15,7 +15,7 @@ from loop_fakes import FakeSampler
 from test_rl_loop import backend_model, job_dir, run_cli, trainer_records, write_config
 
 from trinity.algorithms import explorer_hook, gigpo_advantages
-from trinity.config import ConfigError, load_config
+from trinity.config import ConfigError, load_config_text
 from trinity.explorer.explorer import rollout
 from trinity.explorer.sampler import RolloutSettings
 from trinity.plugins import load_plugins
@@ -194,45 +194,34 @@ def test_an_original_style_plugin_sets_the_keys_gigpo_reads():
     assert all(a == 0.0 for e in experiences for a in e.advantages)
 
 
-def test_config_check_names_a_bad_argument(tmp_path):
-    path = tmp_path / "c.yaml"
+def gigpo_config(workflow: str, taskset: str, **algorithm):
+    """``trinity config check`` on a small gigpo config (the loaded config)."""
     config = {
         "model": {"model_path": "demo", "max_prompt_tokens": 128, "max_response_tokens": 16},
         "buffer": {
             "batch_size": 2,
             "total_steps": 1,
             "explorer_input": {
-                "taskset": {"path": "builtin:frozen_lake"},
-                "default_workflow_type": "frozen_lake_workflow",
+                "taskset": {"path": f"builtin:{taskset}"},
+                "default_workflow_type": workflow,
             },
         },
-        "algorithm": {"algorithm_type": "gigpo", "advantage_fn_args": {"fnorm": "mean_std_norm"}},
+        "algorithm": {"algorithm_type": "gigpo", **algorithm},
     }
-    path.write_text(yaml.safe_dump(config))
+    return load_config_text(yaml.safe_dump(config), "gigpo.yaml")
+
+
+def test_config_check_names_a_bad_argument():
     with pytest.raises(ConfigError, match="algorithm.advantage_fn_args.fnorm must be 'std' or"):
-        load_config(path)
-    config["algorithm"]["advantage_fn_args"] = {"omega": 0.5}
-    path.write_text(yaml.safe_dump(config))
-    algo = load_config(path).algorithm
-    assert algo.algorithm_type == "gigpo"
+        gigpo_config("frozen_lake_workflow", "frozen_lake", advantage_fn_args={"fnorm": "x"})
+    config = gigpo_config("frozen_lake_workflow", "frozen_lake", advantage_fn_args={"omega": 0.5})
+    assert config.algorithm.algorithm_type == "gigpo"
 
 
-def test_single_turn_workflow_warns_once_at_config_check(tmp_path, caplog):
-    path = tmp_path / "c.yaml"
-    config = {
-        "model": {"model_path": "demo", "max_prompt_tokens": 128, "max_response_tokens": 16},
-        "buffer": {
-            "batch_size": 2,
-            "total_steps": 1,
-            "explorer_input": {
-                "taskset": {"path": "builtin:arithmetic"},
-                "default_workflow_type": "simple_workflow",
-            },
-        },
-        "algorithm": {"algorithm_type": "gigpo"},
-    }
-    path.write_text(yaml.safe_dump(config))
-    load_config(path)
+def test_a_single_turn_workflow_is_one_warning_line_at_config_check(caplog):
+    gigpo_config("frozen_lake_workflow", "frozen_lake")
+    assert not [r for r in caplog.records if "gigpo" in r.getMessage()]
+    gigpo_config("simple_workflow", "arithmetic")
     (line,) = [r.getMessage() for r in caplog.records if "gigpo" in r.getMessage()]
     assert "'simple_workflow'" in line and "single-turn" in line and "\n" not in line
 

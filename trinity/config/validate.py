@@ -401,7 +401,7 @@ def _check_buffer(config: Config) -> None:
 
 def _check_gigpo_workflows(config: Config) -> None:
     """gigpo with a single-turn workflow runs, as in the original, on its episode level alone:
-    said once here, since nothing in the run would show it."""
+    said once here, before the run (where only ``gigpo/anchor_groups_total`` = 0 shows it)."""
     algo = config.algorithm
     if (algo.advantage_fn or ALGORITHMS.get(algo.algorithm_type).advantage_fn) != "gigpo":
         return
