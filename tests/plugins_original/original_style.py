@@ -5,6 +5,7 @@
 - ``two_turn_workflow``: async, two ``chat_async`` calls per run, one experience per turn.
 - ``repeat_reset_workflow``: sync, ``can_repeat`` (one ``chat`` with ``n``) and ``can_reset``.
 - ``raising_workflow``: raises on tasks with an odd answer (the explorer logs, counts, goes on).
+- ``anchored_two_turn_workflow``: ``two_turn_workflow`` with GiGPO's ``env_state_hash`` / ``step_reward``.
 """
 
 # ruff: noqa: UP006, UP035, UP045 - typing.List / Optional, as plugins for Python 3.10 write it
@@ -87,3 +88,17 @@ class RaisingWorkflow(TwoTurnWorkflow):
         if int(self.task.truth) % 2:
             raise RuntimeError("odd answers are not supported")
         return await super().run_async()
+
+
+@WORKFLOWS.register_module("anchored_two_turn_workflow")
+class AnchoredTwoTurnWorkflow(TwoTurnWorkflow):
+    """GiGPO's keys, set as the original's users set them: the first turn is taken in the task's
+    state, the second in the state the first reply led to; the reward arrives on the second."""
+
+    async def run_async(self) -> List[Experience]:
+        first, second = await super().run_async()
+        first.info.update(env_state_hash=f"asked {self.task.task_desc}", step_reward=0.0)
+        second.info.update(
+            env_state_hash=f"answered {first.response_text}", step_reward=second.reward
+        )
+        return [first, second]

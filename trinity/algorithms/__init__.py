@@ -10,6 +10,7 @@ from trinity.algorithms.advantages import (
     ADVANTAGE_FNS,
     asymre_advantages,
     compute_advantages,
+    episodes_of,
     group_advantage_fn,
     grpo_advantages,
     opmd_advantages,
@@ -22,6 +23,7 @@ from trinity.algorithms.advantages import (
 from trinity.algorithms.aggregation import LOSS_AGG_MODES, aggregate, token_scales
 from trinity.algorithms.datums import DatumBatch, DatumLayout, TokenInfo, info_from_datum
 from trinity.algorithms.gae import clipped_value_loss, gae_advantages
+from trinity.algorithms.gigpo import gigpo_advantages, gigpo_hook
 from trinity.algorithms.kl import (
     KL_FNS,
     entropy_from_logits,
@@ -61,9 +63,12 @@ __all__ = [
     "clipped_value_loss",
     "compute_advantages",
     "entropy_from_logits",
+    "episodes_of",
     "explorer_advantage_fn",
     "explorer_hook",
     "gae_advantages",
+    "gigpo_advantages",
+    "gigpo_hook",
     "group_advantage_fn",
     "grpo_advantages",
     "info_from_datum",

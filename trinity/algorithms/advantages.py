@@ -261,6 +261,17 @@ def set_batch_advantages(
     return advantages
 
 
+def episodes_of(experiences: Sequence[Any]) -> dict[tuple[Hashable, Hashable], list[Any]]:
+    """Experiences by episode, in order: (group, ``info["run"]``) -> its turns. The group is
+    ``group_id`` (falling back to ``task_id``); an experience without a run is its own episode
+    (a single-turn workflow's sample)."""
+    episodes: dict[tuple[Hashable, Hashable], list[Any]] = {}
+    for exp in experiences:
+        key = (exp.group_id or exp.task_id, exp.info.get("run", id(exp)))
+        episodes.setdefault(key, []).append(exp)
+    return episodes
+
+
 def group_advantage_fn(
     advantage_fn: str,
     advantage_fn_args: Mapping[str, Any] | None = None,

@@ -18,6 +18,7 @@ from typing import Any
 
 from trinity.algorithms.advantages import group_advantage_fn
 from trinity.algorithms.distill import DISTILL_DEFAULTS, TOKEN_ADVANTAGE_FNS, token_advantage_fn
+from trinity.algorithms.gigpo import GIGPO_DEFAULTS, gigpo_hook
 from trinity.config import load_section
 from trinity.config.schema import AlgorithmConfig
 from trinity.registry import ALGORITHMS, POLICY_LOSSES
@@ -83,6 +84,12 @@ for _name, _spec in {
     "cpt": _cross_entropy_spec("cpt"),
     "dpo": AlgorithmSpec(None, "dpo", schema="dpo", sample_strategy="default"),
     "raft": _cross_entropy_spec("experience"),
+    "gigpo": AlgorithmSpec(
+        "gigpo",
+        "ppo",
+        repeat_times=8,
+        policy_loss_fn_args={"clip_range_low": 0.2, "clip_range_high": 0.2},
+    ),
 }.items():
     ALGORITHMS.register(_name)(_spec)
 
@@ -96,6 +103,7 @@ ADVANTAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "ppo": {"gamma": 1.0, "lam": 1.0},
     "grpo_verl": {"epsilon": 1e-6},
     "rec": {"epsilon": 1e-6, "std_normalize": False, "drop": None},
+    "gigpo": GIGPO_DEFAULTS,
 }
 # on-policy distillation: per-token advantages from the teacher's logprobs (algorithms/distill.py)
 for _name in ("on_policy_distill", "jsd"):
@@ -215,4 +223,6 @@ def explorer_advantage_fn(
         return lambda experiences: {}
     if settings.advantage_fn in TOKEN_ADVANTAGE_FNS:
         return token_advantage_fn(settings.advantage_fn, settings.advantage_fn_args)
+    if settings.advantage_fn == "gigpo":  # reads the turns' info, not only rewards
+        return gigpo_hook(settings.advantage_fn_args)
     return group_advantage_fn(settings.advantage_fn, settings.advantage_fn_args, seed=seed)

@@ -10,12 +10,12 @@ GRPO's, and the original's ``multi_step_grpo`` algorithm uses it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import Tensor
 
-from trinity.algorithms.advantages import grpo_advantages
+from trinity.algorithms.advantages import episodes_of, grpo_advantages
 from trinity.algorithms.spec import AlgorithmSpec, explorer_advantage_fn, resolve_algorithm
 from trinity.registry import ADVANTAGE_FNS, ALGORITHMS
 
@@ -35,10 +35,7 @@ def per_episode(hook: Callable[[list[Any]], dict[str, float]]) -> Callable[[list
     """Lift an explorer advantage hook from experiences to episodes (see the module doc)."""
 
     def apply(experiences: list[Any]) -> dict[str, float]:
-        episodes: dict[Hashable, list[Any]] = {}
-        for exp in experiences:
-            key = (exp.group_id or exp.task_id, exp.info.get("run", id(exp)))
-            episodes.setdefault(key, []).append(exp)
+        episodes = episodes_of(experiences)
         last_turns = [turns[-1] for turns in episodes.values()]
         metrics = hook(last_turns)  # may drop groups (std_threshold) from the list in place
         kept = {id(exp) for exp in last_turns}

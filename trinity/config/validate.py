@@ -108,6 +108,7 @@ def finalize(config: Config) -> None:
     _check_algorithm(config)
     _check_model(config)
     _check_buffer(config)
+    _check_gigpo_workflows(config)
     _check_sample_strategy(config)
     _check_explorer_trainer(config)
     _check_critic(config)
@@ -176,11 +177,6 @@ def _check_mode(config: Config) -> None:
 
 def _check_algorithm(config: Config) -> None:
     algo = config.algorithm
-    require(
-        algo.algorithm_type != "gigpo",
-        "algorithm.algorithm_type: 'gigpo' is not supported: its step advantages group turns by "
-        "info['env_state_hash'] and info['step_reward'], which no workflow here records",
-    )
     registered(algo.algorithm_type, "algorithm.algorithm_type", ALGORITHMS.names())
     spec = ALGORITHMS.get(algo.algorithm_type)  # the algorithm's defaults
     if algo.advantage_fn is not None:
@@ -189,6 +185,13 @@ def _check_algorithm(config: Config) -> None:
     if algo.policy_loss_fn is not None:
         registered(algo.policy_loss_fn, "algorithm.policy_loss_fn", POLICY_LOSSES.names())
     advantage_fn = algo.advantage_fn or spec.advantage_fn
+    fn = ADVANTAGE_FNS.get(advantage_fn) if advantage_fn in ADVANTAGE_FNS else None
+    check_args = getattr(fn, "check_args", None)
+    if check_args is not None:  # option values the function refuses (gigpo's fnorm, ...)
+        try:
+            check_args(algo.advantage_fn_args)
+        except ValueError as error:
+            raise ConfigError(f"algorithm.{error}") from None
     require(
         not spec.use_critic or advantage_fn == "ppo",
         f"algorithm.advantage_fn: '{algo.algorithm_type}' trains its critic on GAE returns, so "
@@ -394,6 +397,25 @@ def _check_buffer(config: Config) -> None:
     _at_least(exp.capacity, 1, f"{key}.capacity")
     _positive(exp.max_read_timeout, f"{key}.max_read_timeout")
     _check_replay_buffer(exp.replay_buffer, f"{key}.replay_buffer", exp.storage_type, mode)
+
+
+def _check_gigpo_workflows(config: Config) -> None:
+    """gigpo with a single-turn workflow runs, as in the original, on its episode level alone:
+    said once here, before the run (where only ``gigpo/anchor_groups_total`` = 0 shows it)."""
+    algo = config.algorithm
+    if (algo.advantage_fn or ALGORITHMS.get(algo.algorithm_type).advantage_fn) != "gigpo":
+        return
+    inputs = config.buffer.explorer_input
+    for taskset in inputs.tasksets:
+        name = taskset.default_workflow_type or inputs.default_workflow_type
+        if name in WORKFLOWS and WORKFLOWS.get(name).can_repeat:
+            log.warning(
+                "algorithm 'gigpo': workflow '%s' (taskset '%s') is single-turn, so no turn "
+                "carries info['env_state_hash']: the step-level advantage is 0 and each sample's "
+                "advantage is its task-centred reward (the episode level alone)",
+                name,
+                taskset.name,
+            )
 
 
 def _check_replay_buffer(replay: Any, key: str, storage_type: str, mode: str) -> None:

@@ -19,6 +19,7 @@ the sampled tokens. Every experience of an episode carries the episode's reward.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib
 import inspect
 import json
@@ -120,7 +121,10 @@ def agent_workflow(*names: str) -> Callable[[Callable[..., Any]], Callable[..., 
 class EnvWorkflow(MultiTurnWorkflow):
     """A dialogue with an ``Env``: reply, observation, ... until done or ``max_steps``.
 
-    workflow_args: ``max_steps``. The episode's reward is the sum of the step rewards.
+    workflow_args: ``max_steps``. The episode's reward is the sum of the step rewards. Step-wise,
+    each turn's experience also records what GiGPO reads, under the original's keys:
+    ``info["env_state_hash"]`` (a digest of the state the reply was given in) and
+    ``info["step_reward"]`` (what that reply earned).
     """
 
     env_class: type[Env]
@@ -137,16 +141,22 @@ class EnvWorkflow(MultiTurnWorkflow):
             {"role": "system", "content": env.system_prompt},
             {"role": "user", "content": env.reset()},
         ]
-        total, done = 0.0, False
+        turns: list[tuple[str, float]] = []  # (the state's digest, the reply's reward)
+        done = False
         while not done:
+            state = hashlib.sha256(f"{self.env_class.__name__}: {env.state()}".encode())
             (response,) = await self.model.chat(messages, 1, **self.sampling_args())
             observation, reward, done = env.step(response.text)
-            total += reward
+            turns.append((state.hexdigest()[:16], reward))
             messages += [
                 {"role": "assistant", "content": response.text},
                 {"role": "user", "content": observation},
             ]
-        return self.scored(self.model.extract_experience_from_history(), total)
+        experiences = self.model.extract_experience_from_history()
+        for exp in experiences:
+            if "step" in exp.info:  # one experience per turn (not concatenated)
+                exp.info["env_state_hash"], exp.info["step_reward"] = turns[exp.info["step"]]
+        return self.scored(experiences, sum(reward for _, reward in turns))
 
 
 @WORKFLOWS.register("frozen_lake_workflow")

@@ -28,6 +28,10 @@ class Env(Protocol):
     def step(self, action: str) -> tuple[str, float, bool]:
         """(observation, reward, done) after the model's reply ``action``."""
 
+    def state(self) -> str:
+        """The environment's state as text: equal texts are the same state, whatever the
+        episode (GiGPO groups the turns taken in one state: ``EnvWorkflow``)."""
+
 
 class FrozenLake:
     """Walk from S to G on a grid of frozen tiles (F) without stepping into a hole (H).
@@ -58,6 +62,9 @@ class FrozenLake:
 
     def reset(self) -> str:
         return f"{self.render()}\nYour move?"
+
+    def state(self) -> str:
+        return f"{'/'.join(self.grid)} at {self.pos}"
 
     def step(self, action: str) -> tuple[str, float, bool]:
         self.steps += 1
@@ -103,6 +110,9 @@ class Sudoku:
 
     def reset(self) -> str:
         return f"{self.render()}\nYour placements?"
+
+    def state(self) -> str:
+        return f"{self.render()} box {self.box}"
 
     def allowed(self, r: int, c: int, v: int) -> bool:
         if not (0 <= r < self.size and 0 <= c < self.size and 1 <= v <= self.size):
