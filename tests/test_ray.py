@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -95,6 +98,27 @@ def test_actor_env_carries_keys_plugins_and_env_vars(tmp_path, tiny_model_dir, m
     assert env["TRINITY_API_KEY"] == "tml-run"
     assert env["JUDGE_URL"] == "http://j"
     assert str(PLUGINS.resolve()) in env["TRINITY_PLUGIN_DIRS"].split(":")
+
+
+def test_another_programs_private_cluster_is_not_joined(tmp_path, tiny_model_dir, ray_cluster):
+    """This module's ``ray.init()`` cluster runs, but no ``ray start`` left an address: a run in
+    another process stays in-process (before, it found the GCS process and joined)."""
+    config = write_config(tmp_path, tiny_model_dir)
+    probe = (
+        "import sys; from trinity.config import load_config; from trinity.plugins import "
+        "load_plugins; from trinity.launcher import cluster; load_plugins([sys.argv[2]]); "
+        "print(cluster._connect(load_config(sys.argv[1]))[1])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(config), str(PLUGINS)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().startswith("no Ray cluster found"), out.stdout
 
 
 def test_grpo_on_ray_local_backend(tmp_path, tiny_model_dir, ray_cluster, monkeypatch, caplog):

@@ -1,8 +1,9 @@
 """Ray or one process: the launcher's choice, and the actors a Ray run starts.
 
 Ray is used when a cluster is reachable: ``RAY_ADDRESS``, ``cluster.ray_address`` other than
-"auto", a running ``ray start --head`` cluster that ``ray.init(address="auto")`` would find, or a
-Ray connection this process already has (tests, notebooks). Otherwise the run stays in one
+"auto", a running ``ray start --head`` cluster (the address file it leaves), or a Ray connection
+this process already has (tests, notebooks); another program's own ``ray.init()`` cluster is not
+joined. Otherwise the run stays in one
 process, as before. Addresses are probed with a short TCP connect first: ``ray.init`` waits most
 of a minute on an address nobody answers (a stale ``ray_current_cluster`` file, say).
 
@@ -64,11 +65,12 @@ def _connect(config: Any) -> tuple[RayCluster | None, str]:
             ray.init(address=explicit, namespace=_namespace(config))
             return RayCluster(config, owned=True), f"cluster at {explicit} ({where})"
         raise ConfigError(f"{where}: no Ray cluster answers at {explicit}")
-    from ray._private.services import canonicalize_bootstrap_address
+    from ray._private.services import find_bootstrap_address
 
-    try:
-        address = canonicalize_bootstrap_address("auto")
-    except ConnectionError:
+    # the address `ray start --head` leaves; not Ray's legacy scan for any GCS process on the
+    # machine, which would join another program's private `ray.init()` cluster
+    address = find_bootstrap_address(None)
+    if address is None:
         return None, "no Ray cluster found (start one with `ray start --head`, or set RAY_ADDRESS)"
     if not _answers(address):
         return None, f"no Ray cluster answers at {address}, the last one started here"
