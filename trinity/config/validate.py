@@ -753,8 +753,11 @@ def _check_data_processor(data_processor: dict[str, Any]) -> None:
         )
         path = str(output["path"])
         require(
-            "://" not in path or path.startswith("sqlite:///"),
-            f"{key}.output.path: only a file or a SQLite database here, got {path}",
+            "://" not in path
+            or path.startswith("sqlite:///")
+            or str(output.get("storage_type")).lower() == "sql",
+            f"{key}.output.path: a database URL needs storage_type 'sql' (SQLAlchemy), got "
+            f"{path} with storage_type '{output.get('storage_type') or 'file'}'",
         )
     for where, name, args in _operators(pipeline, key):
         require(
