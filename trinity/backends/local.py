@@ -19,11 +19,12 @@ from trinity.engine.worker import EngineWorker
 class LocalRuntime:
     """The engine and its worker thread, shared by the trainer and explorer of one process."""
 
-    def __init__(self, model_path: str, rope: dict | None = None):
-        """``rope``: the ``Engine``'s (``model.rope_scaling`` / ``model.rope_theta``)."""
+    def __init__(self, model_path: str, dtype: Any = None, rope: dict | None = None):
+        """``dtype``: None picks the machine's fast one (``forward.default_dtype``); ``rope``:
+        the ``Engine``'s (``model.rope_scaling`` / ``model.rope_theta``)."""
         from trinity.engine import Engine
 
-        self.engine = Engine(model_path, rope=rope)
+        self.engine = Engine(model_path, dtype=dtype, rope=rope)
         # Workflows submit a moment apart (each tokenizes its prompt first): without a window the
         # worker starts decoding the first alone and the rest wait for a second batch.
         self.worker = EngineWorker(self.engine, batch_window_s=0.005)

@@ -37,7 +37,7 @@ class RolloutModel:
         from trinity.engine import configure_process
 
         configure_process()  # the actor's process is this engine's own
-        self.runtime = LocalRuntime(model_path, rope)
+        self.runtime = LocalRuntime(model_path, rope=rope)
         self.current = LocalSampler(self.runtime)  # the weights loaded for the runners
 
     def tokenizer(self) -> Any:

@@ -130,7 +130,7 @@ async def build_backends(
     if not tinker_cfg.enable:
         model_path = str(resolve_model_path(config.model.model_path))
         if train or not remote:
-            runtime = LocalRuntime(model_path, _rope(config))
+            runtime = LocalRuntime(model_path, rope=_rope(config))
             backends.closers.append(runtime.close)
             backends.tokenizer = runtime.tokenizer
         if train:
