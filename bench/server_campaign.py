@@ -392,9 +392,28 @@ def probes(url: str, me: str, victim: dict) -> list[tuple[str, bool]]:
         )
         r.raise_for_status()
 
-    def post(route: str, payload: dict) -> None:
+    def post(route: str, payload: dict) -> httpx.Response:
         r = httpx.post(f"{url}/api/v1/{route}", headers={"X-API-Key": me}, json=payload)
         r.raise_for_status()
+        return r
+
+    def load_into_mine() -> None:
+        """``load_weights`` into a model of one's own (the SDK's deprecated ``load_state``,
+        sent as it sent it): refused at submission or as the future's failure."""
+        mine = sc.create_lora_training_client(base_model=victim["base"], rank=RANK).result()
+        request = {"model_id": mine.model_id, "seq_id": 1, "path": state, "optimizer": False}
+        request_id = post("load_weights", request).json()["request_id"]
+        while True:
+            r = httpx.post(
+                f"{url}/api/v1/retrieve_future",
+                headers={"X-API-Key": me},
+                json={"request_id": request_id},
+            )
+            if r.status_code != 408:  # 408: still running
+                r.raise_for_status()
+                break
+        if "error" in r.json():
+            raise RuntimeError(r.json()["error"])
 
     session = victim["session"]
     attempts = {
@@ -407,12 +426,10 @@ def probes(url: str, me: str, victim: dict) -> list[tuple[str, bool]]:
         "download_urls": lambda: rest.get_external_weights_urls(victim["external"]).result(),
         "get_sampler": lambda: rest.get_sampler(victim["sampler_id"]).result(),
         "create_from_state": lambda: sc.create_training_client_from_state(state).result(),
-        "load_state": lambda: (
-            sc.create_lora_training_client(base_model=victim["base"], rank=RANK)
-            .result()
-            .load_state(state)
-            .result()
+        "create_from_state_with_optimizer": lambda: (
+            sc.create_training_client_from_state_with_optimizer(state).result()
         ),
+        "load_state": load_into_mine,
         "sample_from_path": lambda: (
             sc.create_sampling_client(model_path=sampler)
             .result()

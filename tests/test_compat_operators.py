@@ -84,11 +84,12 @@ def test_config_check_finds_the_plugin_operators(tmp_path):
     assert missing.returncode == 2 and "keep_top_reward" in missing.stderr
 
 
-@pytest.mark.parametrize("storage", ["file", "sqlite"])
+@pytest.mark.parametrize("storage", ["file", "sqlite", "sql"])
 def test_pipeline_output_also_gets_the_processed_experiences(tmp_path, storage):
+    """``sql`` with a URL goes through SQLAlchemy, as a PostgreSQL or MySQL URL would."""
     path = tmp_path / "out.jsonl" if storage == "file" else tmp_path / "out.db"
     output = {"name": "processed", "storage_type": storage, "path": str(path)}
-    if storage == "sqlite":
+    if storage != "file":
         output["path"] = f"sqlite:///{path}"  # the original's form
     pipeline = build_pipeline(
         {
@@ -98,6 +99,8 @@ def test_pipeline_output_also_gets_the_processed_experiences(tmp_path, storage):
             }
         }
     )
+    writer = {"file": "function", "sqlite": "SqliteExperienceBuffer", "sql": "SqlExperienceBuffer"}
+    assert type(getattr(pipeline.output, "__self__", pipeline.output)).__name__ == writer[storage]
     for step in range(2):
         kept, _ = pipeline.process([exp("a", 1.0 + step, 2), exp("a", 0.0, 1)])
         assert [e.reward for e in kept] == [1.0 + step]
@@ -115,7 +118,7 @@ def test_pipeline_output_also_gets_the_processed_experiences(tmp_path, storage):
     ("output", "message"),
     [
         ({"storage_type": "queue", "path": "x"}, "must be a mapping with a path"),
-        ({"storage_type": "sql", "path": "postgresql://h/db"}, "only a file or a SQLite"),
+        ({"storage_type": "sqlite", "path": "postgresql://h/db"}, "needs storage_type 'sql'"),
     ],
 )
 def test_pipeline_output_refused_at_config_check(tmp_path, output, message):

@@ -101,6 +101,8 @@ def test_features_switched_on_are_named_and_their_harmless_values_are_not(caplog
         "synchronizer.sync_style=explorer_driven",  # which over_rollout needs
         "explorer.dynamic_timeout.enable=true",  # works: Explorer.task_timeout
         "model.enable_thinking=false",  # works: handed to the chat template
+        "model.rope_theta=500000.0",  # works: set on the model's config (test_model_keys.py)
+        "model.rope_scaling={type: linear, factor: 2.0}",
         "explorer.rollout_model.enable_thinking=true",
         "model.repetition_penalty=1",
         "explorer.rollout_model.enable_log_requests=false",

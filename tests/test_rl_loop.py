@@ -278,3 +278,81 @@ def test_bench_mode_evaluates_each_checkpoint(tmp_path, tiny_model_dir):
     ]
     assert [r["step"] for r in bench] == [0, 2]
     assert all(0.0 <= r["bench/heldout/digit_share/mean@2"] <= 1.0 for r in bench)
+
+
+def original_resume_reads(job: Path) -> tuple[int, str, int, str]:
+    """What the original's Tinker trainer reads to resume a run directory (``prepare()``):
+    ``latest_checkpointed_iteration.txt`` -> ``global_step_N/remote_checkpoint_path.txt`` (a
+    ``.full_checkpoint`` beside it), ``latest_state_dict_iteration.txt`` ->
+    ``global_step_M/remote_sampler_path.txt``; it fails on any file missing."""
+    step = int((job / "latest_checkpointed_iteration.txt").read_text().strip())
+    assert (job / f"global_step_{step}" / ".full_checkpoint").is_file()
+    state = (job / f"global_step_{step}" / "remote_checkpoint_path.txt").read_text().strip()
+    sampler_step = int((job / "latest_state_dict_iteration.txt").read_text().strip())
+    sampler = (job / f"global_step_{sampler_step}" / "remote_sampler_path.txt").read_text()
+    return step, state, sampler_step, sampler.strip()
+
+
+ORIGINAL_FILES = {
+    "latest_checkpointed_iteration.txt",
+    "latest_state_dict_iteration.txt",
+    "trainer_meta.json",
+    "remote_checkpoint_path.txt",
+    "remote_sampler_path.txt",
+    ".full_checkpoint",
+}
+
+
+def test_tinker_run_directories_interchange_with_the_original_s(tmp_path, tiny_model_dir):
+    """Ours -> the original: its resume finds every file it reads, naming states the service
+    loads. The original's -> ours: a directory reduced to exactly what the original's Tinker
+    backend writes (plus the service's own store) resumes after its last checkpoint."""
+    import tinker
+
+    from trinity.server import build_service
+    from trinity.server.runner import ServerThread
+
+    model = backend_model(tmp_path, tiny_model_dir, "tinker")
+    config = write_config(tmp_path, tiny_model_dir, model=model)
+    raw = yaml.safe_load(config.read_text())
+    raw["buffer"]["total_steps"] = 2
+    config.write_text(yaml.safe_dump(raw))
+    run_cli(config)
+    job = job_dir(tmp_path)
+    step, state, sampler_step, sampler = original_resume_reads(job)
+    assert (step, sampler_step) == (2, 2)
+
+    service = build_service([str(tiny_model_dir)], job / "server", "tml-orig=local")
+    server = ServerThread(service).start()
+    try:
+        client = tinker.ServiceClient(base_url=server.url, api_key="tml-orig")
+        trainer = client.create_training_client_from_state_with_optimizer(state).result()
+        assert trainer.get_info().model_data.model_name
+        prompt = tinker.types.ModelInput.from_ints([1, 2, 3])
+        params = tinker.types.SamplingParams(max_tokens=2, seed=0)
+        sampling = client.create_sampling_client(model_path=sampler).result()
+        assert len(sampling.sample(prompt, 1, params).result().sequences[0].tokens) == 2
+    finally:
+        server.stop()
+
+    # keep exactly the original's layout (and the service's store, as the hosted service would)
+    for path in sorted(job.rglob("*"), reverse=True):  # files before their directories
+        if path.relative_to(job).parts[0] == "server" or path.name in ORIGINAL_FILES:
+            continue
+        if path.is_file():
+            path.unlink()
+        elif not any(path.iterdir()):
+            path.rmdir()
+    assert {p.name for p in job.iterdir()} == {
+        "server",
+        "global_step_2",
+        "latest_checkpointed_iteration.txt",
+        "latest_state_dict_iteration.txt",
+        "trainer_meta.json",
+    }
+    raw["buffer"]["total_steps"] = 3
+    config.write_text(yaml.safe_dump(raw))
+    run_cli(config)
+    assert sorted(trainer_records(job)) == [3]  # steps 1-2 came from the original's checkpoint
+    step, _, sampler_step, _ = original_resume_reads(job)
+    assert (step, sampler_step) == (3, 3)

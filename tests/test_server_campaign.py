@@ -21,6 +21,23 @@ def test_tenants_train_as_alone_and_every_cross_tenant_probe_is_refused(tiny_mod
     assert result["victims_intact"] == result["clients"] == 2
 
 
+def test_the_load_probes_succeed_for_the_owner(tiny_model_dir, tmp_path):
+    """The probes are real requests: the owner's own state loads through each of them (through
+    the SDK's ``create_training_client_from_state*`` and a ``load_weights`` into an existing
+    model, what the deprecated ``TrainingClient.load_state`` sent)."""
+    (tmp_path / "data").mkdir()
+    srv = campaign.Server(tiny_model_dir, tmp_path / "data", {"tml-owner": "owner"})
+    srv.start()
+    try:
+        victim = campaign.tenant_work(srv.url, str(tiny_model_dir), "tml-owner", 1, 2)
+        victim["base"] = str(tiny_model_dir)
+        refused = dict(campaign.probes(srv.url, "tml-owner", victim))
+    finally:
+        srv.stop()
+    loads = ("create_from_state", "create_from_state_with_optimizer", "load_state")
+    assert [refused[name] for name in loads] == [False, False, False]
+
+
 def kill_campaign(model: Path, data: Path, scenarios: tuple[str, ...], rounds: int) -> dict:
     kc = campaign.KillCampaign(
         campaign.Server(model, data, {"tml-alice": "alice"}), "tml-alice", 120, random.Random(0)

@@ -128,3 +128,44 @@ def test_the_launcher_builds_the_sql_buffer_from_the_config(tmp_path):
     buffer = asyncio.run(_experience_buffer(config, shared=False, reopen=True))
     assert isinstance(buffer, SqlExperienceBuffer) and buffer.url == url
     assert sa.inspect(sa.create_engine(url)).has_table("experience_buffer")
+
+
+def explorer_output(url: str) -> tuple[list[str], list[tuple]]:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        result = conn.exec_driver_sql("SELECT * FROM explorer_output ORDER BY id")
+        columns, rows = list(result.keys()), [tuple(r) for r in result]
+    engine.dispose()
+    return columns, rows
+
+
+def test_explorer_output_is_archived_through_sqlalchemy_as_the_sqlite_buffer_does(tmp_path):
+    """The SQLAlchemy path (any URL; here ``sqlite:///``) keeps the same ``explorer_output`` rows
+    as the sqlite3 buffer: ``archive`` alone, and ``put`` with ``backup``."""
+    sqlalchemy_url = f"sqlite:///{tmp_path / 'sa.db'}"
+    archive = build_experience_buffer("sql", sqlalchemy_url, name="exps")
+    assert isinstance(archive, SqlExperienceBuffer)
+    archive.archive([make_exp(i, version=3) for i in range(3)])
+    backed_up = build_experience_buffer("sql", sqlalchemy_url, name="exps", backup=True)
+
+    async def put_and_take():
+        await backed_up.put([make_exp(3, version=4)])
+        return await backed_up.get_batch(1)
+
+    assert ids(asyncio.run(put_and_take())) == [3]  # consumed, yet kept in explorer_output
+    reference = build_experience_buffer("sqlite", tmp_path / "plain.db")
+    reference.archive([make_exp(i, version=3) for i in range(3)] + [make_exp(3, version=4)])
+
+    columns, rows = explorer_output(sqlalchemy_url)
+    ref_columns, ref_rows = explorer_output(f"sqlite:///{tmp_path / 'plain.db'}")
+    assert columns == ref_columns
+    created = columns.index("created")
+    assert [r[:created] for r in rows] == [r[:created] for r in ref_rows]
+    assert [(r[1], r[2], r[4]) for r in rows] == [
+        (3, "t0", 0.0),
+        (3, "t1", 1.0),
+        (3, "t2", 2.0),
+        (4, "t3", 3.0),
+    ]
+    for archived in (archive, backed_up, reference):
+        archived.close_connection()

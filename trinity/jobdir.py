@@ -5,7 +5,11 @@ another process follows by polling the files), the launcher resumes and benchmar
 tools read finished runs through it. File names are the original's where it has one
 (``global_step_N``, ``latest_checkpointed_iteration.txt``, ``latest_state_dict_iteration.txt``), so
 its run directories read the same: a run directory the original's Tinker backend wrote resumes
-here (``remote_checkpoint_path.txt``), and the original resumes ours. Markers are replaced
+here (``remote_checkpoint_path.txt``), and the original resumes ours. The original also reads
+``global_step_N/remote_sampler_path.txt`` for the step ``latest_state_dict_iteration.txt`` names;
+published weights get that file (and the marker moves) only at saved steps, so a run keeps one
+``global_step_N`` per checkpoint while the marker always names a file that exists; our own
+processes follow every publication through ``latest_sampler.json``. Markers are replaced
 atomically and written last: a step is complete once its marker says so, whenever a process is
 killed.
 """
@@ -19,6 +23,7 @@ from pathlib import Path
 STEP_PREFIX = "global_step_"
 CHECKPOINT_REF = "remote_checkpoint_path.txt"  # the original's name, whatever the backend
 FULL_CHECKPOINT = ".full_checkpoint"  # the original's flag: weights and optimizer state
+SAMPLER_REF = "remote_sampler_path.txt"  # the original's: the published weights of a step
 
 
 class JobDir:
@@ -116,6 +121,9 @@ class JobDir:
         (step_dir / CHECKPOINT_REF).write_text(ref)
         (step_dir / FULL_CHECKPOINT).touch()
         (self.path / "trainer_meta.json").write_text(json.dumps({"step": step, "checkpoint": ref}))
+        version, sampler = self.latest_sampler()
+        if version == step and sampler is not None:  # published just before this save
+            self._mark_sampler(step, sampler)
         atomic_write(self.latest_checkpoint_file, str(step))
 
     def checkpoint_ref(self, step: int) -> str:
@@ -181,14 +189,26 @@ class JobDir:
         """Publish; no ``global_step_N`` directory per publication, only per saved checkpoint."""
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write(self.latest_sampler_ref_file, json.dumps({"version": version, "ref": ref}))
-        atomic_write(self.latest_sampler_file, str(version))
+        if ref is not None and (self.step_dir(version) / CHECKPOINT_REF).exists():
+            self._mark_sampler(version, ref)
+
+    def _mark_sampler(self, step: int, ref: str) -> None:
+        """The original's record of published weights, at a saved step."""
+        (self.step_dir(step) / SAMPLER_REF).write_text(ref)
+        atomic_write(self.latest_sampler_file, str(step))
 
     def latest_sampler(self) -> tuple[int, str | None]:
-        """(version, reference) of the newest publication on disk; (0, None) before the first."""
-        if not self.latest_sampler_ref_file.exists():
-            return 0, None
-        latest = json.loads(self.latest_sampler_ref_file.read_text())
-        return int(latest["version"]), latest["ref"]
+        """(version, reference) of the newest publication on disk (in a run directory the
+        original wrote, its marker's); (0, None) before the first."""
+        if self.latest_sampler_ref_file.exists():
+            latest = json.loads(self.latest_sampler_ref_file.read_text())
+            return int(latest["version"]), latest["ref"]
+        if self.latest_sampler_file.exists():
+            version = int(self.latest_sampler_file.read_text().strip())
+            ref_file = self.step_dir(version) / SAMPLER_REF
+            if ref_file.exists():
+                return version, ref_file.read_text().strip()
+        return 0, None
 
 
 def _batches_after(positions: dict[str, int], step: int) -> int:

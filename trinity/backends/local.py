@@ -19,11 +19,12 @@ from trinity.engine.worker import EngineWorker
 class LocalRuntime:
     """The engine and its worker thread, shared by the trainer and explorer of one process."""
 
-    def __init__(self, model_path: str, dtype: Any = None):
-        """``dtype``: None picks the machine's fast one (``forward.default_dtype``)."""
+    def __init__(self, model_path: str, dtype: Any = None, rope: dict | None = None):
+        """``dtype``: None picks the machine's fast one (``forward.default_dtype``); ``rope``:
+        the ``Engine``'s (``model.rope_scaling`` / ``model.rope_theta``)."""
         from trinity.engine import Engine
 
-        self.engine = Engine(model_path, dtype=dtype)
+        self.engine = Engine(model_path, dtype=dtype, rope=rope)
         # Workflows submit a moment apart (each tokenizes its prompt first): without a window the
         # worker starts decoding the first alone and the rest wait for a second batch.
         self.worker = EngineWorker(self.engine, batch_window_s=0.005)
@@ -97,6 +98,10 @@ class LocalTrainer:
 
     async def load_state(self, ref: str, optimizer: bool = True) -> None:
         await self._call(self.runtime.engine.load_state, self.model_id, ref, optimizer)
+
+    async def load_adapter(self, directory: str) -> None:
+        """Start from a peft adapter directory (``model.lora_configs[0].path``)."""
+        await self._call(self.runtime.engine.load_adapter, self.model_id, directory)
 
     async def delete_state(self, ref: str) -> None:
         shutil.rmtree(ref, ignore_errors=True)

@@ -33,11 +33,11 @@ class RolloutModel:
     weights the runners ask for, since it starts with none.
     """
 
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, rope: dict | None = None):
         from trinity.engine import configure_process
 
         configure_process()  # the actor's process is this engine's own
-        self.runtime = LocalRuntime(model_path)
+        self.runtime = LocalRuntime(model_path, rope=rope)
         self.current = LocalSampler(self.runtime)  # the weights loaded for the runners
 
     def tokenizer(self) -> Any:

@@ -283,6 +283,22 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
+def _output_rows(experiences: Sequence[Experience], datas: list[str], now: float) -> list[dict]:
+    """Rows of ``explorer_output``, in its column order."""
+    return [
+        {
+            "model_version": e.model_version,
+            "task_id": e.task_id,
+            "group_id": e.group_id,
+            "reward": e.reward,
+            "is_eval": int(e.is_eval),
+            "data": data,
+            "created": now,
+        }
+        for e, data in zip(experiences, datas, strict=True)
+    ]
+
+
 class SqliteExperienceBuffer:
     """Buffer in a SQLite file, shared by processes on one machine (one file system).
 
@@ -407,10 +423,7 @@ class SqliteExperienceBuffer:
             "INSERT INTO explorer_output "
             "(model_version, task_id, group_id, reward, is_eval, data, created) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [
-                (e.model_version, e.task_id, e.group_id, e.reward, int(e.is_eval), d, now)
-                for e, d in zip(experiences, datas, strict=True)
-            ],
+            [tuple(row.values()) for row in _output_rows(experiences, datas, now)],
         )
 
     def _take(self, n: int) -> tuple[list[Experience] | None, int]:
@@ -495,7 +508,8 @@ class SqlExperienceBuffer(SqliteExperienceBuffer):
     Pending experiences are rows of table ``name``, the end marker a row of ``<name>_meta``. A
     reader takes its rows and deletes them in one transaction: SQLite's is ``BEGIN IMMEDIATE``
     (one writer at a time), other databases lock the rows (``FOR UPDATE SKIP LOCKED``), so two
-    readers never take the same experience.
+    readers never take the same experience. ``explorer_output`` (the SQLite buffer's columns)
+    keeps what ``archive`` or, with ``backup``, ``put`` is given; it is created on first use.
     """
 
     def __init__(
@@ -505,6 +519,7 @@ class SqlExperienceBuffer(SqliteExperienceBuffer):
         max_read_timeout: float = 1800.0,
         *,
         name: str = "experience_buffer",
+        backup: bool = False,
     ):
         import sqlalchemy as sa
 
@@ -512,7 +527,7 @@ class SqlExperienceBuffer(SqliteExperienceBuffer):
         self.name = name
         self.capacity = capacity
         self.max_read_timeout = max_read_timeout
-        self.backup = False
+        self.backup = backup
         self._lock = threading.Lock()
         self._producing = False
         self._closed_here = False
@@ -532,6 +547,19 @@ class SqlExperienceBuffer(SqliteExperienceBuffer):
             sa.Column("key", sa.String(64), primary_key=True),
             sa.Column("value", sa.Text, nullable=False),
         )
+        self._output = sa.Table(
+            "explorer_output",
+            sa.MetaData(),  # its own: created on first use, not with the pending rows' tables
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("model_version", sa.Integer, nullable=False),
+            sa.Column("task_id", sa.Text),
+            sa.Column("group_id", sa.Text),
+            sa.Column("reward", sa.Float),
+            sa.Column("is_eval", sa.Integer),
+            sa.Column("data", sa.Text, nullable=False),
+            sa.Column("created", sa.Float, nullable=False),
+        )
+        self._output_ready = False
         self._engine = None
         self._metadata = metadata
         metadata.create_all(self._connect())
@@ -586,11 +614,29 @@ class SqlExperienceBuffer(SqliteExperienceBuffer):
             {"model_version": e.model_version, "data": json.dumps(e.to_dict()), "created": now}
             for e in experiences
         ]
+        if self.backup:
+            self._create_output()
         with self._connect().begin() as conn:
             if not self._producing:
                 conn.execute(self._meta.delete().where(self._meta.c.key == "closed"))
             conn.execute(self._rows.insert(), rows)
+            if self.backup:
+                self._archive_rows(conn, experiences, [r["data"] for r in rows], now)
         self._producing = True
+
+    def archive(self, experiences: Sequence[Experience]) -> None:
+        self._create_output()
+        datas = [json.dumps(e.to_dict()) for e in experiences]
+        with self._connect().begin() as conn:
+            self._archive_rows(conn, experiences, datas, time.time())
+
+    def _archive_rows(self, conn, experiences, datas, now) -> None:
+        conn.execute(self._output.insert(), _output_rows(experiences, datas, now))
+
+    def _create_output(self) -> None:
+        if not self._output_ready:
+            self._output.create(self._connect(), checkfirst=True)
+            self._output_ready = True
 
     def _take(self, n: int) -> tuple[list[Experience] | None, int]:
         import sqlalchemy as sa
@@ -641,8 +687,8 @@ def build_experience_buffer(
         )
     if kind == "queue":
         return ExperienceQueue(capacity, max_read_timeout, backup_path=path if backup else None)
-    if kind == "sql" and path is not None and "://" in str(path) and not backup:
-        return SqlExperienceBuffer(str(path), capacity, max_read_timeout, name=name)
+    if kind == "sql" and path is not None and "://" in str(path):
+        return SqlExperienceBuffer(str(path), capacity, max_read_timeout, name=name, backup=backup)
     if kind in ("sqlite", "sql"):
         if path is None:
             raise ValueError("a sqlite experience buffer needs a path")

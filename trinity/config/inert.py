@@ -35,8 +35,6 @@ class Inert:
 _TASKSET = {
     "format.prompt_type": Inert("prompts are always chat messages", ("messages",)),
     "format.tools_key": Inert(NOT_YET, ("tools",)),
-    "format.image_key": Inert(NOT_YET),
-    "format.video_key": Inert(NOT_YET),
     "format.chat_template": Inert("use model.custom_chat_template"),
     "format.enable_thinking": Inert(NOT_YET),
     "rollout_args.logprobs": Inert(NO_TOP_K, (0,)),
@@ -120,7 +118,6 @@ _ROLLOUT_MODEL = {
     "enable_log_requests": Inert(NOT_YET, (False,)),
     "base_port": Inert(NOT_YET),
     "api_key": Inert(NOT_YET, ("EMPTY",)),
-    "enable_multimodal": Inert(NOT_YET, (False,)),
 }
 # what an auxiliary model takes from its own entry (model.* is for the rollout model)
 _AUXILIARY_OWN = ("max_model_len", "max_prompt_tokens", "max_response_tokens", "chat_template")
@@ -142,17 +139,13 @@ INERT: dict[str, Inert] = {
     "model.min_response_tokens": Inert(NOT_YET, (0,)),
     "model.repetition_penalty": Inert(NOT_YET, (1.0,)),
     "model.lora_configs[*].name": Inert("there is one adapter; its name is the run's"),
-    "model.lora_configs[*].path": Inert(NOT_YET),
     "model.lora_configs[*].base_model_name": Inert("the base model is model.model_path"),
     "model.lora_configs[*].lora_dtype": Inert(GPU_TRAINER, ("auto",)),
     "model.lora_configs[*].target_modules": Inert(
         "adapters go on every linear layer", ("all-linear",)
     ),
-    "model.lora_configs[*].exclude_modules": Inert(NOT_YET),
     "model.fully_sharded_loras": Inert(GPU_ROLLOUT, (False,)),
     "model.max_cpu_loras": Inert(GPU_ROLLOUT),
-    "model.rope_scaling": Inert(NOT_YET),
-    "model.rope_theta": Inert(NOT_YET),
     "model.external_model.enable": Inert(NOT_YET, (False,)),
     **{f"buffer.explorer_input.taskset.{k}": v for k, v in _TASKSET.items()},
     **{f"buffer.explorer_input.tasksets[*].{k}": v for k, v in _TASKSET.items()},

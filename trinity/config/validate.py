@@ -9,6 +9,7 @@ leaf, so plugins loaded before validation count and the config layer imports no 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -269,6 +270,13 @@ def _check_model(config: Config) -> None:
     _at_least(tinker.rank, 1, "model.tinker.rank")
 
     if model.lora_configs and tinker.enable:
+        for key in ("path", "exclude_modules"):
+            require(
+                getattr(model.lora_configs[0], key) is None,
+                f"model.lora_configs[0].{key}: the Tinker backend makes its adapter from "
+                "model.tinker (rank, train_mlp / train_attn / train_unembed) and cannot start "
+                "from a local adapter; unset it or train on the local engine",
+            )
         log.warning("model.lora_configs is ignored when model.tinker.enable is true")
     elif model.lora_configs:
         require(
@@ -277,6 +285,14 @@ def _check_model(config: Config) -> None:
             f"{len(model.lora_configs)}",
         )
         _at_least(model.lora_configs[0].lora_rank, 1, "model.lora_configs[0].lora_rank")
+        if model.lora_configs[0].path:
+            _check_lora_path(model.lora_configs[0])
+    for key in ("rope_scaling", "rope_theta"):
+        require(
+            getattr(model, key) is None or not tinker.enable,
+            f"model.{key}: the Tinker backend serves its base models' positions as they are; "
+            "unset it or train on the local engine",
+        )
 
     _derive_lengths(model)
     _at_least(model.temperature, 0, "model.temperature")
@@ -285,6 +301,23 @@ def _check_model(config: Config) -> None:
     require(model.top_k != 0, "model.top_k must be -1 (off) or >= 1, got 0")
     if model.chat_template_path and not Path(model.chat_template_path).is_file():
         raise ConfigError(f"model.chat_template_path: no such file '{model.chat_template_path}'")
+
+
+def _check_lora_path(lora: Any) -> None:
+    """The adapter to start from is a peft directory of the shape the config asks for."""
+    config_file = Path(lora.path) / "adapter_config.json"
+    if not config_file.is_file():
+        raise ConfigError(
+            f"model.lora_configs[0].path: '{lora.path}' is not a peft adapter directory "
+            "(no adapter_config.json)"
+        )
+    saved = json.loads(config_file.read_text())
+    for key, theirs in (("lora_rank", "r"), ("lora_alpha", "lora_alpha")):
+        require(
+            saved.get(theirs) == getattr(lora, key),
+            f"model.lora_configs[0].{key} is {getattr(lora, key)} but the adapter at "
+            f"'{lora.path}' has {theirs}={saved.get(theirs)}",
+        )
 
 
 def _derive_lengths(model: Any) -> None:
@@ -488,6 +521,12 @@ def _check_taskset(taskset: TasksetConfig, key: str) -> None:
             not taskset.builtin_args,
             f"{key}.builtin_args is only used with path '{BUILTIN_PREFIX}NAME', not '{path}'",
         )
+    for media in ("image_key", "video_key"):
+        require(
+            getattr(taskset.format, media) is None,
+            f"{key}.format.{media}: multimodal tasks are not supported (the engines and "
+            "workflows here are text-only)",
+        )
     if not taskset.name:
         taskset.name = path.removeprefix(BUILTIN_PREFIX).rstrip("/").rsplit("/", 1)[-1] or "taskset"
     taskset.format.prompt_type = choice(
@@ -553,6 +592,11 @@ def _check_explorer_trainer(config: Config) -> None:
         (f"explorer.auxiliary_models[{i}]", aux) for i, aux in enumerate(explorer.auxiliary_models)
     ]
     for where, model in models:
+        require(
+            not model.enable_multimodal,
+            f"{where}.enable_multimodal: multimodal models are not supported (the engines and "
+            "workflows here are text-only)",
+        )
         if model.reasoning_parser:
             model.reasoning_parser = choice(
                 model.reasoning_parser, f"{where}.reasoning_parser", REASONING_PARSERS
@@ -731,8 +775,11 @@ def _check_data_processor(data_processor: dict[str, Any]) -> None:
         )
         path = str(output["path"])
         require(
-            "://" not in path or path.startswith("sqlite:///"),
-            f"{key}.output.path: only a file or a SQLite database here, got {path}",
+            "://" not in path
+            or path.startswith("sqlite:///")
+            or str(output.get("storage_type")).lower() == "sql",
+            f"{key}.output.path: a database URL needs storage_type 'sql' (SQLAlchemy), got "
+            f"{path} with storage_type '{output.get('storage_type') or 'file'}'",
         )
     for where, name, args in _operators(pipeline, key):
         require(

@@ -7,6 +7,8 @@ The adapter name inside peft is internal (``t3`` / ``s7``) because user names su
 adapts the output side only (the input embedding stays the base one); ``merge_into`` therefore
 unties the two. ``alpha`` defaults to 32 whatever the rank (Tinker's "LoRA without regret"
 parametrization: scaling alpha / rank keeps the best learning rate roughly rank-independent).
+``exclude_modules`` (the original's ``lora_configs[*].exclude_modules``) is peft's: a regex
+matched against whole module names, or a list of names matched exactly or as a name suffix.
 Adapter weights are fp32 whatever the base dtype.
 """
 
@@ -34,6 +36,11 @@ class LoraSpec:
     train_attn: bool = True
     train_unembed: bool = True
     alpha: float = 32.0
+    exclude_modules: str | tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.exclude_modules, list):  # read back from JSON
+            object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
 
     def same_shape(self, other: LoraSpec | None) -> bool:
         """Whether weights of one fit the other (the seed does not matter)."""
@@ -177,6 +184,7 @@ class Adapters:
             lora_alpha=spec.alpha,
             lora_dropout=0.0,
             target_modules=targets,
+            exclude_modules=_peft_exclude(spec.exclude_modules),
             bias="none",
             base_model_name_or_path=self.model_name,
         )
@@ -191,3 +199,7 @@ class Adapters:
         from peft.tuners.lora import LoraLayer
 
         return [m for m in self.base.modules() if isinstance(m, LoraLayer)]
+
+
+def _peft_exclude(exclude: str | tuple[str, ...] | None) -> str | list[str] | None:
+    return list(exclude) if isinstance(exclude, tuple) else exclude

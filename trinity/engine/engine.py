@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tinker import types
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from trinity.engine import checkpoint, losses
 from trinity.engine.adapters import Adapters, LoraSpec
@@ -43,6 +43,23 @@ from trinity.engine.samplers import SAMPLER_META, Sampler, Samplers
 from trinity.engine.sampling import SampleRequest, sample_batch
 
 DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def with_rope(config, rope_scaling: dict | None = None, rope_theta: float | None = None):
+    """``config`` with the original's ``rope_scaling`` (its ``type`` / ``rope_type``, ``factor``
+    ...) and ``rope_theta`` merged into transformers' ``rope_parameters`` (one dict, or one per
+    attention type)."""
+    update = dict(rope_scaling or {})
+    if "type" in update:
+        update["rope_type"] = update.pop("type")
+    if rope_theta is not None:
+        update["rope_theta"] = float(rope_theta)
+    params = config.rope_parameters or {}
+    if params and all(isinstance(v, dict) for v in params.values()):
+        config.rope_parameters = {kind: {**p, **update} for kind, p in params.items()}
+    else:
+        config.rope_parameters = {**params, **update}
+    return config
 
 
 @dataclass
@@ -72,11 +89,16 @@ class Engine:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         compile_decode: bool = False,
+        rope: dict | None = None,
     ):
         """``compile_decode``: run the fused decode step under ``torch.compile`` (off by default:
-        on a CPU compilation costs more than it saves, see docs/benchmarks.md "Sampling speed")."""
+        on a CPU compilation costs more than it saves, see docs/benchmarks.md "Sampling speed").
+        ``rope``: ``rope_scaling`` / ``rope_theta`` set on the model's config before loading
+        (the original's ``model.rope_scaling`` / ``model.rope_theta``), e.g. to stretch the
+        context with ``{"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}``."""
         name = str(model_path)
         self.compile_decode = compile_decode
+        self.rope = {k: v for k, v in (rope or {}).items() if v is not None}
         self.model_name = DEMO_HUB_ID if name in DEMO_ALIASES else name
         self.path = Path(resolve_model_path(name))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -110,16 +132,17 @@ class Engine:
 
     # ------------------------------------------------------------------ loading
     def _load_causal_lm(self, dtype: torch.dtype) -> nn.Module:
-        if self.path.suffix == ".gguf":
-            model = AutoModelForCausalLM.from_pretrained(
-                self.path.parent, gguf_file=self.path.name, dtype=dtype
-            )
+        gguf = self.path.suffix == ".gguf"
+        where = self.path.parent if gguf else self.path
+        kwargs = {"gguf_file": self.path.name} if gguf else {}
+        if self.rope:
+            kwargs["config"] = with_rope(AutoConfig.from_pretrained(where, **kwargs), **self.rope)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        if gguf:
             model.hf_quantizer = None  # dequantized already; lets save_pretrained work
             model.is_quantized = False
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
-        else:
-            model = AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype)
         head = model.get_output_embeddings()
         if not isinstance(head, nn.Linear) or head.bias is not None:
             raise ValueError(f"{self.model_name}: the engine needs a bias-free Linear lm_head")
@@ -142,6 +165,32 @@ class Engine:
         for p in params.values():
             p.requires_grad_(True)
         self._models[model_id] = _Trainable(lora, adapter, self.base, params, AdamW(params))
+
+    def load_adapter(self, model_id: str, directory: str) -> None:
+        """Start LoRA model ``model_id`` from a peft adapter directory (the original's
+        ``lora_configs[*].path``): its factors are copied into the model's; targets the
+        directory does not adapt keep their zero ``lora_B`` (no change to the base)."""
+        from peft import LoraConfig
+
+        model = self._model(model_id)
+        if model.spec is None:
+            raise ValueError(f"model {model_id!r} is a full fine-tune: it has no adapter")
+        saved = LoraConfig.from_pretrained(str(directory))
+        if (saved.r, saved.lora_alpha) != (model.spec.rank, model.spec.alpha):
+            raise ValueError(
+                f"adapter {directory} has rank {saved.r} / alpha {saved.lora_alpha}, model "
+                f"{model_id!r} rank {model.spec.rank} / alpha {model.spec.alpha}"
+            )
+        if saved.use_rslora or saved.use_dora:
+            raise ValueError(f"adapter {directory}: rsLoRA / DoRA adapters are not supported")
+        tensors = checkpoint.read_peft(directory)
+        extra = sorted(set(tensors) - set(model.params))
+        if extra:
+            raise ValueError(
+                f"adapter {directory} adapts {len(extra)} tensors model {model_id!r} has no LoRA "
+                f"on (excluded or not a target), e.g. {extra[:3]}"
+            )
+        checkpoint.copy_into({k: model.params[k] for k in tensors}, tensors, f"adapter {directory}")
 
     def _model(self, model_id: str) -> _Trainable:
         if model_id not in self._models:

@@ -87,7 +87,19 @@ def _lora_spec(config: Any) -> Any:
             train_unembed=tinker_cfg.train_unembed,
         )
     lora = config.model.lora_configs[0]
-    return LoraSpec(rank=lora.lora_rank, alpha=lora.lora_alpha, seed=tinker_cfg.seed)
+    exclude = lora.exclude_modules
+    return LoraSpec(
+        rank=lora.lora_rank,
+        alpha=lora.lora_alpha,
+        seed=tinker_cfg.seed,
+        exclude_modules=exclude if isinstance(exclude, str | None) else tuple(exclude),
+    )
+
+
+def _rope(config: Any) -> dict:
+    """The original's ``model.rope_scaling`` / ``model.rope_theta``, for the local engines."""
+    model = config.model
+    return {"rope_scaling": model.rope_scaling, "rope_theta": model.rope_theta}
 
 
 async def build_backends(
@@ -118,7 +130,7 @@ async def build_backends(
     if not tinker_cfg.enable:
         model_path = str(resolve_model_path(config.model.model_path))
         if train or not remote:
-            runtime = LocalRuntime(model_path)
+            runtime = LocalRuntime(model_path, rope=_rope(config))
             backends.closers.append(runtime.close)
             backends.tokenizer = runtime.tokenizer
         if train:
@@ -126,13 +138,16 @@ async def build_backends(
             backends.trainer = LocalTrainer(
                 runtime, "policy", _lora_spec(config), persist_samplers=remote or not explore
             )
+            lora_path = config.model.lora_configs and config.model.lora_configs[0].path
             if resume_ref:
                 await backends.trainer.load_state(resume_ref)
+            elif lora_path:
+                await backends.trainer.load_adapter(lora_path)
             if needs_reference:
                 backends.ref_sampler = LocalSampler(runtime)
         if remote:
             env = runner_env(config)
-            backends.sampler = await cluster.rollout_models(model_path, env)
+            backends.sampler = await cluster.rollout_models(model_path, env, _rope(config))
             backends.tokenizer = backends.sampler.tokenizer
             backends.runners = await cluster.runner_pool(
                 backends.sampler, backends.sampler, rollout_settings(config), env

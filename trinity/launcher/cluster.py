@@ -112,7 +112,9 @@ class RayCluster:
         self.pools: list[Any] = []
         self.groups: list[Any] = []
 
-    async def rollout_models(self, model_path: str, env: dict[str, str]) -> Any:
+    async def rollout_models(
+        self, model_path: str, env: dict[str, str], rope: dict | None = None
+    ) -> Any:
         """``engine_num`` engine actors, one placement-group bundle each, spread over nodes."""
         import ray
         from ray.util.placement_group import placement_group
@@ -143,7 +145,7 @@ class RayCluster:
                 runtime_env={"env_vars": env},
                 max_restarts=3,
                 max_task_retries=3,
-            ).remote(model_path)
+            ).remote(model_path, rope)
             for index in range(count)
         ]
         self.actors += models

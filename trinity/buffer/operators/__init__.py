@@ -247,8 +247,9 @@ def build_pipeline(data_processor: Any) -> ExperiencePipeline:
 
 def output_writer(output: dict[str, Any]) -> Callable[[list[Experience]], None]:
     """Where ``experience_pipeline.output`` sends the processed experiences, besides the
-    trainer: ``file`` appends JSON lines (``Experience.to_dict``) to ``path``; ``sqlite`` / ``sql``
-    (a SQLite file, or its URL ``sqlite:///x.db``) adds rows to its ``explorer_output`` table."""
+    trainer: ``file`` appends JSON lines (``Experience.to_dict``) to ``path``; ``sqlite`` (a
+    SQLite file, or its URL ``sqlite:///x.db``) or ``sql`` (any SQLAlchemy URL, or a SQLite file)
+    adds rows to the database's ``explorer_output`` table."""
     from trinity.buffer.experience import build_experience_buffer
 
     kind, path = str(output.get("storage_type") or "file").lower(), str(output["path"])
@@ -261,6 +262,8 @@ def output_writer(output: dict[str, Any]) -> Callable[[list[Experience]], None]:
                 file.writelines(json.dumps(exp.to_dict()) + "\n" for exp in experiences)
 
         return append
+    if kind == "sql" and "://" in path:
+        return build_experience_buffer("sql", path).archive
     return build_experience_buffer("sqlite", path.removeprefix(SQLITE_URL)).archive
 
 
