@@ -3,8 +3,8 @@
 Modules: ``engine`` (the ``Engine`` facade: loading, Tinker's calls), ``adapters`` (peft LoRA
 bookkeeping), ``packing`` (datums into forward passes, no model), ``forward`` (a pass's
 logprobs), ``logprobs`` (the chunked unembedding kernel), ``losses``, ``optim``, ``sampling``
-(decoding), ``checkpoint``, ``demo_model``, ``worker`` (the thread that owns an engine),
-``process`` (``configure_process``, for entry points). Only ``config`` is below this layer.
+(decoding; ``fast_decode`` its fused step, ``gemv`` its one-row matmul kernel),
+``checkpoint``, ``demo_model``, ``worker`` (the thread that owns an engine), ``process`` (``configure_process``, for entry points). Only ``config`` is below this layer.
 
 Tensor names end in their shape, one letter per dimension (``hidden_NH``: N x H):
 
