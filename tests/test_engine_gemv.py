@@ -4,9 +4,14 @@ Shapes with a row length that is not a multiple of the kernel's 64-wide blocks a
 count that does not split evenly over threads; fp32 to 1e-5 (only the summation order differs),
 bf16 to one bf16 rounding of the output. The kernel must actually run (a C++ compiler is part of
 this project's test environment), else these tests would only compare ``F.linear`` to itself.
+The runtime path must never compile: without a build it is ``F.linear`` at once.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,7 +24,9 @@ SHAPES = [(1, 1), (7, 64), (130, 576), (257, 1000), (4099, 96)]
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel():
-    assert gemv.available(), "the gemv kernel did not build (see the warning in the log)"
+    """Build the kernel where this machine has none yet (minutes, once: it stays in the cache)."""
+    gemv.build()
+    assert gemv.available(), "the gemv kernel was built but does not load"
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -65,3 +72,37 @@ def test_gemv_leaves_other_calls_to_linear():
         assert torch.equal(gemv.linear(rows, weight, None), F.linear(rows, weight))
         t = torch.randn(70, 33).t()
         assert torch.equal(gemv.linear(x, t, None), F.linear(x, t))
+
+
+def test_build_dir_is_keyed_by_the_cpu(monkeypatch):
+    """A cache shared by machines with other CPUs (-march=native binaries) keeps one build each."""
+    here = gemv.build_dir()
+    assert here.parent == gemv.cache_root() / "torch_extensions"
+    monkeypatch.setattr(gemv, "_cpu_flags", lambda: "flags\t: fpu sse2")
+    assert gemv.build_dir() != here
+
+
+RUNTIME = """
+import logging, time, torch, torch.nn.functional as F
+logging.basicConfig(level=logging.INFO)
+from trinity.engine import gemv
+x, w = torch.randn(1, 64), torch.randn(8, 64)
+start = time.perf_counter()
+out = gemv.linear(x, w, None)
+print(time.perf_counter() - start, gemv.available(), torch.equal(out, F.linear(x, w)))
+gemv.linear(x, w, None)
+"""
+
+
+def test_runtime_never_compiles(tmp_path):
+    """With no build in the cache, ``linear`` is F.linear at once: nothing compiled, nothing
+    written to the cache, one INFO line saying how to build it (a fresh process: no loaded kernel)."""
+    env = {**os.environ, "TRINITY_CACHE_DIR": str(tmp_path), "TRINITY_GEMV": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", RUNTIME], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    elapsed, available, same = done.stdout.split()
+    assert float(elapsed) < 5 and available == "False" and same == "True"
+    assert done.stderr.count("python -m trinity.engine") == 1, done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -12,15 +12,25 @@ accumulated in fp32 (bf16 pairs by ``vdpbf16ps`` where the CPU has AVX512-BF16, 
 shift), the output rounded to the input dtype as ``F.linear`` does; vectorized for the machine it
 is built on (``-O3 -march=native``), rows split over torch's own intra-op threads
 (``at::parallel_for``, no second thread pool).
-It is compiled once per machine into ``$TRINITY_CACHE_DIR/torch_extensions`` (default
-``~/.cache/trinity``); where that fails (no C++ compiler) ``linear`` is ``F.linear``.
+Built at install time, never during a run (compiling takes ~1.5 min on 2 cores, which would
+stall a sampling call): ``python -m trinity.engine`` (run by scripts/setup.sh when missing)
+compiles it into ``$TRINITY_CACHE_DIR/torch_extensions/trinity_gemv-<key>`` (default
+``~/.cache/trinity``), the key a hash of the CPU flags, torch / Python versions and the source, so
+machines sharing the cache each get their own binary. At run time ``linear`` only loads a build;
+without one (or with no C++ compiler at setup) it is ``F.linear``, said once in the log at INFO.
 ``TRINITY_GEMV=0`` turns it off.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import logging
 import os
+import platform
+import shutil
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -110,33 +120,95 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv", &gemv); }
 """
 
-_KERNEL: object = None  # the compiled module; False once building it failed
+_NAME = "trinity_gemv"
+_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+_KERNEL: object = None  # the loaded module; False once looked for and not there
+
+
+def _cpu_flags() -> str:
+    """The instruction-set extensions the binary may use (``-march=native``): the flags line of
+    /proc/cpuinfo, else (no procfs) torch's coarser CPU capability and the architecture."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
+
+
+def build_dir() -> Path:
+    """``$TRINITY_CACHE_DIR/torch_extensions/trinity_gemv-<key>``, the key a hash of what the
+    binary depends on (CPU flags, torch and Python versions, source and compiler flags), so a
+    cache shared between machines (an NFS home) never loads a binary built for another CPU."""
+    parts = [_cpu_flags(), torch.__version__, sys.version, _SOURCE, *_CFLAGS]
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+    return cache_root() / "torch_extensions" / f"{_NAME}-{key}"
+
+
+def library_path() -> Path:
+    """Where this machine's build of the kernel is (or will be)."""
+    return build_dir() / f"{_NAME}.so"
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(_NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build() -> Path:
+    """Compile the kernel for this machine into ``build_dir()`` unless it is there (minutes on
+    a small machine: run by scripts/setup.sh, never by the engine), load it; its path. Built in
+    a scratch directory renamed into place, so a run never loads a half-written binary."""
+    global _KERNEL
+    final, library = build_dir(), library_path()
+    if library.exists():
+        _KERNEL = _load(library)
+        return library
+    from torch.utils.cpp_extension import get_cxx_compiler, load_inline
+
+    if shutil.which(get_cxx_compiler()) is None:
+        raise RuntimeError(f"no C++ compiler: {get_cxx_compiler()!r} ($CXX) is not on PATH")
+    scratch = final.with_name(f"{final.name}.{os.getpid()}.tmp")
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        module = load_inline(_NAME, _SOURCE, extra_cflags=_CFLAGS, build_directory=str(scratch))
+        scratch.rename(final)
+    except OSError:  # another build renamed its directory into place first: use that one
+        if not library.exists():
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    _KERNEL = module
+    return library
 
 
 def _kernel():
+    """The built kernel, loaded on first use (never compiled here), or None."""
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = False
-        if os.environ.get("TRINITY_GEMV", "1") != "0":
-            from torch.utils.cpp_extension import load_inline
-
-            build = cache_root() / "torch_extensions" / "trinity_gemv"
-            build.mkdir(parents=True, exist_ok=True)
-            try:
-                _KERNEL = load_inline(
-                    "trinity_gemv",
-                    _SOURCE,
-                    functions=None,
-                    extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
-                    build_directory=str(build),
-                )
-            except Exception as error:  # no compiler, or one that rejects the flags
-                log.warning("gemv kernel unavailable (%s); one-row matmuls use F.linear", error)
+        library = library_path()
+        if os.environ.get("TRINITY_GEMV", "1") == "0":
+            return None
+        if not library.exists():
+            log.info(
+                "gemv kernel not built for this machine: one-row matmuls use F.linear "
+                "(build it once with `python -m trinity.engine`; scripts/setup.sh does)"
+            )
+            return None
+        try:
+            _KERNEL = _load(library)
+        except ImportError as error:  # a binary that no longer matches (say, libtorch rebuilt)
+            log.warning("gemv kernel %s does not load (%s); using F.linear", library, error)
     return _KERNEL or None
 
 
 def available() -> bool:
-    """Whether the kernel is built (building it on first call)."""
+    """Whether the kernel is built for this machine and loads (it is never compiled here)."""
     return _kernel() is not None
 
 
