@@ -16,9 +16,10 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     if gemv.library_path().exists():
         return 0
-    print("building the gemv kernel for this CPU (a minute or two, once)...", flush=True)
     start = time.perf_counter()
     try:
+        gemv.check_compiler()
+        print("building the gemv kernel for this CPU (a minute or two, once)...", flush=True)
         library = gemv.build()
     except Exception as error:  # the compiler's output is long: its first line says what failed
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]

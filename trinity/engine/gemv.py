@@ -159,6 +159,14 @@ def _load(path: Path):
     return module
 
 
+def check_compiler() -> None:
+    """Raise, in one line, where there is no C++ compiler to build the kernel with."""
+    from torch.utils.cpp_extension import get_cxx_compiler
+
+    if shutil.which(get_cxx_compiler()) is None:
+        raise RuntimeError(f"no C++ compiler: {get_cxx_compiler()!r} ($CXX) is not on PATH")
+
+
 def build() -> Path:
     """Compile the kernel for this machine into ``build_dir()`` unless it is there (minutes on
     a small machine: run by scripts/setup.sh, never by the engine), load it; its path. Built in
@@ -168,10 +176,9 @@ def build() -> Path:
     if library.exists():
         _KERNEL = _load(library)
         return library
-    from torch.utils.cpp_extension import get_cxx_compiler, load_inline
+    from torch.utils.cpp_extension import load_inline
 
-    if shutil.which(get_cxx_compiler()) is None:
-        raise RuntimeError(f"no C++ compiler: {get_cxx_compiler()!r} ($CXX) is not on PATH")
+    check_compiler()
     scratch = final.with_name(f"{final.name}.{os.getpid()}.tmp")
     scratch.mkdir(parents=True, exist_ok=True)
     try:
