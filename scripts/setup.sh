@@ -22,3 +22,6 @@ if [ ! -x /usr/bin/chromium ]; then
   { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } ||
     echo "could not install chromium: the studio's browser tests will be skipped" >&2
 fi
+# The decode step's gemv kernel, compiled for this CPU into the trinity cache (~1.5 min on 2 cores,
+# once per machine), so that no run stalls compiling it; silent and quick when it is built.
+python3 -m trinity.engine || true  # where it cannot build, it says why in one line; runs use F.linear

@@ -13,7 +13,7 @@ import torch
 from tinker import types
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trinity.engine import fast_decode, sampling
+from trinity.engine import fast_decode, gemv, sampling
 from trinity.engine.sampling import SampleRequest, sample_batch
 
 ATOL = 1e-4
@@ -93,6 +93,37 @@ def test_fast_equals_reference(models, adapters, monkeypatch):
         decode(model, tokenizer, requests(adapters, 1.0), fast=True),
         decode(model, tokenizer, requests(adapters, 1.0), fast=False),
     )
+
+
+@pytest.mark.parametrize("adapter", [None, "b"])
+def test_batch_one_equals_reference(models, adapter, monkeypatch):
+    """One row: every matmul of the step is a one-row gemv (trinity/engine/gemv.py)."""
+    plain, peft, tokenizer = models
+    model = peft if adapter else plain
+    calls = []
+    gemv.build()  # where this machine has none yet (minutes, once)
+    kernel = gemv._kernel()
+
+    class Counted:
+        def gemv(self, x, w):
+            calls.append(w.shape)
+            return kernel.gemv(x, w)
+
+    for prompt in PROMPTS:
+        reqs = [
+            SampleRequest(
+                prompt_tokens=prompt,
+                num_samples=1,
+                adapter=adapter,
+                params=types.SamplingParams(max_tokens=10, temperature=0.0, stop=[]),
+            )
+        ]
+        reference = decode(model, tokenizer, reqs, fast=False)
+        monkeypatch.setattr(gemv, "_KERNEL", Counted())
+        assert_same(decode(model, tokenizer, reqs, fast=True), reference)
+        monkeypatch.setattr(gemv, "_KERNEL", kernel)
+    layers = plain.config.num_hidden_layers
+    assert len(calls) == len(PROMPTS) * 9 * (4 * layers + 1)  # 9 steps after the prefill
 
 
 def test_weights_rebuilt_after_an_in_place_update(models):

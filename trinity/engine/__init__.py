@@ -3,8 +3,10 @@
 Modules: ``engine`` (the ``Engine`` facade: loading, Tinker's calls), ``adapters`` (peft LoRA
 bookkeeping), ``packing`` (datums into forward passes, no model), ``forward`` (a pass's
 logprobs), ``logprobs`` (the chunked unembedding kernel), ``losses``, ``optim``, ``sampling``
-(decoding), ``checkpoint``, ``demo_model``, ``worker`` (the thread that owns an engine),
-``process`` (``configure_process``, for entry points). Only ``config`` is below this layer.
+(decoding; ``fast_decode`` its fused step, ``gemv`` its one-row matmul kernel, built by
+``python -m trinity.engine``), ``checkpoint``, ``demo_model``, ``worker`` (the thread that owns an
+engine), ``process`` (``configure_process``, for entry points). Only ``config`` is below this
+layer.
 
 Tensor names end in their shape, one letter per dimension (``hidden_NH``: N x H):
 
@@ -21,9 +23,20 @@ Tensor names end in their shape, one letter per dimension (``hidden_NH``: N x H)
 - G: a task's group of samples (``trinity.algorithms``); 1: a broadcast dimension of size 1
 """
 
-from trinity.engine.adapters import LoraSpec
-from trinity.engine.engine import Engine
-from trinity.engine.process import configure_process
-from trinity.engine.sampling import SampleRequest
+import importlib
 
-__all__ = ["Engine", "LoraSpec", "SampleRequest", "configure_process"]
+# Imported on first use (PEP 562), so that ``python -m trinity.engine`` and a lone submodule such
+# as ``gemv`` do not pay for transformers (seconds): scripts/setup.sh runs the former every time.
+_EXPORTS = {
+    "Engine": "engine",
+    "LoraSpec": "adapters",
+    "SampleRequest": "sampling",
+    "configure_process": "process",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

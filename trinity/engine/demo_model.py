@@ -19,11 +19,15 @@ ALIASES = {"demo", "smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct", MODEL_NAME}
 _MARKER = ".trinity-converted"
 
 
+def cache_root() -> Path:
+    """``$TRINITY_CACHE_DIR`` or ``~/.cache/trinity``: converted models, compiled code."""
+    root = os.environ.get("TRINITY_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "trinity"
+
+
 def default_cache_dir() -> Path:
     """``$TRINITY_CACHE_DIR/models`` or ``~/.cache/trinity/models``."""
-    root = os.environ.get("TRINITY_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "trinity"
-    return base / "models"
+    return cache_root() / "models"
 
 
 def gguf_path() -> Path:
