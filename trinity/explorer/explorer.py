@@ -143,13 +143,17 @@ class Explorer:
         started = time.monotonic()
         wanted = self.synchronizer.required_version(steps_done, self.model_version)
         latest = await self.synchronizer.wait_for(wanted)
+        metrics = {}
         if latest.version > self.model_version:
+            loading = time.monotonic()
             await self.sampler.switch(latest.ref)
+            metrics["explorer/time/load_weights"] = time.monotonic() - loading
             self.model_version = latest.version
             log.info(
                 "explorer synced weights at step %d, model version = %d", steps_done, latest.version
             )
-        self.monitor.log({"explorer/time/wait_sync": time.monotonic() - started}, steps_done + 1)
+        metrics["explorer/time/wait_sync"] = time.monotonic() - started
+        self.monitor.log(metrics, steps_done + 1)
 
     async def explore_step(
         self, step: int, tasks: list[Task]
