@@ -240,9 +240,9 @@ def compute_processes(config: Any, cluster: Any = None) -> int:
 
 def process_slot(config: Any, cluster: Any = None) -> int | None:
     """This process's block of cores when the pair splits them: explore (or serve) the first,
-    train the second. None (not pinned) for one process, on the Tinker backend (the service
-    computes, not this process) and beside Ray rollout models (they are not pinned, so a
-    block would not be the driver's own)."""
+    train the second. None (not pinned) for one process, on the Tinker backend (the compute is
+    the service's, which need not split the cores like this pair) and beside Ray rollout models
+    (they are not pinned, so a block would not be the driver's own)."""
     if config.mode not in ("explore", "train", "serve") or config.model.tinker.enable:
         return None
     if cluster is not None and cluster.actors_per_node():
