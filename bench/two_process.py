@@ -140,6 +140,7 @@ def breakdown(tmp: Path, name: str) -> dict[str, float]:
         add("trainer: wait for experiences", record["time/read_experience"])
         add("trainer: forward/backward + optim", record["time/update_actor"])
         add("trainer: publish weights", record.get("time/sync_weight", 0.0))
+        add("trainer: CPU s per step (its threads)", record["perf/cpu_time_per_step"])
         started = record["time"] - record["perf/time_per_step"]
         if step in explorer and record["time/read_experience"] > WAITED:
             add(
@@ -148,6 +149,10 @@ def breakdown(tmp: Path, name: str) -> dict[str, float]:
             )
     for _step, record in sorted(explorer.items())[1:]:
         add("explorer: explore step", record["explorer/time/explore_step"])
+        add(
+            "explorer: CPU s per explore step (its threads)",
+            record["explorer/time/explore_step_cpu"],
+        )
     for step, record in sorted(syncs.items())[1:]:
         load = record.get("explorer/time/load_weights", 0.0)
         add("explorer: wait for weights (load included)", record["explorer/time/wait_sync"])
@@ -202,7 +207,16 @@ def main() -> None:
         # 3. and 4. both at once, pinned and not (alternating, so both see the same load)
         both: list[float] = []
         loose: list[float] = []
-        parts: dict[str, list[dict[str, float]]] = {"pinned": [], "unpinned": []}
+        trainer_alone = breakdown(tmp, "alone")  # its explorer part is the untimed run's
+        explorer_alone = breakdown(tmp, "lora")
+        parts: dict[str, list[dict[str, float]]] = {
+            "alone": [
+                {k: v for k, v in trainer_alone.items() if k.startswith("trainer")}
+                | {k: v for k, v in explorer_alone.items() if k.startswith("explorer")}
+            ],
+            "pinned": [],
+            "unpinned": [],
+        }
         for round_ in range(args.rounds):
             both += pair(tmp, f"pinned{round_}", args.steps, pinned)
             parts["pinned"].append(breakdown(tmp, f"pinned{round_}"))
@@ -226,11 +240,12 @@ def main() -> None:
             statistics.median(part[label] for part in parts[kind] if label in part)
             if any(label in part for part in parts[kind])
             else float("nan")
-            for kind in ("pinned", "unpinned")
+            for kind in ("alone", "pinned", "unpinned")
         ]
-        return f"| {label} | {cells[0]:.2f} | {cells[1]:.2f} |"
+        return "| " + " | ".join([label, *(f"{c:.2f}" for c in cells)]) + " |"
 
-    labels = list(dict.fromkeys(label for kind in parts.values() for p in kind for label in p))
+    order = (parts["pinned"], parts["unpinned"], parts["alone"])
+    labels = list(dict.fromkeys(label for kind in order for part in kind for label in part))
     lines = [
         *machine,
         f"- load average {load:.1f} at the start (other processes share these cores); "
@@ -257,8 +272,8 @@ def main() -> None:
         "Where a step of the pair goes (seconds, medians after the first step; from the metrics' "
         "timestamps, see `breakdown` in bench/two_process.py):",
         "",
-        "| part | pinned | not pinned |",
-        "|---|---:|---:|",
+        "| part | alone | pair, pinned | pair, not pinned |",
+        "|---|---:|---:|---:|",
         *(split_row(label) for label in labels),
     ]
     print("\n".join(lines[len(machine) :]))

@@ -165,7 +165,7 @@ class Explorer:
         ``MAX_EXTRA_BATCHES``) and keeps whole groups up to that size, so the trainer's batch stays
         full and a trainer waiting for a full batch never waits on an explorer waiting for it.
         """
-        started = time.monotonic()
+        started, cpu = time.monotonic(), time.process_time()
         target = sum(task.repeat_times for task in tasks)
         sampled: list[Experience] = []
         kept: list[Experience] = []
@@ -213,6 +213,7 @@ class Explorer:
                 "experience_pipeline/experience_count": float(len(kept)),
                 "experience_pipeline/extra_batch_count": float(extra_batches),
                 "explorer/time/explore_step": time.monotonic() - started,
+                "explorer/time/explore_step_cpu": time.process_time() - cpu,  # all threads
             }
         )
         if self.over_rollout_ratio:
