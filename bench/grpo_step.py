@@ -144,14 +144,13 @@ def prompt_tokens(model_path: str, rows: list[dict]) -> float:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    lengths = [
-        len(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": r["question"]}], add_generation_prompt=True
-            )
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": r["question"]}], add_generation_prompt=True, tokenize=False
         )
         for r in rows
     ]
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     return statistics.mean(lengths)
 
 
