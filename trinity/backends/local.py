@@ -40,8 +40,10 @@ class LocalTrainer:
     ):
         """``lora``: a ``trinity.engine.LoraSpec``, or None for full fine-tuning.
 
-        ``persist_samplers``: also write published sampler weights to disk, for an explorer
-        running in another process; in one process the in-memory snapshot is enough.
+        ``persist_samplers``: write published sampler weights to disk, for an explorer running
+        in another process (or actor), and keep no in-memory snapshot of them here (nothing in
+        this process samples them; building one cost a second per publish); in one process the
+        in-memory snapshot is enough.
         """
         self.runtime = runtime
         self.persist_samplers = persist_samplers
@@ -112,9 +114,10 @@ class LocalTrainer:
         path = str(Path(directory) / "sampler")
 
         def snapshot_and_save() -> None:
-            engine.snapshot_sampler(self.model_id, path)
-            if self.persist_samplers:
-                engine.save_sampler(path, path)
+            if self.persist_samplers:  # read from disk elsewhere: no frozen copy in this process
+                engine.save_sampler(self.model_id, path)
+            else:
+                engine.snapshot_sampler(self.model_id, path)
 
         await self._call(snapshot_and_save)
         return path
@@ -164,9 +167,10 @@ class LocalSampler:
         old, self.ref = self.ref, ref
 
         def load_and_release() -> None:
+            reuse = old if old != ref and old is not None and engine.has_sampler(old) else None
             if ref is not None and not engine.has_sampler(ref):
-                engine.load_sampler(ref, ref)
-            if old is not None and old != ref:
-                engine.drop_sampler(old)
+                engine.load_sampler(ref, ref, reuse=reuse)
+            if reuse is not None and engine.has_sampler(reuse):
+                engine.drop_sampler(reuse)
 
         await self.runtime.worker.call(load_and_release)

@@ -339,11 +339,13 @@ class Engine:
         }
         (Path(directory) / SAMPLER_META).write_text(json.dumps(meta, indent=1))
 
-    def load_sampler(self, name: str, directory: str) -> None:
-        """Load a ``save_sampler`` dir, or any peft LoRA adapter dir for this base."""
+    def load_sampler(self, name: str, directory: str, reuse: str | None = None) -> None:
+        """Load a ``save_sampler`` dir, or any peft LoRA adapter dir for this base; ``reuse``:
+        a sampler that is dropped next, whose adapter may take the new weights
+        (``Samplers.load``)."""
         if name in self._models:
             raise ValueError(f"sampler name {name!r} is a model_id")
-        self._samplers.load(name, directory)
+        self._samplers.load(name, directory, reuse)
 
     def _sampler(self, name: str) -> Sampler:
         if self.has_sampler(name):

@@ -145,13 +145,17 @@ class Explorer:
         started = time.monotonic()
         wanted = self.synchronizer.required_version(steps_done, self.model_version)
         latest = await self.synchronizer.wait_for(wanted)
+        metrics = {}
         if latest.version > self.model_version:
+            loading = time.monotonic()
             await self.sampler.switch(latest.ref)
+            metrics["explorer/time/load_weights"] = time.monotonic() - loading
             self.model_version = latest.version
             log.info(
                 "explorer synced weights at step %d, model version = %d", steps_done, latest.version
             )
-        self.monitor.log({"explorer/time/wait_sync": time.monotonic() - started}, steps_done + 1)
+        metrics["explorer/time/wait_sync"] = time.monotonic() - started
+        self.monitor.log(metrics, steps_done + 1)
 
     async def explore_step(
         self, step: int, tasks: list[Task]
@@ -163,7 +167,7 @@ class Explorer:
         ``MAX_EXTRA_BATCHES``) and keeps whole groups up to that size, so the trainer's batch stays
         full and a trainer waiting for a full batch never waits on an explorer waiting for it.
         """
-        started = time.monotonic()
+        started, cpu = time.monotonic(), time.process_time()
         target = sum(task.repeat_times for task in tasks)
         sampled: list[Experience] = []
         kept: list[Experience] = []
@@ -211,6 +215,7 @@ class Explorer:
                 "experience_pipeline/experience_count": float(len(kept)),
                 "experience_pipeline/extra_batch_count": float(extra_batches),
                 "explorer/time/explore_step": time.monotonic() - started,
+                "explorer/time/explore_step_cpu": time.process_time() - cpu,  # all threads
             }
         )
         if self.over_rollout_ratio:

@@ -144,7 +144,9 @@ async def run_rl(
     )
     async with _owned(monitor) as owned:
         cluster = owned.cluster = connect(config, explore=explore)
-        budget = apply_thread_budget(thread_budget(compute_processes(config, cluster)))
+        budget = apply_thread_budget(
+            thread_budget(compute_processes(config, cluster), slot=process_slot(config, cluster))
+        )
         log.info("%d compute threads per process (%s)", budget.threads, budget.why)
         backends = owned.backends = await build_backends(
             config,
@@ -241,6 +243,18 @@ def compute_processes(config: Any, cluster: Any = None) -> int:
     if cluster is not None and not config.model.tinker.enable:
         processes += cluster.actors_per_node()
     return processes
+
+
+def process_slot(config: Any, cluster: Any = None) -> int | None:
+    """This process's block of cores when the pair splits them: explore (or serve) the first,
+    train the second. None (not pinned) for one process, on the Tinker backend (the compute is
+    the service's, which need not split the cores like this pair) and beside Ray rollout models
+    (they are not pinned, so a block would not be the driver's own)."""
+    if config.mode not in ("explore", "train", "serve") or config.model.tinker.enable:
+        return None
+    if cluster is not None and cluster.actors_per_node():
+        return None
+    return 1 if config.mode == "train" else 0
 
 
 async def _start_from(backends: Backends, ref: str, job_dir: JobDir) -> None:
@@ -535,7 +549,9 @@ async def run_serve(config: Any) -> None:
         monitor_args=config.monitor.monitor_args,
     )
     async with _owned(monitor) as owned:
-        budget = apply_thread_budget(thread_budget(compute_processes(config)))
+        budget = apply_thread_budget(
+            thread_budget(compute_processes(config), slot=process_slot(config))
+        )
         log.info("%d compute threads per process (%s)", budget.threads, budget.why)
         backends = owned.backends = await build_backends(
             config, explore=True, train=False, resume_ref=None

@@ -75,7 +75,7 @@ class Trainer:
         step = start_step
         try:
             while step < total_steps:
-                started = time.monotonic()
+                started, cpu = time.monotonic(), time.process_time()
                 batch = await self.strategy.sample(
                     step + 1, self.train_batch_size, self.max_read_timeout
                 )
@@ -91,6 +91,9 @@ class Trainer:
                 if self.save_interval and step % self.save_interval == 0:
                     metrics["time/save_checkpoint"] = await self.save_checkpoint(step)
                 metrics["perf/time_per_step"] = time.monotonic() - started
+                # CPU seconds of the whole process (all threads): against the wall time, the
+                # share of its cores the trainer got (other processes on them take the rest)
+                metrics["perf/cpu_time_per_step"] = time.process_time() - cpu
                 self.monitor.log(metrics, step)
             if step > start_step and not (self.save_interval and step % self.save_interval == 0):
                 await self.save_checkpoint(step)
