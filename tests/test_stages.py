@@ -62,29 +62,34 @@ def tinker_logprobs(model_dir: Path, server_dir: Path, ref: str) -> torch.Tensor
         server.stop()
 
 
-@pytest.mark.parametrize("backend", ["local", "tinker"])
-def test_sft_then_grpo_starts_from_the_sft_weights(tmp_path, tiny_model_dir, backend):
+def sft_stage(tmp_path: Path) -> dict:
+    """A 2-step SFT stage on four chats (lr high enough to move a tiny model's weights)."""
     data = tmp_path / "chats.jsonl"
     rows = [{"prompt": f"What is {i} + {i}?", "response": str(2 * i)} for i in range(4)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {
+        "stage_name": "sft",
+        "mode": "train",
+        "algorithm": {"algorithm_type": "sft", "optimizer": {"lr": 5e-2}},
+        "buffer": {
+            "batch_size": 2,
+            "train_batch_size": 2,
+            "total_steps": 2,
+            "trainer_input": {
+                "experience_buffer": {"name": "sft", "storage_type": "file", "path": str(data)}
+            },
+        },
+    }
+
+
+@pytest.mark.parametrize("backend", ["local", "tinker"])
+def test_sft_then_grpo_starts_from_the_sft_weights(tmp_path, tiny_model_dir, backend):
     config_path = write_config(tmp_path, tiny_model_dir)
     config = yaml.safe_load(config_path.read_text())
     config["model"] = backend_model(tmp_path, tiny_model_dir, backend)
     config["buffer"]["total_steps"] = 1
     config["stages"] = [
-        {
-            "stage_name": "sft",
-            "mode": "train",
-            "algorithm": {"algorithm_type": "sft", "optimizer": {"lr": 5e-2}},
-            "buffer": {
-                "batch_size": 2,
-                "train_batch_size": 2,
-                "total_steps": 2,
-                "trainer_input": {
-                    "experience_buffer": {"name": "sft", "storage_type": "file", "path": str(data)}
-                },
-            },
-        },
+        sft_stage(tmp_path),
         {
             "stage_name": "grpo",
             "algorithm": {"algorithm_type": "grpo", "repeat_times": 4, "optimizer": {"lr": 1e-12}},
@@ -132,9 +137,6 @@ def test_sft_then_ppo_critic_starts_from_the_sft_weights(
     from trinity.engine.checkpoint import read_state_meta
     from trinity.server.checkpoints import stored_directory
 
-    data = tmp_path / "chats.jsonl"
-    rows = [{"prompt": f"What is {i} + {i}?", "response": str(2 * i)} for i in range(4)]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config_path = write_config(tmp_path, tiny_model_dir)
     config = yaml.safe_load(config_path.read_text())
     config["model"] = backend_model(tmp_path, tiny_model_dir, backend)
@@ -143,19 +145,7 @@ def test_sft_then_ppo_critic_starts_from_the_sft_weights(
     config["buffer"]["total_steps"] = 1
     config["trainer"]["save_interval"] = 1
     config["stages"] = [
-        {
-            "stage_name": "sft",
-            "mode": "train",
-            "algorithm": {"algorithm_type": "sft", "optimizer": {"lr": 5e-2}},
-            "buffer": {
-                "batch_size": 2,
-                "train_batch_size": 2,
-                "total_steps": 2,
-                "trainer_input": {
-                    "experience_buffer": {"name": "sft", "storage_type": "file", "path": str(data)}
-                },
-            },
-        },
+        sft_stage(tmp_path),
         {"stage_name": "ppo", "algorithm": {"algorithm_type": "ppo", "repeat_times": 2}},
     ]
     config_path.write_text(yaml.safe_dump(config))
