@@ -1,6 +1,6 @@
 """On-policy distillation of the demo model from a teacher made better on the arithmetic task.
 
-    python bench/distill_run.py [--steps 16] [--teacher-steps 30] [--out docs/distill_run.png]
+    python bench/distill_run.py [--steps 30] [--teacher-steps 30] [--out docs/distill_run.png]
 
 1. teacher: SFT of the demo model (LoRA) on the correct answers of the built-in arithmetic
    taskset, merged into a Hugging Face directory by ``trinity convert``;
@@ -141,7 +141,7 @@ def bench_accuracy(job: Path) -> dict[int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=16, help="distillation steps")
+    parser.add_argument("--steps", type=int, default=30, help="distillation steps")
     parser.add_argument("--teacher-steps", type=int, default=30, help="SFT steps of the teacher")
     parser.add_argument("--eval-size", type=int, default=48, help="held-out tasks (x4 samples)")
     parser.add_argument("--out", default=str(ROOT / "docs/distill_run.png"))
