@@ -44,11 +44,31 @@ def overrides(steps: int) -> list[str]:
     ]
 
 
-def rewards(job_dir: Path) -> dict[int, float]:
+def metric_curve(job_dir: Path, key: str = REWARD) -> dict[int, float]:
+    """One metric of a run per step (metrics.jsonl)."""
     from trinity.monitor import read_metrics
 
     records = read_metrics(job_dir / "monitor/metrics.jsonl")
-    return {record["step"]: record[REWARD] for record in records if REWARD in record}
+    return {record["step"]: record[key] for record in records if key in record}
+
+
+def curve_table(curves: dict[str, dict[int, float]], walls: dict[str, float] | None = None) -> None:
+    """Prints the curves as a markdown table (one row each), then their first-5 / last-5 means."""
+    steps = sorted(set().union(*curves.values()))
+    print("| step | " + " | ".join(map(str, steps)) + " |")
+    print("|---|" + "---:|" * len(steps))
+    for label, curve in curves.items():
+        print(
+            f"| {label} | " + " | ".join(f"{curve.get(s, float('nan')):.2f}" for s in steps) + " |"
+        )
+    for label, curve in curves.items():
+        values = [curve[s] for s in steps if s in curve]
+        first, last = values[:5], values[-5:]
+        wall = f"wall {walls[label] / 60:.1f} min, " if walls else ""
+        print(
+            f"{label}: {wall}mean of the first 5 steps "
+            f"{sum(first) / len(first):.3f}, last 5 {sum(last) / len(last):.3f}"
+        )
 
 
 def job_dir_of(root: Path, config: Path) -> Path:
@@ -96,22 +116,9 @@ def main() -> None:
         ],
         check=True,
     )
-    curves = {label: rewards(path) for label, path in dirs.items()}
-    steps = sorted(set().union(*curves.values()))
+    curves = {label: metric_curve(path) for label, path in dirs.items()}
     print(f"figure: {args.out}; runs under {root}")
-    print("| step | " + " | ".join(map(str, steps)) + " |")
-    print("|---|" + "---:|" * len(steps))
-    for label, curve in curves.items():
-        print(
-            f"| {label} | " + " | ".join(f"{curve.get(s, float('nan')):.2f}" for s in steps) + " |"
-        )
-    for label, curve in curves.items():
-        values = [curve[s] for s in steps if s in curve]
-        first, last = values[:5], values[-5:]
-        print(
-            f"{label}: wall {walls[label] / 60:.1f} min, reward mean of first 5 steps "
-            f"{sum(first) / len(first):.3f}, last 5 {sum(last) / len(last):.3f}"
-        )
+    curve_table(curves, walls)
     print(json.dumps({"walls_s": walls, "curves": curves}))
 
 

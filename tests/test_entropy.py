@@ -77,6 +77,15 @@ def test_local_engine_entropy_is_exact(tiny_model_dir):
         runtime.close()
 
 
+async def server_trainer(url: str, path: str) -> TinkerTrainer:
+    """A LoRA (rank 4, every group) training client of a ``trinity server`` on this machine."""
+    session = TinkerSession(url, "tml-e")
+    assert session.exact_entropy
+    return await TinkerTrainer.create(
+        session, path, rank=4, seed=0, train_mlp=True, train_attn=True, train_unembed=True
+    )
+
+
 def test_trinity_server_entropy_is_exact(tmp_path, tiny_model_dir):
     from trinity.server import build_service
     from trinity.server.runner import ServerThread
@@ -86,17 +95,7 @@ def test_trinity_server_entropy_is_exact(tmp_path, tiny_model_dir):
     try:
 
         async def go():
-            session = TinkerSession(server.url, "tml-e")
-            assert session.exact_entropy
-            trainer = await TinkerTrainer.create(
-                session,
-                path,
-                rank=4,
-                seed=0,
-                train_mlp=True,
-                train_attn=True,
-                train_unembed=True,
-            )
+            trainer = await server_trainer(server.url, path)
             return await learner_step(trainer)
 
         plan, datums, output = asyncio.run(go())
@@ -201,5 +200,76 @@ def test_local_entropy_bonus_is_exact(tiny_model_dir):
         got = runtime.engine._models["policy"].params
         for name, param in reference.named_parameters():
             torch.testing.assert_close(got[name].grad, param.grad, atol=1e-5, rtol=1e-3)
+    finally:
+        runtime.close()
+
+
+def test_trinity_server_entropy_bonus_is_exact(tmp_path, tiny_model_dir):
+    """The same GRPO + entropy_coef step through the SDK against a ``trinity server``: the
+    parameter gradients on the server equal the local engine's exact bonus's (atol 1e-6,
+    rtol 1e-4), and differ from the SDK recipe's (the estimate); an optimizer step queued right
+    after the custom step runs after its backward."""
+    from tinker import types
+    from transformers import AutoModelForCausalLM
+
+    from trinity.backends.local import LocalRuntime, LocalTrainer
+    from trinity.server import build_service
+    from trinity.server.runner import ServerThread
+
+    plan = build_loss_plan(
+        {
+            "algorithm_type": "grpo",
+            "kl_loss_fn": "none",
+            "loss_agg_mode": "token-mean",
+            "entropy_loss_fn_args": {"entropy_coef": 0.5},
+        }
+    )
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lp, _ = hf_logprobs_entropy(reference, TOKENS)
+    exp = batch()[0]
+    exp.logprobs = lp[PROMPT - 1 :].tolist()
+    path = str(tiny_model_dir.resolve())
+    service = build_service([path], tmp_path / "server", "tml-e=local")
+    (served,) = service.models
+    engine = served.engine
+    server = ServerThread(service).start()
+    try:
+
+        async def go():
+            trainer = await server_trainer(server.url, path)
+            (model,) = engine._models.values()
+            grads, outs = {}, {}
+            # ours, then the SDK's own recipe (logprobs only: the sampled-token estimate)
+            for kind, client in (("exact", trainer), ("estimate", trainer.client)):
+                outs[kind] = await client.forward_backward_custom(
+                    plan.to_datums([exp]), plan.custom_loss
+                )
+                grads[kind] = {n: p.grad.clone() for n, p in model.params.items()}
+                for p in model.params.values():
+                    p.grad = None
+            fwd_bwd = trainer.forward_backward_custom(plan.to_datums([exp]), plan.custom_loss)
+            optim = trainer.optim_step(types.AdamParams(learning_rate=1e-2))
+            await fwd_bwd
+            await optim
+            assert model.optimizer.steps == 1
+            return model.spec, outs["exact"], grads
+
+        spec, out, grads = asyncio.run(go())
+    finally:
+        server.stop()
+    runtime = LocalRuntime(path)
+    try:
+        trainer = LocalTrainer(runtime, "policy", spec)
+        local = trainer.forward_backward_custom(plan.to_datums([exp]), plan.custom_loss).result()
+        local_grads = runtime.engine._models["policy"].params
+        assert local.metrics["entropy_loss:sum"] > 0
+        for key in ("loss:sum", "entropy_loss:sum"):
+            assert out.metrics[key] == pytest.approx(local.metrics[key], rel=1e-5)
+        for name, grad in grads["exact"].items():
+            torch.testing.assert_close(grad, local_grads[name].grad, atol=1e-6, rtol=1e-4)
+        assert any(
+            (grads["exact"][name] - grads["estimate"][name]).abs().max() > 1e-4
+            for name in grads["exact"]
+        )
     finally:
         runtime.close()

@@ -286,7 +286,7 @@ class LossPlan:
         return metrics
 
 
-LossPlan._custom_loss.takes_entropy = True  # the local backend hands it exact entropies
+LossPlan._custom_loss.takes_entropy = True  # the engine and trinity server hand it exact entropies
 
 
 def build_loss_plan(

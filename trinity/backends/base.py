@@ -97,3 +97,28 @@ def custom_loss_as_weights(
             inputs["entropy_weights"] = types.TensorData.from_torch(h.grad)
         linear.append(types.Datum(model_input=datum.model_input, loss_fn_inputs=inputs))
     return linear, metrics, float(loss.detach())
+
+
+def forward_datums(data: list[types.Datum]) -> list[types.Datum]:
+    """A custom loss's datums as a ``cross_entropy`` forward pass takes them (its side inputs
+    dropped, as the SDK's ``forward_backward_custom`` does)."""
+    import torch
+
+    out = []
+    for d in data:
+        targets = d.loss_fn_inputs["target_tokens"]
+        zeros = torch.zeros(targets.to_torch().numel())
+        inputs = {"target_tokens": targets, "weights": types.TensorData.from_torch(zeros)}
+        out.append(types.Datum(model_input=d.model_input, loss_fn_inputs=inputs))
+    return out
+
+
+def custom_output(
+    result: types.ForwardBackwardOutput, metrics: dict[str, float], loss_sum: float
+) -> types.ForwardBackwardOutput:
+    """The linearised backward's output reported as the custom loss's (``loss:sum`` its value,
+    the surrogate's kept as ``surrogate_loss:sum``)."""
+    result.metrics["surrogate_loss:sum"] = result.metrics.pop("loss:sum")
+    result.metrics.update(metrics)
+    result.metrics["loss:sum"] = loss_sum
+    return result

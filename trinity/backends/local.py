@@ -12,7 +12,7 @@ from typing import Any
 
 from tinker import types
 
-from trinity.backends.base import CustomLoss, custom_loss_as_weights
+from trinity.backends.base import CustomLoss, custom_loss_as_weights, custom_output
 from trinity.engine.worker import EngineWorker
 
 
@@ -83,10 +83,7 @@ class LocalTrainer:
             result = engine.forward_backward(
                 self.model_id, linear, "cross_entropy", None, return_entropy=True
             )
-            result.metrics["surrogate_loss:sum"] = result.metrics.pop("loss:sum")
-            result.metrics.update(metrics)
-            result.metrics["loss:sum"] = loss_sum
-            return result
+            return custom_output(result, metrics, loss_sum)
 
         return self._call(run)
 

@@ -17,7 +17,12 @@ import httpx
 import tinker
 from tinker import types
 
-from trinity.backends.base import CustomLoss
+from trinity.backends.base import (
+    CustomLoss,
+    custom_loss_as_weights,
+    custom_output,
+    forward_datums,
+)
 from trinity.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,10 @@ async def with_retries(
             )
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
+
+
+# trinity server's extension: each token's entropy over the full vocabulary (server/wire.py)
+ENTROPY = {"return_entropy": 1}
 
 
 def is_loopback(base_url: str | None) -> bool:
@@ -126,6 +135,7 @@ class TinkerTrainer:
         self.client = client
         self.tokenizer = client.get_tokenizer()
         self.exact_entropy = session.exact_entropy
+        self._pending: asyncio.Future | None = None  # an exact-entropy custom step in flight
 
     @classmethod
     async def create(
@@ -171,14 +181,43 @@ class TinkerTrainer:
 
     def forward_backward(self, data, loss_fn, loss_fn_config=None):
         if self.exact_entropy:  # each token's entropy over the full vocabulary, for the metrics
-            loss_fn_config = {**(loss_fn_config or {}), "return_entropy": 1}
+            loss_fn_config = {**(loss_fn_config or {}), **ENTROPY}
         return self.client.forward_backward(data, loss_fn, loss_fn_config)
 
     def forward_backward_custom(self, data: list[types.Datum], loss_fn: CustomLoss):
-        return self.client.forward_backward_custom(data, loss_fn)
+        """The SDK's recipe, except against a ``trinity server`` with a loss that takes exact
+        entropies (an entropy bonus): there the forward pass returns each token's entropy too,
+        and the backward carries dLoss/dH as ``entropy_weights``, so the bonus's gradient flows
+        through the full-vocabulary entropy on the server, as on the local engine."""
+        if not (self.exact_entropy and getattr(loss_fn, "takes_entropy", False)):
+            return self.client.forward_backward_custom(data, loss_fn)
+        self._pending = asyncio.ensure_future(self._exact_custom(data, loss_fn))
+        return self._pending
+
+    async def _exact_custom(self, data: list[types.Datum], loss_fn: CustomLoss):
+        forward = await self.client.forward(forward_datums(data), "cross_entropy", ENTROPY)
+        outputs = forward.loss_fn_outputs
+        linear, metrics, loss_sum = custom_loss_as_weights(
+            data,
+            [out["logprobs"].to_torch() for out in outputs],
+            loss_fn,
+            [out["entropy"].to_torch() for out in outputs],
+        )
+        result = await self.client.forward_backward(linear, "cross_entropy", ENTROPY)
+        return custom_output(result, metrics, loss_sum)
 
     def optim_step(self, params: types.AdamParams):
-        return self.client.optim_step(params)
+        """Submitted at once, unless an exact-entropy custom step still has its backward to
+        send: the step must follow it, as the SDK orders a custom loss's two requests."""
+        pending = self._pending
+        if pending is None or pending.done():
+            return self.client.optim_step(params)
+
+        async def after_pending():
+            await pending
+            return await self.client.optim_step(params)
+
+        return asyncio.ensure_future(after_pending())
 
     async def save_state(self, name: str, directory: str) -> str:
         response = await with_retries("save_state", lambda: self.client.save_state(name))

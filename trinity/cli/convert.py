@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import sys
 from pathlib import Path
 
@@ -116,17 +115,12 @@ def _resolve_ref(step_dir: Path, run_dir: Path, state_dir: str | None) -> Path:
             f"--checkpoint {step_dir}: {ref} is on a Tinker service and no trinity server state "
             f"is at {server}; pass --state-dir, or download the checkpoint from the service"
         )
-    from trinity.server.wire import parse_tinker_path
+    from trinity.server.checkpoints import stored_directory
 
-    run_id, kind, name = parse_tinker_path(ref)
-    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
-        row = db.execute(
-            "SELECT directory FROM checkpoints WHERE run_id = ? AND checkpoint_id = ?",
-            (run_id, f"{kind}/{name}"),
-        ).fetchone()
-    if row is None or not Path(row[0]).is_dir():
+    directory = stored_directory(server, ref)
+    if directory is None:
         raise ConfigError(f"--checkpoint {step_dir}: {ref} is not in the server state at {server}")
-    return Path(row[0])
+    return directory
 
 
 def _read_meta(source: Path) -> dict:
@@ -152,15 +146,7 @@ def _convert(source: Path, base: str, to: str, output: Path, dtype_name: str) ->
         raise ConfigError(
             f"base model {base}: cannot load it ({first}); pass --base-model"
         ) from None
-    name = "convert"
-    if (source / STATE_META).is_file():
-        engine.load_state(name, str(source), optimizer=False)
-    else:
-        engine.load_sampler(name, str(source))
-    if to == "peft":
-        engine.export_peft(name, str(output))
-    else:
-        engine.export_merged(name, str(output))
+    engine.export_checkpoint(str(source), to, str(output))
 
 
 def _config_dtype(model_dir: Path) -> str:

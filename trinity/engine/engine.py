@@ -420,6 +420,16 @@ class Engine:
             }
         checkpoint.write_peft(directory, config, params)
 
+    def export_checkpoint(self, source: str, to: str, directory: str) -> None:
+        """A saved training state or sampler directory of this base model as a merged Hugging Face
+        model (``to="hf"``) or a peft adapter (``"peft"``), as it sampled."""
+        name = f"export:{source}"
+        if (Path(source) / checkpoint.STATE_META).is_file():
+            self.load_state(name, source, optimizer=False)
+        else:
+            self.load_sampler(name, source)
+        (self.export_peft if to == "peft" else self.export_merged)(name, directory)
+
     def export_merged(self, name: str, directory: str) -> None:
         """A Hugging Face model directory (``dtype`` weights) with the adapter merged in."""
         entry = self._sampler(name)

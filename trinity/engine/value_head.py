@@ -55,6 +55,7 @@ class ValueModel:
         dtype: torch.dtype | None = None,
         seed: int = 0,
     ):
+        self.model_path = str(model_path)  # recorded in its checkpoints: a resume starts there
         path = Path(resolve_model_path(str(model_path)))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or default_dtype(self.device)
@@ -155,7 +156,7 @@ class ValueModel:
 
     def save_state(self, directory: str | Path) -> None:
         lora = dataclasses.asdict(self.lora) if self.lora else None
-        meta = {"base_model": "critic", "lora": lora, "step": self.optimizer.steps}
+        meta = {"base_model": self.model_path, "lora": lora, "step": self.optimizer.steps}
         checkpoint.write_state(directory, meta, self.params, self.optimizer.state_tensors())
 
     def load_state(self, directory: str | Path) -> None:

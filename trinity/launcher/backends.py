@@ -241,9 +241,12 @@ def _start_local_server(
     return server.url, api_key, [str(Path(path).resolve()) for path in paths]
 
 
-def build_critic(config: Any, total_steps: int | None, tokenizer: Any) -> Any:
+def build_critic(
+    config: Any, total_steps: int | None, tokenizer: Any, start: str | None = None
+) -> Any:
     """PPO's critic (trinity/trainer/critic.py) for an algorithm that has one, else None: a value
-    model over ``model.critic_model_path`` in this process, whatever backend trains the policy
+    model over ``start`` (a stage's start or a resumed critic's base), by default over
+    ``model.critic_model_path``, in this process, whatever backend trains the policy
     (docs/algorithms.md, "PPO and its critic")."""
     from trinity.algorithms import adam_params_fn, resolve_algorithm
     from trinity.config import ConfigError
@@ -261,7 +264,7 @@ def build_critic(config: Any, total_steps: int | None, tokenizer: Any) -> Any:
     elif rank is not None:
         alpha = settings.model.lora_alpha or lora.alpha
         lora = dataclasses.replace(lora, rank=rank, alpha=alpha)
-    path = config.model.critic_model_path or config.model.model_path
+    path = start or config.model.critic_model_path or config.model.model_path
     model = ValueModel(path, lora, seed=config.model.tinker.seed or 0)
     if tokenizer is not None and model.tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(
@@ -277,6 +280,41 @@ def build_critic(config: Any, total_steps: int | None, tokenizer: Any) -> Any:
         ppo_epochs=settings.ppo_epochs,
         loss_agg_mode=settings.loss_agg_mode,
     )
+
+
+def merged_start(config: Any, ref: str, server_dir: Path | None, output: Path) -> str | None:
+    """The weights at ``ref`` (a stage's start: the previous stage's last checkpoint) written to
+    ``output`` as a merged Hugging Face model for the critic to start from; None, with a warning,
+    where they live only on a hosted Tinker service."""
+    import torch
+
+    from trinity.engine import Engine
+
+    source: Path | None = Path(ref)
+    if ref.startswith("tinker://"):
+        from trinity.server.checkpoints import stored_directory
+
+        source = stored_directory(server_dir, ref) if server_dir else None
+    if source is None:
+        log.warning(
+            "the critic starts from model.critic_model_path, not the previous stage's weights: "
+            "%s is on the Tinker service, whose value-less API cannot lend them to it",
+            ref,
+        )
+        return None
+    engine = Engine(config.model.model_path, device="cpu", dtype=torch.float32)
+    engine.export_checkpoint(str(source), "hf", str(output))
+    log.info("the critic starts from the previous stage's weights %s (%s)", ref, output)
+    return str(output)
+
+
+def critic_base(directory: Path) -> str | None:
+    """The model a saved critic was built over (its LoRA and head only fit that one); None for a
+    checkpoint that does not record it."""
+    from trinity.engine.checkpoint import read_state_meta
+
+    base = read_state_meta(directory).get("base_model")
+    return base if base and base != "critic" else None
 
 
 def chat_template(config: Any) -> str | None:

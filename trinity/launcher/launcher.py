@@ -42,6 +42,8 @@ from trinity.launcher.backends import (
     build_critic,
     chat_template,
     check_credentials,
+    critic_base,
+    merged_start,
     rollout_settings,
 )
 from trinity.launcher.cluster import connect
@@ -55,19 +57,32 @@ from trinity.trainer.trainer import Trainer
 log = logging.getLogger("trinity")
 
 
-def run(config: Any, *, init_ref: str | None = None, server_dir: Path | None = None) -> int:
+def run(
+    config: Any,
+    *,
+    init_ref: str | None = None,
+    server_dir: Path | None = None,
+    critic_from_init: bool = False,
+) -> int:
     """Run the configured mode (or each of ``stages`` in turn) to the end; returns exit status.
 
     Each stage starts from the previous stage's last checkpoint (``init_ref``: its weights, with a
     fresh optimizer), as the original seeds a stage's ``model_path`` with the previous stage's
-    weights. With ``base_url: local`` the stages share one server store (``server_dir``), where
-    the previous stage's ``tinker://`` state lives.
+    weights; so does its critic unless ``model.critic_model_path`` is set (``critic_from_init``),
+    as the original's critic path defaults to that seeded ``model_path``. With ``base_url: local``
+    the stages share one server store (``server_dir``), where the previous stage's ``tinker://``
+    state lives.
     """
     if config.stages:
         shared = JobDir(config.checkpoint_job_dir).server_dir
         for stage in config.stages:
             log.info("stage %s%s", stage.stage_name, f" from {init_ref}" if init_ref else "")
-            run(stage.config, init_ref=init_ref, server_dir=shared)
+            run(
+                stage.config,
+                init_ref=init_ref,
+                server_dir=shared,
+                critic_from_init=not config.model.critic_model_path,
+            )
             latest = JobDir(stage.config.checkpoint_job_dir).latest_checkpoint()
             init_ref = latest[1] if latest else init_ref
         return 0
@@ -85,7 +100,14 @@ def run(config: Any, *, init_ref: str | None = None, server_dir: Path | None = N
         if config.trainer.trainer_type == "verl" and not config.model.tinker.enable:
             log.info("trainer.trainer_type 'verl': training runs on the local engine")
         asyncio.run(
-            run_rl(config, explore=explore, train=train, init_ref=init_ref, server_dir=server_dir)
+            run_rl(
+                config,
+                explore=explore,
+                train=train,
+                init_ref=init_ref,
+                server_dir=server_dir,
+                critic_from_init=critic_from_init,
+            )
         )
     return 0
 
@@ -97,8 +119,10 @@ async def run_rl(
     train: bool,
     init_ref: str | None = None,
     server_dir: Path | None = None,
+    critic_from_init: bool = False,
 ) -> None:
-    """``init_ref``: the weights a stage starts from (a resumed checkpoint of its own wins)."""
+    """``init_ref``: the weights a stage starts from (a resumed checkpoint of its own wins); the
+    critic's too with ``critic_from_init``."""
     job_dir = JobDir(config.checkpoint_job_dir)
     atomic_write(job_dir.config_file, to_yaml(config))  # what tools show as the run's config
     resume = job_dir.latest_checkpoint() if config.continue_from_checkpoint else None
@@ -171,7 +195,14 @@ async def run_rl(
         jobs = []
         if train:
             synchronizer.reset()
-            critic = build_critic(config, total_steps, backends.tokenizer)
+            start = None
+            if resume:
+                start = critic_base(job_dir.critic_dir(start_step))
+            elif init_ref and critic_from_init and settings.use_critic:
+                start = await asyncio.to_thread(
+                    merged_start, config, init_ref, server_dir, job_dir.path / "stage_start/critic"
+                )
+            critic = build_critic(config, total_steps, backends.tokenizer, start)
             if critic is not None and resume:
                 await critic.load(job_dir.critic_dir(start_step))
             trainer = Trainer(

@@ -11,6 +11,7 @@ runs and checkpoints read the same rows.
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable
@@ -31,6 +32,21 @@ _RESPONSES = {
     "sampler_weights": (types.SaveWeightsForSamplerResponse, "save_weights_for_sampler"),
     "external_weights": (types.SaveWeightsExternalResponse, "save_weights_external"),
 }
+
+
+def stored_directory(state_dir: Path, ref: str) -> Path | None:
+    """The directory of checkpoint ``ref`` (``tinker://...``) in the store of a server whose state
+    directory is ``state_dir`` (read-only, no server running); None when it is not there."""
+    database = Path(state_dir) / "server.sqlite"
+    if not database.is_file():
+        return None
+    run_id, kind, name = wire.parse_tinker_path(ref)
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+        row = db.execute(
+            "SELECT directory FROM checkpoints WHERE run_id = ? AND checkpoint_id = ?",
+            (run_id, f"{kind}/{name}"),
+        ).fetchone()
+    return Path(row[0]) if row is not None and Path(row[0]).is_dir() else None
 
 
 def weights_name(path: str) -> str:
