@@ -16,7 +16,7 @@ import torch
 from tests.conftest import demo_tokenizer, tiny_llama
 from trinity.explorer.explorer import rollout
 from trinity.explorer.sampler import AuxiliaryModel, RolloutSettings
-from trinity.workflows.judges import parse_ranking, parse_score
+from trinity.workflows.judges import Rubric, parse_named, parse_ranking, parse_score
 from trinity.workflows.types import Task
 
 SETTINGS = RolloutSettings(max_response_tokens=6, max_model_len=1024)
@@ -58,6 +58,37 @@ def test_parse_score_and_ranking():
     assert parse_ranking("Answer 1: 3\nAnswer 2: 10", 2) == [0.3, 1.0]
     assert parse_ranking("Answer 1: 3", 2) is None  # one missing
     assert parse_ranking("Answer 1: 3 Answer 1: 4 Answer 2: 1", 2) is None  # ambiguous
+    assert parse_ranking("Answer 10: 3", 1) is None  # not answer 1's
+    assert parse_score('```json\n{"rating": 6}\n```') == 0.6  # the original's judge format
+
+
+RUBRIC = [
+    {"title": "accuracy", "description": "The sum is right.", "weight": 3},
+    {"title": "clarity", "description": "It is stated plainly.", "weight": 1},
+    {"title": "rudeness", "description": "It insults the user.", "weight": -2},
+]
+
+
+def test_rubric_scores_are_parsed_by_name_and_weighted():
+    rubric = Rubric(RUBRIC, "task t")
+    assert rubric.names == ["accuracy", "clarity", "rudeness"]
+    assert "- rudeness (weight -2): It insults the user." in rubric.text()
+    scores = parse_named("Accuracy: 10\nclarity 5\nRudeness = 0", rubric.names)
+    assert scores == [1.0, 0.5, 0.0]
+    assert rubric.weighted(scores) == pytest.approx((3 * 1.0 + 1 * 0.5) / 4)
+    assert rubric.weighted([1.0, 0.5, 1.0]) == pytest.approx((3.5 - 2) / 4)  # a pitfall hit
+    assert parse_named("accuracy: 10, clarity: 5", rubric.names) is None  # one missing
+    assert parse_named("accuracy: ten, clarity: 5, rudeness: 0", rubric.names) is None
+    assert parse_named("accuracy: 10, clarity: 50, rudeness: 0", rubric.names) is None
+    assert Rubric(["Be short.", "Be right."], "t").names == ["criterion 1", "criterion 2"]
+    for bad, message in [
+        ([], "non-empty list"),
+        ([{"title": "a", "weight": "heavy"}], "criterion 1's weight must be a number"),
+        ([{"title": "a"}, {"title": "A"}], "names must be distinct"),
+        ([{"title": "a", "weight": -1}], "a criterion of positive weight"),
+    ]:
+        with pytest.raises(ValueError, match=rf"^task t: .*{message}"):
+            Rubric(bad, "task t")
 
 
 def judge_task(workflow: str, repeat_times: int) -> Task:
@@ -75,7 +106,7 @@ def judge_task(workflow: str, repeat_times: int) -> Task:
 def judges(tmp_path_factory):
     return {
         reply: build_judge(tmp_path_factory.mktemp("judge"), reply)
-        for reply in ("Score: 7", "Good", "Answer1:4")
+        for reply in ("Score: 7", "Good", "Answer1:4", "accuracy=8,clarity:3", "accuracy:8")
     }
 
 
@@ -130,6 +161,49 @@ def test_a_judge_model_scores_the_policy_and_non_scores_are_skipped(request, bac
         assert run(judge_task("math_ruler_workflow", 1), "Good") == []
     assert caplog.text.count("the judge gave no score in 0..10 ('Good')") == 2
     assert "the group is skipped" in caplog.text
+
+
+def rubric_task(mode: str, rubric=RUBRIC[:2]) -> Task:
+    task = judge_task("rubric_judge_workflow", 2)
+    task.raw["rubric"] = rubric
+    task.workflow_args = {"rubric_mode": mode, "judge_max_tokens": 12}
+    return task
+
+
+def test_rubric_judge_workflow_weights_named_criteria_and_skips_non_scores(
+    local_models, tiny_model_dir, caplog
+):
+    """Fixed judges (the reply known) check the weighting; a random tiny model as the judge
+    checks that whatever it writes is a score or a logged skip, and the run goes on."""
+    from trinity.backends.local import LocalRuntime, LocalSampler
+
+    def run(task: Task, judge):
+        aux = [AuxiliaryModel(judge, SETTINGS)]
+        return asyncio.run(rollout(task, local_models["policy"], SETTINGS, seed=5, auxiliary=aux))
+
+    explicit = run(rubric_task("explicit"), local_models["accuracy=8,clarity:3"])
+    assert [e.reward_components for e in explicit] == [{"rubric": (3 * 0.8 + 0.3) / 4}] * 2
+    implicit = run(rubric_task("implicit"), local_models["Score: 7"])
+    assert [e.reward for e in implicit] == [0.7, 0.7]
+    with caplog.at_level(logging.WARNING):
+        assert run(rubric_task("explicit"), local_models["accuracy:8"]) == []
+        assert run(rubric_task("implicit"), local_models["Good"]) == []
+    assert caplog.text.count("no 0..10 score for each criterion ('accuracy:8')") == 2
+    assert caplog.text.count("no 0..10 score for the rubric ('Good')") == 2
+
+    runtime = LocalRuntime(str(tiny_model_dir))  # random weights: random replies
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        judged = run(rubric_task("explicit"), LocalSampler(runtime))
+    runtime.close()
+    skipped = caplog.text.count("the answer is skipped")
+    assert len(judged) + skipped == 2
+    assert all(-0.5 <= e.reward <= 1.0 for e in judged)
+
+    with pytest.raises(ValueError, match=r"task q1 \('rubric'\): the rubric must be a non-empty"):
+        run(rubric_task("explicit", rubric=None), local_models["Score: 7"])
+    with pytest.raises(ValueError, match="rubric_mode must be 'implicit' or 'explicit'"):
+        run(rubric_task("holistic"), local_models["Score: 7"])
 
 
 def test_a_judge_workflow_without_an_auxiliary_model_says_so(local_models):
