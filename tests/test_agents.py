@@ -380,6 +380,20 @@ def test_frozen_lake_and_sudoku_episodes_step_wise_with_a_scripted_policy():
     assert board.step(f"{r + 1} {c + 1} {row['solution'][r][c]}")[1:] == (1.0, True)
 
 
+def test_the_tasksets_system_prompt_replaces_the_environments(tokenizer):
+    task = Task(
+        "l",
+        {"map": ["SF", "FG"]},
+        "frozen_lake_workflow",
+        format={"system_prompt": "One word: down or right."},
+        workflow_args={"max_steps": 2},
+    )
+    backend = ScriptedBackend(tokenizer, ["right<|im_end|>"])
+    (first, _) = asyncio.run(rollout(task, backend, RolloutSettings(**AGENT), seed=0))
+    prompt = tokenizer.decode(first.tokens[: first.prompt_length])
+    assert "One word: down or right." in prompt and FrozenLake.system_prompt not in prompt
+
+
 def test_procedural_agent_tasksets_and_the_calculator():
     for row in build_builtin("frozen_lake", {"size": 20, "hole_prob": 0.4}):
         assert row["map"][0][0] == "S" and row["map"][-1][-1] == "G"
