@@ -213,17 +213,15 @@ def test_a_judge_workflow_without_an_auxiliary_model_says_so(local_models):
         )
 
 
-@pytest.mark.parametrize("backend", ["local", "tinker"])
-def test_trinity_run_serves_the_configured_judge(tmp_path, tiny_model_dir, judges, backend):
-    """``explorer.auxiliary_models`` from the config, through ``trinity run`` (the embedded
-    Tinker server serves the judge beside the policy)."""
-    from tests.test_rl_loop import backend_model, job_dir, run_cli, trainer_records, write_config
+def judge_run_config(tmp_path, model_dir, judge_dir, backend: str, runner_per_model: int = 2):
+    """A one-step ``math_judge_workflow`` run whose judge is ``judge_dir`` (its job: ``backend``)."""
+    from tests.test_rl_loop import backend_model, write_config
 
-    config = write_config(
+    return write_config(
         tmp_path,
-        tiny_model_dir,
+        model_dir,
         name=backend,
-        model=backend_model(tmp_path, tiny_model_dir, backend),
+        model=backend_model(tmp_path, model_dir, backend),
         buffer={
             "batch_size": 1,
             "total_steps": 1,
@@ -238,12 +236,20 @@ def test_trinity_run_serves_the_configured_judge(tmp_path, tiny_model_dir, judge
             },
         },
         explorer={
-            "runner_per_model": 2,
+            "runner_per_model": runner_per_model,
             "rollout_model": {"engine_num": 1, "seed": 7},
-            "auxiliary_models": [{"model_path": str(judges["Score: 7"]), "max_model_len": 1024}],
+            "auxiliary_models": [{"model_path": str(judge_dir), "max_model_len": 1024}],
         },
     )
-    run_cli(config)
+
+
+@pytest.mark.parametrize("backend", ["local", "tinker"])
+def test_trinity_run_serves_the_configured_judge(tmp_path, tiny_model_dir, judges, backend):
+    """``explorer.auxiliary_models`` from the config, through ``trinity run`` (the embedded
+    Tinker server serves the judge beside the policy)."""
+    from tests.test_rl_loop import job_dir, run_cli, trainer_records
+
+    run_cli(judge_run_config(tmp_path, tiny_model_dir, judges["Score: 7"], backend))
     (step,) = trainer_records(job_dir(tmp_path, backend)).values()
     assert step["rollout/judge/mean"] == pytest.approx(0.7)
     assert "actor/final_loss" in step
