@@ -78,19 +78,25 @@ def job_dir_of(root: Path, config: Path) -> Path:
     return root / raw.project / raw.group / raw.name
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_args(
+    doc: str, name: str, parser: argparse.ArgumentParser | None = None
+) -> tuple[argparse.Namespace, Path, dict[str, str]]:
+    """A run script's ``--steps / --out / --root`` (added to ``parser``, which may hold its own
+    options), its checkpoint root and the environment of the ``trinity`` commands it starts
+    (this checkout, that root)."""
+    parser = parser or argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--out", default=str(ROOT / "docs/seed_experiment.png"))
+    parser.add_argument("--out", default=str(ROOT / f"docs/{name}.png"))
     parser.add_argument("--root", default=None, help="checkpoint root (default: a temp dir)")
     args = parser.parse_args()
-    root = Path(args.root or tempfile.mkdtemp(prefix="seed-experiment-"))
-    env = {
-        **os.environ,
-        "TRINITY_CHECKPOINT_ROOT_DIR": str(root),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-    }
+    root = Path(args.root or tempfile.mkdtemp(prefix=f"{name}-"))
+    env = {**os.environ, "TRINITY_CHECKPOINT_ROOT_DIR": str(root), "PYTHONPATH": str(ROOT)}
+    return args, root, env
+
+
+def main() -> None:
+    args, root, env = run_args(__doc__, "seed_experiment")
+    env["OMP_NUM_THREADS"] = "1"
     started, procs = time.time(), {}
     for label, config in SEED_CONFIGS.items():
         log = open(root / f"{job_dir_of(root, config).name}.log", "w")

@@ -221,6 +221,48 @@ def test_a_malformed_tool_call_comes_back_as_text_and_the_episode_goes_on(tokeni
     assert any("malformed tool call" in r.getMessage() for r in caplog.records)
 
 
+def test_streaming_with_the_openai_sdk_joins_to_the_same_completion(local_backend):
+    """``stream: true`` on a real sampler: the SDK's chunks join to the non-streamed completion
+    of the same seed (content, finish reason, logprobs, token ids), in several chunks per choice,
+    with the usage last when asked for."""
+    model = policy(local_backend)
+    client = model.get_openai_client()
+    kw = dict(model=client.model_path, messages=HELLO, n=2, seed=11, logprobs=True, max_tokens=8)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(
+        client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("chatcmpl-")
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        pieces = [c.delta.content for c in mine if c.delta.content]
+        assert "".join(pieces) == choice.message.content and len(pieces) > 1
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == choice.finish_reason
+        assert [t.logprob for t in mine[-1].logprobs.content] == [
+            t.logprob for t in choice.logprobs.content
+        ]
+        assert mine[-1].model_extra["token_ids"] == choice.token_ids
+
+
+def test_streamed_tool_calls_accumulate_in_the_sdks_stream_helper(tokenizer):
+    call = '<tool_call>\n{"name": "lookup", "arguments": {"word": "ice"}}\n</tool_call>'
+    model = policy(ScriptedBackend(tokenizer, [f"Let me see. {call}<|im_end|>"]))
+    client = model.get_openai_client()
+    messages = [{"role": "user", "content": "What is ice?"}]
+    with client.chat.completions.stream(
+        model=client.model_path, messages=messages, tools=TOOLS
+    ) as stream:
+        final = stream.get_final_completion()
+    (choice,) = final.choices
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me see."
+    (tool_call,) = choice.message.tool_calls
+    assert (tool_call.function.name, tool_call.function.arguments) == (
+        "lookup",
+        '{"word": "ice"}',
+    )
+
+
 def test_refused_requests_are_one_line_400s(tokenizer):
     model = policy(
         ScriptedBackend(tokenizer, ["x"]), enable_auto_tool_choice=False, max_model_len=40
@@ -336,6 +378,20 @@ def test_frozen_lake_and_sudoku_episodes_step_wise_with_a_scripted_policy():
     assert "Placed 1, refused 1" in obs and (reward, done) == (0.0, False)
     (r, c) = rest[0]
     assert board.step(f"{r + 1} {c + 1} {row['solution'][r][c]}")[1:] == (1.0, True)
+
+
+def test_the_tasksets_system_prompt_replaces_the_environments(tokenizer):
+    task = Task(
+        "l",
+        {"map": ["SF", "FG"]},
+        "frozen_lake_workflow",
+        format={"system_prompt": "One word: down or right."},
+        workflow_args={"max_steps": 2},
+    )
+    backend = ScriptedBackend(tokenizer, ["right<|im_end|>"])
+    (first, _) = asyncio.run(rollout(task, backend, RolloutSettings(**AGENT), seed=0))
+    prompt = tokenizer.decode(first.tokens[: first.prompt_length])
+    assert "One word: down or right." in prompt and FrozenLake.system_prompt not in prompt
 
 
 def test_procedural_agent_tasksets_and_the_calculator():

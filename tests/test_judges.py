@@ -16,7 +16,7 @@ import torch
 from tests.conftest import demo_tokenizer, tiny_llama
 from trinity.explorer.explorer import rollout
 from trinity.explorer.sampler import AuxiliaryModel, RolloutSettings
-from trinity.workflows.judges import parse_ranking, parse_score
+from trinity.workflows.judges import Rubric, parse_named, parse_ranking, parse_score
 from trinity.workflows.types import Task
 
 SETTINGS = RolloutSettings(max_response_tokens=6, max_model_len=1024)
@@ -58,6 +58,37 @@ def test_parse_score_and_ranking():
     assert parse_ranking("Answer 1: 3\nAnswer 2: 10", 2) == [0.3, 1.0]
     assert parse_ranking("Answer 1: 3", 2) is None  # one missing
     assert parse_ranking("Answer 1: 3 Answer 1: 4 Answer 2: 1", 2) is None  # ambiguous
+    assert parse_ranking("Answer 10: 3", 1) is None  # not answer 1's
+    assert parse_score('```json\n{"rating": 6}\n```') == 0.6  # the original's judge format
+
+
+RUBRIC = [
+    {"title": "accuracy", "description": "The sum is right.", "weight": 3},
+    {"title": "clarity", "description": "It is stated plainly.", "weight": 1},
+    {"title": "rudeness", "description": "It insults the user.", "weight": -2},
+]
+
+
+def test_rubric_scores_are_parsed_by_name_and_weighted():
+    rubric = Rubric(RUBRIC, "task t")
+    assert rubric.names == ["accuracy", "clarity", "rudeness"]
+    assert "- rudeness (weight -2): It insults the user." in rubric.text()
+    scores = parse_named("Accuracy: 10\nclarity 5\nRudeness = 0", rubric.names)
+    assert scores == [1.0, 0.5, 0.0]
+    assert rubric.weighted(scores) == pytest.approx((3 * 1.0 + 1 * 0.5) / 4)
+    assert rubric.weighted([1.0, 0.5, 1.0]) == pytest.approx((3.5 - 2) / 4)  # a pitfall hit
+    assert parse_named("accuracy: 10, clarity: 5", rubric.names) is None  # one missing
+    assert parse_named("accuracy: ten, clarity: 5, rudeness: 0", rubric.names) is None
+    assert parse_named("accuracy: 10, clarity: 50, rudeness: 0", rubric.names) is None
+    assert Rubric(["Be short.", "Be right."], "t").names == ["criterion 1", "criterion 2"]
+    for bad, message in [
+        ([], "non-empty list"),
+        ([{"title": "a", "weight": "heavy"}], "criterion 1's weight must be a number"),
+        ([{"title": "a"}, {"title": "A"}], "names must be distinct"),
+        ([{"title": "a", "weight": -1}], "a criterion of positive weight"),
+    ]:
+        with pytest.raises(ValueError, match=rf"^task t: .*{message}"):
+            Rubric(bad, "task t")
 
 
 def judge_task(workflow: str, repeat_times: int) -> Task:
@@ -75,7 +106,7 @@ def judge_task(workflow: str, repeat_times: int) -> Task:
 def judges(tmp_path_factory):
     return {
         reply: build_judge(tmp_path_factory.mktemp("judge"), reply)
-        for reply in ("Score: 7", "Good", "Answer1:4")
+        for reply in ("Score: 7", "Good", "Answer1:4", "accuracy=8,clarity:3", "accuracy:8")
     }
 
 
@@ -132,6 +163,49 @@ def test_a_judge_model_scores_the_policy_and_non_scores_are_skipped(request, bac
     assert "the group is skipped" in caplog.text
 
 
+def rubric_task(mode: str, rubric=RUBRIC[:2]) -> Task:
+    task = judge_task("rubric_judge_workflow", 2)
+    task.raw["rubric"] = rubric
+    task.workflow_args = {"rubric_mode": mode, "judge_max_tokens": 12}
+    return task
+
+
+def test_rubric_judge_workflow_weights_named_criteria_and_skips_non_scores(
+    local_models, tiny_model_dir, caplog
+):
+    """Fixed judges (the reply known) check the weighting; a random tiny model as the judge
+    checks that whatever it writes is a score or a logged skip, and the run goes on."""
+    from trinity.backends.local import LocalRuntime, LocalSampler
+
+    def run(task: Task, judge):
+        aux = [AuxiliaryModel(judge, SETTINGS)]
+        return asyncio.run(rollout(task, local_models["policy"], SETTINGS, seed=5, auxiliary=aux))
+
+    explicit = run(rubric_task("explicit"), local_models["accuracy=8,clarity:3"])
+    assert [e.reward_components for e in explicit] == [{"rubric": (3 * 0.8 + 0.3) / 4}] * 2
+    implicit = run(rubric_task("implicit"), local_models["Score: 7"])
+    assert [e.reward for e in implicit] == [0.7, 0.7]
+    with caplog.at_level(logging.WARNING):
+        assert run(rubric_task("explicit"), local_models["accuracy:8"]) == []
+        assert run(rubric_task("implicit"), local_models["Good"]) == []
+    assert caplog.text.count("no 0..10 score for each criterion ('accuracy:8')") == 2
+    assert caplog.text.count("no 0..10 score for the rubric ('Good')") == 2
+
+    runtime = LocalRuntime(str(tiny_model_dir))  # random weights: random replies
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        judged = run(rubric_task("explicit"), LocalSampler(runtime))
+    runtime.close()
+    skipped = caplog.text.count("the answer is skipped")
+    assert len(judged) + skipped == 2
+    assert all(-0.5 <= e.reward <= 1.0 for e in judged)
+
+    with pytest.raises(ValueError, match=r"task q1 \('rubric'\): the rubric must be a non-empty"):
+        run(rubric_task("explicit", rubric=None), local_models["Score: 7"])
+    with pytest.raises(ValueError, match="rubric_mode must be 'implicit' or 'explicit'"):
+        run(rubric_task("holistic"), local_models["Score: 7"])
+
+
 def test_a_judge_workflow_without_an_auxiliary_model_says_so(local_models):
     with pytest.raises(ValueError, match=r"needs explorer.auxiliary_models\[0\] \(the judge\)"):
         asyncio.run(
@@ -139,17 +213,15 @@ def test_a_judge_workflow_without_an_auxiliary_model_says_so(local_models):
         )
 
 
-@pytest.mark.parametrize("backend", ["local", "tinker"])
-def test_trinity_run_serves_the_configured_judge(tmp_path, tiny_model_dir, judges, backend):
-    """``explorer.auxiliary_models`` from the config, through ``trinity run`` (the embedded
-    Tinker server serves the judge beside the policy)."""
-    from tests.test_rl_loop import backend_model, job_dir, run_cli, trainer_records, write_config
+def judge_run_config(tmp_path, model_dir, judge_dir, backend: str, runner_per_model: int = 2):
+    """A one-step ``math_judge_workflow`` run whose judge is ``judge_dir`` (its job: ``backend``)."""
+    from tests.test_rl_loop import backend_model, write_config
 
-    config = write_config(
+    return write_config(
         tmp_path,
-        tiny_model_dir,
+        model_dir,
         name=backend,
-        model=backend_model(tmp_path, tiny_model_dir, backend),
+        model=backend_model(tmp_path, model_dir, backend),
         buffer={
             "batch_size": 1,
             "total_steps": 1,
@@ -164,12 +236,20 @@ def test_trinity_run_serves_the_configured_judge(tmp_path, tiny_model_dir, judge
             },
         },
         explorer={
-            "runner_per_model": 2,
+            "runner_per_model": runner_per_model,
             "rollout_model": {"engine_num": 1, "seed": 7},
-            "auxiliary_models": [{"model_path": str(judges["Score: 7"]), "max_model_len": 1024}],
+            "auxiliary_models": [{"model_path": str(judge_dir), "max_model_len": 1024}],
         },
     )
-    run_cli(config)
+
+
+@pytest.mark.parametrize("backend", ["local", "tinker"])
+def test_trinity_run_serves_the_configured_judge(tmp_path, tiny_model_dir, judges, backend):
+    """``explorer.auxiliary_models`` from the config, through ``trinity run`` (the embedded
+    Tinker server serves the judge beside the policy)."""
+    from tests.test_rl_loop import job_dir, run_cli, trainer_records
+
+    run_cli(judge_run_config(tmp_path, tiny_model_dir, judges["Score: 7"], backend))
     (step,) = trainer_records(job_dir(tmp_path, backend)).values()
     assert step["rollout/judge/mean"] == pytest.approx(0.7)
     assert "actor/final_loss" in step

@@ -153,6 +153,19 @@ def test_grpo_on_ray_tinker_backend(tmp_path, tiny_model_dir, ray_cluster):
     )
 
 
+@pytest.mark.parametrize("backend", ["local", "tinker"])
+def test_auxiliary_models_reach_the_ray_runners(tmp_path, tiny_model_dir, ray_cluster, backend):
+    """A judge (``explorer.auxiliary_models``) scores inside runner actors: an engine actor of
+    its own on the local backend, the embedded server through each runner's session on Tinker."""
+    from tests.test_judges import build_judge, judge_run_config
+
+    judge = build_judge(tmp_path / "judge", "Score: 7")
+    run_cli(judge_run_config(tmp_path, tiny_model_dir, judge, backend, runner_per_model=RUNNERS))
+    (step,) = trainer_records(job_dir(tmp_path, backend)).values()
+    assert step["rollout/judge/mean"] == pytest.approx(0.7)
+    assert step["experience_pipeline/experience_count"] == 4  # the 4 answers, all judged
+
+
 def test_runner_failures_lose_nothing(tmp_path, tiny_model_dir, ray_cluster, monkeypatch, caplog):
     """Step 1: a judge hangs past max_timeout. Step 2: a runner is killed mid-task (ray.kill).
     Both runners are replaced, both tasks rerun, and every step trains on a full batch."""

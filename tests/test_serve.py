@@ -185,7 +185,7 @@ def test_the_proxy_keeps_the_newest_unrated_completions_and_refuses_bad_feedback
 
     async def main():
         body = {"messages": [{"role": "user", "content": "2 + 2?"}]}
-        ids = [(await proxy.chat(body))["id"] for _ in range(3)]
+        ids = [(await proxy.chat(body)).id for _ in range(3)]
         with pytest.raises(FeedbackError, match="unknown or already rated"):
             proxy.feedback({"reward": 1, "msg_ids": ids[:1]})  # evicted
         for bad, message in [
@@ -201,5 +201,23 @@ def test_the_proxy_keeps_the_newest_unrated_completions_and_refuses_bad_feedback
         (first, second) = await queue.get_batch(2)
         assert first.group_id == second.group_id == "serve-1/t" and first.reward == 1.0
         assert tokenizer.decode(first.tokens[first.prompt_length :]) == "Four.<|im_end|>"
+
+        # streamed through the proxy's HTTP app with the SDK; its chunks' id is rated
+        transport = httpx.ASGITransport(app=proxy.app())
+        client = openai.AsyncOpenAI(
+            base_url="http://proxy/v1",
+            api_key="EMPTY",
+            max_retries=0,
+            http_client=httpx.AsyncClient(transport=transport),
+        )
+        stream = await client.chat.completions.create(
+            model="policy", stream=True, stream_options={"include_usage": True}, **body
+        )
+        chunks = [chunk async for chunk in stream]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Four."
+        assert chunks[-2].choices[0].finish_reason == "stop"
+        sampled = len(tokenizer.encode("Four.<|im_end|>", add_special_tokens=False))
+        assert chunks[-1].usage.completion_tokens == sampled
+        assert proxy.feedback({"reward": 0.5, "msg_ids": [chunks[0].id], "task_id": "s"}) == 1
 
     asyncio.run(main())

@@ -13,30 +13,36 @@ is the SDK's own ``ChatCompletion``: content cut at a stop string as OpenAI does
 tokens stay in the recorded sample), tool calls parsed (``trinity.explorer.tool_calls``),
 per-token logprobs, the reasoning split from the content as vLLM's ``reasoning_parser`` does
 (``reasoning_content``), and vLLM's ``prompt_token_ids`` / ``token_ids`` extras. Bad requests (a
-prompt past the context, streaming, unknown tools settings) answer 400 with one line.
+prompt past the context, unknown tools settings) answer 400 with one line.
+
+``stream: true`` answers the same completion as server-sent events (``stream_events``): the
+samplers return whole samples, so the chunks come once sampling is done, not token by token as
+they are sampled; they exist for agents and frameworks that only speak the streaming API.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import socket
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import openai
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from openai.types.chat import ChatCompletion
 from tinker import types
 
 from trinity.explorer.tool_calls import MalformedToolCall, parse_tool_calls, response_template
 
 log = logging.getLogger(__name__)
-UNSUPPORTED = ("stream", "top_logprobs")
+UNSUPPORTED = ("top_logprobs",)
 THINK_START, THINK_END = "<think>", "</think>"
 # explorer.rollout_model.reasoning_parser -> whether a reply without </think> is all reasoning
 # (deepseek_r1: the chat template opened <think> in the prompt) or all content (qwen3)
@@ -116,7 +122,7 @@ class Endpoint:
             except Exception as exc:  # noqa: BLE001 - the agent gets one line, the log the trace
                 log.exception("chat completion failed")
                 return _error(500, f"{type(exc).__name__}: {exc}", "internal_error")
-            return completion.model_dump(exclude_none=True)
+            return answer(completion, body, model.tokenizer)
 
         return app
 
@@ -184,6 +190,81 @@ async def chat_completion(model: Any, body: dict[str, Any]) -> ChatCompletion:
             },
         }
     )
+
+
+def answer(completion: ChatCompletion, body: dict[str, Any], tokenizer: Any) -> Any:
+    """The HTTP answer to ``body``: the completion as JSON, or as an event stream when
+    ``body["stream"]``."""
+    if not body.get("stream"):
+        return completion.model_dump(exclude_none=True)
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise RequestError("'stream_options' must be an object")
+    events = stream_events(completion, tokenizer, bool(options.get("include_usage")))
+    return StreamingResponse(events, media_type="text/event-stream")
+
+
+def stream_events(
+    completion: ChatCompletion, tokenizer: Any, include_usage: bool = False
+) -> Iterator[str]:
+    """``completion`` as OpenAI's ``chat.completion.chunk`` events, then ``[DONE]``: per choice
+    the role, the reasoning, the content one sampled token at a time (pieces that join to
+    exactly the content), the tool calls, then a chunk with the finish reason, the logprobs and
+    the sampled ``token_ids``; a last chunk with the usage when ``include_usage``."""
+    head = {
+        "id": completion.id,
+        "object": "chat.completion.chunk",
+        "created": completion.created,
+        "model": completion.model,
+    }
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+        return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
+
+    for choice in completion.choices:
+        message, extra = choice.message, choice.model_extra or {}
+        tokens = extra.get("token_ids") or []
+
+        def delta(index: int = choice.index, **fields: Any) -> str:
+            return event([{"index": index, "delta": fields, "finish_reason": None}])
+
+        yield delta(role="assistant", content="")
+        reasoning = (message.model_extra or {}).get("reasoning_content")
+        if reasoning:
+            yield delta(reasoning_content=reasoning)
+        for piece in _pieces(tokenizer, tokens, message.content or ""):
+            yield delta(content=piece)
+        if message.tool_calls:
+            calls = [
+                {"index": k, **call.model_dump(exclude_none=True)}
+                for k, call in enumerate(message.tool_calls)
+            ]
+            yield delta(tool_calls=calls)
+        last: dict[str, Any] = {
+            "index": choice.index,
+            "delta": {},
+            "finish_reason": choice.finish_reason,
+            "token_ids": tokens,
+        }
+        if choice.logprobs is not None:
+            last["logprobs"] = choice.logprobs.model_dump(exclude_none=True)
+        yield event([last])
+    if include_usage and completion.usage is not None:
+        yield event([], usage=completion.usage.model_dump())
+    yield "data: [DONE]\n\n"
+
+
+def _pieces(tokenizer: Any, tokens: list[int], content: str) -> Iterator[str]:
+    """``content`` cut where each sampled token ends (a token that ends inside a character, or
+    past a stop string, waits for the next), so the pieces join to ``content`` exactly."""
+    sent = 0
+    for end in range(1, len(tokens) + 1):
+        text = tokenizer.decode(tokens[:end], skip_special_tokens=True)
+        if len(text) > sent and content.startswith(text):
+            yield content[sent : len(text)]
+            sent = len(text)
+    if sent < len(content):
+        yield content[sent:]
 
 
 def _tool_parser(model: Any, tools: Any, tool_choice: Any) -> dict[str, Any] | None:

@@ -28,11 +28,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from openai.types.chat import ChatCompletion
 
 from trinity.explorer.conversation import Conversations
 from trinity.explorer.explorer import rollout_metrics
 from trinity.explorer.history import experiences_from_history
-from trinity.explorer.openai_api import chat_completion
+from trinity.explorer.openai_api import answer, chat_completion
 from trinity.explorer.sampler import PolicySampler, RolloutSettings
 from trinity.workflows.types import Experience, Response
 
@@ -84,7 +85,7 @@ class Proxy:
         self.dropped = 0
 
     # ---- chat ---------------------------------------------------------------------------------
-    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def chat(self, body: dict[str, Any]) -> ChatCompletion:
         async with self._idle:
             await self._idle.wait_for(lambda: not self._switching)
             self._in_flight += 1
@@ -105,7 +106,7 @@ class Proxy:
                 log.warning("%d completion(s) never rated were dropped", self.dropped)
         if len(self.conversations) > self.max_unrated:
             self.conversations.clear()  # later turns of older chats are rendered as text
-        return completion.model_dump(exclude_none=True)
+        return completion
 
     # ---- feedback and commit ------------------------------------------------------------------
     def feedback(self, body: Any) -> int:
@@ -202,7 +203,7 @@ class Proxy:
                 body = await request.json()
                 if not isinstance(body, dict):
                     raise ValueError("the body must be a JSON object")
-                return await self.chat(body)
+                return answer(await self.chat(body), body, self.backend.tokenizer)
             except ValueError as exc:  # a bad request: RequestError, bad JSON
                 return _error(400, str(exc), "invalid_request_error")
             except Exception as exc:  # noqa: BLE001 - the agent gets one line, the log the trace

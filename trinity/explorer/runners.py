@@ -3,7 +3,9 @@
 ``RunnerPool.run(task, seed)`` is what ``Explorer.run_task`` awaits in place of running the
 workflow in its own event loop: it hands the task to an idle ``WorkflowRunner`` actor, which
 runs the same ``rollout`` against a sampler built from a backend recipe
-(``trinity.backends.ray_actors``), and returns its experiences. Each finished task's experiences
+(``trinity.backends.ray_actors``), and returns its experiences. ``explorer.auxiliary_models`` come
+as recipes too (with their ``RolloutSettings``): each runner builds their samplers for the base
+weights once, so a workflow's ``self.auxiliary_models`` are OpenAI clients as in one process. Each finished task's experiences
 are back in the driver at once, so the experience buffer stays there, next to the trainer that
 reads it: a buffer actor would add a hop per batch and recover nothing a runner loses.
 
@@ -18,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import ray
 from ray.exceptions import RayTaskError
 
 from trinity.explorer.explorer import rollout
-from trinity.explorer.sampler import RolloutSettings
+from trinity.explorer.sampler import AuxiliaryModel, RolloutSettings
 from trinity.plugins import load_plugins
 from trinity.workflows.types import Experience, Task
 
@@ -34,12 +37,20 @@ log = logging.getLogger(__name__)
 class WorkflowRunner:
     """Actor body: one workflow at a time, against the sampler for the weights it is told."""
 
-    def __init__(self, index: int, backend: Any, settings: RolloutSettings):
+    def __init__(
+        self,
+        index: int,
+        backend: Any,
+        settings: RolloutSettings,
+        auxiliary: Sequence[tuple[Any, RolloutSettings]] = (),
+    ):
         load_plugins()  # the driver's plugin dirs, through TRINITY_PLUGIN_DIRS in the runtime env
         self.index = index
         self.backend = backend
         self.settings = settings
         self.sampler: Any = None
+        self.auxiliary_recipes = list(auxiliary)
+        self.auxiliary: list[AuxiliaryModel] | None = None
 
     def ready(self) -> int:
         return self.index
@@ -47,7 +58,12 @@ class WorkflowRunner:
     async def run(self, task: Task, seed: int, ref: str | None) -> list[Experience]:
         if self.sampler is None or self.sampler.ref != ref:
             self.sampler = await self.backend.sampler(self.index, ref)
-        return await rollout(task, self.sampler, self.settings, seed)
+        if self.auxiliary is None:  # frozen models: their base weights, built once
+            self.auxiliary = [
+                AuxiliaryModel(await recipe.sampler(self.index, None), settings)
+                for recipe, settings in self.auxiliary_recipes
+            ]
+        return await rollout(task, self.sampler, self.settings, seed, self.auxiliary)
 
 
 class RunnerPool:
@@ -60,10 +76,12 @@ class RunnerPool:
         sampler: Any,
         settings: RolloutSettings,
         options: dict[str, Any],
+        auxiliary: Sequence[tuple[Any, RolloutSettings]] = (),
     ):
         self.backend = backend
         self.sampler = sampler
         self.settings = settings
+        self.auxiliary = list(auxiliary)
         self.actor_cls = ray.remote(WorkflowRunner).options(**options)
         self.actors = {index: self._start(index) for index in range(size)}
         self.idle: asyncio.Queue[int] = asyncio.Queue()
@@ -72,7 +90,7 @@ class RunnerPool:
         self.replaced = 0
 
     def _start(self, index: int) -> Any:
-        return self.actor_cls.remote(index, self.backend, self.settings)
+        return self.actor_cls.remote(index, self.backend, self.settings, self.auxiliary)
 
     async def wait_ready(self) -> None:
         """Every runner constructed (plugins loaded): a broken setup fails here, once."""

@@ -120,13 +120,6 @@ async def build_backends(
     plan = build_loss_plan(config.algorithm)
     needs_reference = plan.needs_reference
     remote = explore and cluster is not None
-    if remote and config.explorer.auxiliary_models:
-        from trinity.config import ConfigError
-
-        raise ConfigError(
-            "explorer.auxiliary_models: not served to Ray workflow runners yet; run the explorer "
-            "in-process (no RAY_ADDRESS / cluster.ray_address)"
-        )
     if not tinker_cfg.enable:
         model_path = str(resolve_model_path(config.model.model_path))
         if train or not remote:
@@ -145,14 +138,24 @@ async def build_backends(
                 await backends.trainer.load_adapter(lora_path)
             if needs_reference:
                 backends.ref_sampler = LocalSampler(runtime)
-        if remote:
+        if remote:  # the auxiliary models are engine actors too, which the runners sample
             env = runner_env(config)
             backends.sampler = await cluster.rollout_models(model_path, env, _rope(config))
             backends.tokenizer = backends.sampler.tokenizer
+            auxiliary = [
+                (
+                    await cluster.rollout_models(
+                        str(resolve_model_path(aux.model_path)), env, count=aux.engine_num
+                    ),
+                    auxiliary_settings(config, aux),
+                )
+                for aux in config.explorer.auxiliary_models
+            ]
             backends.runners = await cluster.runner_pool(
-                backends.sampler, backends.sampler, rollout_settings(config), env
+                backends.sampler, backends.sampler, rollout_settings(config), env, auxiliary
             )
-        elif explore:
+            return backends
+        if explore:
             backends.sampler = LocalSampler(runtime)
         for aux in config.explorer.auxiliary_models if explore else []:
             aux_runtime = LocalRuntime(str(resolve_model_path(aux.model_path)))
@@ -209,11 +212,16 @@ async def build_backends(
             "TRINITY_API_KEY": api_key,
             **({"TINKER_BASE_URL": base_url} if base_url else {}),
         }
+        auxiliary = [
+            (TinkerSamplers(aux_model), auxiliary_settings(config, aux))
+            for aux, aux_model in zip(config.explorer.auxiliary_models, aux_models, strict=True)
+        ]
         backends.runners = await cluster.runner_pool(
             TinkerSamplers(base_model),
             backends.sampler,
             rollout_settings(config),
             runner_env(config, endpoint),
+            auxiliary,
         )
     return backends
 

@@ -113,16 +113,21 @@ class RayCluster:
         self.groups: list[Any] = []
 
     async def rollout_models(
-        self, model_path: str, env: dict[str, str], rope: dict | None = None
+        self,
+        model_path: str,
+        env: dict[str, str],
+        rope: dict | None = None,
+        count: int | None = None,
     ) -> Any:
-        """``engine_num`` engine actors, one placement-group bundle each, spread over nodes."""
+        """``count`` (default ``engine_num``) engine actors, one placement-group bundle each,
+        spread over nodes (an auxiliary model's own, too)."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from trinity.backends.ray_actors import RolloutModel, RolloutModels
 
-        count = self.config.explorer.rollout_model.engine_num
+        count = count or self.config.explorer.rollout_model.engine_num
         bundle = self._bundle()
         group = placement_group([bundle] * count, strategy="SPREAD")
         self.groups.append(group)
@@ -131,8 +136,8 @@ class RayCluster:
         except TimeoutError:
             raise ConfigError(
                 f"cannot place {count} rollout model(s) of {bundle} on the Ray cluster "
-                f"(it has {ray.available_resources()}); lower explorer.rollout_model.engine_num "
-                "or add nodes"
+                f"(it has {ray.available_resources()}); lower the engine_num of "
+                "explorer.rollout_model / auxiliary_models or add nodes"
             ) from None
         actor_cls = ray.remote(RolloutModel)
         # each engine its share of its node's cores (Ray alone would give it OMP_NUM_THREADS=1)
@@ -181,9 +186,15 @@ class RayCluster:
         return {"CPU": 1, "GPU": self.config.explorer.rollout_model.tensor_parallel_size}
 
     async def runner_pool(
-        self, backend: Any, sampler: Any, settings: Any, env: dict[str, str]
+        self,
+        backend: Any,
+        sampler: Any,
+        settings: Any,
+        env: dict[str, str],
+        auxiliary: list[tuple[Any, Any]] | None = None,
     ) -> Any:
-        """``engine_num x runner_per_model`` runner actors, spread over the nodes, all started."""
+        """``engine_num x runner_per_model`` runner actors, spread over the nodes, all started;
+        ``auxiliary``: (recipe, settings) of each auxiliary model."""
         from trinity.explorer.runners import RunnerPool
 
         explorer = self.config.explorer
@@ -198,6 +209,7 @@ class RayCluster:
                 "scheduling_strategy": "SPREAD",
                 "runtime_env": {"env_vars": env},
             },
+            auxiliary=auxiliary or [],
         )
         self.pools.append(pool)
         await pool.wait_ready()

@@ -121,10 +121,11 @@ def agent_workflow(*names: str) -> Callable[[Callable[..., Any]], Callable[..., 
 class EnvWorkflow(MultiTurnWorkflow):
     """A dialogue with an ``Env``: reply, observation, ... until done or ``max_steps``.
 
-    workflow_args: ``max_steps``. The episode's reward is the sum of the step rewards. Step-wise,
-    each turn's experience also records what GiGPO reads, under the original's keys:
-    ``info["env_state_hash"]`` (a digest of the state the reply was given in) and
-    ``info["step_reward"]`` (what that reply earned).
+    workflow_args: ``max_steps``; the taskset's ``format.system_prompt`` replaces the
+    environment's (a small model may need a terser one). The episode's reward is the sum of the
+    step rewards. Step-wise, each turn's experience also records what GiGPO reads, under the
+    original's keys: ``info["env_state_hash"]`` (a digest of the state the reply was given in)
+    and ``info["step_reward"]`` (what that reply earned).
     """
 
     env_class: type[Env]
@@ -138,7 +139,10 @@ class EnvWorkflow(MultiTurnWorkflow):
         limits = {"max_steps": int(args["max_steps"])} if "max_steps" in args else {}
         env = self.env_class(self.task.raw, **limits)
         messages = [
-            {"role": "system", "content": env.system_prompt},
+            {
+                "role": "system",
+                "content": self.task.format.get("system_prompt") or env.system_prompt,
+            },
             {"role": "user", "content": env.reset()},
         ]
         turns: list[tuple[str, float]] = []  # (the state's digest, the reply's reward)

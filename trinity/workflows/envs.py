@@ -66,13 +66,19 @@ class FrozenLake:
     def state(self) -> str:
         return f"{'/'.join(self.grid)} at {self.pos}"
 
+    @staticmethod
+    def move(reply: str) -> str | None:
+        """The move a reply makes (its last of left / down / right / up), None if none."""
+        found = re.findall(r"\b(left|down|right|up)\b", reply.lower())
+        return found[-1] if found else None
+
     def step(self, action: str) -> tuple[str, float, bool]:
         self.steps += 1
-        found = re.findall(r"\b(left|down|right|up)\b", action.lower())
-        if not found:
+        move = self.move(action)
+        if move is None:
             out_of_steps = self.steps >= self.max_steps
             return "Invalid move: answer left, down, right or up.", 0.0, out_of_steps
-        dr, dc = MOVES[found[-1]]
+        dr, dc = MOVES[move]
         r = min(max(self.pos[0] + dr, 0), len(self.grid) - 1)
         c = min(max(self.pos[1] + dc, 0), len(self.grid[0]) - 1)
         self.pos = (r, c)
