@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trinity.algorithms import build_loss_plan
-from trinity.backends.tinker_sdk import TinkerSession, TinkerTrainer, is_loopback
+from trinity.backends.tinker_sdk import TinkerSession, TinkerTrainer, offers_exact_entropy
 from trinity.workflows.types import Experience
 
 TOKENS = [1, 520, 314, 2023, 4416, 28, 216, 33, 34, 35, 2, 1542, 17, 18]
@@ -104,19 +104,25 @@ def test_trinity_server_entropy_is_exact(tmp_path, tiny_model_dir):
         server.stop()
 
 
-@pytest.mark.parametrize(
-    ("url", "loopback"),
-    [
-        ("http://127.0.0.1:8123", True),
-        ("http://localhost:9000/", True),
-        ("http://[::1]:80", True),
-        ("https://tinker.thinkingmachines.dev/services/tinker-prod", False),
-        ("http://10.0.0.5:8000", False),
-        (None, False),
-    ],
-)
-def test_only_a_server_on_this_machine_is_asked_for_exact_entropy(url, loopback):
-    assert is_loopback(url) is loopback
+def test_exact_entropy_is_asked_of_a_service_that_announces_it(tmp_path, tiny_model_dir):
+    """A trinity server says so at its extensions route, whatever its address; a service without
+    the route (as the hosted one), an unreachable one, and the default get the estimate."""
+    import http.server
+    import threading
+
+    from trinity.server import ServerThread, build_service
+
+    srv = ServerThread(build_service([str(tiny_model_dir)], tmp_path / "srv", {})).start()
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=other.serve_forever, daemon=True).start()  # 501 to every GET
+    try:
+        assert offers_exact_entropy(srv.url)
+        assert not offers_exact_entropy(f"http://127.0.0.1:{other.server_address[1]}")
+    finally:
+        other.shutdown()
+        srv.stop()
+    assert not offers_exact_entropy(f"http://127.0.0.1:{other.server_address[1]}")  # closed
+    assert not offers_exact_entropy(None)
 
 
 # ----------------------------------------------------------------------------- the loss term

@@ -70,17 +70,19 @@ async def with_retries(
 ENTROPY = {"return_entropy": 1}
 
 
-def is_loopback(base_url: str | None) -> bool:
-    """A service on this machine (a ``trinity server``), not Thinking Machines' hosted one."""
-    import ipaddress
-    from urllib.parse import urlparse
+EXTENSIONS_ROUTE = "/api/v1/trinity/extensions"  # trinity server's (server/app.py)
 
-    host = urlparse(base_url or "").hostname or ""
-    if host == "localhost":
-        return True
+
+def offers_exact_entropy(base_url: str | None) -> bool:
+    """Whether the service is a ``trinity server`` (on this machine or a team's host), which
+    computes each token's entropy over the full vocabulary on request; Thinking Machines'
+    service (``base_url`` None, or any service without the route) gets the estimate."""
+    if not base_url:
+        return False
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
+        answer = httpx.get(base_url.rstrip("/") + EXTENSIONS_ROUTE, timeout=10.0)
+        return answer.status_code == 200 and answer.json().get("return_entropy") is True
+    except (httpx.HTTPError, ValueError, AttributeError):  # unreachable, not JSON, not a dict
         return False
 
 
@@ -89,7 +91,7 @@ class TinkerSession:
 
     def __init__(self, base_url: str | None, api_key: str):
         # trinity server's extension: loss_fn_config["return_entropy"] = 1 (server/wire.py)
-        self.exact_entropy = is_loopback(base_url)
+        self.exact_entropy = offers_exact_entropy(base_url)
         self.service = tinker.ServiceClient(base_url=base_url, api_key=api_key)
         self.rest = tinker.RestClient(base_url=base_url, api_key=api_key)
         self._tokenizer: Any = None

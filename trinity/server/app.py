@@ -143,6 +143,11 @@ def create_app(service: Service) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "ok"}
 
+    @app.get(f"{API}/trinity/extensions")
+    async def extensions() -> dict:
+        """What this server adds to the Tinker API, for clients to find out (no secrets)."""
+        return {"return_entropy": True}
+
     @app.post(f"{API}/client/config")
     async def client_config(request: Request) -> dict:
         auth(request)
