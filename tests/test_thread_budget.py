@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -52,6 +53,31 @@ def _config(tmp_path: Path, mode: str):
 @pytest.mark.parametrize(("mode", "processes"), [("both", 1), ("explore", 2), ("train", 2)])
 def test_modes_count_the_processes_beside_them(tmp_path, mode, processes):
     assert compute_processes(_config(tmp_path, mode)) == processes
+
+
+def test_training_on_a_dataset_runs_alone(tmp_path):
+    """``mode: train`` on an SFT dataset has no explorer beside it: the whole machine, unpinned
+    (before, it took half the cores, and kept them pinned in the calling process)."""
+    config = _config(tmp_path, "train")
+    config.algorithm.algorithm_type = "sft"
+    assert compute_processes(config) == 1 and process_slot(config) is None
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin to one")
+def test_a_pinned_run_gives_its_cpus_back_to_the_calling_process(tmp_path):
+    from trinity.engine.process import pin_threads
+    from trinity.launcher.launcher import _owned
+    from trinity.monitor import build_monitors
+
+    before = os.sched_getaffinity(0)
+
+    async def run() -> set[int]:
+        async with _owned(build_monitors("none", job_dir=tmp_path)):
+            pin_threads({min(before)})  # what apply_thread_budget does for a pinned slot
+            return os.sched_getaffinity(0)
+
+    assert asyncio.run(run()) == {min(before)}
+    assert os.sched_getaffinity(0) == before
 
 
 class _Cluster:
@@ -214,7 +240,7 @@ def test_trinity_run_applies_the_budget_of_its_mode(tmp_path, tiny_model_dir, mo
         run_cli(config)
         share = max(1, cores // 2)
         assert torch.get_num_threads() == share and os.environ["OMP_NUM_THREADS"] == str(share)
-        pinned = os.sched_getaffinity(0)
+        assert os.sched_getaffinity(0) == allowed  # the run gave its pinned CPUs back
     finally:  # this test's process, not a run's: give every thread its cores back
         torch.set_num_threads(threads)
         for tid in os.listdir("/proc/self/task"):
@@ -223,7 +249,7 @@ def test_trinity_run_applies_the_budget_of_its_mode(tmp_path, tiny_model_dir, mo
     log = next((tmp_path / "ckpt").rglob("trinity.log")).read_text()
     assert f"{share} compute threads per process ({cores} cores / 2 process(es)" in log
     if cores >= 2:  # the explore process takes the first block
-        assert pinned == set(cpu_share(2, 0, core_groups()))
+        pinned = cpu_share(2, 0, core_groups())
         assert f"pinned to CPUs {_cpu_list(tuple(sorted(pinned)))})" in log
     monkeypatch.setenv(ENV_VAR, "zero")
     assert main(["run", "--config", str(config)]) == 2

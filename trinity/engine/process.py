@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 ENV_VAR = "TRINITY_NUM_THREADS"
@@ -168,19 +169,24 @@ def apply_thread_budget(budget: ThreadBudget) -> ThreadBudget:
         os.environ[var] = str(budget.threads)
     if budget.cpus is not None:
         try:
-            os.sched_setaffinity(0, budget.cpus)  # this thread; threads started later inherit it
+            pin_threads(budget.cpus)
         except OSError as error:
             from trinity.config import ConfigError
 
             raise ConfigError(
                 f"{AFFINITY_VAR}: cannot pin to CPUs {_cpu_list(budget.cpus)} ({error.strerror})"
             ) from None
-        for tid in _threads():  # torch's pools, asyncio's executor: already running
-            try:
-                os.sched_setaffinity(tid, budget.cpus)
-            except ProcessLookupError:  # ended meanwhile
-                pass
     return budget
+
+
+def pin_threads(cpus: Iterable[int]) -> None:
+    """Every thread of this process, and those it starts later, on ``cpus``."""
+    os.sched_setaffinity(0, cpus)  # this thread; threads started later inherit it
+    for tid in _threads():  # torch's pools, asyncio's executor: already running
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except ProcessLookupError:  # ended meanwhile
+            pass
 
 
 def _threads() -> list[int]:

@@ -33,7 +33,7 @@ from trinity.buffer.strategies import build_strategy
 from trinity.buffer.tasksets import TasksetReader, TasksetScheduler
 from trinity.config import to_yaml
 from trinity.config.validate import SAMPLE_STRATEGY_ARGS
-from trinity.engine.process import apply_thread_budget, thread_budget
+from trinity.engine.process import apply_thread_budget, pin_threads, thread_budget
 from trinity.explorer.explorer import Explorer
 from trinity.jobdir import JobDir, atomic_write
 from trinity.launcher.backends import (
@@ -196,7 +196,7 @@ async def run_rl(
         if train:
             synchronizer.reset()
             start = None
-            if resume:
+            if resume and settings.use_critic:
                 start = critic_base(job_dir.critic_dir(start_step))
             elif init_ref and critic_from_init and settings.use_critic:
                 start = await asyncio.to_thread(
@@ -270,10 +270,18 @@ def compute_processes(config: Any, cluster: Any = None) -> int:
     ``explore`` / ``train`` / ``serve`` run beside the other half of the pair; with Ray on the
     local backend, the rollout-model actors placed on a node share it with this driver.
     """
-    processes = 2 if config.mode in ("explore", "train", "serve") else 1
+    processes = 2 if _in_a_pair(config) else 1
     if cluster is not None and not config.model.tinker.enable:
         processes += cluster.actors_per_node()
     return processes
+
+
+def _in_a_pair(config: Any) -> bool:
+    """An explore, serve or train process that runs beside the other half; training on a dataset
+    (sft, cpt, dpo) has no explorer beside it."""
+    if config.mode == "train":
+        return resolve_algorithm(config.algorithm).schema == "experience"
+    return config.mode in ("explore", "serve")
 
 
 def process_slot(config: Any, cluster: Any = None) -> int | None:
@@ -281,7 +289,7 @@ def process_slot(config: Any, cluster: Any = None) -> int | None:
     train the second. None (not pinned) for one process, on the Tinker backend (the compute is
     the service's, which need not split the cores like this pair) and beside Ray rollout models
     (they are not pinned, so a block would not be the driver's own)."""
-    if config.mode not in ("explore", "train", "serve") or config.model.tinker.enable:
+    if not _in_a_pair(config) or config.model.tinker.enable:
         return None
     if cluster is not None and cluster.actors_per_node():
         return None
@@ -314,8 +322,10 @@ class _Owned:
 
 @contextlib.asynccontextmanager
 async def _owned(monitor: Any):
-    """Close the monitor, the backends (telling a remote session how the run ended), the cluster."""
+    """Close the monitor, the backends (telling a remote session how the run ended), the cluster;
+    give back the CPUs a pinned run took from its process (a notebook or test process goes on)."""
     owned, error = _Owned(monitor), None
+    cpus = os.sched_getaffinity(0)
     try:
         yield owned
     except BaseException as exc:
@@ -327,6 +337,8 @@ async def _owned(monitor: Any):
             await owned.backends.close(error)
         if owned.cluster is not None:
             owned.cluster.close()
+        if os.sched_getaffinity(0) != cpus:
+            pin_threads(cpus)
 
 
 async def _feed_sft(
