@@ -161,7 +161,6 @@ INERT: dict[str, Inert] = {
     "explorer.min_running_model_num": Inert("serve: one sampler, drained to switch", (1,)),
     "explorer.db_url": Inert("serve: unrated completions are kept in memory"),
     "explorer.runner_state_report_interval": Inert(NOT_YET, (0,)),
-    "explorer.max_inflight_batches": Inert(NOT_YET, (2,)),
     "trainer.trainer_strategy": Inert(GPU_TRAINER),
     "trainer.enable_preview": Inert(NOT_YET, (False,)),
     "trainer.use_dynamic_bsz": Inert(GPU_TRAINER),
