@@ -8,9 +8,9 @@ behaves as this implementation does (``enable_log_requests: false``, ``repetitio
 Settings of GPU engines (vLLM, veRL, Megatron) can never mean anything on these backends. The
 ``NOT_YET`` entries could, but are not implemented: set to anything but a harmless value they are
 refused at config check (``not_implemented``) rather than warned about, since a run without the
-feature the user asked for is not the run they asked for; they leave this table as they land. Keys the original
-ignores too (``optimizer.clip_grad``, ``synchronizer.wait_for_checkpoint``) or that only serve a
-feature refused at validation (DPO's keys) behave as there: not listed.
+feature the user asked for is not the run they asked for; they leave this table as they land.
+Keys the original ignores too (``optimizer.clip_grad``, ``synchronizer.wait_for_checkpoint``) or
+that only serve a feature refused at validation (DPO's keys) behave as there: not listed.
 """
 
 from __future__ import annotations
