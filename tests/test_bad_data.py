@@ -96,7 +96,8 @@ def test_a_workflow_that_never_produces_stops_the_run_with_the_reason(tmp_path, 
     FAILURES.clear()
     monkeypatch.setattr(explorer_module, "MAX_FAILED_TASKS_IN_A_ROW", 5)
     hopeless = reader("test_flaky_workflow", workflow_args={"fail_times": 99})
-    never_waits = Synchronizer(tmp_path, sync_style="trainer_driven")
+    # no trainer reads here: room for every step in flight
+    never_waits = Synchronizer(tmp_path, sync_style="trainer_driven", max_inflight_batches=10)
     explorer, buffer, _, _ = explorer_for(
         tmp_path, FakeSampler(["2"]), hopeless, max_retry_times=0, synchronizer=never_waits
     )

@@ -315,3 +315,16 @@ def test_broken_config_message(path, monkeypatch):
     assert "\n" not in message
     for fragment in expected_fragments(path):
         assert fragment in message
+
+
+def test_dynamic_sync_refuses_a_train_batch_beyond_the_batches_in_flight(tmp_path):
+    demo = Path(__file__).parent.parent / "examples" / "grpo_demo.yaml"
+    base = ["synchronizer.sync_style=fully_async", "explorer.max_inflight_batches=1"]
+    config = load_config(demo, base)
+    explore_batch = config.buffer.batch_size * config.algorithm.repeat_times
+    assert config.buffer.train_batch_size == explore_batch
+    with pytest.raises(
+        ConfigError, match=r"^buffer.train_batch_size \d+ .*max_inflight_batches=1 "
+    ):
+        load_config(demo, [*base, f"buffer.train_batch_size={explore_batch + 1}"])
+    load_config(demo, [*base[:1], f"buffer.train_batch_size={explore_batch + 1}"])  # two fit

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trinity.config import load_config
+from trinity.config import ConfigError, load_config
 
 HERE = Path(__file__).parent
 EVERY_KEY = HERE / "configs" / "every_key.yaml"
@@ -80,18 +80,34 @@ def test_every_key_at_its_default_names_exactly_the_gpu_settings_and_missing_fea
     assert message.startswith(f"{len(expected)} config key(s)")
 
 
+NOT_IMPLEMENTED = [
+    "model.repetition_penalty=1.1",
+    "explorer.rollout_model.enable_log_requests=true",
+    "model.min_response_tokens=4",
+    "log.group_by_node=true",
+]
+
+
+def test_features_not_implemented_are_refused_in_one_line_naming_them(caplog):
+    with pytest.raises(ConfigError) as info:
+        warnings_of(caplog, EVERY_KEY, NOT_IMPLEMENTED)
+    message = str(info.value)
+    assert "\n" not in message and message.endswith(
+        "not implemented in this implementation "
+        "(remove the key(s) or set them to the "
+        "original's default)"
+    )
+    assert set(message.split(": ", 1)[0].split(", ")) == {o.split("=")[0] for o in NOT_IMPLEMENTED}
+
+
 def test_features_switched_on_are_named_and_their_harmless_values_are_not(caplog):
     switched_on = [
-        "model.repetition_penalty=1.1",
-        "explorer.rollout_model.enable_log_requests=true",
-        "model.min_response_tokens=4",
-        "log.group_by_node=true",
         "data_processor.experience_pipeline.input_save_path=sqlite:///x.db",
-        "synchronizer.sync_style=explorer_driven",
+        "explorer.rollout_model.gpu_memory_utilization=0.5",
     ]
     (message,) = warnings_of(caplog, EVERY_KEY, switched_on)
     named = named_keys(message)
-    for override in switched_on[:-1]:
+    for override in switched_on:
         assert override.split("=")[0] in named
     harmless = [
         "algorithm.sample_strategy=staleness_control",  # works: trinity.buffer.strategies
@@ -138,3 +154,18 @@ def test_config_check_prints_the_same_warning():
     assert run.returncode == 0, run.stderr
     (line,) = [line for line in run.stderr.splitlines() if "do nothing" in line]
     assert "explorer.rollout_model.gpu_memory_utilization" in line
+
+
+def test_config_check_refuses_a_feature_not_implemented_with_exit_2(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        EVERY_KEY.read_text().replace("repetition_penalty: 1.0", "repetition_penalty: 1.2")
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "trinity.cli.main", "config", "check", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2
+    (line,) = [line for line in run.stderr.splitlines() if "not implemented" in line]
+    assert "model.repetition_penalty" in line

@@ -123,3 +123,28 @@ def test_evaluation_reports_mean_at_k_per_taskset(tmp_path):
     step, metrics = monitor.records[-1]
     assert step == 0 and metrics["eval/eval/reward/mean@2"] == 0.0
     assert {"eval/eval/reward/best@2", "eval/eval/reward/worst@2", "time/eval"} <= set(metrics)
+
+
+def test_dynamic_sync_keeps_at_most_max_inflight_batches_ahead_of_the_trainer(tmp_path):
+    """fully_async: the explorer never waits for weights, but never runs more than
+    ``max_inflight_batches`` steps ahead of the batches the trainer read; the trainer here is
+    another process's, seen through the run directory only."""
+    trainer_side = Synchronizer(tmp_path, sync_style="fully_async")
+    sync = Synchronizer(
+        tmp_path, sync_style="fully_async", max_inflight_batches=2, poll_seconds=0.01
+    )
+    explorer, buffer, _, _ = explorer_for(tmp_path, FakeSampler(["2"]), reader(), synchronizer=sync)
+
+    async def main():
+        exploring = asyncio.create_task(explorer.run(0, 6))
+        await asyncio.sleep(0.3)
+        ahead = [len(buffer.puts)]  # the trainer read nothing yet
+        for consumed in range(1, 5):
+            await trainer_side.consumed(consumed)
+            await asyncio.sleep(0.3)
+            ahead.append(len(buffer.puts) - consumed)
+        await exploring
+        return ahead
+
+    assert asyncio.run(main()) == [2, 2, 2, 2, 2]
+    assert len(buffer.puts) == 6

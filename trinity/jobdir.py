@@ -57,6 +57,11 @@ class JobDir:
         return self.path / "trainer_finished.txt"
 
     @property
+    def trainer_consumed_file(self) -> Path:
+        """The last train step whose batch the trainer read (bounds the explorer's lead)."""
+        return self.path / "trainer_consumed_step.txt"
+
+    @property
     def explorer_end_file(self) -> Path:
         return self.path / "explorer_end_step.txt"
 

@@ -5,10 +5,12 @@ is that every key either does what it does there, or is named, with the reason, 
 when the config is loaded (``trinity run`` and ``trinity config check`` alike). A key is named
 when the YAML sets it to anything but its *harmless* values, the values at which the original
 behaves as this implementation does (``enable_log_requests: false``, ``repetition_penalty: 1.0``).
-Settings of GPU engines (vLLM, veRL, Megatron) can never mean anything on these backends; the
-other entries are features still to come, and leave this table as they land. Keys the original
-ignores too (``optimizer.clip_grad``, ``synchronizer.wait_for_checkpoint``) or that only serve a
-feature refused at validation (DPO's keys) behave as there: not listed.
+Settings of GPU engines (vLLM, veRL, Megatron) can never mean anything on these backends. The
+``NOT_YET`` entries could, but are not implemented: set to anything but a harmless value they are
+refused at config check (``not_implemented``) rather than warned about, since a run without the
+feature the user asked for is not the run they asked for; they leave this table as they land.
+Keys the original ignores too (``optimizer.clip_grad``, ``synchronizer.wait_for_checkpoint``) or
+that only serve a feature refused at validation (DPO's keys) behave as there: not listed.
 """
 
 from __future__ import annotations
@@ -161,7 +163,6 @@ INERT: dict[str, Inert] = {
     "explorer.min_running_model_num": Inert("serve: one sampler, drained to switch", (1,)),
     "explorer.db_url": Inert("serve: unrated completions are kept in memory"),
     "explorer.runner_state_report_interval": Inert(NOT_YET, (0,)),
-    "explorer.max_inflight_batches": Inert(NOT_YET, (2,)),
     "trainer.trainer_strategy": Inert(GPU_TRAINER),
     "trainer.enable_preview": Inert(NOT_YET, (False,)),
     "trainer.use_dynamic_bsz": Inert(GPU_TRAINER),
@@ -221,6 +222,17 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, str) and isinstance(b, str):
         return a.strip().lower() == b.lower()
     return a == b
+
+
+def not_implemented(keys: list[tuple[str, str]]) -> str | None:
+    """One line refusing the keys of ``keys`` that could act here but do not yet; None if none."""
+    paths = [path for path, why in keys if why == NOT_YET]
+    if not paths:
+        return None
+    return (
+        f"{', '.join(paths)}: not implemented in this implementation (remove the key(s) or set "
+        "them to the original's default)"
+    )
 
 
 def inert_warning(keys: list[tuple[str, str]]) -> str:

@@ -33,7 +33,7 @@ from omegaconf.errors import (
 )
 
 from trinity.config.errors import ConfigError, did_you_mean
-from trinity.config.inert import inert_keys, inert_warning
+from trinity.config.inert import NOT_YET, inert_keys, inert_warning, not_implemented
 from trinity.config.schema import Config
 from trinity.config.validate import finalize
 
@@ -89,12 +89,17 @@ def parse_yaml(text: str, source: str | Path) -> DictConfig:
 
 def build_config(raw: DictConfig) -> Config:
     """Schema-check, merge onto the defaults, resolve, then validate and derive; then warn once,
-    in one line, about every key set that does nothing here (``inert.py``)."""
+    in one line, about every key set that does nothing here (``inert.py``); refuse, in one line,
+    those set to a feature not implemented yet."""
     config = _build(raw)
     resolved = OmegaConf.merge(OmegaConf.structured(Config), raw)
     inert = inert_keys(
         OmegaConf.to_container(raw, resolve=False), OmegaConf.to_container(resolved, resolve=True)
     )
+    refused = not_implemented(inert)
+    if refused:
+        raise ConfigError(refused)
+    inert = [(path, why) for path, why in inert if why != NOT_YET]
     if inert:
         log.warning(inert_warning(inert))
     return config

@@ -686,6 +686,15 @@ def _check_synchronizer(config: Config) -> None:
             "buffer.explorer_input.eval_tasksets are not allowed with "
             "synchronizer.sync_style 'fully_async'",
         )
+    if sync.sync_style in ("trainer_driven", "fully_async"):
+        buffer, inflight = config.buffer, config.explorer.max_inflight_batches
+        require(
+            buffer.train_batch_size <= inflight * buffer.batch_size * config.algorithm.repeat_times,
+            f"buffer.train_batch_size {buffer.train_batch_size} needs more than "
+            f"explorer.max_inflight_batches={inflight} explore batches of buffer.batch_size x "
+            f"algorithm.repeat_times: with synchronizer.sync_style '{sync.sync_style}' the "
+            "explorer would wait for a trainer waiting for it",
+        )
     over, timeout = config.explorer.over_rollout, config.explorer.dynamic_timeout
     require(
         0 <= over.ratio < 1,

@@ -119,6 +119,7 @@ class Explorer:
             await self.evaluate(0)
         try:
             while step < total_steps:
+                await self.synchronizer.wait_inflight(step)
                 await self.maybe_sync(step)
                 tasks = self.reader.read_batch()
                 if not tasks:

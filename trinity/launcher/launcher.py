@@ -430,6 +430,7 @@ def _synchronizer(config: Any) -> Synchronizer:
         sync_timeout=sync.sync_timeout,
         explorer_sync_interval=sync.explorer_sync_interval,
         trainer_sync_interval=sync.trainer_sync_interval,
+        max_inflight_batches=config.explorer.max_inflight_batches,
         # another process's new weights are a file: a stat every 0.1 s while waiting keeps the
         # hand-over off a step's time (at 1 s it added up to a second per step)
         poll_seconds=0.1,

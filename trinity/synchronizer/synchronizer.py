@@ -5,7 +5,9 @@ Semantics follow the original (``sync_interval``, ``sync_offset``, ``sync_style`
 offset k the explorer runs k steps ahead, so sampling and training overlap (one-step off-policy
 for k = 1). Published weights are always recorded in the run directory (``JobDir.write_sampler``)
 so an explorer in another process can follow by polling; in one process an ``asyncio.Condition``
-wakes it at once.
+wakes it at once. With ``trainer_driven`` / ``fully_async`` the explorer never waits for
+weights, but at most ``max_inflight_batches`` explore steps may be ahead of the train steps that
+consumed them (the original's ``explorer.max_inflight_batches``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Synchronizer:
         explorer_sync_interval: int | None = None,
         trainer_sync_interval: int | None = None,
         poll_seconds: float = 1.0,
+        max_inflight_batches: int = 2,
     ):
         self.job_dir = JobDir(job_dir)
         self.explorer_interval = explorer_sync_interval or sync_interval
@@ -48,6 +51,8 @@ class Synchronizer:
         self.style = sync_style
         self.timeout = sync_timeout
         self.poll_seconds = poll_seconds
+        self.max_inflight = max_inflight_batches
+        self._consumed = 0
         self._latest = Published(0, None)
         self._trainer_finished = False
         self._changed: asyncio.Condition | None = None
@@ -56,11 +61,20 @@ class Synchronizer:
     def reset(self) -> None:
         """A new trainer is starting: a finished marker from an earlier run no longer holds."""
         self.job_dir.trainer_finished_file.unlink(missing_ok=True)
+        self.job_dir.trainer_consumed_file.unlink(missing_ok=True)
         self._trainer_finished = False
+        self._consumed = 0
 
     # ---- trainer side -------------------------------------------------------------------------
     def trainer_should_publish(self, train_step: int) -> bool:
         return train_step % self.trainer_interval == 0
+
+    async def consumed(self, train_step: int) -> None:
+        """The trainer read the batch of ``train_step``: one more explore batch may start."""
+        self.job_dir.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.job_dir.trainer_consumed_file, str(train_step))
+        self._consumed = train_step
+        await self._notify()
 
     async def publish(self, version: int, ref: str | None) -> None:
         self.job_dir.write_sampler(version, ref)
@@ -87,6 +101,37 @@ class Synchronizer:
         if self.style == "explorer_driven":
             return current_version + 1
         return explore_steps_done - self.offset
+
+    def bounds_inflight(self) -> bool:
+        return self.style in ("trainer_driven", "fully_async")
+
+    async def wait_inflight(self, explore_steps_done: int) -> None:
+        """Before the next explore step (dynamic styles): wait until fewer than
+        ``max_inflight_batches`` explored batches are still unread by the trainer."""
+        if not self.bounds_inflight():
+            return
+        deadline = time.monotonic() + self.timeout
+        while explore_steps_done - self.trainer_consumed() >= self.max_inflight:
+            if self.is_trainer_finished():
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise SyncTimeoutError(
+                    f"the trainer read no batch past step {self.trainer_consumed()} within "
+                    f"synchronizer.sync_timeout={self.timeout:g}s while the explorer waits with "
+                    f"explorer.max_inflight_batches={self.max_inflight} batches in flight"
+                )
+            await self._wait_change(min(remaining, self.poll_seconds))
+
+    def trainer_consumed(self) -> int:
+        """Train steps whose batch was read, in this process or by a trainer in another."""
+        try:
+            self._consumed = max(
+                self._consumed, int(self.job_dir.trainer_consumed_file.read_text())
+            )
+        except (FileNotFoundError, ValueError):
+            pass
+        return self._consumed
 
     async def wait_for(self, version: int) -> Published:
         """Newest published weights with version >= ``version``; returns early if training ended."""

@@ -74,6 +74,7 @@ class Trainer:
     async def run(self, start_step: int, total_steps: int) -> int:
         step = start_step
         try:
+            await self.synchronizer.consumed(start_step)  # the explorer resumes at the same step
             while step < total_steps:
                 started, cpu = time.monotonic(), time.process_time()
                 batch = await self.strategy.sample(
@@ -83,6 +84,7 @@ class Trainer:
                     break
                 read_time = time.monotonic() - started
                 step += 1
+                await self.synchronizer.consumed(step)
                 metrics = await self.train_step(step, batch)
                 metrics.update(self.strategy.metrics)
                 metrics["time/read_experience"] = read_time
