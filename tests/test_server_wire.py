@@ -597,7 +597,12 @@ def test_long_running_requests_answer_try_again_until_done(tmp_path, caplog):
             assert tc.optim_step(types.AdamParams(learning_rate=1e-3)).result().metrics == {
                 "grad_norm": 1.0
             }
-        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        # (heartbeats of other tests' sessions, whose servers are gone, are not this poll's)
+        assert not [
+            r
+            for r in caplog.records
+            if r.levelno >= logging.WARNING and "heartbeat" not in r.getMessage()
+        ]
         http = httpx.Client(base_url=srv.url, headers={"X-API-Key": "tml-alice-key"})
         rid = http.post(
             "/api/v1/optim_step",
