@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,8 @@ class Synchronizer:
 
     async def consumed(self, train_step: int) -> None:
         """The trainer read the batch of ``train_step``: one more explore batch may start."""
+        if not self.bounds_inflight():
+            return  # no explorer waits on it
         self.job_dir.path.mkdir(parents=True, exist_ok=True)
         atomic_write(self.job_dir.trainer_consumed_file, str(train_step))
         self._consumed = train_step
@@ -110,18 +113,14 @@ class Synchronizer:
         ``max_inflight_batches`` explored batches are still unread by the trainer."""
         if not self.bounds_inflight():
             return
-        deadline = time.monotonic() + self.timeout
-        while explore_steps_done - self.trainer_consumed() >= self.max_inflight:
-            if self.is_trainer_finished():
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise SyncTimeoutError(
-                    f"the trainer read no batch past step {self.trainer_consumed()} within "
-                    f"synchronizer.sync_timeout={self.timeout:g}s while the explorer waits with "
-                    f"explorer.max_inflight_batches={self.max_inflight} batches in flight"
-                )
-            await self._wait_change(min(remaining, self.poll_seconds))
+        await self._wait_until(
+            lambda: explore_steps_done - self.trainer_consumed() < self.max_inflight,
+            lambda: (
+                f"the trainer read no batch past step {self.trainer_consumed()} within "
+                f"synchronizer.sync_timeout={self.timeout:g}s while the explorer waits with "
+                f"explorer.max_inflight_batches={self.max_inflight} batches in flight"
+            ),
+        )
 
     def trainer_consumed(self) -> int:
         """Train steps whose batch was read, in this process or by a trainer in another."""
@@ -135,17 +134,23 @@ class Synchronizer:
 
     async def wait_for(self, version: int) -> Published:
         """Newest published weights with version >= ``version``; returns early if training ended."""
+        await self._wait_until(
+            lambda: self.latest().version >= version,
+            lambda: (
+                f"no trained weights of version {version} within synchronizer.sync_timeout="
+                f"{self.timeout:g}s (latest is {self.latest().version})"
+            ),
+        )
+        return self.latest()
+
+    async def _wait_until(self, done: Callable[[], bool], timeout_message: Callable[[], str]):
+        """Poll ``done`` (woken early in this process) until it holds or training ended; past
+        ``sync_timeout`` a ``SyncTimeoutError`` with ``timeout_message()``."""
         deadline = time.monotonic() + self.timeout
-        while True:
-            latest = self.latest()
-            if latest.version >= version or self.is_trainer_finished():
-                return latest
+        while not (done() or self.is_trainer_finished()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise SyncTimeoutError(
-                    f"no trained weights of version {version} within synchronizer.sync_timeout="
-                    f"{self.timeout:g}s (latest is {latest.version})"
-                )
+                raise SyncTimeoutError(timeout_message())
             await self._wait_change(min(remaining, self.poll_seconds))
 
     def latest(self) -> Published:
