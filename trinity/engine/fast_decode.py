@@ -169,7 +169,8 @@ def _apply(proj: _Proj, x: torch.Tensor, lora) -> torch.Tensor:
     out = gemv.linear(x, proj.weight_OI, proj.bias_O)
     if lora is not None:
         a_NI, b_ON, mask_BN = lora
-        out = out + F.linear(F.linear(x, a_NI) * mask_BN, b_ON).to(out.dtype)
+        low_BN = F.linear(x, a_NI)
+        out = out + F.linear(low_BN if mask_BN is None else low_BN * mask_BN, b_ON).to(out.dtype)
     return out
 
 
@@ -215,7 +216,11 @@ class StaticCache:
 
 def lora_inputs(weights: Weights, adapters_B: list[str] | None, device) -> list | None:
     """Per projection (layer order, then the head): (A_cat, B_cat, row mask) for this batch's
-    adapter mix, or None for projections without any of its adapters."""
+    adapter mix, or None for projections without any of its adapters.
+
+    In the base weights' dtype, cast once per batch: under bf16 autocast every step would
+    otherwise cast the fp32 adapter weights again (the matmuls run in bf16 either way, so the
+    results are the same). The mask is None when every row has the one adapter present."""
     if adapters_B is None:
         return None
     names = sorted(set(adapters_B))
@@ -223,13 +228,17 @@ def lora_inputs(weights: Weights, adapters_B: list[str] | None, device) -> list 
     projections.append(weights.head)
     out = []
     for proj in projections:
+        dtype = proj.weight_OI.dtype
         present = [n for n in names if n in proj.a_by]
         if not any(n in present for n in adapters_B):
             out.append(None)
             continue
-        a = torch.cat([proj.a_by[n] for n in present])
-        b = torch.cat([proj.b_by[n] for n in present], dim=1)
-        mask = torch.zeros(len(adapters_B), a.shape[0], dtype=a.dtype)
+        a = torch.cat([proj.a_by[n] for n in present]).to(dtype)
+        b = torch.cat([proj.b_by[n] for n in present], dim=1).to(dtype)
+        if len(names) == 1:  # every row has this adapter
+            out.append((a, b, None))
+            continue
+        mask = torch.zeros(len(adapters_B), a.shape[0], dtype=dtype)
         col = 0
         for n in present:
             r = proj.a_by[n].shape[0]

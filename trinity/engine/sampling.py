@@ -574,7 +574,9 @@ class _FastStepper:
         self.cache.select(keep_K)
         self.mask_BT = self.mask_BT[keep_K]
         if self.lora is not None:
-            self.lora = [None if p is None else (p[0], p[1], p[2][keep_K]) for p in self.lora]
+            self.lora = [
+                p if p is None or p[2] is None else (p[0], p[1], p[2][keep_K]) for p in self.lora
+            ]
 
 
 def _generate(stepper, logits_BV, rows: list[_Row], device, tokenizer, tail_tokens) -> None:
