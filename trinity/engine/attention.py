@@ -54,6 +54,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     length = query.shape[2]
     if (
         torch.is_grad_enabled()
+        and getattr(module, "is_causal", True)
         and attention_mask is None
         and key.shape[2] == length <= MAX_LENGTH
         and dropout == 0.0
