@@ -7,7 +7,8 @@ LoRA on the unembedding (``low = scaling * hidden @ A.T``). The forward walks to
 time, and keeps the per-token logsumexp (and entropy) and, when gradients will be asked for, the
 probabilities in the matmul dtype (N x V: 200 MB in bf16 for a 2048-token pass of a 49k
 vocabulary), so the backward needs no second logits matmul (the kernel took 1.3x less time with
-them; docs/benchmarks.md). Only an entropy gradient, which needs log p, recomputes the logits.
+them; docs/benchmarks.md). An entropy gradient, which needs log p, and a pass whose probabilities
+would exceed ``KEEP_PROBS_BYTES`` recompute the logits instead.
 The backward walks *vocabulary* chunks for all tokens at once, so each chunk yields its slice of
 the weight gradients complete (no V x H accumulator) while the small N x H input gradients
 accumulate in fp32. Gradients are computed only for inputs that need them: a frozen unembedding
@@ -23,6 +24,9 @@ import torch
 from torch import Tensor
 
 CHUNK_ELEMENTS = 1 << 22  # fp32 logits per chunk: 16 MiB, reused by malloc (process.py)
+# Kept probabilities per pass at most (2048 tokens x a 152k vocabulary in bf16: 0.6 GiB); a larger
+# pass recomputes the logits in the backward instead.
+KEEP_PROBS_BYTES = 1 << 30
 
 
 def _logits_into(out32, out16, hidden, weight, low, b, rows=slice(None), cols=slice(None)):
@@ -55,8 +59,12 @@ class _TargetLogprobs(torch.autograd.Function):
         work32, work16 = _workspace(hidden_NH, min(chunk, n), vocab)
         shifted = work32.new_empty(work32.shape) if want_entropy else None
         # Probabilities kept for the backward (N x V in the matmul dtype) unless the entropy's
-        # gradient needs log p: then the backward recomputes the logits instead.
-        keep = any(ctx.needs_input_grad[:4]) and not want_entropy
+        # gradient needs log p or they would be too big: then the backward recomputes the logits.
+        keep = (
+            any(ctx.needs_input_grad[:4])
+            and not want_entropy
+            and n * vocab * hidden_NH.element_size() <= KEEP_PROBS_BYTES
+        )
         probs_NV = hidden_NH.new_empty((n, vocab) if keep else (0, vocab))
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
