@@ -50,7 +50,7 @@ def _workspace(hidden, rows: int, cols: int):
 
 class _TargetLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, low_NR, b_VR, targets_N, want_entropy):
+    def forward(ctx, hidden_NH, weight_VH, low_NR, b_VR, targets_N, want_entropy, keep):
         n, vocab = hidden_NH.shape[0], weight_VH.shape[0]
         chunk = max(1, CHUNK_ELEMENTS // vocab)
         logprobs_N = hidden_NH.new_empty(n, dtype=torch.float32)
@@ -58,13 +58,6 @@ class _TargetLogprobs(torch.autograd.Function):
         entropy_N = hidden_NH.new_empty(n if want_entropy else 0, dtype=torch.float32)
         work32, work16 = _workspace(hidden_NH, min(chunk, n), vocab)
         shifted = work32.new_empty(work32.shape) if want_entropy else None
-        # Probabilities kept for the backward (N x V in the matmul dtype) unless the entropy's
-        # gradient needs log p or they would be too big: then the backward recomputes the logits.
-        keep = (
-            any(ctx.needs_input_grad[:4])
-            and not want_entropy
-            and n * vocab * hidden_NH.element_size() <= KEEP_PROBS_BYTES
-        )
         probs_NV = hidden_NH.new_empty((n, vocab) if keep else (0, vocab))
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
@@ -160,7 +153,7 @@ class _TargetLogprobs(torch.autograd.Function):
             grad_hidden = grad_hidden.to(hidden_NH.dtype)
         if grad_low is not None:
             grad_low = grad_low.to(low_NR.dtype)
-        return grad_hidden, grad_weight, grad_low, grad_b, None, None
+        return grad_hidden, grad_weight, grad_low, grad_b, None, None, None
 
 
 def target_logprobs(
@@ -178,4 +171,12 @@ def target_logprobs(
     if low_NR is None:
         low_NR = hidden_NH.new_zeros(hidden_NH.shape[0], 0)
         b_VR = weight_VH.new_zeros(weight_VH.shape[0], 0)
-    return _TargetLogprobs.apply(hidden_NH, weight_VH, low_NR, b_VR, targets_N, want_entropy)
+    # Probabilities kept for the backward (N x V in the matmul dtype) when there will be one,
+    # unless the entropy's gradient needs log p or they would be too big: then it recomputes.
+    keep = (
+        torch.is_grad_enabled()
+        and any(t.requires_grad for t in (hidden_NH, weight_VH, low_NR, b_VR))
+        and not want_entropy
+        and hidden_NH.shape[0] * weight_VH.shape[0] * hidden_NH.element_size() <= KEEP_PROBS_BYTES
+    )
+    return _TargetLogprobs.apply(hidden_NH, weight_VH, low_NR, b_VR, targets_N, want_entropy, keep)
