@@ -311,6 +311,13 @@ def matmul_peak_tflops(dtype: torch.dtype, n: int = 1024, trials: int = 8) -> fl
     return 2 * n**3 / _best(lambda: a @ b, trials) / 1e12
 
 
+# A full fine-tune's first two steps touch fresh memory (gradients, then AdamW's moments and
+# what the allocator moves around them): at 2 x 128 tokens its second step page-faulted 167k
+# times (1.2 s of system time) and took 1.7x the steady step, which from the third step on
+# faults ~0.03 s' worth; so --quick's one measured step comes after two warm-up steps.
+WARMUP_STEPS = 2
+
+
 def training_section(ctx: dict) -> list[str]:
     """Tokens/s and MFU of ``Engine.forward_backward`` + ``optim_step`` (cross_entropy).
 
@@ -348,8 +355,8 @@ def training_section(ctx: dict) -> list[str]:
         f"Model: SmolLM2-135M-Instruct ({n_params / 1e6:.0f} M parameters), engine dtype "
         f"{str(engine.dtype).removeprefix('torch.')} (`default_dtype`: bf16 only where the CPU "
         f"has AMX / AVX512-BF16), batch {batch} x {length} tokens, cross_entropy; "
-        f"median of {ctx['train_repeats']} steps after one warm-up step, the two models' steps "
-        "interleaved.",
+        f"median of {ctx['train_repeats']} steps after {WARMUP_STEPS} warm-up steps, the two "
+        f"models' steps interleaved, timed by {CLOCK_NAMES[CLOCK]}.",
         "FLOPs/token: full 6 N; LoRA 4 N + 6 N_lora (see bench/engine.py). MFU = achieved / "
         "best-of-trials matmul peak of that dtype, measured before and after the runs.",
         "",
@@ -362,8 +369,8 @@ def training_section(ctx: dict) -> list[str]:
     for label, spec in specs.items():
         engine.create_model(label, spec)
     peaks = {dtype: matmul_peak_tflops(dtype) for dtype in (torch.float32, torch.bfloat16)}
-    # Interleaved (full, LoRA, full, ...) so both see the same background load; step 0 warms up.
-    for _ in range(ctx["train_repeats"] + 1):
+    # Interleaved (full, LoRA, full, ...) so both see the same background load.
+    for _ in range(ctx["train_repeats"] + WARMUP_STEPS):
         for label in specs:
             fb = _timed(lambda label=label: engine.forward_backward(label, datums, "cross_entropy"))
             opt = _timed(lambda label=label: engine.optim_step(label, adam))
@@ -375,7 +382,8 @@ def training_section(ctx: dict) -> list[str]:
         if spec is not None:
             lora = trainable  # for the arithmetic below
         flops = tokens * (6 * n_params if spec is None else 4 * n_params + 6 * trainable)
-        total, fb, opt = sorted(steps[label][1:])[len(steps[label][1:]) // 2]
+        measured = sorted(steps[label][WARMUP_STEPS:])
+        total, fb, opt = measured[len(measured) // 2]
         achieved = flops / total / 1e12
         lines.append(
             f"| {label} | {trainable / 1e6:.2f} M | {fb:.2f} | {opt:.2f} | "
@@ -400,16 +408,19 @@ def training_section(ctx: dict) -> list[str]:
 
 TRAINING_NOTES = [
     "What the engine does for speed (trinity/engine): logprobs of the targets through a chunked "
-    "unembedding kernel (no full-vocabulary fp32 logits; a frozen unembedding gets no weight "
-    "gradient), fused torch AdamW (one memory pass), micro-batches of 2048 padded tokens, and "
+    "unembedding kernel (no full-vocabulary fp32 logits; the forward keeps the probabilities in "
+    "the matmul dtype, so the backward needs no second logits matmul; a frozen unembedding gets "
+    "no weight gradient), training attention by query blocks of batched matmuls "
+    "(trinity/engine/attention.py: PyTorch's CPU flash-attention backward ran at a few GFLOP/s), "
+    "fused torch AdamW (one memory pass), micro-batches of 2048 padded tokens, and "
     "`configure_process` keeping freed memory (glibc otherwise unmaps every freed tensor of "
-    "more than 128 KiB, and the page faults of the next allocation made an elementwise op into a fresh 4 MiB tensor "
-    "10x slower on this VM, a rank-32 LoRA matmul 6x). bf16 is used only where the CPU "
-    "computes it natively: on this AVX2-only "
-    "machine a bf16 matmul runs at well under 1 GFLOP/s. torch.compile is not used (minutes of "
-    "compilation on 2 cores, and peft adapters come and go at run time). Not in this table "
-    "(random tokens share no prefix): datums that share a prompt run it once, several prompts "
-    "per pass (GRPO's 4 prompts x 4 samples: fwd/bwd 4.7 s instead of 6.7 s).",
+    "more than 128 KiB, and the page faults of the next allocation made an elementwise op into "
+    "a fresh 4 MiB tensor 10x slower on a VM, a rank-32 LoRA matmul 6x). bf16 is used only "
+    "where the CPU computes it natively: without AVX512-BF16 / AMX a bf16 matmul runs at well "
+    "under 1 GFLOP/s. torch.compile is not used (minutes of compilation on 2 cores, and peft "
+    "adapters come and go at run time). Not in this table (random tokens share no prefix): "
+    "datums that share a prompt run it once, several prompts per pass (GRPO's 4 prompts x 4 "
+    "samples: fwd/bwd 4.7 s instead of 6.7 s).",
 ]
 
 

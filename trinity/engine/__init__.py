@@ -2,7 +2,8 @@
 
 Modules: ``engine`` (the ``Engine`` facade: loading, Tinker's calls), ``adapters`` (peft LoRA
 bookkeeping), ``packing`` (datums into forward passes, no model), ``forward`` (a pass's
-logprobs), ``logprobs`` (the chunked unembedding kernel), ``losses``, ``optim``, ``sampling``
+logprobs), ``attention`` (the models' attention: blocked matmuls for training passes),
+``logprobs`` (the chunked unembedding kernel), ``losses``, ``optim``, ``sampling``
 (decoding; ``fast_decode`` its fused step, ``gemv`` its one-row matmul kernel, built by
 ``python -m trinity.engine``), ``checkpoint``, ``demo_model``, ``worker`` (the thread that owns an
 engine), ``process`` (``configure_process``, for entry points). Only ``config`` is below this
@@ -21,6 +22,8 @@ Tensor names end in their shape, one letter per dimension (``hidden_NH``: N x H)
 - ``sampling`` only: U = distinct prompts (one prefill row each), S = rows that sample rather
   than decode greedily, F = those of them with top-k / top-p filtering
 - G: a task's group of samples (``trinity.algorithms``); 1: a broadcast dimension of size 1
+- ``attention`` only: A query heads, K key-value heads, G query heads per KV head, D head
+  dimension, Q a block's query positions, R its rows
 """
 
 import importlib

@@ -34,6 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from trinity.engine import checkpoint, losses
 from trinity.engine.adapters import Adapters, LoraSpec
+from trinity.engine.attention import ATTENTION
 from trinity.engine.demo_model import ALIASES as DEMO_ALIASES
 from trinity.engine.demo_model import resolve_model_path
 from trinity.engine.forward import Forward, default_dtype
@@ -137,7 +138,9 @@ class Engine:
         kwargs = {"gguf_file": self.path.name} if gguf else {}
         if self.rope:
             kwargs["config"] = with_rope(AutoConfig.from_pretrained(where, **kwargs), **self.rope)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=dtype, attn_implementation=ATTENTION, **kwargs
+        )
         if gguf:
             model.hf_quantizer = None  # dequantized already; lets save_pretrained work
             model.is_quantized = False

@@ -1,17 +1,21 @@
-"""Target-token logprobs through the unembedding, without materializing full-vocab logits.
+"""Target-token logprobs through the unembedding, without fp32 full-vocab logits.
 
 ``target_logprobs(hidden_NH, weight_VH, targets_N, low_NR, b_VR)`` equals
 ``log_softmax(hidden @ weight.T + low @ b.T).gather(targets)``; the optional low-rank term is a
-LoRA on the unembedding (``low = scaling * hidden @ A.T``). It holds at most one chunk of fp32
-logits at a time: the forward walks token chunks (logits -> logsumexp -> target logit, entropy on
-request) and keeps only the per-token logsumexp (and entropy); the backward recomputes logits over *vocabulary*
-chunks for all tokens at once, so each chunk yields its slice of the weight gradients complete
-(no V x H accumulator) while the small N x H input gradients accumulate in fp32. Gradients are
-computed only for inputs that need them: a frozen unembedding under LoRA costs no weight
-gradient.
+LoRA on the unembedding (``low = scaling * hidden @ A.T``). The forward walks token chunks
+(logits -> logsumexp -> target logit, entropy on request), holding one chunk of fp32 logits at a
+time, and keeps the per-token logsumexp (and entropy) and, when gradients will be asked for, the
+probabilities in the matmul dtype (N x V: 200 MB in bf16 for a 2048-token pass of a 49k
+vocabulary), so the backward needs no second logits matmul (the kernel took 1.3x less time with
+them; docs/benchmarks.md). An entropy gradient, which needs log p, and a pass whose probabilities
+would exceed ``KEEP_PROBS_BYTES`` recompute the logits instead.
+The backward walks *vocabulary* chunks for all tokens at once, so each chunk yields its slice of
+the weight gradients complete (no V x H accumulator) while the small N x H input gradients
+accumulate in fp32. Gradients are computed only for inputs that need them: a frozen unembedding
+under LoRA costs no weight gradient.
 
 Matmuls run in the dtype of the inputs (bf16 where the hardware has it); softmax, logsumexp and
-the gradient of the logits are fp32.
+the gradient of the logits are fp32, each chunk's in buffers reused over the chunks.
 """
 
 from __future__ import annotations
@@ -20,39 +24,79 @@ import torch
 from torch import Tensor
 
 CHUNK_ELEMENTS = 1 << 22  # fp32 logits per chunk: 16 MiB, reused by malloc (process.py)
+# Kept probabilities per pass at most (2048 tokens x a 152k vocabulary in bf16: 0.6 GiB); a larger
+# pass recomputes the logits in the backward instead.
+KEEP_PROBS_BYTES = 1 << 30
 
 
-def _logits(hidden, weight, low, b, rows=slice(None), cols=slice(None)) -> Tensor:
-    logits = hidden[rows] @ weight[cols].T
+def _logits_into(out32, out16, hidden, weight, low, b, rows=slice(None), cols=slice(None)):
+    """fp32 logits of a chunk, written into ``out32`` (``out16``: the matmul's output in the
+    input dtype, unless that is fp32)."""
+    mm_out = out32 if out16 is None else out16
+    torch.mm(hidden[rows], weight[cols].T, out=mm_out)
     if low.shape[-1]:
-        logits += low[rows] @ b[cols].T
-    return logits.float()
+        mm_out.addmm_(low[rows], b[cols].T)
+    if out16 is not None:
+        out32.copy_(out16)
+    return out32
+
+
+def _workspace(hidden, rows: int, cols: int):
+    """(fp32 buffer, buffer in the matmul dtype or None) for chunks of up to rows x cols."""
+    out32 = hidden.new_empty(rows, cols, dtype=torch.float32)
+    out16 = None if hidden.dtype == torch.float32 else hidden.new_empty(rows, cols)
+    return out32, out16
 
 
 class _TargetLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, low_NR, b_VR, targets_N, want_entropy):
+    def forward(ctx, hidden_NH, weight_VH, low_NR, b_VR, targets_N, want_entropy, keep):
         n, vocab = hidden_NH.shape[0], weight_VH.shape[0]
         chunk = max(1, CHUNK_ELEMENTS // vocab)
         logprobs_N = hidden_NH.new_empty(n, dtype=torch.float32)
         lse_N = hidden_NH.new_empty(n, dtype=torch.float32)
         entropy_N = hidden_NH.new_empty(n if want_entropy else 0, dtype=torch.float32)
+        work32, work16 = _workspace(hidden_NH, min(chunk, n), vocab)
+        shifted = work32.new_empty(work32.shape) if want_entropy else None
+        probs_NV = hidden_NH.new_empty((n, vocab) if keep else (0, vocab))
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
-            logits_CV = _logits(hidden_NH, weight_VH, low_NR, b_VR, rows=rows)
-            lse_C = torch.logsumexp(logits_CV, dim=-1)
-            lse_N[rows] = lse_C
-            logprobs_N[rows] = logits_CV.gather(1, targets_N[rows, None]).squeeze(1) - lse_C
+            size = rows.stop - start
+            logits_CV = _logits_into(
+                work32[:size],
+                None if work16 is None else work16[:size],
+                hidden_NH,
+                weight_VH,
+                low_NR,
+                b_VR,
+                rows=rows,
+            )
+            max_C = logits_CV.amax(dim=-1)
+            target_C = logits_CV.gather(1, targets_N[rows, None]).squeeze(1)
+            # s = logits - max; lse = max + log sum exp(s); entropy = log Z - sum(e^s s) / Z
+            s_CV = logits_CV.sub_(max_C[:, None])
             if want_entropy:
-                probs_CV = (logits_CV - lse_C[:, None]).exp_()
-                entropy_N[rows] = lse_C - (probs_CV * logits_CV).sum(-1)
-        ctx.save_for_backward(hidden_NH, weight_VH, low_NR, b_VR, targets_N, lse_N, entropy_N)
+                exp_CV = torch.exp(s_CV, out=shifted[:size])
+                z_C = exp_CV.sum(-1)
+                entropy_N[rows] = z_C.log() - exp_CV.mul_(s_CV).sum(-1) / z_C
+            else:
+                z_C = s_CV.exp_().sum(-1)
+                if keep:
+                    probs_NV[rows] = s_CV.div_(z_C[:, None])
+            lse_C = z_C.log_().add_(max_C)
+            lse_N[rows] = lse_C
+            logprobs_N[rows] = target_C - lse_C
+        ctx.save_for_backward(
+            hidden_NH, weight_VH, low_NR, b_VR, targets_N, lse_N, entropy_N, probs_NV
+        )
         ctx.set_materialize_grads(False)
         return logprobs_N, entropy_N
 
     @staticmethod
     def backward(ctx, grad_logprobs_N, grad_entropy_N):
-        hidden_NH, weight_VH, low_NR, b_VR, targets_N, lse_N, entropy_N = ctx.saved_tensors
+        hidden_NH, weight_VH, low_NR, b_VR, targets_N, lse_N, entropy_N, probs_NV = (
+            ctx.saved_tensors
+        )
         need = ctx.needs_input_grad
         n, vocab = hidden_NH.shape[0], weight_VH.shape[0]
         grad_hidden = torch.zeros(hidden_NH.shape, device=hidden_NH.device) if need[0] else None
@@ -65,22 +109,40 @@ class _TargetLogprobs(torch.autograd.Function):
         g_N1 = grad_logprobs_N.float()[:, None]
         use_entropy = grad_entropy_N is not None and entropy_N.numel() > 0
         rows_N = torch.arange(n, device=hidden_NH.device)
+        work32, work16 = _workspace(hidden_NH, n, min(chunk, vocab))
+        coef32 = work32.new_empty(work32.shape) if use_entropy else None
+        product = hidden_NH.new_empty(hidden_NH.shape) if grad_hidden is not None else None
+        neg_g_N1 = -g_N1
         for start in range(0, vocab, chunk):
             cols = slice(start, min(start + chunk, vocab))
+            size = cols.stop - start
             # d logprob_t / d logit_tv = 1[v == y_t] - p_tv, times the incoming gradient g_t;
             # d entropy_t / d logit_tv = -p_tv (log p_tv + H_t), times its gradient gH_t.
-            grad_NC = _logits(hidden_NH, weight_VH, low_NR, b_VR, cols=cols)
-            grad_NC.sub_(lse_N[:, None])
-            if use_entropy:
-                coef_NC = (grad_NC + entropy_N[:, None]).mul_(grad_entropy_N.float()[:, None])
-                grad_NC.exp_().mul_(-(coef_NC.add_(g_N1)))
+            if probs_NV.numel():
+                grad_NC = torch.mul(probs_NV[:, cols], neg_g_N1, out=work32[:, :size])
             else:
-                grad_NC.exp_().mul_(-g_N1)
+                grad_NC = _logits_into(
+                    work32[:, :size],
+                    None if work16 is None else work16[:, :size],
+                    hidden_NH,
+                    weight_VH,
+                    low_NR,
+                    b_VR,
+                    cols=cols,
+                )
+                grad_NC.sub_(lse_N[:, None])
+                if use_entropy:
+                    coef_NC = torch.add(grad_NC, entropy_N[:, None], out=coef32[:, :size])
+                    coef_NC.mul_(grad_entropy_N.float()[:, None]).add_(g_N1).neg_()
+                    grad_NC.exp_().mul_(coef_NC)
+                else:
+                    grad_NC.exp_().mul_(neg_g_N1)
             hit_N = (targets_N >= cols.start) & (targets_N < cols.stop)
             grad_NC[rows_N[hit_N], targets_N[hit_N] - cols.start] += g_N1[hit_N, 0]
-            grad_NC = grad_NC.to(hidden_NH.dtype)
+            if work16 is not None:
+                grad_NC = work16[:, :size].copy_(grad_NC)
             if grad_hidden is not None:
-                grad_hidden += grad_NC @ weight_VH[cols]
+                grad_hidden += torch.mm(grad_NC, weight_VH[cols], out=product)
             if grad_weight is not None:
                 torch.mm(grad_NC.T, hidden_NH, out=grad_weight[cols])
             if grad_low is not None:
@@ -91,7 +153,7 @@ class _TargetLogprobs(torch.autograd.Function):
             grad_hidden = grad_hidden.to(hidden_NH.dtype)
         if grad_low is not None:
             grad_low = grad_low.to(low_NR.dtype)
-        return grad_hidden, grad_weight, grad_low, grad_b, None, None
+        return grad_hidden, grad_weight, grad_low, grad_b, None, None, None
 
 
 def target_logprobs(
@@ -109,4 +171,12 @@ def target_logprobs(
     if low_NR is None:
         low_NR = hidden_NH.new_zeros(hidden_NH.shape[0], 0)
         b_VR = weight_VH.new_zeros(weight_VH.shape[0], 0)
-    return _TargetLogprobs.apply(hidden_NH, weight_VH, low_NR, b_VR, targets_N, want_entropy)
+    # Probabilities kept for the backward (N x V in the matmul dtype) when there will be one,
+    # unless the entropy's gradient needs log p or they would be too big: then it recomputes.
+    keep = (
+        torch.is_grad_enabled()
+        and any(t.requires_grad for t in (hidden_NH, weight_VH, low_NR, b_VR))
+        and not want_entropy
+        and hidden_NH.shape[0] * weight_VH.shape[0] * hidden_NH.element_size() <= KEEP_PROBS_BYTES
+    )
+    return _TargetLogprobs.apply(hidden_NH, weight_VH, low_NR, b_VR, targets_N, want_entropy, keep)
