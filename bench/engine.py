@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from tinker import types  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from trinity.engine import configure_process, gemv  # noqa: E402
+from trinity.engine import configure_process, fast_decode, gemv  # noqa: E402
 from trinity.engine.demo_model import ensure_demo_model  # noqa: E402
 from trinity.engine.forward import default_dtype  # noqa: E402
 from trinity.engine.sampling import SampleRequest, sample_batch  # noqa: E402
@@ -114,14 +114,60 @@ def _timed(fn) -> float:
     return CLOCK() - start
 
 
-def without_kernel(fn) -> None:
-    """``fn()`` with trinity/engine/gemv.py's kernel off (one-row matmuls by ``F.linear``)."""
-    kernel = gemv._kernel()
-    gemv._KERNEL = False
+def switched(module, name: str, value, fn) -> None:
+    """``fn()`` with ``module.name`` set to ``value``, restored after."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
     try:
         fn()
     finally:
-        gemv._KERNEL = kernel
+        setattr(module, name, saved)
+
+
+def without_kernel(fn) -> None:
+    """``fn()`` with trinity/engine/gemv.py's build off (one-row matmuls by ``F.linear``, the
+    step by torch ops)."""
+    gemv.kernels()  # loaded first, so that restoring it restores the build
+    switched(gemv, "_KERNEL", False, fn)
+
+
+def op_by_op(fn) -> None:
+    """``fn()`` with the decode step as torch ops (one-row matmuls still by the gemv) instead of
+    the native step (trinity/engine/kernels.cpp)."""
+    switched(fast_decode, "FUSED", False, fn)
+
+
+def attention_lines(ctx: dict, model, width: int, batch: int = 64) -> list[str]:
+    """The native one-query attention beside the SDPA call of the op-by-op step, one layer of
+    ``model``'s shape at ``batch`` rows over ``width`` cached columns (the bench's last step)."""
+    config = model.config
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    d = config.hidden_size // heads
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(batch, (heads + 2 * kv) * d, generator=g).to(ctx["dtype"])
+    keys = torch.randn(batch, kv, width + 64, d, generator=g).to(ctx["dtype"])
+    values = torch.randn_like(keys)
+    mask = torch.ones(batch, width, dtype=torch.bool)
+    kernels = gemv.kernels()
+    q = qkv[:, : heads * d].view(batch, kv, heads // kv, d)
+
+    def sdpa():
+        F.scaled_dot_product_attention(
+            q, keys[:, :, :width], values[:, :, :width], attn_mask=mask[:, None, None, :]
+        )
+
+    def native():
+        kernels.attend(qkv, keys, values, mask, width, heads)
+
+    sdpa_s, native_s = (
+        _best(lambda fn=fn: [fn() for _ in range(20)]) / 20 for fn in (sdpa, native)
+    )
+    return [
+        f"Attention, one layer at batch {batch} ({heads} query heads over {kv} KV heads of {d}, "
+        f"{width} cached columns, {str(ctx['dtype']).removeprefix('torch.')}): SDPA "
+        f"{1e3 * sdpa_s:.2f} ms, the native kernel {1e3 * native_s:.2f} ms "
+        f"({sdpa_s / native_s:.1f}x); x {config.num_hidden_layers} layers per step."
+    ]
 
 
 def sampling_section(ctx: dict) -> list[str]:
@@ -177,6 +223,7 @@ def sampling_section(ctx: dict) -> list[str]:
                 )
 
         runners = {"fast": lambda: run(True), "reference": lambda: run(False), "hf": hf}
+        runners["fast op-by-op"] = lambda: op_by_op(lambda: run(True))
         if batch == 1:  # the batch-1 lever: the same fast path with F.linear's gemv
             runners["fast F.linear"] = lambda: without_kernel(lambda: run(True))
         if batch == ctx["batches"][0]:  # warm up kernels and the fused-weight cache
@@ -239,12 +286,23 @@ def sampling_section(ctx: dict) -> list[str]:
                 f"| {batch} | {first_call_s[batch]:.1f} | {tps['compiled']:.1f} "
                 f"({100 * tps['compiled'] / bound:.0f}%) | {tps['compiled'] / tps['fast']:.2f}x |"
             )
+    lines += [
+        "",
+        "The native step lever side by side (fast = one C++ call per step, trinity/engine/"
+        "kernels.cpp; op-by-op = the same step as torch ops, one-row matmuls still by the gemv): "
+        + "; ".join(
+            f"batch {batch} {tps['fast']:.1f} vs {tps['fast op-by-op']:.1f} tokens/s "
+            f"({tps['fast'] / tps['fast op-by-op']:.2f}x)"
+            for batch, tps in results.items()
+        )
+        + ".",
+        *attention_lines(ctx, model, len(prompt) + new_tokens),
+    ]
     if 1 in results:
         tps = results[1]
         lines += [
-            "",
             f"Batch 1, the gemv lever side by side: fast path {tps['fast']:.1f} tokens/s with the "
-            f"engine's gemv kernel, {tps['fast F.linear']:.1f} with `F.linear` "
+            f"engine's build, {tps['fast F.linear']:.1f} without it (torch ops, `F.linear`) "
             f"({tps['fast'] / tps['fast F.linear']:.2f}x).",
         ]
     return (
@@ -289,10 +347,15 @@ SAMPLING_NOTES = [
     "The fast path (trinity/engine/fast_decode.py): prefill through the Hugging Face forward, "
     "then each step is, per layer, rmsnorm, one fused QKV matmul, rotary on q and k together "
     "(`x * cos + rotate_half(x) * sin`), two in-place writes into a preallocated static KV cache "
-    "(grown by doubling, never per step), one SDPA call over the valid prefix, the output "
+    "(grown by doubling, never per step), attention over the valid prefix, the output "
     "matmul, rmsnorm, one fused gate-up matmul, SiLU-and-multiply, the down matmul; LoRA "
     "adapters of a batch are concatenated along the rank and masked per row (two extra "
-    "matmuls per projection whatever the mix). Sampling is batched on the device for both "
+    "matmuls per projection whatever the mix). With the engine's native build (trinity/engine/"
+    "kernels.cpp, `python -m trinity.engine`) the whole step after the embedding is one C++ "
+    "call: the residual add fused into the next rmsnorm, rotary into the cache writes, a "
+    "one-query GQA attention (fp32 softmax, one pass over each row's keys and one over its "
+    "values) instead of SDPA, SiLU-and-multiply in one pass, one-row matmuls by the gemv, "
+    "larger ones by `at::linear`; without it (op-by-op) the same ops are torch calls. Sampling is batched on the device for both "
     "paths (temperature / top-k / top-p as per-row tensors, one sort for the filtering rows "
     "only, a counter-based splitmix64 uniform per (row seed, step) instead of a generator "
     "per row, stop ids compared as a tensor, one host sync per step); stopped rows are "

@@ -1,7 +1,8 @@
 """``python -m trinity.engine``: build the engine's native code for this machine ahead of any run
-(today the one-row gemv kernel, trinity/engine/gemv.py), and say how long it took; silent where
+(trinity/engine/kernels.cpp: the one-row gemv and the native decode step, built by
+trinity/engine/gemv.py), and say how long it took; silent where
 it is built already (scripts/setup.sh runs this every time). Exit status 1 with a one-line
-reason where it cannot be built (no C++ compiler): runs then use ``F.linear``."""
+reason where it cannot be built (no C++ compiler): runs then use ``F.linear`` and torch ops."""
 
 from __future__ import annotations
 
