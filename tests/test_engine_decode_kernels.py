@@ -105,9 +105,10 @@ def left_padded_mask(batch, valid, width, capacity):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("valid", [1, 7, 70])
-@pytest.mark.parametrize(("heads", "kv"), [(6, 2), (4, 4)])
-def test_attend_equals_sdpa(native, dtype, batch, valid, heads, kv):
-    d, capacity = 64, 96
+@pytest.mark.parametrize(("heads", "kv", "d"), [(6, 2, 64), (4, 4, 128), (4, 2, 24)])
+def test_attend_equals_sdpa(native, dtype, batch, valid, heads, kv, d):
+    """Head sizes 64 and 128 (compiled for), and 24 (run-time size, not a multiple of 16)."""
+    capacity = 96
     width = valid + 3  # columns past ``valid`` that the mask leaves out
     g = torch.Generator().manual_seed(valid * batch + heads)
     # q as decode_step passes it: the first heads x d columns of each qkv row.

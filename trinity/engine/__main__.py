@@ -20,13 +20,16 @@ def main() -> int:
     start = time.perf_counter()
     try:
         gemv.check_compiler()
-        print("building the gemv kernel for this CPU (a minute or two, once)...", flush=True)
+        print(
+            "building the engine's native kernels for this CPU (a minute or two, once)...",
+            flush=True,
+        )
         library = gemv.build()
     except Exception as error:  # the compiler's output is long: its first line says what failed
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        print(f"gemv kernel not built ({reason}): decoding uses F.linear", file=sys.stderr)
+        print(f"native kernels not built ({reason}): decoding uses torch ops", file=sys.stderr)
         return 1
-    print(f"gemv kernel built in {time.perf_counter() - start:.1f} s: {library}")
+    print(f"native kernels built in {time.perf_counter() - start:.1f} s: {library}")
     return 0
 
 

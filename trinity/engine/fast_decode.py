@@ -35,6 +35,7 @@ makes ``build`` return None and the caller uses the Hugging Face forward (the re
 
 from __future__ import annotations
 
+import mmap
 import os
 import weakref
 from dataclasses import dataclass
@@ -145,6 +146,11 @@ class Weights:
                 )
             )
         self.head = _fuse([inner.get_output_embeddings()])
+        projections = [p for layer in self.layers for p in layer[1:3] + layer[4:6]] + [self.head]
+        for proj, copy in zip(
+            projections, huge_page_copies([p.weight_OI for p in projections]), strict=True
+        ):
+            proj.weight_OI = copy
         self.signature = _signature(model)
         # The native step's weight list (kernels.cpp, decode_step), and the dtype all of it has
         # (None where mixed, or not fp32 / bf16: then the torch ops run).
@@ -157,6 +163,29 @@ class Weights:
         self.flat_dtype = dtypes.pop() if len(dtypes) == 1 else None
         if self.flat_dtype not in (torch.float32, torch.bfloat16):
             self.flat_dtype = None
+
+
+def huge_page_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``tensors`` side by side in one buffer on transparent huge pages (Linux, THP in
+    ``madvise`` or ``always`` mode; elsewhere the tensors themselves).
+
+    Why: a decode step streams every weight once, and on 4 KB pages the reads miss the TLB every
+    4 KB; on 2 MB pages the batch-1 native step of the demo model took 9.8 ms instead of 11.4
+    (docs/benchmarks.md). The cost: the decode layout is then a full copy of the matmul weights
+    (the fused QKV / gate-up ones were copies already)."""
+    if not hasattr(mmap, "MADV_HUGEPAGE") or not tensors:
+        return tensors
+    sizes = [-(-t.numel() * t.element_size() // 64) * 64 for t in tensors]  # 64-byte aligned
+    buffer = mmap.mmap(-1, sum(sizes), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(buffer, dtype=torch.uint8)  # keeps ``buffer`` alive
+    copies, start = [], 0
+    for tensor, size in zip(tensors, sizes, strict=True):
+        nbytes = tensor.numel() * tensor.element_size()
+        view = raw[start : start + nbytes].view(tensor.dtype).view(tensor.shape)
+        copies.append(view.copy_(tensor.detach()))
+        start += size
+    return copies
 
 
 def _pair(proj: _Proj) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <vector>
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -229,9 +229,32 @@ void rope_write(Tensor qkv, Tensor cos, Tensor sin, Tensor keys, Tensor values, 
 
 // ---- one-query attention over each row's cached prefix (GQA) ----
 
-// q . k over d < D: 16 lane sums, added up as a tree (the ordered sum of 16 lanes that an
-// `omp simd reduction` compiles to was most of a column's time).
+#if defined(__AVX512F__)
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const uint16_t* p) {
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+#endif
+
+template <class T> static inline void prefetch_row(const T* row, int64_t D) {
+    for (int64_t byte = 0; byte < D * int64_t(sizeof(T)); byte += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(row) + byte);
+}
+
+// q . k over d < D. With AVX-512 (D a multiple of 16) one register of lane sums, reduced in
+// registers; else 16 lane sums added up as a tree in memory. The ordered sum of 16 lanes that an
+// `omp simd reduction` compiles to was most of a column's time, and the in-memory tree still
+// half of it (each level reads back part of the previous level's store).
 template <class T> static inline float dot(const float* q, const T* k, int64_t D) {
+#if defined(__AVX512F__)
+    if (D % 16 == 0) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16)
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(k + d), acc);
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
     float part[16] = {};
     int64_t d = 0;
     for (; d + 16 <= D; d += 16) {
@@ -255,8 +278,8 @@ template <class T> static inline float dot(const float* q, const T* k, int64_t D
 template <class T, int HEAD_DIM>
 static void attend_rows(const Tensor& q, const Tensor& keys, const Tensor& values,
                         const Tensor& mask, int64_t n, int64_t heads, const Tensor& out) {
-    const int64_t kv = keys.size(1), D = HEAD_DIM > 0 ? HEAD_DIM : keys.size(3), group = heads / kv;
-    const float scale = 1.0f / std::sqrt(float(D));
+    const int64_t kv = keys.size(1), head_dim = keys.size(3), group = heads / kv;
+    const float scale = 1.0f / std::sqrt(float(head_dim));
     const T *qp = data<T>(q), *kp = data<T>(keys), *vp = data<T>(values);
     const bool* mp = mask.data_ptr<bool>();
     T* op = data<T>(out);
@@ -264,8 +287,10 @@ static void attend_rows(const Tensor& q, const Tensor& keys, const Tensor& value
     const int64_t kb = keys.stride(0), kh = keys.stride(1), kt = keys.stride(2);
     const int64_t vb = values.stride(0), vh = values.stride(1), vt = values.stride(2);
     // Tasks of ~64k multiply-adds or more: a short cache at batch 1 runs on the calling thread.
-    const int64_t grain = std::max<int64_t>(1, (1 << 16) / (n * D * (group + 1)));
+    const int64_t grain = std::max<int64_t>(1, (1 << 16) / (n * head_dim * (group + 1)));
     at::parallel_for(0, q.size(0) * kv, grain, [&](int64_t i0, int64_t i1) {
+        // Here, not outside: a value captured by reference is not a constant to the compiler.
+        const int64_t D = HEAD_DIM > 0 ? HEAD_DIM : head_dim;
         std::vector<int64_t> cols(n);
         std::vector<float> qf(group * D), score(group * n), acc(group * D), total(group);
         for (int64_t i = i0; i < i1; ++i) {
@@ -276,8 +301,14 @@ static void attend_rows(const Tensor& q, const Tensor& keys, const Tensor& value
             const T* qb = qp + b * qs + h * group * D;
             for (int64_t j = 0; j < group * D; ++j) qf[j] = f32(qb[j]);
             const T* krow = kp + b * kb + h * kh;
+            const T* vrow = vp + b * vb + h * vh;
             for (int64_t j = 0; j < m; ++j) {
                 const T* kr = krow + cols[j] * kt;
+                // Keys 8 columns ahead, and this column's values for the second pass: a row's
+                // columns are contiguous but cross 4 KB pages often, where the hardware
+                // prefetchers stop (without these, a column cost ~100 cycles of waiting).
+                if (j + 8 < m) prefetch_row(krow + cols[j + 8] * kt, D);
+                prefetch_row(vrow + cols[j] * vt, D);
                 for (int64_t g = 0; g < group; ++g)
                     score[g * m + j] = dot(qf.data() + g * D, kr, D) * scale;
             }
@@ -294,7 +325,6 @@ static void attend_rows(const Tensor& q, const Tensor& keys, const Tensor& value
                 total[g] = sum;
             }
             std::fill(acc.begin(), acc.end(), 0.0f);
-            const T* vrow = vp + b * vb + h * vh;
             for (int64_t j = 0; j < m; ++j) {
                 const T* vr = vrow + cols[j] * vt;
                 for (int64_t g = 0; g < group; ++g) {
