@@ -240,3 +240,26 @@ def test_native_step_equals_op_step(native, models, biased, dtype, adapters, mon
         torch.testing.assert_close(got.log_softmax(-1), want.log_softmax(-1), **tolerance)
     torch.testing.assert_close(states[0][0].float(), states[1][0].float(), **tolerance)
     torch.testing.assert_close(states[0][1].float(), states[1][1].float(), **tolerance)
+
+
+@pytest.mark.parametrize("vocab", [7, 5000])
+def test_sample_draws_by_the_exact_inverse_cdf(native, vocab):
+    """Greedy rows (temperature 0) take the argmax; sampled rows the token whose interval of the
+    exact (fp64) CDF of softmax(logits / T) holds u, to 1e-5 of the mass (vocab 5000: the
+    search crosses 1024-wide blocks); every logprob is log_softmax(logits)[token]."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = 3 * torch.randn(40, vocab, generator=g)
+    temperature = 0.2 + 2 * torch.rand(40, generator=g)
+    temperature[:8] = 0
+    uniform = torch.rand(40, generator=g, dtype=torch.float64)
+    uniform[8], uniform[9] = 0.0, 1 - 2.0**-22  # the ends
+    tokens, logprobs = native.sample(logits, temperature, uniform)
+    want = logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+    torch.testing.assert_close(logprobs, want, atol=1e-5, rtol=0)
+    assert torch.equal(tokens[:8], logits[:8].argmax(-1))
+    cdf = (logits[8:].double() / temperature[8:, None].double()).softmax(-1).cumsum(-1)
+    rows, chosen = torch.arange(32), tokens[8:]
+    below = torch.where(chosen > 0, cdf[rows, (chosen - 1).clamp(min=0)], 0.0)
+    u = uniform[8:]
+    assert ((below - 1e-5 <= u) & (u <= cdf[rows, chosen] + 1e-5)).all()
+    assert len(set(chosen.tolist())) > 5  # not one token whatever u

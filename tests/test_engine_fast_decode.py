@@ -105,7 +105,7 @@ def test_fast_equals_reference(models, native, adapters, built, monkeypatch):
         decode(model, tokenizer, requests(adapters, 1.0), fast=True),
         decode(model, tokenizer, requests(adapters, 1.0), fast=False),
     )
-    assert set(calls) == ({"decode_step"} if built else set())  # the path under test ran
+    assert set(calls) == ({"decode_step", "sample"} if built else set())  # the path under test
 
 
 class Counted:
@@ -125,8 +125,8 @@ class Counted:
 @pytest.mark.parametrize("fused", [True, False], ids=["native step", "torch ops"])
 @pytest.mark.parametrize("adapter", [None, "b"])
 def test_batch_one_equals_reference(models, native, adapter, fused, monkeypatch):
-    """One row: the native step (one call per step), or the torch ops with every matmul a
-    one-row gemv (trinity/engine/gemv.py)."""
+    """One row: the native step (one call per step, the native sampler), or the torch ops with
+    every matmul a one-row gemv (trinity/engine/gemv.py)."""
     plain, peft, tokenizer = models
     model = peft if adapter else plain
     calls = []
@@ -144,9 +144,13 @@ def test_batch_one_equals_reference(models, native, adapter, fused, monkeypatch)
         monkeypatch.setattr(gemv, "_KERNEL", Counted(native, calls))
         assert_same(decode(model, tokenizer, reqs, fast=True), reference)
         monkeypatch.setattr(gemv, "_KERNEL", native)
-    steps = len(PROMPTS) * 9  # 9 steps after the prefill
+    steps = len(PROMPTS) * 9  # 9 steps after the prefill, 10 tokens chosen
     layers = plain.config.num_hidden_layers
-    assert calls == ["decode_step"] * steps if fused else ["gemv"] * steps * (4 * layers + 1)
+    if fused:  # one native call per step, one to choose each token
+        assert calls.count("decode_step") == steps and calls.count("sample") == steps + 3
+        assert len(calls) == 2 * steps + 3
+    else:
+        assert calls == ["gemv"] * steps * (4 * layers + 1)
 
 
 def test_weights_rebuilt_after_an_in_place_update(models):
