@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from tests.conftest import demo_tokenizer, tiny_llama
 from trinity.engine import fast_decode, gemv
 from trinity.engine.sampling import BASE_ADAPTER
 
@@ -183,20 +184,8 @@ def run_steps(weights, keys, values, mask, lora, steps):
 @pytest.fixture(scope="module")
 def biased():
     """A tiny Llama with biases on every projection (as Qwen2 has on q, k, v), fp32 and bf16."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=500,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attention_bias=True,
-        mlp_bias=True,
-    )
     torch.manual_seed(2)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(demo_tokenizer(), attention_bias=True, mlp_bias=True).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):

@@ -407,8 +407,9 @@ Tensor silu_mul(Tensor gu) {
 // (temperature 1, as sampling._Sampler's callers take it). temperature[b] == 0: the argmax (its
 // first occurrence); else inverse-CDF sampling of softmax(logits / temperature) at uniform[b] in
 // [0, 1): the first token whose running sum of exp((l - max) / T) exceeds uniform x their total.
-// Three passes over a row (max; exps and sums; the search, by 1024-wide blocks) where the torch
-// ops made eight (softmax, cumsum, log_softmax, ...): a fifth of a batch-64 step.
+// Three passes over a row (max; exps and sums; the search, by 1024-wide blocks; a fourth for the
+// logprob's normalizer where T is not 1) where the torch ops made eight (softmax, cumsum,
+// log_softmax, ...): less than half their time at batch 64 (docs/benchmarks.md).
 std::vector<Tensor> sample(Tensor logits, Tensor temperature, Tensor uniform) {
     TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() &&
                 logits.scalar_type() == torch::kFloat32);
@@ -430,29 +431,28 @@ std::vector<Tensor> sample(Tensor logits, Tensor temperature, Tensor uniform) {
             for (int64_t i = 0; i < V; ++i) top = std::max(top, l[i]);
             int64_t token = 0;
             while (l[token] != top && token + 1 < V) ++token;
-            float total = 0;  // of exp(l - top): the logprob's normalizer
+            // exp((l - top) / T) and its block sums (T = 1 for greedy rows: the logprob's
+            // normalizer, a pass of its own only where T is not 1).
+            const float t = tp[r], inv = t > 0 ? 1.0f / t : 1.0f;
+            float scaled = 0;
             for (int64_t k = 0; k * block < V; ++k) {
                 const int64_t end = std::min(V, (k + 1) * block);
                 float part = 0;
 #pragma omp simd reduction(+ : part)
-                for (int64_t i = k * block; i < end; ++i) part += exp_approx(l[i] - top);
-                total += part;
-            }
-            const float t = tp[r];
-            if (t > 0) {
-                const float inv = 1.0f / t;
-                float scaled = 0;
-                for (int64_t k = 0; k * block < V; ++k) {
-                    const int64_t end = std::min(V, (k + 1) * block);
-                    float part = 0;
-#pragma omp simd reduction(+ : part)
-                    for (int64_t i = k * block; i < end; ++i) {
-                        e[i] = exp_approx((l[i] - top) * inv);
-                        part += e[i];
-                    }
-                    sums[k] = part;
-                    scaled += part;
+                for (int64_t i = k * block; i < end; ++i) {
+                    e[i] = exp_approx((l[i] - top) * inv);
+                    part += e[i];
                 }
+                sums[k] = part;
+                scaled += part;
+            }
+            float total = scaled;
+            if (inv != 1.0f) {
+                total = 0;
+#pragma omp simd reduction(+ : total)
+                for (int64_t i = 0; i < V; ++i) total += exp_approx(l[i] - top);
+            }
+            if (t > 0) {
                 // The block where the running sum passes the target, then the token in it; the
                 // last token of nonzero weight where rounding leaves the target unreached.
                 float target = float(up[r]) * scaled, run = 0;
