@@ -22,7 +22,8 @@ cache writes, a one-query GQA attention over each row's valid columns (one pass 
 over its values, fp32 softmax) instead of SDPA (whose CPU kernel costs per row and head, not per
 FLOP), SiLU-and-multiply in one pass, and no Python between the ops. LoRA goes in as the same
 masked low-rank terms. Without the build, or with ``TRINITY_FUSED_DECODE=0``, or under
-``torch.compile``, the step is the torch ops above (one-row matmuls still by the gemv).
+``torch.compile``, the step is the torch ops above (one-row matmuls still by the gemv), and
+sampling.py chooses tokens by torch ops too.
 
 ``torch.compile`` of the step (``compile=True``) traces the layer loop into one graph per
 (batch, cache-capacity) shape; see ``DecodeStep`` and docs/benchmarks.md ("Sampling speed") for
@@ -49,7 +50,8 @@ from trinity.engine.demo_model import cache_root
 
 _SUPPORTED = {"llama", "mistral", "qwen2"}
 _ABSENT = torch.empty(0)  # an absent bias or LoRA term in the native step's flat lists
-FUSED = os.environ.get("TRINITY_FUSED_DECODE", "1") != "0"  # the native step where it loads
+# The native step and sampler where the build loads (sampling.py reads it too).
+FUSED = os.environ.get("TRINITY_FUSED_DECODE", "1") != "0"
 
 
 def _linear_parts(module: nn.Module) -> tuple[nn.Linear, dict]:
