@@ -172,8 +172,8 @@ def huge_page_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     ``madvise`` or ``always`` mode; elsewhere the tensors themselves).
 
     Why: a decode step streams every weight once, and on 4 KB pages the reads miss the TLB every
-    4 KB; on 2 MB pages the batch-1 native step of the demo model took 9.8 ms instead of 11.4
-    (docs/benchmarks.md). The cost: the decode layout is then a full copy of the matmul weights
+    4 KB; on 2 MB pages the batch-1 native step of the demo model took 10.4-10.9 ms instead of
+    12.9-13.2 (docs/benchmarks.md). The cost: the decode layout is then a full copy of the matmul weights
     (the fused QKV / gate-up ones were copies already)."""
     if not hasattr(mmap, "MADV_HUGEPAGE") or not tensors:
         return tensors
