@@ -22,8 +22,9 @@ def smollm2_gguf_dir() -> Path:
     return Path(spec.origin).parent
 
 
-def tiny_llama(tokenizer, tie_word_embeddings: bool = True):
-    """A 2-layer, 64-wide Llama over ``tokenizer``'s vocabulary, randomly initialised."""
+def tiny_llama(tokenizer, tie_word_embeddings: bool = True, **config_overrides):
+    """A 2-layer, 64-wide Llama over ``tokenizer``'s vocabulary, randomly initialised
+    (``config_overrides``: further ``LlamaConfig`` fields, e.g. ``attention_bias=True``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -38,6 +39,7 @@ def tiny_llama(tokenizer, tie_word_embeddings: bool = True):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **config_overrides,
     )
     return LlamaForCausalLM(config)
 

@@ -1,5 +1,6 @@
 """The fast decode path (trinity/engine/fast_decode.py) against the reference path (the Hugging
-Face forward), on the tiny random Llama in fp32, with and without LoRA adapters.
+Face forward), on the tiny random Llama in fp32, with and without LoRA adapters: the native step
+(one C++ call, trinity/engine/kernels.cpp) and the torch ops it falls back to without a build.
 
 Exactness: greedy tokens identical; logprobs within 1e-4 (fp32, the same tolerance as the
 reference path against teacher forcing in tests/test_engine_sampling.py).
@@ -77,12 +78,23 @@ def assert_same(got, want):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def native():
+    """The engine's native build (built here where this machine has none yet: minutes, once)."""
+    gemv.build()
+    return gemv.kernels()
+
+
+@pytest.mark.parametrize("built", [True, False], ids=["native", "no build"])
 @pytest.mark.parametrize("adapters", [[None] * 6, ["a", None, "b", "a", "b", None]])
-def test_fast_equals_reference(models, adapters, monkeypatch):
+def test_fast_equals_reference(models, native, adapters, built, monkeypatch):
+    """With the native build, and without one (the torch ops and ``F.linear``)."""
     plain, peft, tokenizer = models
     model = peft if any(adapters) else plain
     reqs = requests(adapters)
     reference = decode(model, tokenizer, reqs, fast=False)
+    calls = []
+    monkeypatch.setattr(gemv, "_KERNEL", Counted(native, calls) if built else False)
     # A cache with room for 2 columns past the prompt: the steps must grow it, twice.
     monkeypatch.setattr(sampling._FastStepper, "room", 2)
     fast = decode(model, tokenizer, reqs, fast=True)
@@ -93,22 +105,32 @@ def test_fast_equals_reference(models, adapters, monkeypatch):
         decode(model, tokenizer, requests(adapters, 1.0), fast=True),
         decode(model, tokenizer, requests(adapters, 1.0), fast=False),
     )
+    assert set(calls) == ({"decode_step", "sample"} if built else set())  # the path under test
 
 
+class Counted:
+    """The native build, recording the name of each function called on it."""
+
+    def __init__(self, kernels, calls: list):
+        self.kernels, self.calls = kernels, calls
+
+    def __getattr__(self, name):
+        def counted(*args):
+            self.calls.append(name)
+            return getattr(self.kernels, name)(*args)
+
+        return counted
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["native step", "torch ops"])
 @pytest.mark.parametrize("adapter", [None, "b"])
-def test_batch_one_equals_reference(models, adapter, monkeypatch):
-    """One row: every matmul of the step is a one-row gemv (trinity/engine/gemv.py)."""
+def test_batch_one_equals_reference(models, native, adapter, fused, monkeypatch):
+    """One row: the native step (one call per step, the native sampler), or the torch ops with
+    every matmul a one-row gemv (trinity/engine/gemv.py)."""
     plain, peft, tokenizer = models
     model = peft if adapter else plain
     calls = []
-    gemv.build()  # where this machine has none yet (minutes, once)
-    kernel = gemv._kernel()
-
-    class Counted:
-        def gemv(self, x, w):
-            calls.append(w.shape)
-            return kernel.gemv(x, w)
-
+    monkeypatch.setattr(fast_decode, "FUSED", fused)
     for prompt in PROMPTS:
         reqs = [
             SampleRequest(
@@ -119,11 +141,16 @@ def test_batch_one_equals_reference(models, adapter, monkeypatch):
             )
         ]
         reference = decode(model, tokenizer, reqs, fast=False)
-        monkeypatch.setattr(gemv, "_KERNEL", Counted())
+        monkeypatch.setattr(gemv, "_KERNEL", Counted(native, calls))
         assert_same(decode(model, tokenizer, reqs, fast=True), reference)
-        monkeypatch.setattr(gemv, "_KERNEL", kernel)
+        monkeypatch.setattr(gemv, "_KERNEL", native)
+    steps = len(PROMPTS) * 9  # 9 steps after the prefill, 10 tokens chosen
     layers = plain.config.num_hidden_layers
-    assert len(calls) == len(PROMPTS) * 9 * (4 * layers + 1)  # 9 steps after the prefill
+    if fused:  # one native call per step, one to choose each token
+        assert calls.count("decode_step") == steps and calls.count("sample") == steps + 3
+        assert len(calls) == 2 * steps + 3
+    else:
+        assert calls == ["gemv"] * steps * (4 * layers + 1)
 
 
 def test_weights_rebuilt_after_an_in_place_update(models):

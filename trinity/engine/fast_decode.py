@@ -15,6 +15,16 @@ LoRA: every adapter of the batch is concatenated along the rank (``A_cat``: [n r
 base rows): two extra matmuls per fused projection whatever the adapter mix, and exact, since the
 other blocks contribute exact zeros.
 
+On CPU, where the engine's native build loads (trinity/engine/gemv.py, kernels.cpp), the whole
+step after the embedding is one C++ call (``kernels.decode_step``): the same ops in the same order
+with the same roundings, but rmsnorm fused with the residual add before it, rotary fused with the
+cache writes, a one-query GQA attention over each row's valid columns (one pass over its keys, one
+over its values, fp32 softmax) instead of SDPA (whose CPU kernel costs per row and head, not per
+FLOP), SiLU-and-multiply in one pass, and no Python between the ops. LoRA goes in as the same
+masked low-rank terms. Without the build, or with ``TRINITY_FUSED_DECODE=0``, or under
+``torch.compile``, the step is the torch ops above (one-row matmuls still by the gemv), and
+sampling.py chooses tokens by torch ops too.
+
 ``torch.compile`` of the step (``compile=True``) traces the layer loop into one graph per
 (batch, cache-capacity) shape; see ``DecodeStep`` and docs/benchmarks.md ("Sampling speed") for
 what it costs and when the engine uses it.
@@ -26,6 +36,7 @@ makes ``build`` return None and the caller uses the Hugging Face forward (the re
 
 from __future__ import annotations
 
+import mmap
 import os
 import weakref
 from dataclasses import dataclass
@@ -38,6 +49,9 @@ from trinity.engine import gemv
 from trinity.engine.demo_model import cache_root
 
 _SUPPORTED = {"llama", "mistral", "qwen2"}
+_ABSENT = torch.empty(0)  # an absent bias or LoRA term in the native step's flat lists
+# The native step and sampler where the build loads (sampling.py reads it too).
+FUSED = os.environ.get("TRINITY_FUSED_DECODE", "1") != "0"
 
 
 def _linear_parts(module: nn.Module) -> tuple[nn.Linear, dict]:
@@ -134,7 +148,50 @@ class Weights:
                 )
             )
         self.head = _fuse([inner.get_output_embeddings()])
+        projections = [p for layer in self.layers for p in layer[1:3] + layer[4:6]] + [self.head]
+        for proj, copy in zip(
+            projections, huge_page_copies([p.weight_OI for p in projections]), strict=True
+        ):
+            proj.weight_OI = copy
         self.signature = _signature(model)
+        # The native step's weight list (kernels.cpp, decode_step), and the dtype all of it has
+        # (None where mixed, or not fp32 / bf16: then the torch ops run).
+        self.flat = [
+            t
+            for norm1, qkv, out, norm2, gate_up, down in self.layers
+            for t in (norm1, *_pair(qkv), *_pair(out), norm2, *_pair(gate_up), *_pair(down))
+        ] + [self.norm_w, *_pair(self.head)]
+        dtypes = {t.dtype for t in self.flat if t is not _ABSENT} | {self.embed.dtype}
+        self.flat_dtype = dtypes.pop() if len(dtypes) == 1 else None
+        if self.flat_dtype not in (torch.float32, torch.bfloat16):
+            self.flat_dtype = None
+
+
+def huge_page_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``tensors`` side by side in one buffer on transparent huge pages (Linux, THP in
+    ``madvise`` or ``always`` mode; elsewhere the tensors themselves).
+
+    Why: a decode step streams every weight once, and on 4 KB pages the reads miss the TLB every
+    4 KB; on 2 MB pages the batch-1 native step of the demo model took 10.4-10.9 ms instead of
+    12.9-13.2 (docs/benchmarks.md). The cost: the decode layout is then a full copy of the matmul weights
+    (the fused QKV / gate-up ones were copies already)."""
+    if not hasattr(mmap, "MADV_HUGEPAGE") or not tensors:
+        return tensors
+    sizes = [-(-t.numel() * t.element_size() // 64) * 64 for t in tensors]  # 64-byte aligned
+    buffer = mmap.mmap(-1, sum(sizes), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(buffer, dtype=torch.uint8)  # keeps ``buffer`` alive
+    copies, start = [], 0
+    for tensor, size in zip(tensors, sizes, strict=True):
+        nbytes = tensor.numel() * tensor.element_size()
+        view = raw[start : start + nbytes].view(tensor.dtype).view(tensor.shape)
+        copies.append(view.copy_(tensor.detach()))
+        start += size
+    return copies
+
+
+def _pair(proj: _Proj) -> tuple[torch.Tensor, torch.Tensor]:
+    return proj.weight_OI, _ABSENT if proj.bias_O is None else proj.bias_O
 
 
 def _signature(model: nn.Module) -> tuple:
@@ -268,6 +325,20 @@ def decode_step(
     x_BH = F.embedding(tokens_B, weights.embed)
     cos_B1D, sin_B1D = weights.rotary(x_BH, position_B[:, None])
     cos_B1D, sin_B1D = cos_B1D.to(x_BH.dtype), sin_B1D.to(x_BH.dtype)
+    if (kernels := _native(weights, keys_LBHTD)) is not None:
+        return kernels.decode_step(
+            x_BH,
+            weights.flat,
+            [] if lora is None else [t for term in lora for t in (term or (_ABSENT,) * 3)],
+            keys_LBHTD,
+            values_LBHTD,
+            cos_B1D[:, 0],
+            sin_B1D[:, 0],
+            mask_BT,
+            int(column_1),
+            heads,
+            weights.norm_eps,
+        )
     attn_mask = mask_BT[:, None, None, :]
     attend = mask_BT.shape[1]
     qk_heads = heads + kv_heads
@@ -298,6 +369,18 @@ def decode_step(
         x_BH = x_BH + _apply(down, F.silu(gu_BF[:, :inner]) * gu_BF[:, inner:], lo and lo[3])
     h = _rms_norm(x_BH, weights.norm_w, eps)
     return _apply(weights.head, h, None if lora is None else lora[-1])
+
+
+def _native(weights: Weights, keys_LBHTD: torch.Tensor):
+    """The native build, where it runs this step: on CPU, eager, weights and cache of one dtype."""
+    if (
+        not FUSED
+        or torch.compiler.is_compiling()
+        or keys_LBHTD.device.type != "cpu"
+        or keys_LBHTD.dtype != weights.flat_dtype
+    ):
+        return None
+    return gemv.kernels()
 
 
 _COMPILED = None

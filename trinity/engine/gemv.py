@@ -19,6 +19,11 @@ compiles it into ``$TRINITY_CACHE_DIR/torch_extensions/trinity_gemv-<key>`` (def
 machines sharing the cache each get their own binary. At run time ``linear`` only loads a build;
 without one (or with no C++ compiler at setup) it is ``F.linear``, said once in the log at INFO.
 ``TRINITY_GEMV=0`` turns it off.
+
+The same build (one source, trinity/engine/kernels.cpp, one key) holds the fused decode-step
+kernels that trinity/engine/fast_decode.py calls where it loads (``kernels()``): rmsnorm with the
+residual add, rotary with the KV-cache write, one-query GQA attention, SiLU-and-multiply, and a
+whole decode step in one call.
 """
 
 from __future__ import annotations
@@ -39,86 +44,7 @@ from trinity.engine.demo_model import cache_root
 
 log = logging.getLogger(__name__)
 
-_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <cstring>
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
-
-static inline float widen(uint16_t b) {
-    uint32_t u = uint32_t(b) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-// One weight row after another (one sequential stream for the prefetchers), 64 partial sums
-// per row so the compiler keeps several vector accumulators in flight.
-static void rows_f32(const float* w, const float* x, float* y, int64_t n, int64_t b, int64_t e) {
-    for (int64_t o = b; o < e; ++o) {
-        const float* wr = w + o * n;
-        float acc[64] = {0};
-        int64_t i = 0;
-        for (; i + 64 <= n; i += 64) {
-#pragma omp simd
-            for (int64_t j = 0; j < 64; ++j) acc[j] += wr[i + j] * x[i + j];
-        }
-        float a = 0;
-        for (int64_t j = 0; j < 64; ++j) a += acc[j];
-        for (; i < n; ++i) a += wr[i] * x[i];
-        y[o] = a;
-    }
-}
-
-// bf16 weights and input: with AVX512-BF16, pairs of bf16 products summed into fp32 lanes
-// (vdpbf16ps); otherwise each bf16 widened to fp32 by a shift.
-static void rows_bf16(const uint16_t* w, const uint16_t* x, float* y, int64_t n, int64_t b,
-                      int64_t e) {
-    for (int64_t o = b; o < e; ++o) {
-        const uint16_t* wr = w + o * n;
-        int64_t i = 0;
-        float a = 0;
-#if defined(__AVX512BF16__)
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-        for (; i + 64 <= n; i += 64) {
-            acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(wr + i),
-                                    (__m512bh)_mm512_loadu_si512(x + i));
-            acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(wr + i + 32),
-                                    (__m512bh)_mm512_loadu_si512(x + i + 32));
-        }
-        a = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-#else
-        float acc[64] = {0};
-        for (; i + 64 <= n; i += 64) {
-#pragma omp simd
-            for (int64_t j = 0; j < 64; ++j) acc[j] += widen(wr[i + j]) * widen(x[i + j]);
-        }
-        for (int64_t j = 0; j < 64; ++j) a += acc[j];
-#endif
-        for (; i < n; ++i) a += widen(wr[i]) * widen(x[i]);
-        y[o] = a;
-    }
-}
-
-// x [1, n] and w [out, n] contiguous, both fp32 or both bf16; returns x @ w.T in their dtype.
-torch::Tensor gemv(torch::Tensor x, torch::Tensor w) {
-    const int64_t n = w.size(1), out = w.size(0);
-    auto y = torch::empty({1, out}, x.options().dtype(torch::kFloat32));
-    float* yp = y.data_ptr<float>();
-    // At least 64 rows per thread: smaller chunks cost more to hand out than they share.
-    at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
-        if (w.scalar_type() == torch::kBFloat16)
-            rows_bf16(reinterpret_cast<const uint16_t*>(w.data_ptr()),
-                      reinterpret_cast<const uint16_t*>(x.data_ptr()), yp, n, b, e);
-        else
-            rows_f32(w.data_ptr<float>(), x.data_ptr<float>(), yp, n, b, e);
-    });
-    return w.scalar_type() == torch::kBFloat16 ? y.to(torch::kBFloat16) : y;
-}
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv", &gemv); }
-"""
+_SOURCE = (Path(__file__).parent / "kernels.cpp").read_text()
 
 _NAME = "trinity_gemv"
 _CFLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
@@ -193,8 +119,9 @@ def build() -> Path:
     return library
 
 
-def _kernel():
-    """The built kernel, loaded on first use (never compiled here), or None."""
+def kernels():
+    """The built extension (``gemv``, the fused decode kernels, ``decode_step``), loaded on first
+    use (never compiled here), or None where it is not built for this machine or turned off."""
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = False
@@ -216,7 +143,7 @@ def _kernel():
 
 def available() -> bool:
     """Whether the kernel is built for this machine and loads (it is never compiled here)."""
-    return _kernel() is not None
+    return kernels() is not None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -234,7 +161,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         or not weight.is_contiguous()
         or (torch.is_grad_enabled() and weight.requires_grad)
         or (weight.dtype == torch.float32 and torch.is_autocast_enabled("cpu"))
-        or (kernel := _kernel()) is None
+        or (kernel := kernels()) is None
     ):
         return F.linear(x, weight, bias)
     out = kernel.gemv(x.contiguous(), weight)
