@@ -329,7 +329,9 @@ def decode_step(
         return kernels.decode_step(
             x_BH,
             weights.flat,
-            [] if lora is None else [t for term in lora for t in (term or (_ABSENT,) * 3)],
+            []
+            if lora is None
+            else [_ABSENT if t is None else t for term in lora for t in (term or (None,) * 3)],
             keys_LBHTD,
             values_LBHTD,
             cos_B1D[:, 0],

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 _SOURCE = (Path(__file__).parent / "kernels.cpp").read_text()
 
 _NAME = "trinity_gemv"
-_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # at::parallel_for is OpenMP inline code
 _KERNEL: object = None  # the loaded module; False once looked for and not there
 
 
@@ -108,7 +108,13 @@ def build() -> Path:
     scratch = final.with_name(f"{final.name}.{os.getpid()}.tmp")
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        module = load_inline(_NAME, _SOURCE, extra_cflags=_CFLAGS, build_directory=str(scratch))
+        module = load_inline(
+            _NAME,
+            _SOURCE,
+            extra_cflags=_CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(scratch),
+        )
         scratch.rename(final)
     except OSError:  # another build renamed its directory into place first: use that one
         if not library.exists():

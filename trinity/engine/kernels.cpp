@@ -486,8 +486,11 @@ static Tensor project(const Tensor& x, const Tensor& w, const Tensor& bias, cons
     } else {
         out = at::linear(x, w, bias.numel() > 0 ? std::optional<Tensor>(bias) : std::nullopt);
     }
-    if (lora != nullptr && lora[0].numel() > 0)
-        out.add_(at::linear(at::linear(x, lora[0]) * lora[2], lora[1]).to(out.scalar_type()));
+    if (lora != nullptr && lora[0].numel() > 0) {  // an empty mask: every row has the adapter
+        Tensor low = at::linear(x, lora[0]);
+        if (lora[2].numel() > 0) low = low * lora[2];
+        out.add_(at::linear(low, lora[1]).to(out.scalar_type()));
+    }
     return out;
 }
 
