@@ -202,7 +202,6 @@ def test_native_step_equals_op_step(native, models, biased, dtype, adapters, mon
     model = biased[dtype] if adapters == "biased" else models[dtype]
     batch = 2 if adapters == "biased" else 1 if adapters is None else len(adapters)
     adapters = None if adapters == "biased" else adapters
-    monkeypatch.setattr(fast_decode, "FUSED_MODE", "1")  # in bf16 too (off there by default)
     weights = fast_decode.build(model)
     assert weights.flat_dtype == dtype
     lora = fast_decode.lora_inputs(weights, adapters, "cpu")

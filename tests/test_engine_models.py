@@ -295,3 +295,17 @@ def test_bf16_autocast_path_tracks_fp32(tiny_model_dir):
     torch.testing.assert_close(
         torch.tensor(prompt_lp), torch.tensor(greedy(exact, "m")[1]), atol=0.1, rtol=0.02
     )
+
+
+def test_trinity_dtype_overrides_the_machines_pick(monkeypatch):
+    """``TRINITY_DTYPE`` forces the engine's dtype (fp32-exact logprobs on a bf16 machine); any
+    other value is refused in one line naming the variable."""
+    from trinity.engine.forward import default_dtype
+
+    cpu = torch.device("cpu")
+    for name in ("float32", "bfloat16"):
+        monkeypatch.setenv("TRINITY_DTYPE", name)
+        assert default_dtype(cpu) == getattr(torch, name)
+    monkeypatch.setenv("TRINITY_DTYPE", "fp8")
+    with pytest.raises(ValueError, match="TRINITY_DTYPE: expected float32 or bfloat16"):
+        default_dtype(cpu)

@@ -21,11 +21,18 @@ from trinity.engine.packing import Cluster, Example, padded_rows, prefix_pass
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the hardware computes it fast (AMX / AVX512-BF16, CUDA), else fp32.
+    """bf16 where the hardware computes it fast (AMX / AVX512-BF16, CUDA), else fp32;
+    ``TRINITY_DTYPE=float32`` (or ``bfloat16``) overrides it, e.g. for fp32-exact logprobs on a
+    bf16 machine.
 
     Without native bf16 (e.g. AVX2-only CPUs) bf16 matmuls fall back to slow reference loops,
     hundreds of times slower than fp32.
     """
+    forced = os.environ.get("TRINITY_DTYPE")
+    if forced:
+        if forced not in ("float32", "bfloat16"):
+            raise ValueError(f"TRINITY_DTYPE: expected float32 or bfloat16, got {forced!r}")
+        return getattr(torch, forced)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu":
