@@ -282,3 +282,30 @@ def test_topk_sample_logprobs_through_compaction(tiny):
         torch.testing.assert_close(
             torch.from_numpy(seq.topk_logprobs_np.logprobs), values_NK, atol=ATOL, rtol=0
         )
+
+
+def test_prefill_unembeds_the_last_columns_in_one_matmul(tiny_model_dir):
+    """The prefill's head runs on the prompts' last hidden states as one 2-D matmul: the
+    strided ``[:, -1:]`` slice made it a bmm over the unembedding expanded per prompt (in bf16 a
+    copy of it per prompt), with and without a LoRA adapter."""
+    from torch.profiler import profile
+
+    from trinity.engine import Engine, LoraSpec
+
+    engine = Engine(str(tiny_model_dir), dtype=torch.float32)
+    engine.create_model("m", LoraSpec(rank=4, seed=0))
+    engine.snapshot_sampler("m", "s")
+    for adapter in (None, "s"):
+        requests = [
+            SampleRequest(prompt_tokens=p, adapter=adapter, params=params(max_tokens=1))
+            for p in PROMPTS
+        ]
+        with profile(record_shapes=True) as prof:
+            engine.sample(requests)
+        head = [
+            (e.name, e.input_shapes[0])
+            for e in prof.events()
+            if "mm" in e.name and engine.vocab_size in sum(map(list, e.input_shapes), [])
+        ]
+        assert ("aten::mm", [len(PROMPTS), engine.base.config.hidden_size]) in head, head
+        assert not [name for name, _ in head if name == "aten::bmm"], head
