@@ -41,6 +41,44 @@ def test_causal_attention_matches_sdpa_values_and_gradients(length):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("queries", [3, attention.QUERY_BLOCK + 9])
+def test_masked_attention_matches_sdpa_values_and_gradients(queries):
+    """A boolean mask (a suffix pass over a shared prefix's cache: more keys than queries, some
+    padded): fp32 to 1e-5 against SDPA with the same mask, values and gradients, on the queries
+    that see a key; a query that sees none (padding) gets a finite output and no NaN gradient."""
+    g = torch.Generator().manual_seed(2)
+    keys = queries + 11
+    q = torch.randn(2, 6, queries, 16, generator=g)
+    k, v = (torch.randn(2, 2, keys, 16, generator=g) for _ in range(2))
+    mask_B1QT = torch.ones(keys - queries, dtype=torch.bool).repeat(2, 1, queries, 1)
+    mask_B1QT = torch.cat(
+        [mask_B1QT, torch.ones(queries, queries).tril().bool()[None, None].repeat(2, 1, 1, 1)], -1
+    )
+    mask_B1QT[1, :, :, 3:7] = False  # a padded prefix
+    mask_B1QT[1, :, -1] = False  # a query that sees nothing
+    seen = torch.ones(2, queries, 6, 1, dtype=torch.bool)
+    seen[1, -1] = False
+    grad_out = torch.randn(2, queries, 6, 16, generator=g) * seen
+
+    def reference(q, k, v):
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask_B1QT, enable_gqa=True, scale=0.3
+        )
+        return out.transpose(1, 2).nan_to_num() * seen
+
+    got = forward_backward(
+        lambda q, k, v: attention.causal_attention(q, k, v, 0.3, mask_B1QT) * seen,
+        [q, k, v],
+        grad_out,
+    )
+    expected = forward_backward(reference, [q, k, v], grad_out)
+    for name, a, b in zip(("out", "grad q", "grad k", "grad v"), got, expected, strict=True):
+        assert a.isfinite().all(), name
+        torch.testing.assert_close(
+            a, b.nan_to_num(), atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
 def test_causal_attention_in_bf16_is_as_close_to_fp32_as_sdpa():
     """bf16 (the engine's dtype on bf16 hardware): no further from the fp32 result, values and
     gradients, than PyTorch's bf16 flash kernel is."""
