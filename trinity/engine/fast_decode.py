@@ -22,7 +22,8 @@ cache writes, a one-query GQA attention over each row's valid columns (one pass 
 over its values, fp32 softmax) instead of SDPA (whose CPU kernel costs per row and head, not per
 FLOP), SiLU-and-multiply in one pass, and no Python between the ops. LoRA goes in as the same
 masked low-rank terms. Its matmuls, LoRA terms included, are the engine's small-M kernel where
-that beats at::linear (``small_mm``: up to 32 rows; at batch 16 it took a step from 46 to 33 ms). Without the build, or with ``TRINITY_FUSED_DECODE=0``, or under
+that beats at::linear (``small_mm``: up to 32 rows a thread; at batch 16 a step went from 45 to
+30 ms). Without the build, or with ``TRINITY_FUSED_DECODE=0``, or under
 ``torch.compile``, the step is the torch ops above (matmuls of a few rows still by the kernel), and
 sampling.py chooses tokens by torch ops too.
 

@@ -60,7 +60,7 @@ static inline float exp_approx(float x) {
 }
 
 // ---- the matmul of a decode step: x [M, K] @ w [O, K]^T for a few rows M ----
-// Why: at M = 2..32 at::linear (oneDNN) ran far below both the memory and the compute bound on a
+// Why: at M = 2..64 at::linear (oneDNN) ran far below both the memory and the compute bound on a
 // decode step's shapes (batch 16 on the demo model: the [16, 576] x [576, 49152] head at
 // 0.14 TFLOP/s, each LoRA term 17-35 us, mostly call overhead), and at M = 1 its gemv read
 // 9-25 GB/s. Here: tiles of TILE_O weight rows x TILE_M x rows of fp32 accumulators, so each
@@ -69,13 +69,18 @@ static inline float exp_approx(float x) {
 // also replaced the earlier one-row gemv (one weight row at a time): as fast or faster on the
 // memory-bound head (2.42 vs 2.61 ms, bf16, 1 thread), 4-7x at a LoRA B's K of 32 or 96 (the
 // gemv summed K mod 64 scalar), 10-25 % slower only on cache-resident bf16 weights.
-// Where at::linear wins instead (measured, docs/benchmarks.md): more than SMALL_M rows, and K
-// under SHORT_K (a LoRA B: the per-output sums outweigh K / 32 products) at more than
-// SHORT_K_M rows.
-constexpr int64_t SMALL_M = 32, SHORT_K = 128, SHORT_K_M = 8;
+// Where at::linear wins instead (measured, docs/benchmarks.md), per thread of torch's (this
+// kernel splits O over them; oneDNN scaled less at these shapes): more than SMALL_M_THREAD rows
+// (the demo's [64, 576] x [576, 3072]: 0.92x at::linear's speed on 1 thread, 1.11x on 2), and K
+// under SHORT_K (a LoRA B: the per-output sums outweigh K / 32 products) at more than SHORT_K_M
+// rows ([16, 64] x [64, 3072]: 121 us on 1 thread, 56 on 2; at::linear 55 on either). SMALL_M:
+// the most rows measured.
+constexpr int64_t SMALL_M = 64, SMALL_M_THREAD = 32, SHORT_K = 128, SHORT_K_M = 8;
 
 static bool small_mm_wins(int64_t M, int64_t K) {
-    return M >= 1 && M <= SMALL_M && (K >= SHORT_K || M <= SHORT_K_M);
+    const int64_t threads = at::get_num_threads();
+    return M >= 1 && M <= std::min(SMALL_M, SMALL_M_THREAD * threads) &&
+           (K >= SHORT_K || M <= SHORT_K_M * threads);
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
