@@ -77,6 +77,13 @@ def test_small_mm_equals_linear(dtype, k):
             torch.testing.assert_close(linear, F.linear(x, weight, bias), atol=0.05, rtol=2**-7)
 
 
+def test_small_mm_empty():
+    """No rows, or K = 0 (a sum of nothing: zeros), as F.linear."""
+    kernel = gemv.kernels()
+    assert kernel.small_mm(torch.randn(0, 5), torch.randn(7, 5)).shape == (0, 7)
+    assert torch.equal(kernel.small_mm(torch.randn(3, 0), torch.randn(7, 0)), torch.zeros(3, 7))
+
+
 def test_gemv_threads_split_rows_exactly():
     """The same result on 1 and 2 threads: each output is summed by one thread alone."""
     weight = torch.randn(1000, 576)

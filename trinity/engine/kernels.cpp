@@ -12,7 +12,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -128,10 +127,13 @@ static inline __m512 sum_tile(const __m512 (&acc)[TILE_O][TILE_M]) {
                                         _mm512_shuffle_f32x4(acc[i][0], acc[i][1], 0xee));
         const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(acc[i][2], acc[i][3], 0x44),
                                         _mm512_shuffle_f32x4(acc[i][2], acc[i][3], 0xee));
-        p[i] = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xdd));
+        p[i] = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88),
+                             _mm512_shuffle_f32x4(ab, cd, 0xdd));
     }
-    const __m512 u0 = _mm512_add_ps(_mm512_unpacklo_ps(p[0], p[1]), _mm512_unpackhi_ps(p[0], p[1]));
-    const __m512 u1 = _mm512_add_ps(_mm512_unpacklo_ps(p[2], p[3]), _mm512_unpackhi_ps(p[2], p[3]));
+    const __m512 u0 =
+        _mm512_add_ps(_mm512_unpacklo_ps(p[0], p[1]), _mm512_unpackhi_ps(p[0], p[1]));
+    const __m512 u1 =
+        _mm512_add_ps(_mm512_unpacklo_ps(p[2], p[3]), _mm512_unpackhi_ps(p[2], p[3]));
     return _mm512_add_ps(_mm512_shuffle_ps(u0, u1, 0x44), _mm512_shuffle_ps(u0, u1, 0xee));
 }
 
@@ -261,6 +263,7 @@ Tensor small_mm(Tensor x, Tensor w) {
     TORCH_CHECK(w.scalar_type() == torch::kFloat32 || is_bf16(w));
     const int64_t M = x.size(0), K = w.size(1), O = w.size(0);
     auto y = torch::empty({M, O}, x.options());
+    if (M == 0 || K == 0) return y.zero_();
     // Tasks of at least ~64k multiply-adds: smaller ones cost more to hand out than they share.
     const int64_t tiles = (O + TILE_O - 1) / TILE_O;
     const int64_t grain = std::max<int64_t>(1, (1 << 16) / (TILE_O * M * K));
@@ -630,7 +633,7 @@ std::vector<Tensor> sample(Tensor logits, Tensor temperature, Tensor uniform) {
 
 // ---- a whole decode step ----
 
-static const Tensor _absent;  // no bias
+static const Tensor no_bias;
 
 // x @ w.T (+ bias): by small_mm where it wins (fp32 / bf16; the bias added after the product's
 // rounding, as gemv.linear does), else at::linear (as F.linear).
@@ -648,9 +651,9 @@ static Tensor matmul(const Tensor& x, const Tensor& w, const Tensor& bias) {
 static Tensor project(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor* lora) {
     Tensor out = matmul(x, w, bias);
     if (lora != nullptr && lora[0].numel() > 0) {  // an empty mask: every row has the adapter
-        Tensor low = matmul(x, lora[0], _absent);
+        Tensor low = matmul(x, lora[0], no_bias);
         if (lora[2].numel() > 0) low = low * lora[2];
-        out.add_(matmul(low, lora[1], _absent).to(out.scalar_type()));
+        out.add_(matmul(low, lora[1], no_bias).to(out.scalar_type()));
     }
     return out;
 }
