@@ -126,7 +126,7 @@ class Counted:
 @pytest.mark.parametrize("adapter", [None, "b"])
 def test_batch_one_equals_reference(models, native, adapter, fused, monkeypatch):
     """One row: the native step (one call per step, the native sampler), or the torch ops with
-    every matmul a one-row gemv (trinity/engine/gemv.py)."""
+    every matmul the engine's kernel (trinity/engine/gemv.py), LoRA terms included."""
     plain, peft, tokenizer = models
     model = peft if adapter else plain
     calls = []
@@ -150,7 +150,8 @@ def test_batch_one_equals_reference(models, native, adapter, fused, monkeypatch)
         assert calls.count("decode_step") == steps and calls.count("sample") == steps + 3
         assert len(calls) == 2 * steps + 3
     else:
-        assert calls == ["gemv"] * steps * (4 * layers + 1)
+        matmuls = [name for name in calls if name != "small_mm_wins"]  # the routing asked
+        assert set(matmuls) == {"small_mm"} and len(matmuls) >= steps * (4 * layers + 1)
 
 
 def test_weights_rebuilt_after_an_in_place_update(models):

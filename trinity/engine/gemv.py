@@ -1,24 +1,28 @@
-"""A one-row matmul (``x @ W.T`` with ``x`` of one row) that streams ``W`` at memory bandwidth.
+"""The matmul of a decode step (``x @ W.T`` with ``x`` of a few rows: the batch), at the machine's
+bounds where PyTorch's CPU paths fall far short of them.
 
-Why: a batch-1 decode step is a chain of such gemvs over weights that do not fit in cache, so its
-speed is how fast they read memory. PyTorch's own CPU paths fall short of that, measured on an
-AMD EPYC (Zen 4, 1 thread): an fp32 ``F.linear`` over a decode step's weights read 8.7 GB/s
-where a plain read of them reached 24 GB/s, and a bf16 one 4.3 GB/s (its bf16 gemv converts
-element by element), so bf16 weights, half the bytes, decoded no faster than fp32.
+Why: a decode step is a chain of such matmuls over weights that do not fit in cache. At one row
+it is a gemv whose speed is how fast it reads memory: measured on an AMD EPYC (Zen 4, 1 thread),
+an fp32 ``F.linear`` read 8.7 GB/s where a plain read reached 24 GB/s, a bf16 one 4.3 GB/s (its
+bf16 gemv converts element by element). At a GRPO batch of 16 rows oneDNN's matmul ran at a third
+of the bf16 peak (the demo model's [16, 576] x [576, 49152] head at 0.14 TFLOP/s on 2 threads)
+and each small LoRA term cost 17-35 us of call overhead: 84 % of a batch-16 step was matmuls.
 
-The kernel: one weight row after another (a single sequential stream, which the hardware
-prefetchers follow; reading four rows side by side was 1.6x slower), each a dot product
-accumulated in fp32 (bf16 pairs by ``vdpbf16ps`` where the CPU has AVX512-BF16, else widened by a
-shift), the output rounded to the input dtype as ``F.linear`` does; vectorized for the machine it
-is built on (``-O3 -march=native``), rows split over torch's own intra-op threads
-(``at::parallel_for``, no second thread pool).
+The kernel (``small_mm``, trinity/engine/kernels.cpp): tiles of 4 weight rows x 4 ``x`` rows of
+fp32 accumulators (bf16 pairs by ``vdpbf16ps`` where the CPU has AVX512-BF16, else widened by a
+shift), so each weight chunk read from memory serves every row of ``x``; the output rounded to
+the input dtype as ``F.linear`` does; vectorized for the machine it is built on (``-O3
+-march=native``), output columns split over torch's own intra-op threads (``at::parallel_for``,
+no second thread pool). Where ``F.linear`` is faster (more than ``small_m`` rows; a LoRA B's
+short K at more than a few rows) ``small_mm_wins`` says so and ``linear`` leaves it to it.
+
 Built at install time, never during a run (compiling takes ~1.5 min on 2 cores, which would
 stall a sampling call): ``python -m trinity.engine`` (run by scripts/setup.sh when missing)
 compiles it into ``$TRINITY_CACHE_DIR/torch_extensions/trinity_gemv-<key>`` (default
 ``~/.cache/trinity``), the key a hash of the CPU flags, torch / Python versions and the source, so
 machines sharing the cache each get their own binary. At run time ``linear`` only loads a build;
 without one (or with no C++ compiler at setup) it is ``F.linear``, said once in the log at INFO.
-``TRINITY_GEMV=0`` turns it off.
+``TRINITY_GEMV=0`` turns it off (the module keeps its first name, from when it was a gemv).
 
 The same build (one source, trinity/engine/kernels.cpp, one key) holds the fused decode-step
 kernels that trinity/engine/fast_decode.py calls where it loads (``kernels()``): rmsnorm with the
@@ -126,7 +130,7 @@ def build() -> Path:
 
 
 def kernels():
-    """The built extension (``gemv``, the fused decode kernels, ``decode_step``), loaded on first
+    """The built extension (``small_mm``, the fused decode kernels, ``decode_step``), loaded on first
     use (never compiled here), or None where it is not built for this machine or turned off."""
     global _KERNEL
     if _KERNEL is None:
@@ -136,7 +140,7 @@ def kernels():
             return None
         if not library.exists():
             log.info(
-                "gemv kernel not built for this machine: one-row matmuls use F.linear "
+                "gemv kernel not built for this machine: decode matmuls use F.linear "
                 "(build it once with `python -m trinity.engine`; scripts/setup.sh does)"
             )
             return None
@@ -153,22 +157,22 @@ def available() -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through the kernel when ``x`` is one row of a CPU
-    fp32 / bf16 matmul of matching dtypes (the batch-1 decode step), outside autograd, an
-    fp32-weight autocast region (that would compute in the autocast dtype) and torch.compile
-    (which traces ``F.linear``)."""
+    """``F.linear(x, weight, bias)``, through the kernel where it wins (``small_mm_wins``: a few
+    rows, a decode step's batch) on a CPU fp32 / bf16 matmul of matching dtypes, outside
+    autograd, an fp32-weight autocast region (that would compute in the autocast dtype) and
+    torch.compile (which traces ``F.linear``). The bias is added after the product's rounding."""
     if (
         torch.compiler.is_compiling()
         or x.dim() != 2
-        or x.shape[0] != 1
         or x.device.type != "cpu"
         or weight.dtype not in (torch.float32, torch.bfloat16)
         or x.dtype != weight.dtype
         or not weight.is_contiguous()
-        or (torch.is_grad_enabled() and weight.requires_grad)
+        or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
         or (weight.dtype == torch.float32 and torch.is_autocast_enabled("cpu"))
         or (kernel := kernels()) is None
+        or not kernel.small_mm_wins(x.shape[0], x.shape[1])
     ):
         return F.linear(x, weight, bias)
-    out = kernel.gemv(x.contiguous(), weight)
+    out = kernel.small_mm(x.contiguous(), weight)
     return out if bias is None else out + bias

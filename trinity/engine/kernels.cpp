@@ -1,6 +1,7 @@
 // The engine's native CPU kernels, built by trinity/engine/gemv.py (`python -m trinity.engine`):
-// the one-row matmul (gemv), and the fused ops of a decode step (trinity/engine/fast_decode.py)
-// with a whole step in one call, so a step is not ~20 dispatched torch ops per layer.
+// the matmul of a few rows (small_mm: a decode step's batch, where at::linear runs far below the
+// machine's bounds), and the fused ops of a decode step (trinity/engine/fast_decode.py) with a
+// whole step in one call, so a step is not ~20 dispatched torch ops per layer.
 // Rounding: every intermediate that fast_decode's torch ops round to the tensor dtype (T: float
 // or bf16 bits) is rounded here too (`rnd`), so the fused step gives the op path's numbers but
 // for summation order, exp's last bits and attention (fp32 throughout here).
@@ -57,68 +58,225 @@ static inline float exp_approx(float x) {
     return p * std::bit_cast<float>((int32_t(k) + 127) << 23);
 }
 
-// ---- gemv: one weight row after another (one sequential stream for the prefetchers) ----
+// ---- the matmul of a decode step: x [M, K] @ w [O, K]^T for a few rows M ----
+// Why: at M = 2..64 at::linear (oneDNN) ran far below both the memory and the compute bound on a
+// decode step's shapes (batch 16 on the demo model: the [16, 576] x [576, 49152] head at
+// 0.14 TFLOP/s, each LoRA term 17-35 us, mostly call overhead), and at M = 1 its gemv read
+// 9-25 GB/s. Here: tiles of TILE_O weight rows x TILE_M x rows of fp32 accumulators, so each
+// weight chunk read from memory serves every x row and each x chunk (from L1) several weight
+// rows; the tile's horizontal sums once at the end; O split over torch's threads. At M = 1 this
+// also replaced the earlier one-row gemv (one weight row at a time): as fast or faster on the
+// memory-bound head (2.42 vs 2.61 ms, bf16, 1 thread), 4-7x at a LoRA B's K of 32 or 96 (the
+// gemv summed K mod 64 scalar), 10-25 % slower only on cache-resident bf16 weights.
+// Where at::linear wins instead (measured, docs/benchmarks.md), per thread of torch's (this
+// kernel splits O over them; oneDNN scaled less at these shapes): more than SMALL_M_THREAD rows
+// (the demo's [64, 576] x [576, 3072]: 0.92x at::linear's speed on 1 thread, 1.11x on 2), and K
+// under SHORT_K (a LoRA B: the per-output sums outweigh K / 32 products) at more than SHORT_K_M
+// rows ([16, 64] x [64, 3072]: 121 us on 1 thread, 56 on 2; at::linear 55 on either). SMALL_M:
+// the most rows measured.
+constexpr int64_t SMALL_M = 64, SMALL_M_THREAD = 32, SHORT_K = 128, SHORT_K_M = 8;
 
-// 64 partial sums per row so the compiler keeps several vector accumulators in flight.
-static void rows_f32(const float* w, const float* x, float* y, int64_t n, int64_t b, int64_t e) {
-    for (int64_t o = b; o < e; ++o) {
-        const float* wr = w + o * n;
-        float acc[64] = {0};
-        int64_t i = 0;
-        for (; i + 64 <= n; i += 64) {
-#pragma omp simd
-            for (int64_t j = 0; j < 64; ++j) acc[j] += wr[i + j] * x[i + j];
-        }
-        float a = 0;
-        for (int64_t j = 0; j < 64; ++j) a += acc[j];
-        for (; i < n; ++i) a += wr[i] * x[i];
-        y[o] = a;
-    }
+static bool small_mm_wins(int64_t M, int64_t K) {
+    const int64_t threads = at::get_num_threads();
+    return M >= 1 && M <= std::min(SMALL_M, SMALL_M_THREAD * threads) &&
+           (K >= SHORT_K || M <= SHORT_K_M * threads);
 }
 
-// bf16 weights and input: with AVX512-BF16, pairs of bf16 products summed into fp32 lanes
-// (vdpbf16ps); otherwise each bf16 widened to fp32 by a shift.
-static void rows_bf16(const uint16_t* w, const uint16_t* x, float* y, int64_t n, int64_t b,
-                      int64_t e) {
-    for (int64_t o = b; o < e; ++o) {
-        const uint16_t* wr = w + o * n;
-        int64_t i = 0;
-        float a = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+constexpr int TILE_O = 4, TILE_M = 4;
+
+// One K chunk of T as a register, and its products summed into 16 fp32 lanes.
+template <class T> struct Chunk;
+template <> struct Chunk<float> {
+    using R = __m512;
+    static constexpr int64_t width = 16;
+    static R load(const float* p) { return _mm512_loadu_ps(p); }
+    static R load(const float* p, int64_t n) {  // the first n < width, zeros after
+        return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p);
+    }
+    static __m512 madd(__m512 acc, R w, R x) { return _mm512_fmadd_ps(w, x, acc); }
+};
+template <> struct Chunk<uint16_t> {
+    using R = __m512i;
+    static constexpr int64_t width = 32;
+    static R load(const uint16_t* p) { return _mm512_loadu_si512(p); }
+    static R load(const uint16_t* p, int64_t n) {
+        return _mm512_maskz_loadu_epi16(__mmask32((uint64_t(1) << n) - 1), p);
+    }
+    static __m512 madd(__m512 acc, R w, R x) {
 #if defined(__AVX512BF16__)
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-        for (; i + 64 <= n; i += 64) {
-            acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(wr + i),
-                                    (__m512bh)_mm512_loadu_si512(x + i));
-            acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(wr + i + 32),
-                                    (__m512bh)_mm512_loadu_si512(x + i + 32));
-        }
-        a = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-#else
-        float acc[64] = {0};
-        for (; i + 64 <= n; i += 64) {
-#pragma omp simd
-            for (int64_t j = 0; j < 64; ++j) acc[j] += widen(wr[i + j]) * widen(x[i + j]);
-        }
-        for (int64_t j = 0; j < 64; ++j) a += acc[j];
+        return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
+#else  // the even bf16 of each pair widened by a shift, the odd by masking the low half
+        const __m512i high = _mm512_set1_epi32(int32_t(0xffff0000u));
+        acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)),
+                              _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), acc);
+        return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(w, high)),
+                               _mm512_castsi512_ps(_mm512_and_si512(x, high)), acc);
 #endif
-        for (; i < n; ++i) a += widen(wr[i]) * widen(x[i]);
-        y[o] = a;
+    }
+};
+
+// The 16 sums of a full tile, transposed: element 4 j + i = the sum of acc[i][j]'s lanes, so
+// each 128-bit lane j holds y[m + j, o .. o + 3]. 45 shuffles and adds where 16 separate
+// horizontal sums take ~130, which at small K (a LoRA B's rank) were most of the time.
+static inline __m512 sum_tile(const __m512 (&acc)[TILE_O][TILE_M]) {
+    static_assert(TILE_O == 4 && TILE_M == 4);
+    __m512 p[4];  // lane j of p[i]: 4 partial sums of acc[i][j]
+    for (int i = 0; i < 4; ++i) {
+        const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(acc[i][0], acc[i][1], 0x44),
+                                        _mm512_shuffle_f32x4(acc[i][0], acc[i][1], 0xee));
+        const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(acc[i][2], acc[i][3], 0x44),
+                                        _mm512_shuffle_f32x4(acc[i][2], acc[i][3], 0xee));
+        p[i] = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88),
+                             _mm512_shuffle_f32x4(ab, cd, 0xdd));
+    }
+    const __m512 u0 =
+        _mm512_add_ps(_mm512_unpacklo_ps(p[0], p[1]), _mm512_unpackhi_ps(p[0], p[1]));
+    const __m512 u1 =
+        _mm512_add_ps(_mm512_unpacklo_ps(p[2], p[3]), _mm512_unpackhi_ps(p[2], p[3]));
+    return _mm512_add_ps(_mm512_shuffle_ps(u0, u1, 0x44), _mm512_shuffle_ps(u0, u1, 0xee));
+}
+
+// The tile's outputs, y[j * ys + 0 .. 3] from 128-bit lane j of its sums (rounded to bf16 as
+// ``narrow`` does, 16 at a time).
+static inline void store_tile(float* y, int64_t ys, __m512 sums) {
+    alignas(64) float out[16];
+    _mm512_store_ps(out, sums);
+    for (int j = 0; j < 4; ++j) std::memcpy(y + j * ys, out + 4 * j, 4 * sizeof(float));
+}
+static inline void store_tile(uint16_t* y, int64_t ys, __m512 sums) {
+    const __m512i u = _mm512_castps_si512(sums);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(sums, sums, _CMP_UNORD_Q),
+                              _mm512_set1_epi32(0x7fc0));
+    alignas(32) uint16_t out[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(r));
+    for (int j = 0; j < 4; ++j) std::memcpy(y + j * ys, out + 4 * j, 4 * sizeof(uint16_t));
+}
+
+// y[j * ys + i] = w[i] . x[j] for i < NO, j < NM (w, x, y at the tile's first row / column).
+// ``next``: weight rows two tiles on, prefetched into L2 while this tile computes (without it the
+// tile's first pass waited on memory: the [16, 576] x [576, 49152] head took 9.8 ms on 1
+// thread, with it 6.3).
+template <class T, int NO, int NM>
+static inline void mm_tile(const T* w, const T* x, T* y, int64_t ys, int64_t K, const T* next) {
+    using C = Chunk<T>;
+    __m512 acc[NO][NM];
+    for (int i = 0; i < NO; ++i)
+        for (int j = 0; j < NM; ++j) acc[i][j] = _mm512_setzero_ps();
+    auto step = [&](int64_t k, auto load) {
+        typename C::R wv[NO];
+        for (int i = 0; i < NO; ++i) wv[i] = load(w + i * K + k);
+        for (int j = 0; j < NM; ++j) {
+            const typename C::R xv = load(x + j * K + k);
+            for (int i = 0; i < NO; ++i) acc[i][j] = C::madd(acc[i][j], wv[i], xv);
+        }
+    };
+    int64_t k = 0;
+    for (; k + C::width <= K; k += C::width) {  // a chunk is one 64-byte line per weight row
+        if (next != nullptr)
+            for (int i = 0; i < TILE_O; ++i) __builtin_prefetch(next + i * K + k, 0, 2);
+        step(k, [](const T* p) { return C::load(p); });
+    }
+    if (k < K) step(k, [n = K - k](const T* p) { return C::load(p, n); });
+    if constexpr (NO == TILE_O && NM == TILE_M) {
+        store_tile(y, ys, sum_tile(acc));
+    } else {
+        for (int i = 0; i < NO; ++i)
+            for (int j = 0; j < NM; ++j) y[j * ys + i] = store<T>(_mm512_reduce_add_ps(acc[i][j]));
     }
 }
 
-// x [1, n] and w [out, n] contiguous, both fp32 or both bf16; returns x @ w.T in their dtype.
-Tensor gemv(Tensor x, Tensor w) {
-    const int64_t n = w.size(1), out = w.size(0);
-    auto y = torch::empty({1, out}, x.options().dtype(torch::kFloat32));
-    float* yp = y.data_ptr<float>();
-    // At least 64 rows per thread: smaller chunks cost more to hand out than they share.
-    at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
+// NO weight rows against all M x rows (the first pass prefetching ``next``).
+template <class T, int NO>
+static void mm_rows(const T* w, const T* x, T* y, int64_t ys, int64_t K, int64_t M,
+                    const T* next) {
+    int64_t m = 0;
+    for (; m + TILE_M <= M; m += TILE_M, next = nullptr)
+        mm_tile<T, NO, TILE_M>(w, x + m * K, y + m * ys, ys, K, next);
+    const T *xm = x + m * K, *wn = next;
+    T* ym = y + m * ys;
+    switch (M - m) {
+        case 3: mm_tile<T, NO, 3>(w, xm, ym, ys, K, wn); break;
+        case 2: mm_tile<T, NO, 2>(w, xm, ym, ys, K, wn); break;
+        case 1: mm_tile<T, NO, 1>(w, xm, ym, ys, K, wn); break;
+    }
+}
+
+// Output columns [b, e), BLOCK_O at a time into a small buffer copied out by rows: tiles storing
+// straight into y [M, O] wrote M lines O elements apart, which for O a multiple of 2 KB (the
+// head: 49152) all fall in one L1 set and evicted each other.
+constexpr int64_t BLOCK_O = 64;
+template <class T>
+static void mm_range(const T* w, const T* x, T* y, int64_t K, int64_t O, int64_t M, int64_t b,
+                     int64_t e) {
+    std::vector<T> buffer(M * BLOCK_O);
+    T* yb = buffer.data();
+    for (int64_t ob = b; ob < e; ob += BLOCK_O) {
+        const int64_t oe = std::min(e, ob + BLOCK_O);
+        int64_t o = ob;
+        for (; o + TILE_O <= oe; o += TILE_O) {
+            const T* next = o + 3 * TILE_O <= e ? w + (o + 2 * TILE_O) * K : nullptr;
+            mm_rows<T, TILE_O>(w + o * K, x, yb + (o - ob), BLOCK_O, K, M, next);
+        }
+        switch (oe - o) {
+            case 3: mm_rows<T, 3>(w + o * K, x, yb + (o - ob), BLOCK_O, K, M, nullptr); break;
+            case 2: mm_rows<T, 2>(w + o * K, x, yb + (o - ob), BLOCK_O, K, M, nullptr); break;
+            case 1: mm_rows<T, 1>(w + o * K, x, yb + (o - ob), BLOCK_O, K, M, nullptr); break;
+        }
+        for (int64_t m = 0; m < M; ++m)
+            std::memcpy(y + m * O + ob, yb + m * BLOCK_O, (oe - ob) * sizeof(T));
+    }
+}
+#else
+constexpr int TILE_O = 1;
+
+// Without AVX-512: one dot product per output, 64 partial sums so the compiler keeps several
+// vector accumulators in flight (bf16 widened to fp32 by a shift).
+template <class T>
+static void mm_range(const T* w, const T* x, T* y, int64_t K, int64_t O, int64_t M, int64_t b,
+                     int64_t e) {
+    for (int64_t o = b; o < e; ++o)
+        for (int64_t m = 0; m < M; ++m) {
+            const T *wr = w + o * K, *xr = x + m * K;
+            float acc[64] = {0};
+            int64_t i = 0;
+            for (; i + 64 <= K; i += 64) {
+#pragma omp simd
+                for (int64_t j = 0; j < 64; ++j) acc[j] += f32(wr[i + j]) * f32(xr[i + j]);
+            }
+            float a = 0;
+            for (int64_t j = 0; j < 64; ++j) a += acc[j];
+            for (; i < K; ++i) a += f32(wr[i]) * f32(xr[i]);
+            y[m * O + o] = store<T>(a);
+        }
+}
+#endif
+
+// x [M, K] and w [O, K] contiguous, both fp32 or both bf16; returns x @ w.T in their dtype (fp32
+// sums, rounded once, as F.linear).
+Tensor small_mm(Tensor x, Tensor w) {
+    TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1));
+    TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.scalar_type() == w.scalar_type());
+    TORCH_CHECK(w.scalar_type() == torch::kFloat32 || is_bf16(w));
+    const int64_t M = x.size(0), K = w.size(1), O = w.size(0);
+    auto y = torch::empty({M, O}, x.options());
+    if (M == 0 || K == 0) return y.zero_();
+    // Tasks of at least ~64k multiply-adds: smaller ones cost more to hand out than they share.
+    const int64_t tiles = (O + TILE_O - 1) / TILE_O;
+    const int64_t grain = std::max<int64_t>(1, (1 << 16) / (TILE_O * M * K));
+    at::parallel_for(0, tiles, grain, [&](int64_t b, int64_t e) {
+        b *= TILE_O;
+        e = std::min(O, e * TILE_O);
         if (is_bf16(w))
-            rows_bf16(data<uint16_t>(w), data<uint16_t>(x), yp, n, b, e);
+            mm_range(data<uint16_t>(w), data<uint16_t>(x), data<uint16_t>(y), K, O, M, b, e);
         else
-            rows_f32(w.data_ptr<float>(), x.data_ptr<float>(), yp, n, b, e);
+            mm_range(w.data_ptr<float>(), x.data_ptr<float>(), y.data_ptr<float>(), K, O, M, b,
+                     e);
     });
-    return is_bf16(w) ? y.to(torch::kBFloat16) : y;
+    return y;
 }
 
 // ---- rmsnorm, with the residual add before it ----
@@ -475,21 +633,27 @@ std::vector<Tensor> sample(Tensor logits, Tensor temperature, Tensor uniform) {
 
 // ---- a whole decode step ----
 
-// x @ w.T (+ bias) (+ the masked low-rank term ((x A^T) * mask) B^T), as fast_decode._apply:
-// one row by the gemv (the bias added after its rounding), more by at::linear.
-static Tensor project(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor* lora) {
-    Tensor out;
-    if (x.size(0) == 1 && w.is_contiguous() && x.scalar_type() == w.scalar_type() &&
-        (w.scalar_type() == torch::kFloat32 || is_bf16(w))) {
-        out = gemv(x.contiguous(), w);
-        if (bias.numel() > 0) out = out + bias;
-    } else {
-        out = at::linear(x, w, bias.numel() > 0 ? std::optional<Tensor>(bias) : std::nullopt);
+static const Tensor no_bias;
+
+// x @ w.T (+ bias): by small_mm where it wins (fp32 / bf16; the bias added after the product's
+// rounding, as gemv.linear does), else at::linear (as F.linear).
+static Tensor matmul(const Tensor& x, const Tensor& w, const Tensor& bias) {
+    const bool biased = bias.defined() && bias.numel() > 0;
+    if (small_mm_wins(x.size(0), x.size(1)) && w.is_contiguous() &&
+        x.scalar_type() == w.scalar_type() && (w.scalar_type() == torch::kFloat32 || is_bf16(w))) {
+        Tensor out = small_mm(x.contiguous(), w);
+        return biased ? out + bias : out;
     }
+    return at::linear(x, w, biased ? std::optional<Tensor>(bias) : std::nullopt);
+}
+
+// x @ w.T (+ bias) (+ the masked low-rank term ((x A^T) * mask) B^T), as fast_decode._apply.
+static Tensor project(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor* lora) {
+    Tensor out = matmul(x, w, bias);
     if (lora != nullptr && lora[0].numel() > 0) {  // an empty mask: every row has the adapter
-        Tensor low = at::linear(x, lora[0]);
+        Tensor low = matmul(x, lora[0], no_bias);
         if (lora[2].numel() > 0) low = low * lora[2];
-        out.add_(at::linear(low, lora[1]).to(out.scalar_type()));
+        out.add_(matmul(low, lora[1], no_bias).to(out.scalar_type()));
     }
     return out;
 }
@@ -531,7 +695,9 @@ Tensor decode_step(Tensor x, std::vector<Tensor> weights, std::vector<Tensor> lo
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("gemv", &gemv);
+    m.def("small_mm", &small_mm);
+    m.def("small_mm_wins", &small_mm_wins);
+    m.attr("small_m") = SMALL_M;
     m.def("rms_norm", &rms_norm);
     m.def("add_rms_norm", &add_rms_norm);
     m.def("rope_write", &rope_write);
