@@ -353,7 +353,8 @@ def target_lines(results, weight_bytes, kernel_gbs, memory_tps, compute_tps) -> 
 
 
 SAMPLING_NOTES = [
-    "The fast path (trinity/engine/fast_decode.py): prefill through the Hugging Face forward, "
+    "The fast path (trinity/engine/fast_decode.py): prefill on the same fused layout "
+    "(`fast_decode.prefill`; the Hugging Face forward where prompt logprobs are wanted), "
     "then each step is, per layer, rmsnorm, one fused QKV matmul, rotary on q and k together "
     "(`x * cos + rotate_half(x) * sin`), two in-place writes into a preallocated static KV cache "
     "(grown by doubling, never per step), attention over the valid prefix, the output "

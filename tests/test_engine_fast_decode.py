@@ -9,10 +9,12 @@ The compiled step is marked slow: compiling even the 2-layer model takes minutes
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tinker import types
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from trinity.engine import fast_decode, gemv, sampling
 from trinity.engine.sampling import SampleRequest, sample_batch
@@ -105,7 +107,10 @@ def test_fast_equals_reference(models, native, adapters, built, monkeypatch):
         decode(model, tokenizer, requests(adapters, 1.0), fast=True),
         decode(model, tokenizer, requests(adapters, 1.0), fast=False),
     )
-    assert set(calls) == ({"decode_step", "sample"} if built else set())  # the path under test
+    # the path under test; small_mm: the prefill's matmuls (fast_decode.prefill)
+    assert set(calls) == (
+        {"decode_step", "sample", "small_mm", "small_mm_wins"} if built else set()
+    )
 
 
 class Counted:
@@ -148,7 +153,10 @@ def test_batch_one_equals_reference(models, native, adapter, fused, monkeypatch)
     layers = plain.config.num_hidden_layers
     if fused:  # one native call per step, one to choose each token
         assert calls.count("decode_step") == steps and calls.count("sample") == steps + 3
-        assert len(calls) == 2 * steps + 3
+        prefills = [name for name in calls if name in ("small_mm", "small_mm_wins")]
+        assert len(calls) - len(prefills) == 2 * steps + 3
+        # fast_decode.prefill: every matmul through the kernel (one prompt's few rows)
+        assert prefills.count("small_mm") >= len(PROMPTS) * (4 * layers + 1)
     else:
         matmuls = [name for name in calls if name != "small_mm_wins"]  # the routing asked
         assert set(matmuls) == {"small_mm"} and len(matmuls) >= steps * (4 * layers + 1)
@@ -178,3 +186,48 @@ def test_compiled_equals_reference(models):
     assert_same(
         decode(peft, tokenizer, reqs, compiled=True), decode(peft, tokenizer, reqs, fast=False)
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_equals_hugging_face(models, native, dtype):
+    """``fast_decode.prefill`` against the Hugging Face forward it replaces (sampling._forward on a
+    DynamicCache): the last column's logits and every layer's keys and values at the real tokens,
+    left-padded prompts of three lengths, adapters a, b and the base mixed per row.
+    fp32: 1e-4 plus 1e-5 relative (the strong adapters make logits and keys ~200; measured 1e-4
+    apart at most). bf16: the same ops with the same roundings, but the fused QKV / gate-up
+    matmuls and SDPA may sum in other orders: within one bf16 rounding (2^-7 relative) plus 2^-5
+    (measured: keys and values equal, logits 2^-10 apart) -- a wrong mask or position is O(1)."""
+    _, peft, _ = models
+    model = peft if dtype == torch.float32 else copy.deepcopy(peft).to(dtype)
+    prompts = [*PROMPTS, PROMPTS[1]]
+    adapters_U = ["a", sampling.BASE_ADAPTER, "b", "b"]
+    width = max(map(len, prompts))
+    ids_UT = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask_UT = torch.zeros(len(prompts), width, dtype=torch.long)
+    for u, prompt in enumerate(prompts):
+        ids_UT[u, width - len(prompt) :] = torch.tensor(prompt)
+        mask_UT[u, width - len(prompt) :] = 1
+    position_UT = (mask_UT.cumsum(dim=1) - 1).clamp(min=0)
+    weights = fast_decode.build(model)
+    with torch.inference_mode():
+        cache = DynamicCache()
+        want = sampling._forward(
+            model, ids_UT, mask_UT, position_UT, cache, adapters_U, torch.tensor([width - 1])
+        )[:, -1]
+        got, layers = fast_decode.prefill(
+            weights,
+            ids_UT,
+            mask_UT,
+            position_UT,
+            fast_decode.lora_inputs(weights, adapters_U, "cpu"),
+        )
+    tol = {"atol": ATOL, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2**-5, "rtol": 2**-7}
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, **tol)
+    assert len(layers) == len(cache.layers)
+    for (keys, values), layer in zip(layers, cache.layers, strict=True):
+        for u, prompt in enumerate(prompts):
+            real = slice(width - len(prompt), width)
+            torch.testing.assert_close(keys[u, :, real], layer.keys[u, :, real], **tol)
+            torch.testing.assert_close(values[u, :, real], layer.values[u, :, real], **tol)
+        assert keys.isfinite().all() and values.isfinite().all()  # padded columns too

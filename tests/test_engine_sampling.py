@@ -12,6 +12,7 @@ import torch
 from tinker import types
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from trinity.engine import fast_decode
 from trinity.engine.sampling import SampleRequest, sample_batch
 
 ATOL = 1e-4
@@ -55,13 +56,19 @@ def params(**kw):
     return types.SamplingParams(**kw)
 
 
-def test_sampled_logprobs_equal_teacher_forcing(tiny):
+def test_sampled_logprobs_equal_teacher_forcing(tiny, monkeypatch):
     requests = [
         SampleRequest(prompt_tokens=p, num_samples=2, params=params(seed=i))
         for i, p in enumerate(PROMPTS)
     ]
     requests.append(SampleRequest(prompt_tokens=PROMPTS[0], params=params(seed=7)))
-    batch_shapes = []
+    batch_shapes, prefills = [], []
+    prefill = fast_decode.prefill
+    monkeypatch.setattr(
+        fast_decode,
+        "prefill",
+        lambda *args: prefills.append(tuple(args[1].shape)) or prefill(*args),
+    )
     hook = tiny[0].register_forward_pre_hook(
         lambda _, args, kwargs: batch_shapes.append(tuple(kwargs["input_ids"].shape)),
         with_kwargs=True,
@@ -71,9 +78,13 @@ def test_sampled_logprobs_equal_teacher_forcing(tiny):
     finally:
         hook.remove()
     # One prefill row per distinct prompt (7 rows, 3 prompts), then 7 rows decode: through the
-    # Hugging Face forward on the reference path, never on the fast one.
-    assert batch_shapes[0] == (3, max(map(len, PROMPTS)))
-    assert batch_shapes[1:] == ([] if tiny[2] else [(7, 1)] * 7)
+    # Hugging Face forward on the reference path, never on the fast one (its prefill too is
+    # fast_decode.prefill: no prompt logprobs wanted).
+    prefill_shape = (3, max(map(len, PROMPTS)))
+    if tiny[2]:
+        assert batch_shapes == [] and prefills == [prefill_shape]
+    else:
+        assert batch_shapes == [prefill_shape] + [(7, 1)] * 7 and prefills == []
     for request, response in zip(requests, responses, strict=True):
         assert len(response.sequences) == request.num_samples
         for seq in response.sequences:
@@ -284,13 +295,16 @@ def test_topk_sample_logprobs_through_compaction(tiny):
         )
 
 
-def test_prefill_unembeds_the_last_columns_in_one_matmul(tiny_model_dir):
-    """The prefill's head runs on the prompts' last hidden states as one 2-D matmul: the
-    strided ``[:, -1:]`` slice made it a bmm over the unembedding expanded per prompt (in bf16 a
-    copy of it per prompt), with and without a LoRA adapter."""
+def test_prefill_unembeds_the_last_columns_in_one_matmul(tiny_model_dir, monkeypatch):
+    """The Hugging Face prefill's head runs on the prompts' last hidden states as one 2-D matmul:
+    the strided ``[:, -1:]`` slice made it a bmm over the unembedding expanded per prompt (in bf16
+    a copy of it per prompt), with and without a LoRA adapter. (Without the decode layout, so that
+    the HF prefill runs; fast_decode.prefill's head is a 2-D matmul by construction.)"""
     from torch.profiler import profile
 
-    from trinity.engine import Engine, LoraSpec
+    from trinity.engine import Engine, LoraSpec, sampling
+
+    monkeypatch.setattr(sampling.fast_decode, "build", lambda model: None)
 
     engine = Engine(str(tiny_model_dir), dtype=torch.float32)
     engine.create_model("m", LoraSpec(rank=4, seed=0))

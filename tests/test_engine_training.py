@@ -485,3 +485,17 @@ def test_a_non_finite_step_is_refused_and_changes_nothing(engine):
         assert all(torch.isfinite(p).all() for p in engine_params(engine, "nonfinite").values())
     finally:
         engine.remove_model("nonfinite")
+
+
+def test_optim_step_bumps_the_version_counters():
+    """The fused AdamW kernel writes the weights in place without bumping their version
+    counters; ``AdamW.step`` bumps them, so fast_decode.build's cached decode layout (keyed on
+    data_ptr and version) is rebuilt after a step instead of sampling stale adapter weights."""
+    stepped, untouched = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    optimizer = AdamW({"stepped": stepped, "untouched": untouched})
+    stepped.grad = torch.ones(4)
+    before = stepped.detach().clone()
+    versions = stepped._version, untouched._version
+    optimizer.step(types.AdamParams(learning_rate=0.1))
+    assert not torch.equal(stepped.detach(), before)
+    assert stepped._version > versions[0] and untouched._version == versions[1]

@@ -49,7 +49,11 @@ class AdamW:
                 eps=hp.eps,
                 weight_decay=hp.weight_decay,
             )
+        stepped = [p for p in self.params.values() if p.grad is not None]
         self._torch.step()
+        # The fused kernel updates the weights in place without bumping their version counters;
+        # caches keyed on them (fast_decode.build's decode-layout weights) would go stale.
+        torch.autograd.graph.increment_version(stepped)
         self._torch.zero_grad(set_to_none=True)
         self.steps += 1
         return {"grad_norm": float(grad_norm)}
