@@ -179,6 +179,32 @@ def test_weights_rebuilt_after_an_in_place_update(models):
             layer.weight.copy_(saved)
 
 
+def test_only_the_adapter_terms_refreshed_after_a_lora_update(models):
+    """An in-place update of LoRA factors alone (an optimizer step on an adapter) keeps the base
+    weights' decode-layout copies and refreshes the adapters' terms: decoding still equals the
+    reference. A base weight's update still rebuilds everything (the test above)."""
+    _, peft, tokenizer = models
+    reqs = requests(["a", None, "b"])
+    before = fast_decode.build(peft)
+    base_copy = before.layers[0][1].weight_OI
+    lora_b = peft.base_model.model.model.layers[0].self_attn.q_proj.lora_B["a"].weight
+    saved = lora_b.detach().clone()
+    try:
+        with torch.no_grad():
+            lora_b.mul_(-2.0)
+        after = fast_decode.build(peft)
+        assert after is before and after.layers[0][1].weight_OI is base_copy
+        rows = lora_b.shape[0]
+        torch.testing.assert_close(
+            after.layers[0][1].b_by["a"][:rows, : lora_b.shape[1]],
+            lora_b * peft.base_model.model.model.layers[0].self_attn.q_proj.scaling["a"],
+        )
+        assert_same(decode(peft, tokenizer, reqs), decode(peft, tokenizer, reqs, fast=False))
+    finally:
+        with torch.no_grad():
+            lora_b.copy_(saved)
+
+
 @pytest.mark.slow
 def test_compiled_equals_reference(models):
     _, peft, tokenizer = models

@@ -97,19 +97,26 @@ class _Proj:
 
 
 def _fuse(modules: list[nn.Module]) -> _Proj:
-    parts = [_linear_parts(m) for m in modules]
-    bases = [base for base, _ in parts]
+    bases = [getattr(m, "base_layer", m) for m in modules]
     weight = torch.cat([b.weight for b in bases]) if len(bases) > 1 else bases[0].weight
     bias = None
     if any(b.bias is not None for b in bases):
         bias = torch.cat(
             [b.bias if b.bias is not None else b.weight.new_zeros(b.out_features) for b in bases]
         )
+    return _Proj(weight, bias, *_fused_loras(modules))
+
+
+def _fused_loras(modules: list[nn.Module]) -> tuple[dict, dict]:
+    """(A, B) per adapter of the fused projection: the parts' ranks concatenated in A, B
+    block-diagonal (scaling folded in)."""
+    parts = [_linear_parts(m) for m in modules]
+    out_rows = sum(base.out_features for base, _ in parts)
     a_by, b_by = {}, {}
     for name in set().union(*(loras for _, loras in parts)):
         a_by[name] = torch.cat([loras[name][0] for _, loras in parts if name in loras])
         # Block-diagonal B: each fused part's output rows take only that part's rank columns.
-        b_full = a_by[name].new_zeros(weight.shape[0], a_by[name].shape[0])
+        b_full = a_by[name].new_zeros(out_rows, a_by[name].shape[0])
         row = col = 0
         for base, loras in parts:
             if name in loras:
@@ -118,13 +125,13 @@ def _fuse(modules: list[nn.Module]) -> _Proj:
                 col += a.shape[0]
             row += base.out_features
         b_by[name] = b_full
-    return _Proj(weight, bias, a_by, b_by)
+    return a_by, b_by
 
 
 class Weights:
     """The model's weights in decode layout (fused QKV / gate-up), cached per model and rebuilt
     when any source tensor changes (by ``data_ptr`` and version counter, so optimizer steps and
-    loaded states are seen)."""
+    loaded states are seen); when only LoRA factors changed, only their terms are."""
 
     def __init__(self, model: nn.Module):
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -139,25 +146,22 @@ class Weights:
         self.norm_w = decoder.norm.weight
         self.norm_eps = decoder.norm.variance_epsilon
         self.layers = []
+        self.sources = []  # (projection, its modules), to refresh the adapters' terms alone
         for layer in decoder.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append(
-                (
-                    layer.input_layernorm.weight,
-                    _fuse([attn.q_proj, attn.k_proj, attn.v_proj]),
-                    _fuse([attn.o_proj]),
-                    layer.post_attention_layernorm.weight,
-                    _fuse([mlp.gate_proj, mlp.up_proj]),
-                    _fuse([mlp.down_proj]),
-                )
-            )
-        self.head = _fuse([inner.get_output_embeddings()])
+            groups = [[attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj]]
+            groups += [[mlp.gate_proj, mlp.up_proj], [mlp.down_proj]]
+            qkv, out, gate_up, down = (self._fuse(group) for group in groups)
+            norms = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+            self.layers.append((norms[0], qkv, out, norms[1], gate_up, down))
+        self.head = self._fuse([inner.get_output_embeddings()])
         projections = [p for layer in self.layers for p in layer[1:3] + layer[4:6]] + [self.head]
         for proj, copy in zip(
             projections, huge_page_copies([p.weight_OI for p in projections]), strict=True
         ):
             proj.weight_OI = copy
         self.signature = _signature(model)
+        self.base_signature = _signature(model, adapters=False)
         # The native step's weight list (kernels.cpp, decode_step), and the dtype all of it has
         # (None where mixed, or not fp32 / bf16: then the torch ops run).
         self.flat = [
@@ -169,6 +173,19 @@ class Weights:
         self.flat_dtype = dtypes.pop() if len(dtypes) == 1 else None
         if self.flat_dtype not in (torch.float32, torch.bfloat16):
             self.flat_dtype = None
+
+    def _fuse(self, modules: list[nn.Module]) -> _Proj:
+        proj = _fuse(modules)
+        self.sources.append((proj, modules))
+        return proj
+
+    def refresh_adapters(self, model: nn.Module) -> None:
+        """Only the adapters changed (an optimizer step on LoRA weights, a new snapshot): their
+        terms again, the base weights' decode-layout copies kept (rebuilding those took ~0.4 s for
+        the demo model, every GRPO step)."""
+        for proj, modules in self.sources:
+            proj.a_by, proj.b_by = _fused_loras(modules)
+        self.signature = _signature(model)
 
 
 def huge_page_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -198,8 +215,14 @@ def _pair(proj: _Proj) -> tuple[torch.Tensor, torch.Tensor]:
     return proj.weight_OI, _ABSENT if proj.bias_O is None else proj.bias_O
 
 
-def _signature(model: nn.Module) -> tuple:
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+def _signature(model: nn.Module, adapters: bool = True) -> tuple:
+    """Every parameter's (data_ptr, version): a changed tensor changes it; ``adapters=False``
+    leaves out the LoRA factors."""
+    return tuple(
+        (p.data_ptr(), p._version)
+        for name, p in model.named_parameters()
+        if adapters or "lora_" not in name
+    )
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -211,6 +234,10 @@ def build(model: nn.Module) -> Weights | None:
         return None
     cached = _CACHE.get(model)
     if cached is not None and cached.signature == _signature(model):
+        return cached
+    if cached is not None and cached.base_signature == _signature(model, adapters=False):
+        with torch.inference_mode():
+            cached.refresh_adapters(model)
         return cached
     _CACHE.pop(model, None)  # free the stale copy before building the new one
     with torch.inference_mode():
