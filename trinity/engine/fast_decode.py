@@ -263,6 +263,29 @@ def _apply(proj: _Proj, x: torch.Tensor, lora) -> torch.Tensor:
     return out
 
 
+def _rotate(qk_NMD: torch.Tensor, cos_N1D: torch.Tensor, sin_N1D: torch.Tensor) -> torch.Tensor:
+    """Rotary on q and k together, Llama's ``x * cos + rotate_half(x) * sin`` (the half swap
+    one ``cat``: as a matmul by a permutation it was a batched matmul per layer)."""
+    d = qk_NMD.shape[-1]
+    first_NMd, second_NMd = qk_NMD[..., : d // 2], qk_NMD[..., d // 2 :]
+    return qk_NMD * cos_N1D + torch.cat((-second_NMd, first_NMd), -1) * sin_N1D
+
+
+def _add_mlp(x_NH, norm, gate_up: _Proj, down: _Proj, lora, eps: float) -> torch.Tensor:
+    """``x`` plus the layer's MLP of it: rmsnorm, the fused gate-up, SiLU-and-multiply, down."""
+    gu_NF = _apply(gate_up, _rms_norm(x_NH, norm, eps), lora and lora[2])
+    inner = gu_NF.shape[1] // 2
+    return x_NH + _apply(down, F.silu(gu_NF[:, :inner]) * gu_NF[:, inner:], lora and lora[3])
+
+
+def lora_rows(lora: list | None, index: torch.Tensor) -> list | None:
+    """``lora_inputs`` terms for the rows ``index`` selects: the factors shared, the row masks
+    gathered (a batch's rows from its prefill rows, the live rows of a compacted batch)."""
+    if lora is None:
+        return None
+    return [p if p is None or p[2] is None else (p[0], p[1], p[2][index]) for p in lora]
+
+
 class StaticCache:
     """Keys and values of every layer, [L, B, Hkv, capacity, D], written in place each step.
 
@@ -381,9 +404,7 @@ def decode_step(
         lo = None if lora is None else lora[4 * i : 4 * i + 4]
         h = _rms_norm(x_BH, norm1, eps)
         qkv_BF = _apply(qkv, h, lo and lo[0])
-        qk_BND = qkv_BF[:, : qk_heads * d].view(batch, qk_heads, d)
-        first_BNd, second_BNd = qk_BND[..., : d // 2], qk_BND[..., d // 2 :]
-        qk_BND = qk_BND * cos_B1D + torch.cat((-second_BNd, first_BNd), -1) * sin_B1D
+        qk_BND = _rotate(qkv_BF[:, : qk_heads * d].view(batch, qk_heads, d), cos_B1D, sin_B1D)
         keys_LBHTD[i].index_copy_(2, column_1, qk_BND[:, heads:, None])
         values_LBHTD[i].index_copy_(
             2, column_1, qkv_BF[:, qk_heads * d :].view(batch, kv_heads, 1, d)
@@ -397,10 +418,7 @@ def decode_step(
             attn_mask=attn_mask,
         )
         x_BH = x_BH + _apply(out, att_BGQD.reshape(batch, heads * d), lo and lo[1])
-        h = _rms_norm(x_BH, norm2, eps)
-        gu_BF = _apply(gate_up, h, lo and lo[2])
-        inner = gu_BF.shape[1] // 2
-        x_BH = x_BH + _apply(down, F.silu(gu_BF[:, :inner]) * gu_BF[:, inner:], lo and lo[3])
+        x_BH = _add_mlp(x_BH, norm2, gate_up, down, lo, eps)
     h = _rms_norm(x_BH, weights.norm_w, eps)
     return _apply(weights.head, h, None if lora is None else lora[-1])
 
@@ -451,9 +469,7 @@ def prefill(
         lo = None if per_token is None else per_token[4 * i : 4 * i + 4]
         h = _rms_norm(x_NH, norm1, eps)
         qkv_NF = _apply(qkv, h, lo and lo[0])
-        qk_NMD = qkv_NF[:, : qk_heads * d].view(tokens, qk_heads, d)
-        first_NMd, second_NMd = qk_NMD[..., : d // 2], qk_NMD[..., d // 2 :]
-        qk_NMD = qk_NMD * cos_N1D + torch.cat((-second_NMd, first_NMd), -1) * sin_N1D
+        qk_NMD = _rotate(qkv_NF[:, : qk_heads * d].view(tokens, qk_heads, d), cos_N1D, sin_N1D)
         qk_UMTD = qk_NMD.view(rows, width, qk_heads, d).transpose(1, 2)
         keys = qk_UMTD[:, heads:]
         values = qkv_NF[:, qk_heads * d :].view(rows, width, kv_heads, d).transpose(1, 2)
@@ -463,10 +479,7 @@ def prefill(
         )
         att_NF = att_UHTD.transpose(1, 2).reshape(tokens, heads * d)
         x_NH = x_NH + _apply(out, att_NF, lo and lo[1])
-        h = _rms_norm(x_NH, norm2, eps)
-        gu_NF = _apply(gate_up, h, lo and lo[2])
-        inner = gu_NF.shape[1] // 2
-        x_NH = x_NH + _apply(down, F.silu(gu_NF[:, :inner]) * gu_NF[:, inner:], lo and lo[3])
+        x_NH = _add_mlp(x_NH, norm2, gate_up, down, lo, eps)
     last_UH = x_NH.view(rows, width, -1)[:, -1].contiguous()
     h = _rms_norm(last_UH, weights.norm_w, eps)
     return _apply(weights.head, h, None if lora is None else lora[-1]), layers

@@ -458,6 +458,9 @@ def _decode(
     )
 
     adapters_U = None if adapters is None else [adapters[i] for i in first_U]
+    # the adapters' terms of the prefill rows, once: the fast prefill's and, gathered by
+    # ``source_B``, the decode steps'
+    lora_U = None if weights is None else fast_decode.lora_inputs(weights, adapters_U, device)
     if weights is not None and not want_prompt_logprobs:
         # Only the last column's logits are needed: the prefill on the decode layout
         # (fast_decode.prefill): 43 ms against the Hugging Face forward's 64 for the demo
@@ -467,7 +470,7 @@ def _decode(
             input_ids_UT.to(device),
             mask_UT.to(device),
             position_UT.to(device),
-            fast_decode.lora_inputs(weights, adapters_U, device),
+            lora_U,
         )
         logits = logits_UV[:, None]
     else:
@@ -513,7 +516,7 @@ def _decode(
     logits_BV = logits[:, -1][source_B].float()
     if weights is not None:
         mask_BW = mask_UT.to(device)[source_B]
-        stepper = _FastStepper(weights, layers, source_B, mask_BW, adapters, compiled)
+        stepper = _FastStepper(weights, layers, source_B, mask_BW, lora_U, compiled)
     else:
         if len(unique) < batch:
             cache.batch_select_indices(source_B)
@@ -564,8 +567,9 @@ class _FastStepper:
 
     room = 256  # columns allocated past the prompt at first
 
-    def __init__(self, weights, layers, source_B, mask_BW, adapters, compiled: bool):
-        """``layers``: the prefill's (keys, values) per layer, one row per prefill row."""
+    def __init__(self, weights, layers, source_B, mask_BW, lora_U, compiled: bool):
+        """``layers``: the prefill's (keys, values) per layer and ``lora_U`` its adapters' terms
+        (``fast_decode.lora_inputs``), one row per prefill row."""
         self.weights = weights
         self.compiled = compiled
         self.step = fast_decode.compiled_decode_step() if compiled else fast_decode.decode_step
@@ -581,7 +585,7 @@ class _FastStepper:
             (len(source_B), self.cache.capacity), dtype=torch.bool, device=mask_BW.device
         )
         self.mask_BT[:, :width] = mask_BW.bool()
-        self.lora = fast_decode.lora_inputs(weights, adapters, mask_BW.device)
+        self.lora = fast_decode.lora_rows(lora_U, source_B)
 
     def bucket(self, going: int) -> int:
         """The batch size to compact ``going`` live rows into."""
@@ -611,10 +615,7 @@ class _FastStepper:
     def select(self, keep: list[int], keep_K: torch.Tensor) -> None:
         self.cache.select(keep_K)
         self.mask_BT = self.mask_BT[keep_K]
-        if self.lora is not None:
-            self.lora = [
-                p if p is None or p[2] is None else (p[0], p[1], p[2][keep_K]) for p in self.lora
-            ]
+        self.lora = fast_decode.lora_rows(self.lora, keep_K)
 
 
 def _generate(stepper, logits_BV, rows: list[_Row], device, tokenizer, tail_tokens) -> None:
