@@ -8,7 +8,11 @@ Identical shapes on both sides: the demo model (SmolLM2-135M-Instruct) in the en
 arithmetic prompts, 4 prompts x 4 samples per step, at most 64 new tokens (both stop at EOS; the
 mean completion length of each side is reported next to its time), LoRA rank 32 / alpha 32 on
 all linear layers, one optimizer step per batch, no KL term, no gradient checkpointing. The first
-step of each side is warm-up and not counted. The roofline line divides each side's matmul
+step of each side is warm-up and not counted. Each side runs in a fresh process of its own: a
+second OpenMP team in one process (the matmul-peak trial's, or the other side's worker thread's)
+makes libgomp count more threads than CPUs and throttle every team's spin-wait, so the threads
+sleep and wake between parallel regions (tens of thousands of context switches per sampling
+call; Trinity's sampling 1.8 -> 2.9 s). The roofline line divides each side's matmul
 work (``step_tflop``) by the matmul peak measured in the same run.
 Results go to docs/benchmarks.md under "GRPO step vs TRL".
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -139,6 +144,19 @@ def run_trinity(model_path: str, rows: list[dict], steps: int) -> tuple[list[flo
         )
 
 
+def in_fresh_process(side, model_path: str, rows: list[dict], steps: int):
+    """``side(model_path, rows, steps)`` in a spawned process (no OpenMP team but its own), with
+    the allocator set as ``trinity run`` sets it, for both sides alike."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from trinity.engine import configure_process
+
+    with ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn"), initializer=configure_process
+    ) as pool:
+        return pool.submit(side, model_path, rows, steps).result()
+
+
 def prompt_tokens(model_path: str, rows: list[dict]) -> float:
     """Mean prompt length in tokens, chat template applied (what both sides feed the model)."""
     from transformers import AutoTokenizer
@@ -184,9 +202,11 @@ def main() -> None:
     dtype = default_dtype(torch.device("cpu"))
     peak = matmul_peak_tflops(dtype)
     trinity_s, trinity_len = (
-        statistics.mean(v[1:]) for v in run_trinity(model_path, rows, args.steps)
+        statistics.mean(v[1:]) for v in in_fresh_process(run_trinity, model_path, rows, args.steps)
     )
-    trl_s, trl_len = (statistics.mean(v[1:]) for v in run_trl(model_path, rows, args.steps))
+    trl_s, trl_len = (
+        statistics.mean(v[1:]) for v in in_fresh_process(run_trl, model_path, rows, args.steps)
+    )
     peak = max(peak, matmul_peak_tflops(dtype))
     from transformers import AutoConfig, AutoModelForCausalLM
 
