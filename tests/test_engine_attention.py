@@ -79,6 +79,40 @@ def test_masked_attention_matches_sdpa_values_and_gradients(queries):
         )
 
 
+def test_packed_pass_attention_sees_only_its_block_columns_and_matches_sdpa():
+    """A packed pass (two prompts, then their responses, one row of 300 tokens): each query block
+    runs over the columns it sees only, far fewer than the row, and values and gradients equal
+    SDPA's over the whole row with the same mask (fp32, 1e-5)."""
+    from trinity.engine.packing import Cluster, Example, packed_pass
+
+    def member(prompt: list[int], n: int) -> Example:
+        return Example(0, prompt + [7] * n, {})
+
+    a, b = [1] * 40, [2] * 30
+    clusters = [
+        Cluster(40, [member(a, n) for n in (50, 20, 64)]),
+        Cluster(30, [member(b, n) for n in (33, 63)]),
+    ]
+    mask_11NN = packed_pass(clusters).mask_11NN
+    length = mask_11NN.shape[-1]
+    assert length == 300
+    columns = attention.block_columns(mask_11NN)
+    assert max(c.numel() for c in columns if c is not None) < length * 0.75
+    q, k, v = attention_inputs(1, length, torch.float32, seed=3)
+    grad_out = torch.randn(1, length, 6, 16, generator=torch.Generator().manual_seed(4))
+
+    def reference(q, k, v):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_11NN, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    got = forward_backward(
+        lambda q, k, v: attention.causal_attention(q, k, v, 0.25, mask_11NN), [q, k, v], grad_out
+    )
+    expected = forward_backward(reference, [q, k, v], grad_out)
+    for name, x, y in zip(("out", "grad q", "grad k", "grad v"), got, expected, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_causal_attention_in_bf16_is_as_close_to_fp32_as_sdpa():
     """bf16 (the engine's dtype on bf16 hardware): no further from the fp32 result, values and
     gradients, than PyTorch's bf16 flash kernel is."""

@@ -13,9 +13,9 @@ from trinity.engine.packing import (
     Example,
     batch_inputs,
     micro_batches,
+    packed_pass,
     padded_rows,
     prefix_clusters,
-    prefix_pass,
     prepare_example,
 )
 
@@ -133,13 +133,12 @@ def test_clusters_hold_every_example_once_and_separate_prompts():
 
 
 # ---------------------------------------------------------------------------- micro_batches
-def padded_cost(clusters: list[Cluster]) -> int:
+def pass_cost(clusters: list[Cluster]) -> int:
+    """Tokens a pass runs: padded rows alone, or the packed prefixes and suffixes."""
     if clusters[0].prefix == 0:
         (cluster,) = clusters
         return len(cluster.members) * max(e.length for e in cluster.members)
-    return sum(
-        c.prefix + len(c.members) * max(e.length - c.prefix for e in c.members) for c in clusters
-    )
+    return sum(c.prefix + sum(e.length - c.prefix for e in c.members) for c in clusters)
 
 
 def test_micro_batches_keep_within_the_token_bound_and_hold_every_example_once():
@@ -151,7 +150,7 @@ def test_micro_batches_keep_within_the_token_bound_and_hold_every_example_once()
         assert sorted(indices) == list(range(len(examples)))
         for clusters in passes:
             rows = sum(len(c.members) for c in clusters)
-            assert padded_cost(clusters) <= max_tokens or rows == 1
+            assert pass_cost(clusters) <= max_tokens or rows == 1
 
 
 def test_shared_passes_come_first_and_hold_several_prompts():
@@ -162,14 +161,21 @@ def test_shared_passes_come_first_and_hold_several_prompts():
     assert [sorted(c.prefix for c in clusters) for clusters in passes] == [[19, 24], [0]]
 
 
-def test_a_cluster_too_big_for_one_pass_is_split_into_chunks():
+def test_a_cluster_too_big_for_one_pass_is_split_into_chunks_by_real_tokens():
     shared = prompt(20)
-    examples = [example(i, shared + [i] * 10) for i in range(6)]
-    passes = micro_batches(examples, 50)  # 20 prefix + 3 rows x 10 suffix tokens per pass
+    examples = [example(i, shared + [i] * n) for i, n in enumerate((10, 25, 5, 10, 10, 10))]
+    passes = micro_batches(examples, 50)  # 20 prefix + suffixes, no padding
     assert [[(c.prefix, len(c.members)) for c in clusters] for clusters in passes] == [
-        [(20, 3)],
-        [(20, 3)],
+        [(20, 1)],  # 20 + 10, and the next 25 would not fit
+        [(20, 2)],  # 20 + 25 + 5
+        [(20, 3)],  # 20 + 3 x 10
     ]
+
+
+def test_without_prefix_sharing_every_example_goes_alone():
+    examples = [example(i, prompt(24) + [i] * 3) for i in range(4)]
+    passes = micro_batches(examples, 2048, share_prefixes=False)
+    assert [[(c.prefix, len(c.members)) for c in clusters] for clusters in passes] == [[(0, 4)]]
 
 
 def test_unshared_rows_go_longest_first_within_the_bound():
@@ -198,19 +204,43 @@ def test_padded_rows_pad_on_the_right_and_mask_the_real_tokens():
     assert mask_BT.tolist() == [[True, True, True], [True, False, False]]
 
 
-def test_prefix_pass_lets_each_suffix_see_its_own_prefix_and_continue_its_positions():
+def test_packed_pass_lets_each_suffix_see_its_own_prefix_and_continue_its_positions():
     a, b = [1, 2, 3, 4], [5, 6]
     clusters = [
         Cluster(4, [example(0, a + [10, 11]), example(1, a + [12])]),
         Cluster(2, [example(2, b + [13, 14, 15])]),
     ]
-    inputs = prefix_pass(clusters, pad_token_id=0)
-    assert inputs.prefix_ids_CP.tolist() == [[1, 2, 3, 4], [5, 6, 0, 0]]
-    assert inputs.suffix_ids_BS.tolist() == [[10, 11, 0], [12, 0, 0], [13, 14, 15]]
-    assert inputs.cluster_B.tolist() == [0, 0, 1]
-    assert inputs.mask_BK.tolist() == [
-        [True, True, True, True, True, True, True],
-        [True, True, True, True, True, True, True],
-        [True, True, False, False, True, True, True],
+    inputs = packed_pass(clusters)
+    assert inputs.ids_1N.tolist() == [[1, 2, 3, 4, 5, 6, 10, 11, 12, 13, 14, 15]]
+    assert inputs.position_1N.tolist() == [[0, 1, 2, 3, 0, 1, 4, 5, 4, 2, 3, 4]]
+    assert inputs.prefix_start_C == [0, 4]
+    assert inputs.suffix_start_B == [6, 8, 9]
+    seen = [[int(x) for x in row] for row in inputs.mask_11NN[0, 0].tolist()]
+    assert seen == [
+        # 1 2 3 4 5 6 10 11 12 13 14 15
+        [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0],
+        [0, 0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0],
+        [0, 0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 1],
     ]
-    assert inputs.position_BS.tolist() == [[4, 5, 6], [4, 5, 6], [2, 3, 4]]
+
+
+def test_packed_pass_applies_a_sliding_window_by_position():
+    clusters = [Cluster(3, [example(0, [1, 2, 3, 10, 11])])]
+    mask_NN = packed_pass(clusters, window=2).mask_11NN[0, 0]
+    # positions 0 1 2 | 3 4: each token sees itself and the one before it
+    assert mask_NN.int().tolist() == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 0],
+        [0, 0, 0, 1, 1],
+    ]

@@ -13,6 +13,7 @@ from peft import PeftModel
 from tinker import types
 from transformers import AutoModelForCausalLM
 
+from tests.conftest import demo_tokenizer, tiny_llama
 from trinity.engine import Engine, LoraSpec, losses
 from trinity.engine.optim import AdamW
 from trinity.engine.packing import micro_batches, prepare_example
@@ -24,6 +25,36 @@ BIG_STEP = types.AdamParams(learning_rate=0.05)  # moves B away from 0 so the ad
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     return Engine(str(tiny_model_dir), dtype=torch.float32)
+
+
+def engine_of(config, directory) -> Engine:
+    """An engine on a random model of ``config`` (transformers' class for its model_type)."""
+    tokenizer = demo_tokenizer()
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return Engine(str(directory), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def sliding_engine(tmp_path_factory):
+    """A 2-layer Mistral whose 8-token sliding window is shorter than the test prompts."""
+    from transformers import MistralConfig
+
+    tiny = tiny_llama(demo_tokenizer()).config.to_dict()
+    config = MistralConfig(**{**tiny, "model_type": "mistral", "sliding_window": 8})
+    return engine_of(config, tmp_path_factory.mktemp("tiny-mistral"))
+
+
+@pytest.fixture(scope="module")
+def mixed_engine(tmp_path_factory):
+    """A 2-layer Qwen2 whose second layer alone has an 8-token sliding window."""
+    from transformers import Qwen2Config
+
+    tiny = tiny_llama(demo_tokenizer()).config.to_dict()
+    window = {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}
+    config = Qwen2Config(**{**tiny, "model_type": "qwen2", **window})
+    return engine_of(config, tmp_path_factory.mktemp("tiny-qwen2"))
 
 
 def make_sequences(seed: int = 0) -> list[list[int]]:
@@ -308,10 +339,27 @@ def test_grad_accumulation_over_calls_and_micro_batches(engine):
     engine.remove_model("split")
 
 
-def test_shared_prefix_runs_once_and_matches_separate_passes(engine):
+def test_packed_passes_serve_models_whose_layers_attend_alike():
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from trinity.engine.forward import packed_attention
+
+    assert packed_attention(LlamaConfig()) == (True, None)
+    assert packed_attention(MistralConfig(sliding_window=8)) == (True, 8)
+    assert packed_attention(Qwen2Config(sliding_window=8)) == (True, None)  # window off
+    sliding = {"use_sliding_window": True, "sliding_window": 8, "num_hidden_layers": 2}
+    assert packed_attention(Qwen2Config(**sliding, max_window_layers=0)) == (True, 8)
+    assert packed_attention(Qwen2Config(**sliding, max_window_layers=1)) == (False, None)
+
+
+@pytest.mark.parametrize("model", ["engine", "sliding_engine", "mixed_engine"])
+def test_shared_prefix_runs_once_and_matches_separate_passes(model, request):
     """GRPO-shaped datums (prompts with several responses each) share each prompt's forward pass,
-    two prompts of different lengths in one pass; loss, per-datum logprobs and entropy, and
-    gradients equal running every datum on its own."""
+    two prompts of different lengths packed in one pass; loss, per-datum logprobs and entropy,
+    and gradients equal running every datum on its own. Also through a sliding window shorter
+    than the prompts (the packed pass's mask applies it by position), and on a model whose
+    layers attend differently (no sharing: every datum runs as a row of its own)."""
+    engine = request.getfixturevalue(model)
     g = torch.Generator().manual_seed(3)
     sequences = []
     for prompt_length, responses in ((24, (6, 9, 3)), (19, (4, 7))):
@@ -340,9 +388,9 @@ def test_shared_prefix_runs_once_and_matches_separate_passes(engine):
     ]
     passes = [
         sorted(prefix for prefix, _ in clusters)
-        for clusters in micro_batches(examples, engine.micro_batch_tokens)
+        for clusters in micro_batches(examples, engine.micro_batch_tokens, engine._share_prefixes)
     ]
-    assert passes == [[19, 24], [0]]
+    assert passes == ([[19, 24], [0]] if model != "mixed_engine" else [[0]])
     shared = engine.forward_backward("shared", datums, "ppo", return_entropy=True)
     separate = [
         engine.forward_backward("separate", [d], "ppo", return_entropy=True) for d in datums

@@ -70,6 +70,28 @@ def test_loading_reuses_the_adapter_it_replaces(engine, tmp_path):
         engine.remove_model(model_id)
 
 
+def test_a_snapshot_takes_over_the_adapter_of_a_dropped_sampler(engine):
+    """A new sampler per step, the previous one dropped after it (one process's weight sync):
+    the snapshot fills the dropped sampler's adapter instead of building one, and samples its
+    own weights (the same tokens and logprobs as a snapshot into a new adapter)."""
+    engine.create_model("policy", LoraSpec(rank=4, seed=0))
+    for step in (1, 2):
+        train(engine, "policy", 1, seed=step)
+        engine.snapshot_sampler("policy", f"s{step}")
+    engine.drop_sampler("s1")
+    before = adapters(engine)
+    train(engine, "policy", 1, seed=3)
+    engine.snapshot_sampler("policy", "s3")
+    assert adapters(engine) == before
+    engine.snapshot_sampler("policy", "fresh")  # no spare left: a new adapter
+    assert adapters(engine) == before + 1
+    assert greedy(engine, "s3") == greedy(engine, "fresh")
+    assert greedy(engine, "s3")[1] != greedy(engine, "s2")[1]
+    for name in ("s2", "s3", "fresh"):
+        engine.drop_sampler(name)
+    engine.remove_model("policy")
+
+
 def test_two_process_handoff_keeps_one_adapter_per_side(tiny_model_dir, tmp_path):
     """The trainer of a pair publishes without snapshots (its adapters stay its own model's), the
     explorer's sampler switches weights in one adapter however many versions go by."""

@@ -37,7 +37,7 @@ from trinity.engine.adapters import Adapters, LoraSpec
 from trinity.engine.attention import ATTENTION
 from trinity.engine.demo_model import ALIASES as DEMO_ALIASES
 from trinity.engine.demo_model import resolve_model_path
-from trinity.engine.forward import Forward, default_dtype
+from trinity.engine.forward import Forward, default_dtype, packed_attention
 from trinity.engine.optim import AdamW
 from trinity.engine.packing import batch_inputs, micro_batches, prepare_example
 from trinity.engine.samplers import SAMPLER_META, Sampler, Samplers
@@ -124,7 +124,8 @@ class Engine:
         )
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.eos_token_ids[0])
-        self._forward = Forward(self.device, self.dtype, self.pad_token_id)
+        self._share_prefixes, window = packed_attention(config)
+        self._forward = Forward(self.device, self.dtype, self.pad_token_id, window)
         self._adapters = Adapters(self.base, self.model_name, self.dtype)
         self._models: dict[str, _Trainable] = {}
         self._samplers = Samplers(
@@ -239,7 +240,7 @@ class Engine:
             self._adapters.activate(model.adapter)
         outputs: list[dict[str, types.TensorData]] = [{} for _ in datums]
         total = 0.0
-        for clusters in micro_batches(examples, self.micro_batch_tokens):
+        for clusters in micro_batches(examples, self.micro_batch_tokens, self._share_prefixes):
             group = [e for _, members in clusters for e in members]
             # an entropy term (losses.ENTROPY_WEIGHTS) needs the entropy, with its gradient
             weighted = any(

@@ -1,9 +1,9 @@
 """The model side of ``forward_backward``: per-token logprobs of one packed forward pass.
 
 A pass (trinity/engine/packing.py) is either rows run alone, right-padded (no attention mask:
-right padding never precedes a real token), or clusters with a shared prefix: one decoder call
-over the prefixes, then one over every member's suffix attending to its cluster's prefix cache.
-Hidden states of the real tokens go through ``logprobs.target_logprobs`` (chunked, no full fp32
+right padding never precedes a real token), or clusters with a shared prefix packed into one row
+without padding (every prefix, then every member's suffix) under a mask that lets a suffix see
+its cluster's prefix: one decoder call. Hidden states of the real tokens go through ``logprobs.target_logprobs`` (chunked, no full fp32
 logits); gradients flow back through the shared parts.
 """
 
@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from trinity.engine.logprobs import target_logprobs
-from trinity.engine.packing import Cluster, Example, padded_rows, prefix_pass
+from trinity.engine.packing import Cluster, Example, packed_pass, padded_rows
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -44,14 +43,31 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def packed_attention(config) -> tuple[bool, int | None]:
+    """(whether one packed pass's mask serves every layer of the model, the sliding window it
+    then applies): yes for full attention everywhere or one window everywhere (Mistral), no
+    where layers differ (Gemma's alternating windows) or attend otherwise."""
+    kinds = set(getattr(config, "layer_types", None) or ())
+    window = getattr(config, "sliding_window", None)
+    if not getattr(config, "use_sliding_window", True):
+        window = None
+    if kinds == {"full_attention"} or (not kinds and window is None):
+        return True, None
+    if kinds == {"sliding_attention"} or (not kinds and window is not None):
+        return True, window
+    return False, None
+
+
 @dataclass(frozen=True)
 class Forward:
     """Where and in which precision the engine computes: matmuls under ``autocast`` in ``dtype``
-    (off for fp32), hidden states cast to ``dtype`` for the unembedding."""
+    (off for fp32), hidden states cast to ``dtype`` for the unembedding; ``window``: the sliding
+    window of every layer (``packed_attention``) that a packed pass's mask applies."""
 
     device: torch.device
     dtype: torch.dtype
     pad_token_id: int
+    window: int | None = None
 
     def autocast(self):
         return torch.autocast(
@@ -69,21 +85,14 @@ class Forward:
         """
         if clusters[0].prefix == 0:
             return self._unshared(module, adapter, clusters[0].members, want_entropy)
-        inputs = prefix_pass(clusters, self.pad_token_id)
-        decoder = module.get_decoder()
-        cache = DynamicCache()
+        inputs = packed_pass(clusters, self.window)
         with self.autocast():
-            shared_CPH = decoder(
-                input_ids=inputs.prefix_ids_CP.to(self.device), cache=cache, use_cache=True
-            ).last_hidden_state
-            cache.batch_select_indices(inputs.cluster_B.to(self.device))
-            hidden_BSH = decoder(
-                input_ids=inputs.suffix_ids_BS.to(self.device),
-                attention_mask=inputs.mask_BK.long().to(self.device),
-                position_ids=inputs.position_BS.to(self.device),
-                cache=cache,
-                use_cache=True,
-            ).last_hidden_state
+            hidden_NH = module.get_decoder()(
+                input_ids=inputs.ids_1N.to(self.device),
+                attention_mask=inputs.mask_11NN.to(self.device),
+                position_ids=inputs.position_1N.to(self.device),
+                use_cache=False,
+            ).last_hidden_state[0]
         hidden_parts, target_parts, index_parts = [], [], []
         start, row = 0, 0
         for c, (prefix, chunk) in enumerate(clusters):
@@ -92,12 +101,17 @@ class Forward:
             same = min(
                 prefix - 1, len(os.path.commonprefix([t.tolist()[:prefix] for t in targets]))
             )
-            hidden_parts.append(shared_CPH[c, :same])
+            p0 = inputs.prefix_start_C[c]
+            hidden_parts.append(hidden_NH[p0 : p0 + same])
             target_parts.append(targets[0][:same])
             common = torch.arange(start, start + same)
             start += same
             for e, target in zip(chunk, targets, strict=True):
-                hidden_parts += [shared_CPH[c, same:prefix], hidden_BSH[row, : e.length - prefix]]
+                s0 = inputs.suffix_start_B[row]
+                hidden_parts += [
+                    hidden_NH[p0 + same : p0 + prefix],
+                    hidden_NH[s0 : s0 + e.length - prefix],
+                ]
                 target_parts.append(target[same:])
                 own = e.length - same
                 index_parts += [common, torch.arange(start, start + own)]

@@ -3,8 +3,9 @@
 Datums become validated ``Example`` rows (``prepare_example``). Rows that share a prefix of at
 least ``MIN_SHARED_PREFIX`` tokens (GRPO's samples of one prompt) form a ``Cluster`` that runs the
 prefix once (``prefix_clusters``); ``micro_batches`` packs clusters, and the rest longest first,
-into passes of at most ``max_tokens`` padded tokens. ``padded_rows`` and ``prefix_pass`` lay a
-pass out as the tensors the decoder takes (trinity/engine/forward.py runs them).
+into passes of at most ``max_tokens`` tokens. ``padded_rows`` lays rows run alone out as
+right-padded rows; ``packed_pass`` lays clusters out as one row without padding (every prefix,
+then every suffix) and the mask that keeps them apart (trinity/engine/forward.py runs both).
 """
 
 from __future__ import annotations
@@ -106,25 +107,29 @@ def prefix_clusters(examples: list[Example]) -> list[Cluster]:
     ]
 
 
-def micro_batches(examples: list[Example], max_tokens: int) -> list[list[Cluster]]:
-    """Forward passes, each a list of clusters within ``max_tokens`` padded tokens.
+def micro_batches(
+    examples: list[Example], max_tokens: int, share_prefixes: bool = True
+) -> list[list[Cluster]]:
+    """Forward passes, each a list of clusters within ``max_tokens`` tokens.
 
-    Clusters with a shared prefix fill passes of their own (prefix rows + member suffix rows; a
-    cluster too big for one pass is split into chunks of members). The rest go alone, longest
-    first, rows x longest row within ``max_tokens``, as one cluster with prefix 0 per pass.
+    Clusters with a shared prefix fill passes of their own, packed without padding (prefix +
+    member suffixes; a cluster too big for one pass is split into chunks of members). The rest
+    (everything, without ``share_prefixes``) go alone, longest first, rows x longest row within
+    ``max_tokens``, as one cluster with prefix 0 per pass.
     """
     shared: list[list[Cluster]] = []
     alone: list[Example] = []
-    cost = 0  # padded tokens of the pass being filled (an upper bound: every row at max width)
-    for prefix, members in prefix_clusters(examples):
+    cost = 0  # tokens of the pass being filled
+    for prefix, members in prefix_clusters(examples) if share_prefixes else [(0, examples)]:
         if prefix == 0:
             alone.extend(members)
             continue
-        suffix = max(e.length - prefix for e in members)
-        rows = max(1, (max_tokens - prefix) // suffix)
-        for i in range(0, len(members), rows):
-            chunk = members[i : i + rows]
-            size = prefix + len(chunk) * suffix
+        chunks: list[tuple[list[Example], int]] = []  # (members, tokens with the prefix)
+        for e in members:
+            if not chunks or chunks[-1][1] + e.length - prefix > max_tokens:
+                chunks.append(([], prefix))
+            chunks[-1] = ([*chunks[-1][0], e], chunks[-1][1] + e.length - prefix)
+        for chunk, size in chunks:
             if not shared or cost + size > max_tokens:
                 shared.append([])
                 cost = 0
@@ -168,37 +173,46 @@ def padded_rows(group: list[Example], pad_token_id: int) -> tuple[torch.Tensor, 
 
 
 @dataclass
-class PrefixPass:
-    """A shared-prefix pass as decoder inputs: every cluster's prefix once (right-padded), then
-    every member's suffix, which attends to its own cluster's prefix only."""
+class PackedPass:
+    """Clusters as one row of tokens without padding: every cluster's prefix, then every
+    member's suffix. A prefix token sees its prefix up to itself; a suffix token sees its
+    cluster's prefix and its own suffix up to itself (within ``window`` positions, if set)."""
 
-    prefix_ids_CP: torch.Tensor
-    suffix_ids_BS: torch.Tensor
-    mask_BK: torch.Tensor  # K = P + S: the cluster's real prefix positions, then every suffix one
-    position_BS: torch.Tensor  # suffix positions continue the prefix
-    cluster_B: torch.Tensor  # cluster of each suffix row: selects its row of the prefix cache
+    ids_1N: torch.Tensor
+    position_1N: torch.Tensor  # a suffix's positions continue its prefix's
+    mask_11NN: torch.Tensor  # bool, [query, key]
+    prefix_start_C: list[int]  # where each cluster's prefix starts in the row
+    suffix_start_B: list[int]  # where each member's suffix starts, members in cluster order
 
 
-def prefix_pass(clusters: list[Cluster], pad_token_id: int) -> PrefixPass:
-    """The ``PrefixPass`` of clusters with nonzero prefixes, members in cluster order."""
-    prefix_C = torch.tensor([prefix for prefix, _ in clusters])
-    members = [(c, e) for c, (_, chunk) in enumerate(clusters) for e in chunk]
-    cluster_B = torch.tensor([c for c, _ in members])
-    suffix_B = torch.tensor([e.length for _, e in members]) - prefix_C[cluster_B]
-    width_p, width_s = int(prefix_C.max()), int(suffix_B.max())
-    prefix_ids_CP = torch.full((len(clusters), width_p), pad_token_id, dtype=torch.long)
+def packed_pass(clusters: list[Cluster], window: int | None = None) -> PackedPass:
+    """The ``PackedPass`` of clusters with nonzero prefixes."""
+    ids, positions, segments, sees = [], [], [], []  # per token; sees: a suffix's prefix (or -1)
+    prefix_start_C, suffix_start_B = [], []
     for c, (prefix, chunk) in enumerate(clusters):
-        prefix_ids_CP[c, :prefix] = torch.tensor(chunk[0].tokens[:prefix])
-    suffix_ids_BS = torch.full((len(members), width_s), pad_token_id, dtype=torch.long)
-    for row, (c, e) in enumerate(members):
-        suffix_ids_BS[row, : suffix_B[row]] = torch.tensor(e.tokens[int(prefix_C[c]) :])
-    # Right padding after real tokens needs no mask (causal), so ones for every suffix position.
-    mask_BK = torch.cat(
-        [
-            torch.arange(width_p)[None] < prefix_C[cluster_B, None],
-            torch.ones(len(members), width_s, dtype=torch.bool),
-        ],
-        dim=1,
+        prefix_start_C.append(len(ids))
+        ids += chunk[0].tokens[:prefix]
+        positions += range(prefix)
+        segments += [c] * prefix
+        sees += [-1] * prefix
+    for c, (prefix, chunk) in enumerate(clusters):
+        for e in chunk:
+            suffix_start_B.append(len(ids))
+            ids += e.tokens[prefix:]
+            positions += range(prefix, e.length)
+            segments += [len(clusters) + len(suffix_start_B)] * (e.length - prefix)
+            sees += [c] * (e.length - prefix)
+    position_N = torch.tensor(positions)
+    segment_N, sees_N = torch.tensor(segments), torch.tensor(sees)
+    n = len(ids)
+    causal_NN = torch.ones(n, n, dtype=torch.bool).tril_()
+    mask_NN = (segment_N[:, None] == segment_N[None]) & causal_NN | (sees_N[:, None] == segment_N)
+    if window is not None:
+        mask_NN &= position_N[:, None] - position_N[None] < window
+    return PackedPass(
+        torch.tensor(ids)[None],
+        position_N[None],
+        mask_NN[None, None],
+        prefix_start_C,
+        suffix_start_B,
     )
-    position_BS = prefix_C[cluster_B, None] + torch.arange(width_s)[None]
-    return PrefixPass(prefix_ids_CP, suffix_ids_BS, mask_BK, position_BS, cluster_B)

@@ -53,6 +53,11 @@ class Samplers:
         self._load_plain = load_plain
         self._merged: nn.Module | None = None
         self.merged_adapter: str | None = None  # the adapter in _merged while it is current
+        # The last dropped LoRA sampler, whose adapter the next sampler of its shape takes over:
+        # peft builds an adapter in ~0.25 s for the demo model, on the critical path of every
+        # weight sync (a new sampler per step, the previous one dropped after it), while copying
+        # the weights in takes milliseconds.
+        self._spare: Sampler | None = None
 
     def snapshot(self, name: str, model: Sampler, params: dict[str, nn.Parameter]) -> None:
         """Freeze the current weights of a trained ``model`` (``params``: its LoRA factors) as
@@ -73,7 +78,8 @@ class Samplers:
                 frozen = copy.deepcopy(model.module).to(self.dtype).requires_grad_(False)
                 self.by_name[name] = Sampler(None, None, frozen)
                 return
-            adapter = self.adapters.add(model.spec, "s")
+            adapter = self._take_spare(lambda spare: model.spec.same_shape(spare.spec))
+            adapter = adapter or self.adapters.add(model.spec, "s")
             sampler = Sampler(model.spec, adapter, self.adapters.base)
         with torch.no_grad():
             for key, p in self.adapters.params(sampler.adapter).items():
@@ -92,7 +98,17 @@ class Samplers:
             raise ValueError(f"unknown sampler {name!r}")
         self.merged_adapter = None
         if sampler.adapter is not None:
-            self.adapters.drop(sampler.adapter)
+            if self._spare is not None:
+                self.adapters.drop(self._spare.adapter)
+            self._spare = sampler
+
+    def _take_spare(self, fits: Callable[[Sampler], bool]) -> str | None:
+        """The spare sampler's adapter, if ``fits`` it (it is then no longer spare)."""
+        spare = self._spare
+        if spare is None or not fits(spare):
+            return None
+        self._spare = None
+        return spare.adapter
 
     def load(self, name: str, directory: str | Path, reuse: str | None = None) -> None:
         """A ``save_sampler`` dir (peft adapter or HF model, plus ``SAMPLER_META``), or any peft
@@ -124,7 +140,8 @@ class Samplers:
             del self.by_name[reuse]
             adapter = old.adapter
         else:
-            adapter = self.adapters.add(spec, "s", config)
+            adapter = self._take_spare(lambda spare: self._fits(spare.adapter, config))
+            adapter = adapter or self.adapters.add(spec, "s", config)
         try:
             checkpoint.copy_into(
                 self.adapters.params(adapter),
