@@ -73,8 +73,23 @@ def test_small_mm_equals_linear(dtype, k):
                 torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=2**-8)
             with torch.inference_mode():
                 linear = gemv.linear(x, weight, bias)
-            assert torch.equal(linear, got + bias) or not gemv.kernels().small_mm_wins(rows, k)
+            wins = gemv.kernels().small_mm_wins(rows, k, out)
+            assert torch.equal(linear, got + bias) or not wins
             torch.testing.assert_close(linear, F.linear(x, weight, bias), atol=0.05, rtol=2**-7)
+
+
+def test_small_mm_leaves_short_k_at_many_outputs_to_linear():
+    """A LoRA B on the head (K = rank, 49152 outputs) goes to F.linear past one row; a decode
+    step's base matmuls (K = hidden) and small LoRA Bs stay on the kernel."""
+    wins = gemv.kernels().small_mm_wins
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert wins(1, 32, 49152) and not wins(4, 32, 49152) and not wins(16, 32, 49152)
+        assert wins(16, 576, 49152) and wins(16, 96, 960) and wins(8, 64, 3072)
+        assert not wins(16, 64, 3072)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_small_mm_empty():

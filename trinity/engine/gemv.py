@@ -171,7 +171,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
         or (weight.dtype == torch.float32 and torch.is_autocast_enabled("cpu"))
         or (kernel := kernels()) is None
-        or not kernel.small_mm_wins(x.shape[0], x.shape[1])
+        or not kernel.small_mm_wins(x.shape[0], x.shape[1], weight.shape[0])
     ):
         return F.linear(x, weight, bias)
     out = kernel.small_mm(x.contiguous(), weight)

@@ -72,14 +72,18 @@ static inline float exp_approx(float x) {
 // kernel splits O over them; oneDNN scaled less at these shapes): more than SMALL_M_THREAD rows
 // (the demo's [64, 576] x [576, 3072]: 0.92x at::linear's speed on 1 thread, 1.11x on 2), and K
 // under SHORT_K (a LoRA B: the per-output sums outweigh K / 32 products) at more than SHORT_K_M
-// rows ([16, 64] x [64, 3072]: 121 us on 1 thread, 56 on 2; at::linear 55 on either). SMALL_M:
+// rows ([16, 64] x [64, 3072]: 121 us on 1 thread, 56 on 2; at::linear 55 on either), or at more
+// than one row and SHORT_K_OUTPUTS outputs (2 threads, bf16, us, small_mm vs at::linear: a
+// LoRA on the head, K 32 x O 49152, 209 vs 144 at 4 rows, 804 vs 257 at 16, 84 vs 106 at 1;
+// K 64 x O 3072, 55 vs 41 at 16 rows, 28 vs 34 at 8; K 96 x O 960 at 16, 22 vs 28). SMALL_M:
 // the most rows measured.
 constexpr int64_t SMALL_M = 64, SMALL_M_THREAD = 32, SHORT_K = 128, SHORT_K_M = 8;
+constexpr int64_t SHORT_K_OUTPUTS = 1 << 15;
 
-static bool small_mm_wins(int64_t M, int64_t K) {
+static bool small_mm_wins(int64_t M, int64_t K, int64_t O) {
     const int64_t threads = at::get_num_threads();
     return M >= 1 && M <= std::min(SMALL_M, SMALL_M_THREAD * threads) &&
-           (K >= SHORT_K || M <= SHORT_K_M * threads);
+           (K >= SHORT_K || (M <= SHORT_K_M * threads && (M == 1 || M * O <= SHORT_K_OUTPUTS)));
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -639,7 +643,7 @@ static const Tensor no_bias;
 // rounding, as gemv.linear does), else at::linear (as F.linear).
 static Tensor matmul(const Tensor& x, const Tensor& w, const Tensor& bias) {
     const bool biased = bias.defined() && bias.numel() > 0;
-    if (small_mm_wins(x.size(0), x.size(1)) && w.is_contiguous() &&
+    if (small_mm_wins(x.size(0), x.size(1), w.size(0)) && w.is_contiguous() &&
         x.scalar_type() == w.scalar_type() && (w.scalar_type() == torch::kFloat32 || is_bf16(w))) {
         Tensor out = small_mm(x.contiguous(), w);
         return biased ? out + bias : out;
