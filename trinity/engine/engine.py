@@ -9,10 +9,10 @@
   state in fp32, matmuls under ``torch.autocast(dtype)``. Sampling runs under the same autocast
   so sampler and learner logprobs agree. ``dtype=torch.float32`` turns autocast off (the parity
   tests run that way).
-- ``forward_backward`` packs datums into passes of at most ``micro_batch_tokens`` padded tokens,
-  datums sharing a prompt running it once (trinity/engine/packing.py), and computes their
-  logprobs (trinity/engine/forward.py). Losses are token sums (``losses.py``), gradients
-  accumulate until ``optim_step``.
+- ``forward_backward`` packs datums into passes of at most ``micro_batch_tokens`` tokens,
+  datums sharing a prompt running it once, without padding (trinity/engine/packing.py), and
+  computes their logprobs (trinity/engine/forward.py). Losses are token sums (``losses.py``),
+  gradients accumulate until ``optim_step``.
 - Samplers are frozen snapshots (trinity/engine/samplers.py); ``sample`` decodes the requests
   on every model object in one batch.
 
@@ -79,7 +79,7 @@ TINKER_UNEMBED = "model.unembed_tokens"
 class Engine:
     """Tinker's training and sampling calls over one Hugging Face causal LM."""
 
-    # Padded tokens per forward/backward pass: bounds activation memory (about 2 MB per token in
+    # Tokens per forward/backward pass (padded where rows run alone): bounds activation memory (about 2 MB per token in
     # fp32 for the 135M demo model, half in bf16) at no cost in CPU matmul efficiency.
     micro_batch_tokens = 2048
 
