@@ -79,8 +79,9 @@ TINKER_UNEMBED = "model.unembed_tokens"
 class Engine:
     """Tinker's training and sampling calls over one Hugging Face causal LM."""
 
-    # Tokens per forward/backward pass (padded where rows run alone): bounds activation memory (about 2 MB per token in
-    # fp32 for the 135M demo model, half in bf16) at no cost in CPU matmul efficiency.
+    # Tokens per forward/backward pass (padded where rows run alone): bounds activation memory
+    # (about 2 MB per token in fp32 for the 135M demo model, half in bf16) at no cost in CPU
+    # matmul efficiency.
     micro_batch_tokens = 2048
 
     def __init__(
