@@ -7,7 +7,8 @@ Sections (each a function returning markdown lines; add a section by appending t
   of HF ``generate`` on the demo model (SmolLM2-135M-Instruct, engine dtype) at batch 1 / 16 / 64,
   side by side, each as a fraction of the bound (memory bandwidth at batch 1, matmul peak at 64);
 - training: tokens/s and MFU of ``Engine.forward_backward`` + ``optim_step`` on the demo model,
-  full fine-tuning and LoRA rank 32, batch 8 x 512 (``--quick``: 2 x 128).
+  full fine-tuning and LoRA rank 32, batch 8 x 512 (``--quick``: 2 x 128), and LoRA rank 32 on
+  GRPO-shaped datums (4 prompts x 4 responses, one packed pass).
 
 Results are printed and written to docs/benchmarks.md, one "## title" section each.
 """
@@ -418,16 +419,31 @@ def training_section(ctx: dict) -> list[str]:
     engine = Engine("demo", dtype=ctx.get("train_dtype"))
     n_params = sum(p.numel() for p in engine.base.parameters())
     g = torch.Generator().manual_seed(0)
-    datums = []
-    for _ in range(batch):
-        seq = torch.randint(0, len(engine.tokenizer), (length + 1,), generator=g).tolist()
-        datums.append(
-            ttypes.Datum(
-                model_input=ttypes.ModelInput.from_ints(seq[:-1]),
-                loss_fn_inputs={"target_tokens": seq[1:], "weights": [1.0] * length},
-            )
+
+    def datum(seq: list[int], scored_from: int = 0) -> ttypes.Datum:
+        weights = [0.0] * scored_from + [1.0] * (len(seq) - 1 - scored_from)
+        return ttypes.Datum(
+            model_input=ttypes.ModelInput.from_ints(seq[:-1]),
+            loss_fn_inputs={"target_tokens": seq[1:], "weights": weights},
         )
+
+    vocab = len(engine.tokenizer)
+    datums = [
+        datum(torch.randint(0, vocab, (length + 1,), generator=g).tolist()) for _ in range(batch)
+    ]
     tokens = batch * length
+    # GRPO's shape (bench/grpo_step.py): 4 prompts of 38 tokens x 4 responses of 8-64 tokens,
+    # one packed pass (each prompt once, no padding); its tokens count each prompt once.
+    grpo_datums, grpo_tokens = [], 0
+    for _ in range(4):
+        prompt = torch.randint(0, vocab, (38,), generator=g).tolist()
+        grpo_tokens += len(prompt)
+        for _ in range(4):
+            n = int(torch.randint(8, 65, (1,), generator=g))
+            grpo_datums.append(
+                datum(prompt + torch.randint(0, vocab, (n,), generator=g).tolist(), 37)
+            )
+            grpo_tokens += n - 1
     adam = ttypes.AdamParams(learning_rate=1e-5)
     lines = [
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} "
@@ -435,7 +451,9 @@ def training_section(ctx: dict) -> list[str]:
         "these cores; every figure below moves with their load).",
         f"Model: SmolLM2-135M-Instruct ({n_params / 1e6:.0f} M parameters), engine dtype "
         f"{str(engine.dtype).removeprefix('torch.')} (`default_dtype`: bf16 only where the CPU "
-        f"has AMX / AVX512-BF16), batch {batch} x {length} tokens, cross_entropy; "
+        f"has AMX / AVX512-BF16), batch {batch} x {length} tokens (GRPO-shaped: 4 prompts of 38 "
+        f"tokens x 4 responses of 8-64, {grpo_tokens} tokens with each prompt once), "
+        "cross_entropy; "
         f"median of {ctx['train_repeats']} steps after {WARMUP_STEPS} warm-up steps, the two "
         f"models' steps interleaved, timed by {CLOCK_NAMES[CLOCK]}.",
         "FLOPs/token: full 6 N; LoRA 4 N + 6 N_lora (see bench/engine.py). MFU = achieved / "
@@ -445,30 +463,37 @@ def training_section(ctx: dict) -> list[str]:
         "| peak TFLOP/s | MFU |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    specs = {"full fine-tune": None, "LoRA rank 32": LoraSpec(rank=32, seed=0)}
-    steps: dict[str, list[tuple[float, float, float]]] = {label: [] for label in specs}
-    for label, spec in specs.items():
+    lora_spec = LoraSpec(rank=32, seed=0)
+    runs = {  # label: (LoRA spec or None for full fine-tuning, datums, tokens)
+        "full fine-tune": (None, datums, tokens),
+        "LoRA rank 32": (lora_spec, datums, tokens),
+        "LoRA rank 32, GRPO-shaped": (lora_spec, grpo_datums, grpo_tokens),
+    }
+    steps: dict[str, list[tuple[float, float, float]]] = {label: [] for label in runs}
+    for label, (spec, _, _) in runs.items():
         engine.create_model(label, spec)
     peaks = {dtype: matmul_peak_tflops(dtype) for dtype in (torch.float32, torch.bfloat16)}
-    # Interleaved (full, LoRA, full, ...) so both see the same background load.
+    # Interleaved (full, LoRA, GRPO-shaped, full, ...) so all see the same background load.
     for _ in range(ctx["train_repeats"] + WARMUP_STEPS):
-        for label in specs:
-            fb = _timed(lambda label=label: engine.forward_backward(label, datums, "cross_entropy"))
+        for label, (_, run_datums, _) in runs.items():
+            fb = _timed(
+                lambda label=label, d=run_datums: engine.forward_backward(label, d, "cross_entropy")
+            )
             opt = _timed(lambda label=label: engine.optim_step(label, adam))
             steps[label].append((fb + opt, fb, opt))
     peaks = {dtype: max(best, matmul_peak_tflops(dtype)) for dtype, best in peaks.items()}
     peak = peaks[engine.dtype]
-    for label, spec in specs.items():
+    for label, (spec, _, run_tokens) in runs.items():
         trainable = engine.model_info(label)["trainable_parameters"]
         if spec is not None:
             lora = trainable  # for the arithmetic below
-        flops = tokens * (6 * n_params if spec is None else 4 * n_params + 6 * trainable)
+        per_token = 6 * n_params if spec is None else 4 * n_params + 6 * trainable
         measured = sorted(steps[label][WARMUP_STEPS:])
         total, fb, opt = measured[len(measured) // 2]
-        achieved = flops / total / 1e12
+        achieved = run_tokens * per_token / total / 1e12
         lines.append(
             f"| {label} | {trainable / 1e6:.2f} M | {fb:.2f} | {opt:.2f} | "
-            f"{tokens / total:.0f} | {achieved:.3f} | {peak:.3f} | "
+            f"{run_tokens / total:.0f} | {achieved:.3f} | {peak:.3f} | "
             f"{100 * achieved / peak:.0f}% |"
         )
         print(lines[-1], flush=True)
@@ -493,15 +518,14 @@ TRAINING_NOTES = [
     "the matmul dtype, so the backward needs no second logits matmul; a frozen unembedding gets "
     "no weight gradient), training attention by query blocks of batched matmuls "
     "(trinity/engine/attention.py: PyTorch's CPU flash-attention backward ran at a few GFLOP/s), "
-    "fused torch AdamW (one memory pass), micro-batches of 2048 padded tokens, and "
+    "fused torch AdamW (one memory pass), micro-batches of 2048 tokens, and "
     "`configure_process` keeping freed memory (glibc otherwise unmaps every freed tensor of "
     "more than 128 KiB, and the page faults of the next allocation made an elementwise op into "
     "a fresh 4 MiB tensor 10x slower on a VM, a rank-32 LoRA matmul 6x). bf16 is used only "
     "where the CPU computes it natively: without AVX512-BF16 / AMX a bf16 matmul runs at well "
     "under 1 GFLOP/s. torch.compile is not used (minutes of compilation on 2 cores, and peft "
-    "adapters come and go at run time). Not in this table (random tokens share no prefix): "
-    "datums that share a prompt run it once, several prompts per pass (GRPO's 4 prompts x 4 "
-    "samples: fwd/bwd 4.7 s instead of 6.7 s).",
+    "adapters come and go at run time). Datums that share a prompt run it once, several prompts "
+    "and their responses packed in one row without padding (the GRPO-shaped row).",
 ]
 
 
