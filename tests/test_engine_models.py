@@ -41,6 +41,19 @@ def greedy(engine: Engine, adapter: str | None) -> tuple[list[int], list[float]]
     return response.sequences[0].tokens, response.prompt_logprobs[1:]
 
 
+def test_every_module_stays_in_eval_mode_through_training_and_sampling(engine):
+    """No dropout anywhere, ever: a datum's logprobs are the sampler's. (peft's wrapper starts in
+    training mode, and a sample call that found it so switched every module to training mode.)"""
+    engine.create_model("modes", LoraSpec(rank=4, seed=0))
+    train(engine, "modes", 1)
+    engine.snapshot_sampler("modes", "modes-sampler")
+    greedy(engine, "modes-sampler")
+    train(engine, "modes", 1)
+    assert not [n for n, m in engine._adapters.shared_module().named_modules() if m.training]
+    engine.drop_sampler("modes-sampler")
+    engine.remove_model("modes")
+
+
 def test_save_load_continues_like_uninterrupted(engine, tmp_path):
     engine.create_model("run", LoraSpec(rank=4, seed=0))
     train(engine, "run", 2)

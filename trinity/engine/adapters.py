@@ -93,13 +93,17 @@ class Adapters:
             if spec.seed is not None:
                 torch.manual_seed(spec.seed)
             if self.peft is None:
-                self.peft = get_peft_model(self.base, config, adapter_name=adapter)
+                # peft's wrapper starts in training mode; the engine runs in eval mode (no
+                # dropout: a datum's logprobs are the sampler's), and a sample call that found
+                # it training would switch every module to training mode after it.
+                self.peft = get_peft_model(self.base, config, adapter_name=adapter).eval()
             else:
                 self.peft.add_adapter(adapter, config)
         for module in self._lora_layers():
             if adapter in module.lora_A:
-                module.lora_A[adapter].float()
-                module.lora_B[adapter].float()
+                module.lora_A[adapter].float().eval()  # new modules start in training mode
+                module.lora_B[adapter].float().eval()
+                module.lora_dropout[adapter].eval()
                 # Under autocast the input needs no cast to the fp32 adapter weights.
                 module.cast_input_dtype_enabled = self.dtype == torch.float32
         self._fix_active_adapter()
