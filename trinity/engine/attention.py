@@ -93,11 +93,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     length = query.shape[2]
     masked = attention_mask is not None and attention_mask.dtype == torch.bool
     columns = block_columns(attention_mask) if masked and torch.is_grad_enabled() else None
-    widest = (
-        key.shape[2]
-        if not columns
-        else max(key.shape[2] if c is None else c.numel() for c in columns)
-    )
+    widest = max(key.shape[2] if c is None else c.numel() for c in columns or [None])
     if (
         torch.is_grad_enabled()
         and getattr(module, "is_causal", True)

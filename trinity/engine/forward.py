@@ -3,8 +3,9 @@
 A pass (trinity/engine/packing.py) is either rows run alone, right-padded (no attention mask:
 right padding never precedes a real token), or clusters with a shared prefix packed into one row
 without padding (every prefix, then every member's suffix) under a mask that lets a suffix see
-its cluster's prefix: one decoder call. Hidden states of the real tokens go through ``logprobs.target_logprobs`` (chunked, no full fp32
-logits); gradients flow back through the shared parts.
+its cluster's prefix: one decoder call. Hidden states of the real tokens go through
+``logprobs.target_logprobs`` (chunked, no full fp32 logits); gradients flow back through the
+shared parts.
 """
 
 from __future__ import annotations
