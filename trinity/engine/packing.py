@@ -124,12 +124,15 @@ def micro_batches(
         if prefix == 0:
             alone.extend(members)
             continue
-        chunks: list[tuple[list[Example], int]] = []  # (members, tokens with the prefix)
+        chunks: list[list[Example]] = [[]]
+        sizes = [prefix]  # each chunk's tokens, its prefix included
         for e in members:
-            if not chunks or chunks[-1][1] + e.length - prefix > max_tokens:
-                chunks.append(([], prefix))
-            chunks[-1] = ([*chunks[-1][0], e], chunks[-1][1] + e.length - prefix)
-        for chunk, size in chunks:
+            if chunks[-1] and sizes[-1] + e.length - prefix > max_tokens:
+                chunks.append([])
+                sizes.append(prefix)
+            chunks[-1].append(e)
+            sizes[-1] += e.length - prefix
+        for chunk, size in zip(chunks, sizes, strict=True):
             if not shared or cost + size > max_tokens:
                 shared.append([])
                 cost = 0
