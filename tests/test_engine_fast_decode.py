@@ -205,6 +205,68 @@ def test_only_the_adapter_terms_refreshed_after_a_lora_update(models):
             lora_b.copy_(saved)
 
 
+def cache_layers(weights, rows=3, width=4, seed=0):
+    """A prefill's (keys, values) per layer: random, [rows, Hkv, width, D]."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (rows, weights.kv_heads, width, weights.head_dim)
+    return [
+        (torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+        for _ in range(weights.layers_n)
+    ]
+
+
+def test_static_cache_reuses_a_dropped_cache_buffer(models):
+    """A decode cache's buffer goes back to the thread's pool when the cache is dropped or
+    outgrown, and the next cache takes it (no fresh pages per sampling call); a live cache's
+    buffer is never handed out twice."""
+    weights = fast_decode.build(models[0])
+    layers = cache_layers(weights)
+    first = fast_decode.StaticCache.from_layers(weights, layers, 6)
+    address = first.keys.data_ptr()
+    torch.testing.assert_close(first.keys[1, :, :, :4], layers[1][0], rtol=0, atol=0)
+    assert first.values[1, :, :, 4:].abs().sum() == 0  # zeroed past the prefill
+    second = fast_decode.StaticCache.from_layers(weights, layers, 6)
+    assert second.keys.data_ptr() != address  # the first is alive
+    del second
+    first.grow(12)  # outgrows its buffer: the dropped second one's is too small, so a new one
+    grown = first.keys.data_ptr()
+    assert grown != address
+    torch.testing.assert_close(first.values[1, :, :, :4], layers[1][1], rtol=0, atol=0)
+    again = fast_decode.StaticCache.from_layers(weights, layers, 6)
+    assert again.keys.data_ptr() == address  # the buffer ``first`` outgrew
+    del first
+    last = fast_decode.StaticCache.from_layers(weights, layers, 12)
+    assert last.keys.data_ptr() == grown
+
+
+def test_cache_sized_to_the_longest_request(models, monkeypatch):
+    """The cache has a column for each token a row may still generate, not a fixed 256."""
+    plain, _, tokenizer = models
+    capacities = []
+    real = fast_decode.StaticCache.from_layers.__func__
+
+    def recorded(cls, weights, layers, capacity):
+        capacities.append(capacity)
+        return real(cls, weights, layers, capacity)
+
+    monkeypatch.setattr(fast_decode.StaticCache, "from_layers", classmethod(recorded))
+    decode(plain, tokenizer, requests([None] * 3))  # max_tokens 12, 3, 7
+    assert capacities == [max(len(p) for p in PROMPTS) + 12]
+
+
+def test_static_cache_select_compacts_in_place(models):
+    """Dropping rows moves the kept ones to the front of the cache's own buffer, any order."""
+    weights = fast_decode.build(models[0])
+    cache = fast_decode.StaticCache.from_layers(weights, cache_layers(weights, rows=5), 7)
+    keys, values = cache.keys.clone(), cache.values.clone()
+    start = cache.keys.data_ptr()
+    index = torch.tensor([4, 1, 3])
+    cache.select(index)
+    assert cache.keys.data_ptr() == start and cache.keys.is_contiguous()
+    torch.testing.assert_close(cache.keys, keys[:, index], rtol=0, atol=0)
+    torch.testing.assert_close(cache.values, values[:, index], rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_compiled_equals_reference(models):
     _, peft, tokenizer = models
