@@ -48,3 +48,48 @@ def test_logprobs_and_every_gradient_match_log_softmax(monkeypatch, keep_bytes):
         torch.testing.assert_close(
             a, e.float(), atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
         )
+
+
+class MatmulCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts aten.mm calls (the logits matmuls and their gradients)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mm = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.mm += func is torch.ops.aten.mm.default or func is torch.ops.aten.mm.out
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_returned_entropy_keeps_the_probabilities(monkeypatch):
+    """An entropy returned without its gradient (a logged metric): the same entropy and
+    gradients as the differentiable one, the backward on kept probabilities (as many matmuls
+    as without any entropy: no logits recomputed), and no gradient path through it."""
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 1000)
+    leaves, targets_N, grad_N = kernel_inputs()
+    results = {}
+    for mode, (want, grad) in {"none": (False, True), "grad": (True, True)}.items():
+        results[mode] = run_counted(leaves, targets_N, grad_N, want, grad)
+    returned = run_counted(leaves, targets_N, grad_N, True, False)
+    assert not returned["entropy"].requires_grad
+    torch.testing.assert_close(returned["entropy"], results["grad"]["entropy"].detach())
+    for key in ("logprobs", "grads"):
+        torch.testing.assert_close(returned[key], results["grad"][key], atol=1e-5, rtol=1e-5)
+    assert returned["backward_mm"] == results["none"]["backward_mm"]
+    assert results["grad"]["backward_mm"] > returned["backward_mm"]  # it recomputes
+
+
+def run_counted(leaves, targets_N, grad_N, want_entropy, entropy_grad):
+    leaves = [x.detach().requires_grad_() for x in leaves]
+    logprobs_N, entropy_N = logprobs.target_logprobs(
+        *leaves[:2], targets_N, *leaves[2:], want_entropy, entropy_grad
+    )
+    with MatmulCount() as count:
+        logprobs_N.backward(grad_N)
+    return {
+        "logprobs": logprobs_N.detach(),
+        "entropy": entropy_N,
+        "grads": torch.cat([x.grad.flatten() for x in leaves]),
+        "backward_mm": count.mm,
+    }

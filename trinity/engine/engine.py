@@ -243,13 +243,14 @@ class Engine:
         total = 0.0
         for clusters in micro_batches(examples, self.micro_batch_tokens, self._share_prefixes):
             group = [e for _, members in clusters for e in members]
-            # an entropy term (losses.ENTROPY_WEIGHTS) needs the entropy, with its gradient
+            # an entropy term (losses.ENTROPY_WEIGHTS) needs the entropy, with its gradient; a
+            # returned one alone needs no gradient (and the backward then keeps probabilities)
             weighted = any(
                 losses.ENTROPY_WEIGHTS in d.loss_fn_inputs for d in (datums[e.index] for e in group)
             )
             with torch.set_grad_enabled(not forward_only):
                 logprobs_N, entropy_N = self._forward.logprobs(
-                    model.module, model.adapter, clusters, return_entropy or weighted
+                    model.module, model.adapter, clusters, return_entropy or weighted, weighted
                 )
                 inputs = {k: v.to(self.device) for k, v in batch_inputs(group, config).items()}
                 loss = losses.token_losses(loss_fn, logprobs_N, inputs, config).sum()

@@ -76,16 +76,22 @@ class Forward:
         )
 
     def logprobs(
-        self, module: nn.Module, adapter: str | None, clusters: list[Cluster], want_entropy: bool
+        self,
+        module: nn.Module,
+        adapter: str | None,
+        clusters: list[Cluster],
+        want_entropy: bool,
+        entropy_grad: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logprobs_N, entropy_N) over the real tokens of the pass, rows concatenated in
-        cluster and member order; ``entropy_N`` is empty unless wanted.
+        cluster and member order; ``entropy_N`` is empty unless wanted, and differentiable
+        unless ``entropy_grad`` is False (``logprobs.target_logprobs``).
 
         In a shared-prefix pass the prefix positions whose targets also agree go through the
         unembedding once per cluster.
         """
         if clusters[0].prefix == 0:
-            return self._unshared(module, adapter, clusters[0].members, want_entropy)
+            return self._unshared(module, adapter, clusters[0].members, want_entropy, entropy_grad)
         inputs = packed_pass(clusters, self.window)
         with self.autocast():
             hidden_NH = module.get_decoder()(
@@ -124,12 +130,18 @@ class Forward:
             torch.cat(hidden_parts).to(self.dtype),
             torch.cat(target_parts),
             want_entropy,
+            entropy_grad,
         )
         index_N = torch.cat(index_parts).to(self.device)
         return logprobs_M[index_N], entropy_M[index_N] if want_entropy else entropy_M
 
     def _unshared(
-        self, module: nn.Module, adapter: str | None, group: list[Example], want_entropy: bool
+        self,
+        module: nn.Module,
+        adapter: str | None,
+        group: list[Example],
+        want_entropy: bool,
+        entropy_grad: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if max(e.length for e in group) == 0:
             empty = torch.zeros(0, device=self.device)
@@ -144,7 +156,9 @@ class Forward:
         else:
             hidden_NH = hidden_BTH[mask_BT.to(self.device)].to(self.dtype)
         targets_N = torch.cat([e.inputs["target_tokens"] for e in group]).to(self.device)
-        return self._head_logprobs(module, adapter, hidden_NH, targets_N, want_entropy)
+        return self._head_logprobs(
+            module, adapter, hidden_NH, targets_N, want_entropy, entropy_grad
+        )
 
     def _head_logprobs(
         self,
@@ -153,15 +167,20 @@ class Forward:
         hidden_NH: torch.Tensor,
         targets_N: torch.Tensor,
         want_entropy: bool,
+        entropy_grad: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Target logprobs through the unembedding of ``module``, with ``adapter``'s LoRA on it."""
         head = module.get_output_embeddings()
         weight_VH = getattr(head, "base_layer", head).weight.to(self.dtype)
         if adapter is None or not hasattr(head, "lora_A") or adapter not in head.lora_A:
-            return target_logprobs(hidden_NH, weight_VH, targets_N, want_entropy=want_entropy)
+            return target_logprobs(
+                hidden_NH, weight_VH, targets_N, None, None, want_entropy, entropy_grad
+            )
         # A LoRA on the unembedding adds (s * h A^T) B^T to the logits: the kernel takes the
         # low-rank term separately, so the frozen weight gets no gradient computed.
         a_RH = head.lora_A[adapter].weight.to(self.dtype)
         low_NR = head.scaling[adapter] * (hidden_NH @ a_RH.T)
         b_VR = head.lora_B[adapter].weight.to(self.dtype)
-        return target_logprobs(hidden_NH, weight_VH, targets_N, low_NR, b_VR, want_entropy)
+        return target_logprobs(
+            hidden_NH, weight_VH, targets_N, low_NR, b_VR, want_entropy, entropy_grad
+        )

@@ -7,8 +7,9 @@ LoRA on the unembedding (``low = scaling * hidden @ A.T``). The forward walks to
 time, and keeps the per-token logsumexp (and entropy) and, when gradients will be asked for, the
 probabilities in the matmul dtype (N x V: 200 MB in bf16 for a 2048-token pass of a 49k
 vocabulary), so the backward needs no second logits matmul (the kernel took 1.3x less time with
-them; docs/benchmarks.md). An entropy gradient, which needs log p, and a pass whose probabilities
-would exceed ``KEEP_PROBS_BYTES`` recompute the logits instead.
+them; docs/benchmarks.md). An entropy only returned (``entropy_grad=False``: a logged metric) is
+computed beside them; an entropy gradient, which needs log p, and a pass whose probabilities would
+exceed ``KEEP_PROBS_BYTES`` recompute the logits instead.
 The backward walks *vocabulary* chunks for all tokens at once, so each chunk yields its slice of
 the weight gradients complete (no V x H accumulator) while the small N x H input gradients
 accumulate in fp32. Gradients are computed only for inputs that need them: a frozen unembedding
@@ -50,7 +51,7 @@ def _workspace(hidden, rows: int, cols: int):
 
 class _TargetLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, low_NR, b_VR, targets_N, want_entropy, keep):
+    def forward(ctx, hidden_NH, weight_VH, low_NR, b_VR, targets_N, want_entropy, keep, fixed):
         n, vocab = hidden_NH.shape[0], weight_VH.shape[0]
         chunk = max(1, CHUNK_ELEMENTS // vocab)
         logprobs_N = hidden_NH.new_empty(n, dtype=torch.float32)
@@ -78,6 +79,8 @@ class _TargetLogprobs(torch.autograd.Function):
             if want_entropy:
                 exp_CV = torch.exp(s_CV, out=shifted[:size])
                 z_C = exp_CV.sum(-1)
+                if keep:
+                    torch.div(exp_CV, z_C[:, None], out=probs_NV[rows])
                 entropy_N[rows] = z_C.log() - exp_CV.mul_(s_CV).sum(-1) / z_C
             else:
                 z_C = s_CV.exp_().sum(-1)
@@ -90,6 +93,8 @@ class _TargetLogprobs(torch.autograd.Function):
             hidden_NH, weight_VH, low_NR, b_VR, targets_N, lse_N, entropy_N, probs_NV
         )
         ctx.set_materialize_grads(False)
+        if fixed:  # returned, never differentiated: the kept probabilities have no log p
+            ctx.mark_non_differentiable(entropy_N)
         return logprobs_N, entropy_N
 
     @staticmethod
@@ -153,7 +158,7 @@ class _TargetLogprobs(torch.autograd.Function):
             grad_hidden = grad_hidden.to(hidden_NH.dtype)
         if grad_low is not None:
             grad_low = grad_low.to(low_NR.dtype)
-        return grad_hidden, grad_weight, grad_low, grad_b, None, None, None
+        return grad_hidden, grad_weight, grad_low, grad_b, None, None, None, None
 
 
 def target_logprobs(
@@ -163,8 +168,11 @@ def target_logprobs(
     low_NR: Tensor | None = None,
     b_VR: Tensor | None = None,
     want_entropy: bool = False,
+    entropy_grad: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """(logprobs_N, entropy_N) in fp32; entropy (differentiable) is empty unless requested.
+    """(logprobs_N, entropy_N) in fp32; entropy is empty unless requested, and differentiable
+    unless ``entropy_grad`` is False (then the backward keeps its probabilities: no second
+    logits matmul).
 
     ``low_NR`` / ``b_VR``: an optional low-rank logit term ``low @ b.T`` (both or neither).
     """
@@ -173,10 +181,13 @@ def target_logprobs(
         b_VR = weight_VH.new_zeros(weight_VH.shape[0], 0)
     # Probabilities kept for the backward (N x V in the matmul dtype) when there will be one,
     # unless the entropy's gradient needs log p or they would be too big: then it recomputes.
+    fixed = want_entropy and not entropy_grad
     keep = (
         torch.is_grad_enabled()
         and any(t.requires_grad for t in (hidden_NH, weight_VH, low_NR, b_VR))
-        and not want_entropy
+        and (fixed or not want_entropy)
         and hidden_NH.shape[0] * weight_VH.shape[0] * hidden_NH.element_size() <= KEEP_PROBS_BYTES
     )
-    return _TargetLogprobs.apply(hidden_NH, weight_VH, low_NR, b_VR, targets_N, want_entropy, keep)
+    return _TargetLogprobs.apply(
+        hidden_NH, weight_VH, low_NR, b_VR, targets_N, want_entropy, keep, fixed
+    )
