@@ -21,7 +21,8 @@ with the same roundings, but rmsnorm fused with the residual add before it, rota
 cache writes, a one-query GQA attention over each row's valid columns (one pass over its keys, one
 over its values, fp32 softmax) instead of SDPA (whose CPU kernel costs per row and head, not per
 FLOP), SiLU-and-multiply in one pass, and no Python between the ops. LoRA goes in as the same
-masked low-rank terms. Its matmuls, LoRA terms included, are the engine's small-M kernel where
+masked low-rank terms, each B product added by outer products (``low_rank_add``: no per-output
+sums over the rank). Its other matmuls, LoRA A included, are the engine's small-M kernel where
 that beats at::linear (``small_mm``: up to 32 rows a thread; at batch 16 a step went from 45 to
 30 ms). Without the build, or with ``TRINITY_FUSED_DECODE=0``, or under
 ``torch.compile``, the step is the torch ops above (matmuls of a few rows still by the kernel), and
@@ -43,6 +44,7 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -254,13 +256,12 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * normed.to(x.dtype)
 
 
-def _apply(proj: _Proj, x: torch.Tensor, lora) -> torch.Tensor:
+def _apply(proj: _Proj, x: torch.Tensor, lora: LoraTerm | None) -> torch.Tensor:
     out = gemv.linear(x, proj.weight_OI, proj.bias_O)
     if lora is not None:
-        a_NI, b_ON, mask_BN = lora
-        low_BN = gemv.linear(x, a_NI, None)
-        low_BN = low_BN if mask_BN is None else low_BN * mask_BN
-        out = out + gemv.linear(low_BN, b_ON, None).to(out.dtype)
+        low_BN = gemv.linear(x, lora.a_NI, None)
+        low_BN = low_BN if lora.mask_BN is None else low_BN * lora.mask_BN
+        out = out + gemv.linear(low_BN, lora.b_ON, None).to(out.dtype)
     return out
 
 
@@ -284,7 +285,9 @@ def lora_rows(lora: list | None, index: torch.Tensor) -> list | None:
     gathered (a batch's rows from its prefill rows, the live rows of a compacted batch)."""
     if lora is None:
         return None
-    return [p if p is None or p[2] is None else (p[0], p[1], p[2][index]) for p in lora]
+    return [
+        p if p is None or p.mask_BN is None else p._replace(mask_BN=p.mask_BN[index]) for p in lora
+    ]
 
 
 class StaticCache:
@@ -393,13 +396,26 @@ def _take(numel: int, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(numel)
 
 
+class LoraTerm(NamedTuple):
+    """A projection's adapters for one batch: ``a_NI`` (A_cat), ``b_ON`` (B_cat, scaling
+    folded in), ``mask_BN`` (each row's block of the rank, None when every row has the one
+    adapter present), and ``b_packed`` (B_cat as the native ``low_rank_add`` takes it:
+    [N / S, O, S], S = 2 for bf16, whose pairs it multiplies, else 1)."""
+
+    a_NI: torch.Tensor
+    b_ON: torch.Tensor
+    mask_BN: torch.Tensor | None
+    b_packed: torch.Tensor
+
+
 def lora_inputs(weights: Weights, adapters_B: list[str] | None, device) -> list | None:
-    """Per projection (layer order, then the head): (A_cat, B_cat, row mask) for this batch's
-    adapter mix, or None for projections without any of its adapters.
+    """Per projection (layer order, then the head): the ``LoraTerm`` of this batch's adapter
+    mix, or None for projections without any of its adapters.
 
     In the base weights' dtype, cast once per batch: under bf16 autocast every step would
     otherwise cast the fp32 adapter weights again (the matmuls run in bf16 either way, so the
-    results are the same). The mask is None when every row has the one adapter present."""
+    results are the same). In bf16 an odd total rank gets a zero row in A and column in B (the
+    native kernel multiplies pairs)."""
     if adapters_B is None:
         return None
     names = sorted(set(adapters_B))
@@ -414,8 +430,12 @@ def lora_inputs(weights: Weights, adapters_B: list[str] | None, device) -> list 
             continue
         a = torch.cat([proj.a_by[n] for n in present]).to(dtype)
         b = torch.cat([proj.b_by[n] for n in present], dim=1).to(dtype)
+        pair = 2 if dtype == torch.bfloat16 else 1
+        if a.shape[0] % pair:
+            a, b = F.pad(a, (0, 0, 0, 1)), F.pad(b, (0, 1))
+        packed = b.view(b.shape[0], -1, pair).transpose(0, 1).contiguous()
         if len(names) == 1:  # every row has this adapter
-            out.append((a, b, None))
+            out.append(LoraTerm(a, b, None, packed))
             continue
         mask = torch.zeros(len(adapters_B), a.shape[0], dtype=dtype)
         col = 0
@@ -424,7 +444,7 @@ def lora_inputs(weights: Weights, adapters_B: list[str] | None, device) -> list 
             rows = [i for i, name in enumerate(adapters_B) if name == n]
             mask[rows, col : col + r] = 1.0
             col += r
-        out.append((a, b, mask.to(device)))
+        out.append(LoraTerm(a, b, mask.to(device), packed))
     return out
 
 
@@ -453,7 +473,11 @@ def decode_step(
             weights.flat,
             []
             if lora is None
-            else [_ABSENT if t is None else t for term in lora for t in (term or (None,) * 3)],
+            else [
+                _ABSENT if t is None else t
+                for term in lora
+                for t in ((term.a_NI, term.b_packed, term.mask_BN) if term else (None,) * 3)
+            ],
             keys_LBHTD,
             values_LBHTD,
             cos_B1D[:, 0],
@@ -524,7 +548,9 @@ def prefill(
     per_token = None
     if lora is not None:  # the row masks per token; the head's stay per row (last position)
         per_token = [
-            p if p is None or p[2] is None else (p[0], p[1], p[2].repeat_interleave(width, 0))
+            p
+            if p is None or p.mask_BN is None
+            else p._replace(mask_BN=p.mask_BN.repeat_interleave(width, 0))
             for p in lora[:-1]
         ]
     valid_UT = mask_UT.bool()

@@ -283,6 +283,130 @@ Tensor small_mm(Tensor x, Tensor w) {
     return y;
 }
 
+// ---- the low-rank term of a LoRA'd projection: y += low @ b.T, K the rank ----
+// Why: as a matmul (small_mm's dot products, or at::linear) a LoRA B costs its per-output sums
+// over a K of 32-96: the demo model's gate-up B, [16, 64] x [64, 3072], took 42 us, the four of
+// a layer ~84 us (2 threads, bf16), ~2.5 ms of a batch-16 step. Here as outer products: a tile
+// of rows x 64 outputs of fp32 sums in registers, each b chunk loaded once for all the tile's
+// rows, ``low`` broadcast; no horizontal sums. ``bp`` is b packed [K / S, O, S]: S = 2 for bf16
+// (the pairs ``vdpbf16ps`` multiplies: K even, fast_decode.lora_inputs pads it), 1 for fp32.
+// Rounding as fast_decode._apply: the product rounded to T, then the sum with y rounded to T.
+template <class T> constexpr int64_t PAIR = sizeof(T) == 2 ? 2 : 1;
+
+#if defined(__AVX512F__)
+// 16 fp32 / bf16 values as fp32 (bf16 widened by a shift).
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const uint16_t* p) {
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+constexpr int LOW_ROWS = 4, LOW_VECS = 4;  // a tile: 4 rows x 64 outputs
+
+static inline __m512 bcast(const float* p) { return _mm512_set1_ps(*p); }
+static inline __m512i bcast(const uint16_t* p) {
+    int32_t pair;
+    std::memcpy(&pair, p, sizeof(pair));
+    return _mm512_set1_epi32(pair);
+}
+static inline __m512 round16(__m512 v, float) { return v; }
+static inline __m512 round16(__m512 v, uint16_t) {  // to bf16 and back, as ``narrow``
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_and_si512(
+        _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))),
+        _mm512_set1_epi32(int32_t(0xffff0000u)));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                              _mm512_set1_epi32(int32_t(0x7fc00000u)));
+    return _mm512_castsi512_ps(r);
+}
+static inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+static inline void store16(uint16_t* p, __m512 v) {  // v holds bf16 values exactly
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+}
+
+template <class T, int NR, int NV>
+static inline void low_tile(const T* low, const T* bp, T* y, int64_t K, int64_t O, int64_t o) {
+    using C = Chunk<T>;
+    constexpr int64_t S = PAIR<T>;
+    __m512 acc[NR][NV];
+    for (int r = 0; r < NR; ++r)
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += S) {
+        typename C::R bv[NV];
+        for (int v = 0; v < NV; ++v) bv[v] = C::load(bp + ((k / S) * O + o + 16 * v) * S);
+        for (int r = 0; r < NR; ++r) {
+            const auto a = bcast(low + r * K + k);
+            for (int v = 0; v < NV; ++v) acc[r][v] = C::madd(acc[r][v], bv[v], a);
+        }
+    }
+    for (int r = 0; r < NR; ++r)
+        for (int v = 0; v < NV; ++v) {
+            T* yp = y + r * O + o + 16 * v;
+            store16(yp, round16(_mm512_add_ps(load16(yp), round16(acc[r][v], T())), T()));
+        }
+}
+
+template <class T, int NV>
+static void low_rows(const T* low, const T* bp, T* y, int64_t M, int64_t K, int64_t O,
+                     int64_t o) {
+    int64_t m = 0;
+    for (; m + LOW_ROWS <= M; m += LOW_ROWS)
+        low_tile<T, LOW_ROWS, NV>(low + m * K, bp, y + m * O, K, O, o);
+    switch (M - m) {
+        case 3: low_tile<T, 3, NV>(low + m * K, bp, y + m * O, K, O, o); break;
+        case 2: low_tile<T, 2, NV>(low + m * K, bp, y + m * O, K, O, o); break;
+        case 1: low_tile<T, 1, NV>(low + m * K, bp, y + m * O, K, O, o); break;
+    }
+}
+#endif
+
+// Outputs [b, e) of y += low @ b.T (the vector tiles where AVX-512 is there, else and for a
+// last partial vector one output at a time).
+template <class T>
+static void low_range(const T* low, const T* bp, T* y, int64_t M, int64_t K, int64_t O,
+                      int64_t b, int64_t e) {
+    constexpr int64_t S = PAIR<T>;
+    int64_t o = b;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    for (; o + 16 * LOW_VECS <= e; o += 16 * LOW_VECS) low_rows<T, LOW_VECS>(low, bp, y, M, K, O, o);
+    for (; o + 16 <= e; o += 16) low_rows<T, 1>(low, bp, y, M, K, O, o);
+#endif
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t i = o; i < e; ++i) {
+            float acc = 0;
+            for (int64_t k = 0; k < K; ++k) acc += f32(low[m * K + k]) * f32(bp[((k / S) * O + i) * S + k % S]);
+            y[m * O + i] = store<T>(f32(y[m * O + i]) + rnd<T>(acc));
+        }
+}
+
+// y [M, O] += low [M, K] @ b.T in place, ``bp`` b packed [K / S, O, S] (see above); y, low and
+// bp of one dtype (fp32 or bf16), contiguous.
+void low_rank_add(Tensor y, Tensor low, Tensor bp) {
+    const int64_t M = y.size(0), O = y.size(1), K = low.size(1);
+    TORCH_CHECK(y.is_contiguous() && low.is_contiguous() && bp.is_contiguous());
+    TORCH_CHECK(y.scalar_type() == low.scalar_type() && y.scalar_type() == bp.scalar_type());
+    TORCH_CHECK(y.scalar_type() == torch::kFloat32 || is_bf16(y), "low_rank_add: dtype");
+    const int64_t S = is_bf16(y) ? 2 : 1;
+    TORCH_CHECK(low.size(0) == M && bp.dim() == 3 && bp.size(0) * S == K && bp.size(1) == O &&
+                    bp.size(2) == S,
+                "low_rank_add: low [M, K], bp [K / S, O, S] (bf16: S = 2, K even; fp32: S = 1)");
+    // Tasks of 64 outputs, at least ~64k multiply-adds each.
+    const int64_t blocks = (O + 63) / 64;
+    const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, 64 * M * K));
+    at::parallel_for(0, blocks, grain, [&](int64_t b, int64_t e) {
+        b *= 64;
+        e = std::min(O, e * 64);
+        if (is_bf16(y))
+            low_range(data<uint16_t>(low), data<uint16_t>(bp), data<uint16_t>(y), M, K, O, b, e);
+        else
+            low_range(data<float>(low), data<float>(bp), data<float>(y), M, K, O, b, e);
+    });
+}
+
 // ---- rmsnorm, with the residual add before it ----
 
 // One row: x += delta (in place, when given), then out = w * (x * rsqrt(mean(x^2) + eps)), the
@@ -390,14 +514,6 @@ void rope_write(Tensor qkv, Tensor cos, Tensor sin, Tensor keys, Tensor values, 
 }
 
 // ---- one-query attention over each row's cached prefix (GQA) ----
-
-#if defined(__AVX512F__)
-static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 load16(const uint16_t* p) {
-    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-#endif
 
 template <class T> static inline void prefetch_row(const T* row, int64_t D) {
     for (int64_t byte = 0; byte < D * int64_t(sizeof(T)); byte += 64)
@@ -651,13 +767,14 @@ static Tensor matmul(const Tensor& x, const Tensor& w, const Tensor& bias) {
     return at::linear(x, w, biased ? std::optional<Tensor>(bias) : std::nullopt);
 }
 
-// x @ w.T (+ bias) (+ the masked low-rank term ((x A^T) * mask) B^T), as fast_decode._apply.
+// x @ w.T (+ bias) (+ the masked low-rank term ((x A^T) * mask) B^T), as fast_decode._apply;
+// lora: (A, B packed as low_rank_add takes it, row mask).
 static Tensor project(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor* lora) {
     Tensor out = matmul(x, w, bias);
     if (lora != nullptr && lora[0].numel() > 0) {  // an empty mask: every row has the adapter
         Tensor low = matmul(x, lora[0], no_bias);
         if (lora[2].numel() > 0) low = low * lora[2];
-        out.add_(matmul(low, lora[1], no_bias).to(out.scalar_type()));
+        low_rank_add(out, low.contiguous(), lora[1]);
     }
     return out;
 }
@@ -665,7 +782,7 @@ static Tensor project(const Tensor& x, const Tensor& w, const Tensor& bias, cons
 // The logits [B, V] of one token per row, every layer in this one call. x [B, H]: the embedded
 // tokens (the residual stream, updated in place). weights: per layer norm1, qkv w, qkv bias,
 // o w, o bias, norm2, gate-up w, gate-up bias, down w, down bias; then the final norm, head w,
-// head bias (an absent bias: an empty tensor). lora: none at all, or (A, B, row mask) per
+// head bias (an absent bias: an empty tensor). lora: none at all, or (A, packed B, row mask) per
 // projection (4 per layer, then the head; empty tensors where a projection has none).
 // keys / values [L, B, kv, T, D]: this step's k / v written at ``column``, attention over the
 // columns < mask.size(1) where mask [B, n] is set. cos / sin [B, D] in x's dtype.
@@ -701,6 +818,7 @@ Tensor decode_step(Tensor x, std::vector<Tensor> weights, std::vector<Tensor> lo
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("small_mm", &small_mm);
     m.def("small_mm_wins", &small_mm_wins);
+    m.def("low_rank_add", &low_rank_add);
     m.attr("small_m") = SMALL_M;
     m.def("rms_norm", &rms_norm);
     m.def("add_rms_norm", &add_rms_norm);
