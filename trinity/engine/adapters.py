@@ -134,6 +134,18 @@ class Adapters:
                 out[f"{name}.lora_B.weight"] = module.lora_B[adapter].weight
         return out
 
+    def linears(self, adapter: str) -> list[nn.Module]:
+        """The peft ``lora.Linear`` layers of the decoder that hold ``adapter`` (what
+        ``lora_linear.fused`` swaps; the unembedding's LoRA runs in forward.py instead)."""
+        from peft.tuners.lora import Linear
+
+        head = self.base.get_output_embeddings()
+        return [
+            m
+            for m in self.base.modules()
+            if type(m) is Linear and m is not head and adapter in m.lora_A
+        ]
+
     def saved_config(self, adapter: str):
         """The adapter's peft ``LoraConfig`` as an exported adapter directory holds it."""
         config = copy.deepcopy(self.peft.peft_config[adapter])

@@ -32,7 +32,7 @@ from tinker import types
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from trinity.engine import checkpoint, losses
+from trinity.engine import checkpoint, lora_linear, losses
 from trinity.engine.adapters import Adapters, LoraSpec
 from trinity.engine.attention import ATTENTION
 from trinity.engine.demo_model import ALIASES as DEMO_ALIASES
@@ -241,6 +241,9 @@ class Engine:
             self._adapters.activate(model.adapter)
         outputs: list[dict[str, types.TensorData]] = [{} for _ in datums]
         total = 0.0
+        # the decoder's LoRA linears of a training pass run fused (trinity/engine/lora_linear.py)
+        train = model.adapter is not None and not forward_only
+        fused = self._adapters.linears(model.adapter) if train else []
         for clusters in micro_batches(examples, self.micro_batch_tokens, self._share_prefixes):
             group = [e for _, members in clusters for e in members]
             # an entropy term (losses.ENTROPY_WEIGHTS) needs the entropy, with its gradient; a
@@ -248,7 +251,7 @@ class Engine:
             weighted = any(
                 losses.ENTROPY_WEIGHTS in d.loss_fn_inputs for d in (datums[e.index] for e in group)
             )
-            with torch.set_grad_enabled(not forward_only):
+            with torch.set_grad_enabled(not forward_only), lora_linear.fused(fused):
                 logprobs_N, entropy_N = self._forward.logprobs(
                     model.module, model.adapter, clusters, return_entropy or weighted, weighted
                 )
