@@ -78,12 +78,14 @@ class Adapters:
         self.groups = classify_linears(base)
         self.peft = None  # the PeftModel wrapping base, once an adapter exists
         self._ids = count()
+        self._linears: dict[str, list[nn.Module]] = {}  # linears(), until an adapter comes or goes
 
     def add(self, spec: LoraSpec, prefix: str, config=None) -> str:
         """A new adapter (``config``: a peft ``LoraConfig`` read from disk); its internal name."""
         from peft import get_peft_model
 
         config = config or self._lora_config(spec)
+        self._linears.clear()
         adapter = f"{prefix}{next(self._ids)}"
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             # Intended: an unembedding LoRA on a tied model adapts the output side only.
@@ -112,6 +114,7 @@ class Adapters:
         return adapter
 
     def drop(self, adapter: str) -> None:
+        self._linears.clear()
         with warnings.catch_warnings():  # "adapter was active ...": _fix_active_adapter decides
             warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
             self.peft.delete_adapter(adapter)
@@ -139,12 +142,14 @@ class Adapters:
         ``lora_linear.fused`` swaps; the unembedding's LoRA runs in forward.py instead)."""
         from peft.tuners.lora import Linear
 
-        head = self.base.get_output_embeddings()
-        return [
-            m
-            for m in self.base.modules()
-            if type(m) is Linear and m is not head and adapter in m.lora_A
-        ]
+        if adapter not in self._linears:  # a walk over every module: ~2 ms for the demo model
+            head = self.base.get_output_embeddings()
+            self._linears[adapter] = [
+                m
+                for m in self.base.modules()
+                if type(m) is Linear and m is not head and adapter in m.lora_A
+            ]
+        return self._linears[adapter]
 
     def saved_config(self, adapter: str):
         """The adapter's peft ``LoraConfig`` as an exported adapter directory holds it."""
