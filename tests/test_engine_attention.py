@@ -154,3 +154,18 @@ def test_engine_models_train_through_it_and_match_sdpa(tiny_model_dir):
         torch.testing.assert_close(
             p.grad, q.grad, atol=atol, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
         )
+
+
+def test_block_columns_are_reused_only_for_the_same_unchanged_mask():
+    """Once per pass: the same mask (or the same view of it) reuses its columns; the mask
+    changed in place, or another mask, gets its own."""
+    mask = torch.zeros(1, 1, 300, 300, dtype=torch.bool)
+    mask[..., :10] = True
+    first = attention._columns_of(mask)
+    assert attention._columns_of(mask) is first
+    assert attention._columns_of(mask[:, :, :, :]) is first  # a view with the same layout
+    mask[..., 200:, 150] = True  # in place: the last block now sees column 150
+    changed = attention._columns_of(mask)
+    assert changed is not first and 150 in changed[-1].tolist()
+    other = mask.clone()
+    assert attention._columns_of(other) is not changed

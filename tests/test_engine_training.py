@@ -14,7 +14,7 @@ from tinker import types
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import demo_tokenizer, tiny_llama
-from trinity.engine import Engine, LoraSpec, losses
+from trinity.engine import Engine, LoraSpec, attention, losses
 from trinity.engine.optim import AdamW
 from trinity.engine.packing import micro_batches, prepare_example
 
@@ -353,12 +353,13 @@ def test_packed_passes_serve_models_whose_layers_attend_alike():
 
 
 @pytest.mark.parametrize("model", ["engine", "sliding_engine", "mixed_engine"])
-def test_shared_prefix_runs_once_and_matches_separate_passes(model, request):
+def test_shared_prefix_runs_once_and_matches_separate_passes(model, request, monkeypatch):
     """GRPO-shaped datums (prompts with several responses each) share each prompt's forward pass,
     two prompts of different lengths packed in one pass; loss, per-datum logprobs and entropy,
     and gradients equal running every datum on its own. Also through a sliding window shorter
     than the prompts (the packed pass's mask applies it by position), and on a model whose
-    layers attend differently (no sharing: every datum runs as a row of its own)."""
+    layers attend differently (no sharing: every datum runs as a row of its own). The packed
+    pass's per-block key columns are computed once, not per layer."""
     engine = request.getfixturevalue(model)
     g = torch.Generator().manual_seed(3)
     sequences = []
@@ -391,7 +392,15 @@ def test_shared_prefix_runs_once_and_matches_separate_passes(model, request):
         for clusters in micro_batches(examples, engine.micro_batch_tokens, engine._share_prefixes)
     ]
     assert passes == ([[19, 24], [0]] if model != "mixed_engine" else [[0]])
+    computed = []
+    block_columns = attention.block_columns
+    monkeypatch.setattr(
+        attention, "block_columns", lambda m: computed.append(1) or block_columns(m)
+    )
     shared = engine.forward_backward("shared", datums, "ppo", return_entropy=True)
+    # once per pass with a boolean mask: the packed one, and the unshared row's where the model
+    # has sliding windows (transformers masks it then)
+    assert len(computed) == {"engine": 1, "sliding_engine": 2, "mixed_engine": 1}[model]
     separate = [
         engine.forward_backward("separate", [d], "ppo", return_entropy=True) for d in datums
     ]

@@ -22,6 +22,8 @@ dimension, Q a block's query positions, R its rows (G x Q).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 from transformers import AttentionInterface
@@ -43,6 +45,24 @@ def block_columns(mask_B1QT: Tensor) -> list[Tensor | None]:
     for start in range(0, mask_B1QT.shape[2], QUERY_BLOCK):
         seen_T = mask_B1QT[:, :, start : start + QUERY_BLOCK].flatten(0, 2).any(0)
         columns.append(None if bool(seen_T.all()) else seen_T.nonzero()[:, 0])
+    return columns
+
+
+_LAST: tuple = (None, None, None)  # (weakref to a mask's storage tensor, its view, its columns)
+
+
+def _columns_of(mask_B1QT: Tensor) -> list[Tensor | None]:
+    """``block_columns`` of the mask, computed once per pass: every layer gets the same mask,
+    or a view of it (Mistral's), and computing them per layer cost 30 x ~0.4 ms for the demo
+    model's 732-token GRPO pass. The same view means the same tensor still alive (a freed mask's
+    address may be reused) at the same offset, shape and strides, unchanged since."""
+    global _LAST
+    base = mask_B1QT if mask_B1QT._base is None else mask_B1QT._base
+    view = (mask_B1QT.data_ptr(), mask_B1QT.shape, mask_B1QT.stride(), mask_B1QT._version)
+    ref, seen, columns = _LAST
+    if ref is None or ref() is not base or seen != view:
+        columns = block_columns(mask_B1QT)
+        _LAST = (weakref.ref(base), view, columns)
     return columns
 
 
@@ -72,9 +92,10 @@ def causal_attention(
         else:
             seen_B1QC = mask_B1QT[:, :, start:end]
             k_BKCD, v_BKCD = k_BKTD, v_BKTD
-            if columns[i] is not None:
-                k_BKCD, v_BKCD = k_BKTD[:, :, columns[i]], v_BKTD[:, :, columns[i]]
-                seen_B1QC = seen_B1QC[..., columns[i]]
+            if columns[i] is not None:  # index_select: its backward (index_add) is ~1.5x
+                k_BKCD = k_BKTD.index_select(2, columns[i])  # faster than indexing's
+                v_BKCD = v_BKTD.index_select(2, columns[i])
+                seen_B1QC = seen_B1QC.index_select(3, columns[i])
         scores_BKGQC = (q_BKRD @ k_BKCD.transpose(-1, -2)).unflatten(2, (group, end - start))
         if mask_B1QT is None:
             future_QC = torch.ones(end - start, end, dtype=torch.bool, device=q_BATD.device)
@@ -92,7 +113,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     """transformers' attention interface: ``causal_attention`` for training passes."""
     length = query.shape[2]
     masked = attention_mask is not None and attention_mask.dtype == torch.bool
-    columns = block_columns(attention_mask) if masked and torch.is_grad_enabled() else None
+    columns = _columns_of(attention_mask) if masked and torch.is_grad_enabled() else None
     widest = max(key.shape[2] if c is None else c.numel() for c in columns or [None])
     if (
         torch.is_grad_enabled()
