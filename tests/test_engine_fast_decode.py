@@ -239,6 +239,23 @@ def test_static_cache_reuses_a_dropped_cache_buffer(models):
     assert last.keys.data_ptr() == grown
 
 
+def test_static_cache_lets_a_big_buffer_go(models, monkeypatch):
+    """A buffer over ``POOL_MAX_BYTES`` is freed with its cache, not kept for the next one."""
+    weights = fast_decode.build(models[0])
+    layers = cache_layers(weights)
+    fast_decode._pool().clear()  # earlier tests' buffers
+    first = fast_decode.StaticCache.from_layers(weights, layers, 6)
+    size = 2 * first.keys.numel() * first.keys.element_size()
+    monkeypatch.setattr(fast_decode, "POOL_MAX_BYTES", size - 1)
+    del first
+    assert not fast_decode._pool()
+    monkeypatch.setattr(fast_decode, "POOL_MAX_BYTES", size)
+    second = fast_decode.StaticCache.from_layers(weights, layers, 6)
+    address = second.keys.data_ptr()
+    del second
+    assert fast_decode.StaticCache.from_layers(weights, layers, 6).keys.data_ptr() == address
+
+
 def test_cache_sized_to_the_longest_request(models, monkeypatch):
     """The cache has a column for each token a row may still generate, not a fixed 256."""
     plain, _, tokenizer = models

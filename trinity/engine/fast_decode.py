@@ -296,8 +296,8 @@ class StaticCache:
     Zero-filled, not left uninitialized: a compiled step attends over every column (masked),
     and a masked column's weight 0 times garbage NaN would still be NaN.
 
-    Both live in one flat buffer that goes back to this thread's pool (``_take``) when the cache
-    is dropped or outgrown, and the next cache reuses it; dropping rows (``select``) moves the
+    Both live in one flat buffer that goes back to this thread's pool (``_take``; buffers up to
+    ``POOL_MAX_BYTES``) when the cache is dropped or outgrown, and the next cache reuses it; dropping rows (``select``) moves the
     kept ones to the front of the same buffer. Why: a cache is tens of MB (the demo model's at
     batch 16 and 104 columns: 2 x 19 MB), so each new one, and each compacted copy, came as
     fresh pages from the kernel (glibc maps any block over its mmap threshold, 32 MB at most, on
@@ -328,7 +328,7 @@ class StaticCache:
         numel = shape[0] * shape[1] * shape[2] * shape[3] * shape[4]
         whole = _take(2 * numel, like)
         buffer = whole[: 2 * numel].zero_()
-        release, self._release = self._release, weakref.finalize(self, _pool().append, whole)
+        release, self._release = self._release, weakref.finalize(self, _give_back, _pool(), whole)
         self.keys, self.values = buffer[:numel].view(shape), buffer[numel:].view(shape)
         return release
 
@@ -364,6 +364,15 @@ def _select_rows(cache_LBHTD: torch.Tensor, index_K: torch.Tensor) -> torch.Tens
 
 
 _POOL = threading.local()
+# Freed cache buffers larger than this are let go: a big model's long batches (gigabytes of
+# cache) should not stay resident through training, and their page faults are a small part of
+# the decoding that fills them.
+POOL_MAX_BYTES = 256 << 20
+
+
+def _give_back(free: list[torch.Tensor], buffer: torch.Tensor) -> None:
+    if buffer.numel() * buffer.element_size() <= POOL_MAX_BYTES:
+        free.append(buffer)
 
 
 def _pool() -> list[torch.Tensor]:
