@@ -51,15 +51,60 @@ def test_logprobs_and_every_gradient_match_log_softmax(monkeypatch, keep_bytes):
 
 
 class MatmulCount(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts aten.mm calls (the logits matmuls and their gradients)."""
+    """Counts aten.mm calls (the logits matmuls and their gradients) and their shapes."""
 
     def __init__(self):
         super().__init__()
         self.mm = 0
+        self.shapes = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.mm += func is torch.ops.aten.mm.default or func is torch.ops.aten.mm.out
+        if func is torch.ops.aten.mm.default or func is torch.ops.aten.mm.out:
+            self.mm += 1
+            self.shapes.append((tuple(args[0].shape), tuple(args[1].shape)))
         return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("keep_bytes", [logprobs.KEEP_PROBS_BYTES, 0])
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_rows_without_gradient_are_left_out_of_the_backward(monkeypatch, keep_bytes, entropy_grad):
+    """Tokens whose incoming gradient is zero (a GRPO prompt, a group of equal rewards) add
+    nothing: the backward's matmuls run over the other rows only, with the same gradients as the
+    float64 reference; an entropy gradient keeps its rows in."""
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(logprobs, "KEEP_PROBS_BYTES", keep_bytes)
+    leaves, targets_N, grad_N = kernel_inputs(hidden=20)  # no size equal to a token count
+    grad_N[::3] = 0.0
+    grad_H = torch.zeros_like(grad_N)
+    grad_H[0] = 0.5  # a row with a zero logprob gradient but an entropy one
+    live = int((grad_N != 0).sum()) + entropy_grad
+
+    def kernel(hidden, weight, low, b):
+        lp, h = logprobs.target_logprobs(hidden, weight, targets_N, low, b, True, entropy_grad)
+        return lp, h
+
+    def reference(hidden, weight, low, b):
+        logp_NV = (hidden @ weight.T + low @ b.T).log_softmax(-1)
+        return logp_NV.gather(1, targets_N[:, None]).squeeze(1), -(logp_NV.exp() * logp_NV).sum(-1)
+
+    got_leaves = [x.detach().requires_grad_() for x in leaves]
+    lp, h = kernel(*got_leaves)
+    with MatmulCount() as count:
+        torch.autograd.backward(
+            [lp, h] if entropy_grad else [lp], [grad_N, grad_H][: 1 + entropy_grad]
+        )
+    want_leaves = [x.double().detach().requires_grad_() for x in leaves]
+    lp64, h64 = reference(*want_leaves)
+    torch.autograd.backward(
+        [lp64, h64] if entropy_grad else [lp64],
+        [grad_N.double(), grad_H.double()][: 1 + entropy_grad],
+    )
+    for name, a, e in zip(("hidden", "weight", "low", "b"), got_leaves, want_leaves, strict=True):
+        torch.testing.assert_close(
+            a.grad, e.grad.float(), atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
+    dims = [set(x) | set(y) for x, y in count.shapes]
+    assert dims and all(live in d and len(grad_N) not in d for d in dims)
 
 
 def test_a_returned_entropy_keeps_the_probabilities(monkeypatch):

@@ -104,15 +104,29 @@ class _TargetLogprobs(torch.autograd.Function):
         )
         need = ctx.needs_input_grad
         n, vocab = hidden_NH.shape[0], weight_VH.shape[0]
+        if grad_logprobs_N is None:
+            grad_logprobs_N = lse_N.new_zeros(n)
+        use_entropy = grad_entropy_N is not None and entropy_N.numel() > 0
+        # Rows with no incoming gradient add exact zeros (GRPO's prompt positions and its groups
+        # of equal rewards have zero advantages): the backward runs over the others only.
+        live_N = grad_logprobs_N != 0
+        if use_entropy:
+            live_N |= grad_entropy_N != 0
+        full_n, keep_K = n, None
+        if not bool(live_N.all()):
+            keep_K = live_N.nonzero()[:, 0]
+            hidden_NH, low_NR, targets_N, lse_N, grad_logprobs_N = (
+                t[keep_K] for t in (hidden_NH, low_NR, targets_N, lse_N, grad_logprobs_N)
+            )
+            if use_entropy:
+                entropy_N, grad_entropy_N = entropy_N[keep_K], grad_entropy_N[keep_K]
+            n = len(keep_K)
         grad_hidden = torch.zeros(hidden_NH.shape, device=hidden_NH.device) if need[0] else None
         grad_weight = torch.empty_like(weight_VH) if need[1] else None
         grad_low = torch.zeros(low_NR.shape, device=low_NR.device) if need[2] else None
         grad_b = torch.empty_like(b_VR) if need[3] else None
         chunk = max(1, CHUNK_ELEMENTS // max(n, 1))
-        if grad_logprobs_N is None:
-            grad_logprobs_N = lse_N.new_zeros(n)
         g_N1 = grad_logprobs_N.float()[:, None]
-        use_entropy = grad_entropy_N is not None and entropy_N.numel() > 0
         rows_N = torch.arange(n, device=hidden_NH.device)
         work32, work16 = _workspace(hidden_NH, n, min(chunk, vocab))
         coef32 = work32.new_empty(work32.shape) if use_entropy else None
@@ -123,8 +137,9 @@ class _TargetLogprobs(torch.autograd.Function):
             size = cols.stop - start
             # d logprob_t / d logit_tv = 1[v == y_t] - p_tv, times the incoming gradient g_t;
             # d entropy_t / d logit_tv = -p_tv (log p_tv + H_t), times its gradient gH_t.
-            if probs_NV.numel():
-                grad_NC = torch.mul(probs_NV[:, cols], neg_g_N1, out=work32[:, :size])
+            if probs_NV.numel():  # the kept rows' chunk (the whole N x V is not copied)
+                probs_NC = probs_NV[:, cols] if keep_K is None else probs_NV[keep_K, cols]
+                grad_NC = torch.mul(probs_NC, neg_g_N1, out=work32[:, :size])
             else:
                 grad_NC = _logits_into(
                     work32[:, :size],
@@ -155,10 +170,17 @@ class _TargetLogprobs(torch.autograd.Function):
             if grad_b is not None:
                 torch.mm(grad_NC.T, low_NR, out=grad_b[cols])
         if grad_hidden is not None:
-            grad_hidden = grad_hidden.to(hidden_NH.dtype)
+            grad_hidden = _rows_of(grad_hidden.to(hidden_NH.dtype), keep_K, full_n)
         if grad_low is not None:
-            grad_low = grad_low.to(low_NR.dtype)
+            grad_low = _rows_of(grad_low.to(low_NR.dtype), keep_K, full_n)
         return grad_hidden, grad_weight, grad_low, grad_b, None, None, None, None
+
+
+def _rows_of(part_KX: Tensor, keep_K: Tensor | None, n: int) -> Tensor:
+    """The gradient of all ``n`` rows from that of the kept ones (zeros elsewhere)."""
+    if keep_K is None:
+        return part_KX
+    return part_KX.new_zeros(n, part_KX.shape[1]).index_copy_(0, keep_K, part_KX)
 
 
 def target_logprobs(
