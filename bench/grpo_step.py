@@ -1,14 +1,16 @@
 """Wall time per GRPO step: Trinity (local backend) vs TRL's ``GRPOTrainer``, side by side.
 
     pip install trl --no-deps      # the benchmark's only extra; not a Trinity dependency
-    python bench/grpo_step.py [--steps 4]
+    python bench/grpo_step.py [--steps 4] [--rounds 2]
 
 Identical shapes on both sides: the demo model (SmolLM2-135M-Instruct) in the engine's dtype
 (bf16 where the CPU has it natively, else fp32) on both sides, the same
 arithmetic prompts, 4 prompts x 4 samples per step, at most 64 new tokens (both stop at EOS; the
 mean completion length of each side is reported next to its time), LoRA rank 32 / alpha 32 on
 all linear layers, one optimizer step per batch, no KL term, no gradient checkpointing. The first
-step of each side is warm-up and not counted. Each side runs in a fresh process of its own: a
+step of each side is warm-up and not counted. ``--rounds`` (default 2) runs Trinity then TRL that
+many times and pools each side's timed steps (the machine drifts between runs: TRL's step moved
+from 17 to 20 s). Each side runs in a fresh process of its own: a
 second OpenMP team in one process (the matmul-peak trial's, or the other side's worker thread's)
 makes libgomp count more threads than CPUs and throttle every team's spin-wait, so the threads
 sleep and wake between parallel regions (tens of thousands of context switches per sampling
@@ -194,6 +196,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="steps per side, first is warm-up")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="rounds of Trinity then TRL (each side pooled)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     configure_process()
@@ -201,11 +206,22 @@ def main() -> None:
     rows = prompts(PROMPTS_PER_STEP * args.steps)
     dtype = default_dtype(torch.device("cpu"))
     peak = matmul_peak_tflops(dtype)
-    trinity_s, trinity_len = (
-        statistics.mean(v[1:]) for v in in_fresh_process(run_trinity, model_path, rows, args.steps)
+    # Rounds alternate the sides, so that the machine's drift (TRL's step moved between 17 and
+    # 20 s from run to run) falls on both; each side's timed steps are pooled over the rounds.
+    runs = {run_trinity: [], run_trl: []}
+    for _ in range(args.rounds):
+        for side, results in runs.items():
+            results.append(in_fresh_process(side, model_path, rows, args.steps))
+    (trinity_s, trinity_len), (trl_s, trl_len) = (
+        (
+            statistics.mean(t for times, _ in results for t in times[1:]),
+            statistics.mean(n for _, lengths in results for n in lengths[1:]),
+        )
+        for results in runs.values()
     )
-    trl_s, trl_len = (
-        statistics.mean(v[1:]) for v in in_fresh_process(run_trl, model_path, rows, args.steps)
+    by_round = ", ".join(
+        f"{statistics.mean(trl_run[0][1:]) / statistics.mean(trinity_run[0][1:]):.1f}x"
+        for trinity_run, trl_run in zip(runs[run_trinity], runs[run_trl], strict=True)
     )
     peak = max(peak, matmul_peak_tflops(dtype))
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -221,8 +237,10 @@ def main() -> None:
     lines = [
         f"- shapes: {PROMPTS_PER_STEP} prompts x {SAMPLES_PER_PROMPT} samples x <= {NEW_TOKENS} "
         f"new tokens (both stop at EOS), LoRA rank {RANK}, demo model, {dtype}, "
-        f"{args.steps - 1} timed steps each; {torch.get_num_threads()} threads, load average "
-        f"{os.getloadavg()[0]:.1f} at the end",
+        f"{args.steps - 1} timed steps each in each of {args.rounds} rounds (the sides "
+        f"alternating, each in a fresh process); {torch.get_num_threads()} threads, load "
+        f"average {os.getloadavg()[0]:.1f} at the end",
+        f"- speedup by round: {by_round}",
         f"- Trinity (local backend): {trinity_s:.2f} s/step (mean completion {trinity_len:.1f} "
         "tokens)",
         f"- TRL GRPOTrainer: {trl_s:.2f} s/step (mean completion {trl_len:.1f} tokens)",
