@@ -297,11 +297,12 @@ class StaticCache:
     and a masked column's weight 0 times garbage NaN would still be NaN.
 
     Both live in one flat buffer that goes back to this thread's pool (``_take``; buffers up to
-    ``POOL_MAX_BYTES``) when the cache is dropped or outgrown, and the next cache reuses it; dropping rows (``select``) moves the
-    kept ones to the front of the same buffer. Why: a cache is tens of MB (the demo model's at
-    batch 16 and 104 columns: 2 x 19 MB), so each new one, and each compacted copy, came as
-    fresh pages from the kernel (glibc maps any block over its mmap threshold, 32 MB at most, on
-    its own): 10-30 thousand page faults per GRPO sampling call, ~0.2 s of 1.9 on a VM."""
+    ``POOL_MAX_BYTES``) when the cache is dropped or outgrown, and the next cache reuses it;
+    dropping rows (``select``) moves the kept ones to the front of the same buffer. Why: a cache
+    is tens of MB (the demo model's at batch 16 and 104 columns: 2 x 19 MB), so each new one,
+    and each compacted copy, came as fresh pages from the kernel (glibc maps any block over its
+    mmap threshold, 32 MB at most, on its own): 10-30 thousand page faults per GRPO sampling
+    call, ~0.2 s of 1.9 on a VM."""
 
     def __init__(self, weights: Weights, keys_LBHTD: torch.Tensor, values_LBHTD: torch.Tensor):
         self.weights = weights

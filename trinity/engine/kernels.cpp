@@ -372,13 +372,15 @@ static void low_range(const T* low, const T* bp, T* y, int64_t M, int64_t K, int
     constexpr int64_t S = PAIR<T>;
     int64_t o = b;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-    for (; o + 16 * LOW_VECS <= e; o += 16 * LOW_VECS) low_rows<T, LOW_VECS>(low, bp, y, M, K, O, o);
+    for (; o + 16 * LOW_VECS <= e; o += 16 * LOW_VECS)
+        low_rows<T, LOW_VECS>(low, bp, y, M, K, O, o);
     for (; o + 16 <= e; o += 16) low_rows<T, 1>(low, bp, y, M, K, O, o);
 #endif
     for (int64_t m = 0; m < M; ++m)
         for (int64_t i = o; i < e; ++i) {
             float acc = 0;
-            for (int64_t k = 0; k < K; ++k) acc += f32(low[m * K + k]) * f32(bp[((k / S) * O + i) * S + k % S]);
+            for (int64_t k = 0; k < K; ++k)
+                acc += f32(low[m * K + k]) * f32(bp[((k / S) * O + i) * S + k % S]);
             y[m * O + i] = store<T>(f32(y[m * O + i]) + rnd<T>(acc));
         }
 }
