@@ -146,7 +146,7 @@ class Adapters:
             head = self.base.get_output_embeddings()
             self._linears[adapter] = [
                 m
-                for m in self.base.modules()
+                for m in self._lora_layers()
                 if type(m) is Linear and m is not head and adapter in m.lora_A
             ]
         return self._linears[adapter]
