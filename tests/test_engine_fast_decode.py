@@ -16,7 +16,7 @@ import torch
 from tinker import types
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from trinity.engine import fast_decode, gemv, sampling
+from trinity.engine import fast_decode, gemv, pool, sampling
 from trinity.engine.sampling import SampleRequest, sample_batch
 
 ATOL = 1e-4
@@ -240,16 +240,16 @@ def test_static_cache_reuses_a_dropped_cache_buffer(models):
 
 
 def test_static_cache_lets_a_big_buffer_go(models, monkeypatch):
-    """A buffer over ``POOL_MAX_BYTES`` is freed with its cache, not kept for the next one."""
+    """A buffer over ``pool.MAX_BYTES`` is freed with its cache, not kept for the next one."""
     weights = fast_decode.build(models[0])
     layers = cache_layers(weights)
-    fast_decode._pool().clear()  # earlier tests' buffers
+    pool.free_list().clear()  # earlier tests' buffers
     first = fast_decode.StaticCache.from_layers(weights, layers, 6)
     size = 2 * first.keys.numel() * first.keys.element_size()
-    monkeypatch.setattr(fast_decode, "POOL_MAX_BYTES", size - 1)
+    monkeypatch.setattr(pool, "MAX_BYTES", size - 1)
     del first
-    assert not fast_decode._pool()
-    monkeypatch.setattr(fast_decode, "POOL_MAX_BYTES", size)
+    assert not pool.free_list()
+    monkeypatch.setattr(pool, "MAX_BYTES", size)
     second = fast_decode.StaticCache.from_layers(weights, layers, 6)
     address = second.keys.data_ptr()
     del second

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import threading
 import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -50,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trinity.engine import gemv
+from trinity.engine import gemv, pool
 from trinity.engine.demo_model import cache_root
 
 _SUPPORTED = {"llama", "mistral", "qwen2"}
@@ -296,13 +295,12 @@ class StaticCache:
     Zero-filled, not left uninitialized: a compiled step attends over every column (masked),
     and a masked column's weight 0 times garbage NaN would still be NaN.
 
-    Both live in one flat buffer that goes back to this thread's pool (``_take``; buffers up to
-    ``POOL_MAX_BYTES``) when the cache is dropped or outgrown, and the next cache reuses it;
-    dropping rows (``select``) moves the kept ones to the front of the same buffer. Why: a cache
-    is tens of MB (the demo model's at batch 16 and 104 columns: 2 x 19 MB), so each new one,
-    and each compacted copy, came as fresh pages from the kernel (glibc maps any block over its
-    mmap threshold, 32 MB at most, on its own): 10-30 thousand page faults per GRPO sampling
-    call, ~0.2 s of 1.9 on a VM."""
+    Both live in one flat buffer that goes back to this thread's pool (trinity/engine/pool.py)
+    when the cache is dropped or outgrown, and the next cache reuses it; dropping rows
+    (``select``) moves the kept ones to the front of the same buffer. Why: a cache is tens of
+    MB (the demo model's at batch 16 and 104 columns: 2 x 19 MB), so each new one, and each
+    compacted copy, came as fresh pages from the kernel: 10-30 thousand page faults per GRPO
+    sampling call, ~0.2 s of 1.9 on a VM."""
 
     def __init__(self, weights: Weights, keys_LBHTD: torch.Tensor, values_LBHTD: torch.Tensor):
         self.weights = weights
@@ -327,9 +325,10 @@ class StaticCache:
         previous buffer back (None if there was none), for the caller to call once it has
         copied out of it."""
         numel = shape[0] * shape[1] * shape[2] * shape[3] * shape[4]
-        whole = _take(2 * numel, like)
+        whole = pool.take(2 * numel, like)
         buffer = whole[: 2 * numel].zero_()
-        release, self._release = self._release, weakref.finalize(self, _give_back, _pool(), whole)
+        release = self._release
+        self._release = weakref.finalize(self, pool.give_back, pool.free_list(), whole)
         self.keys, self.values = buffer[:numel].view(shape), buffer[numel:].view(shape)
         return release
 
@@ -362,48 +361,6 @@ def _select_rows(cache_LBHTD: torch.Tensor, index_K: torch.Tensor) -> torch.Tens
     for layer in range(layers):
         kept[layer].copy_(cache_LBHTD[layer].index_select(0, index_K))
     return kept
-
-
-_POOL = threading.local()
-# Freed cache buffers larger than this are let go: a big model's long batches (gigabytes of
-# cache) should not stay resident through training, and their page faults are a small part of
-# the decoding that fills them.
-POOL_MAX_BYTES = 256 << 20
-
-
-def _give_back(free: list[torch.Tensor], buffer: torch.Tensor) -> None:
-    if buffer.numel() * buffer.element_size() <= POOL_MAX_BYTES:
-        free.append(buffer)
-
-
-def _pool() -> list[torch.Tensor]:
-    """This thread's free cache buffers (a cache dropped in another thread still returns its
-    buffer to the list of the thread that made it: the finalizer holds that list)."""
-    if not hasattr(_POOL, "free"):
-        _POOL.free = []
-    return _POOL.free
-
-
-def _take(numel: int, like: torch.Tensor) -> torch.Tensor:
-    """A free flat buffer of ``like``'s dtype and device with at least ``numel`` elements, else a
-    new one (the free ones that were too small are let go). Only a buffer made in inference mode
-    serves inference mode (sampling) and only one made outside it serves outside it: torch allows
-    no in-place write to an inference tensor outside inference mode."""
-    free = _pool()
-    inference = torch.is_inference_mode_enabled()
-
-    def fits(buffer: torch.Tensor) -> bool:
-        return (buffer.dtype, buffer.device, buffer.is_inference()) == (
-            like.dtype,
-            like.device,
-            inference,
-        )
-
-    for i, buffer in enumerate(free):
-        if fits(buffer) and buffer.numel() >= numel:
-            return free.pop(i)
-    free[:] = [b for b in free if not fits(b)]
-    return like.new_empty(numel)
 
 
 class LoraTerm(NamedTuple):

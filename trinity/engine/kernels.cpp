@@ -753,6 +753,123 @@ std::vector<Tensor> sample(Tensor logits, Tensor temperature, Tensor uniform) {
     return {tokens, logprobs};
 }
 
+// ---- the unembedding's softmax in training (trinity/engine/logprobs.py) ----
+
+// Per row of logits [C, V] (fp32 / bf16): logprob[r] = log_softmax(logits[r])[targets[r]], lse[r]
+// = log Z and, where ``entropy`` has rows, the entropy; where ``probs`` has rows (it may be
+// ``logits`` itself), the softmax probabilities rounded to its dtype. A row is three passes (the
+// max; exp with its sums into an fp32 row that stays in cache; the probabilities) where the torch
+// ops made eight over fp32 chunks of ~16 MB, which streamed them through memory and, in bf16,
+// took a slow mixed-dtype path for the division (docs/benchmarks.md).
+template <class T>
+static void softmax_rows_as(const Tensor& logits, const Tensor& targets, const Tensor& probs,
+                            const Tensor& logprob, const Tensor& lse, const Tensor& entropy) {
+    const int64_t V = logits.size(1), block = 1024;
+    const T* lp = data<T>(logits);
+    T* pp = probs.numel() ? data<T>(probs) : nullptr;
+    const int64_t* tp = targets.data_ptr<int64_t>();
+    float *op = logprob.data_ptr<float>(), *zp = lse.data_ptr<float>();
+    float* hp = entropy.numel() ? entropy.data_ptr<float>() : nullptr;
+    at::parallel_for(0, logits.size(0), 1, [&](int64_t r0, int64_t r1) {
+        std::vector<float> e(V);
+        for (int64_t r = r0; r < r1; ++r) {
+            const T* l = lp + r * V;
+            const int64_t target = tp[r];
+            TORCH_CHECK(0 <= target && target < V, "target token ", target, " outside the vocabulary of ", V);
+            float top = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : top)
+            for (int64_t i = 0; i < V; ++i) top = std::max(top, f32(l[i]));
+            // Z = sum e^s and sum e^s s (s = logit - max), by 1024-wide blocks so no fp32
+            // accumulator adds up more than 64 terms.
+            float z = 0, zs = 0;
+            for (int64_t k = 0; k < V; k += block) {
+                const int64_t end = std::min(V, k + block);
+                float part = 0, part_s = 0;
+#pragma omp simd reduction(+ : part, part_s)
+                for (int64_t i = k; i < end; ++i) {
+                    const float s = f32(l[i]) - top, x = exp_approx(s);
+                    e[i] = x;
+                    part += x;
+                    part_s += x * s;
+                }
+                z += part;
+                zs += part_s;
+            }
+            const float log_z = std::log(z);
+            zp[r] = log_z + top;
+            op[r] = f32(l[target]) - zp[r];  // read before the probabilities may overwrite it
+            if (hp != nullptr) hp[r] = log_z - zs / z;
+            if (pp != nullptr) {
+                T* p = pp + r * V;
+#pragma omp simd
+                for (int64_t i = 0; i < V; ++i) p[i] = store<T>(e[i] / z);
+            }
+        }
+    });
+}
+
+void softmax_rows(Tensor logits, Tensor targets, Tensor probs, Tensor logprob, Tensor lse,
+                  Tensor entropy) {
+    const int64_t C = logits.size(0);
+    TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "softmax_rows: logits [C, V]");
+    TORCH_CHECK(targets.scalar_type() == torch::kLong && targets.is_contiguous() &&
+                targets.numel() == C);
+    TORCH_CHECK(probs.numel() == 0 || (probs.sizes() == logits.sizes() && probs.is_contiguous() &&
+                                       probs.scalar_type() == logits.scalar_type()));
+    for (const Tensor* t : {&logprob, &lse})
+        TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->numel() == C);
+    TORCH_CHECK(entropy.numel() == 0 || (entropy.scalar_type() == torch::kFloat32 &&
+                                         entropy.is_contiguous() && entropy.numel() == C));
+    if (is_bf16(logits))
+        softmax_rows_as<uint16_t>(logits, targets, probs, logprob, lse, entropy);
+    else
+        softmax_rows_as<float>(logits, targets, probs, logprob, lse, entropy);
+}
+
+// The gradient of the target logprobs with respect to the logits of columns [c0, c0 + C), from
+// the kept probabilities: out[k, c] = grad[k] (1[c0 + c == targets[k]] - probs[rows[k], c0 + c])
+// in fp32, rounded to out's dtype (rows: empty for k itself). One pass where the torch ops made
+// four (gather of the rows, product, the targets' add, the cast).
+template <class T>
+static void logit_grad_as(const Tensor& probs, const Tensor& rows, const Tensor& targets,
+                          const Tensor& grad, int64_t c0, const Tensor& out) {
+    const int64_t C = out.size(1), V = probs.size(1), os = out.stride(0);
+    const T* pp = data<T>(probs);
+    const int64_t* rp = rows.numel() ? rows.data_ptr<int64_t>() : nullptr;
+    const int64_t* tp = targets.data_ptr<int64_t>();
+    const float* gp = grad.data_ptr<float>();
+    T* o0 = data<T>(out);
+    at::parallel_for(0, out.size(0), 8, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+            const T* p = pp + (rp ? rp[k] : k) * V + c0;
+            T* o = o0 + k * os;
+            const float g = gp[k], minus_g = -g;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) o[c] = store<T>(f32(p[c]) * minus_g);
+            const int64_t t = tp[k] - c0;
+            if (0 <= t && t < C) o[t] = store<T>(f32(p[t]) * minus_g + g);
+        }
+    });
+}
+
+void logit_grad(Tensor probs, Tensor rows, Tensor targets, Tensor grad, int64_t c0, Tensor out) {
+    const int64_t K = out.size(0);
+    TORCH_CHECK(probs.dim() == 2 && probs.is_contiguous() && out.dim() == 2 &&
+                    out.stride(1) == 1 && out.scalar_type() == probs.scalar_type(),
+                "logit_grad: probs [N, V] and out [K, C] of one dtype");
+    TORCH_CHECK(0 <= c0 && c0 + out.size(1) <= probs.size(1));
+    TORCH_CHECK(rows.numel() == 0 || (rows.scalar_type() == torch::kLong && rows.is_contiguous() &&
+                                      rows.numel() == K));
+    TORCH_CHECK(rows.numel() > 0 || K <= probs.size(0));
+    TORCH_CHECK(targets.scalar_type() == torch::kLong && targets.is_contiguous() &&
+                targets.numel() == K);
+    TORCH_CHECK(grad.scalar_type() == torch::kFloat32 && grad.is_contiguous() && grad.numel() == K);
+    if (is_bf16(probs))
+        logit_grad_as<uint16_t>(probs, rows, targets, grad, c0, out);
+    else
+        logit_grad_as<float>(probs, rows, targets, grad, c0, out);
+}
+
 // ---- a whole decode step ----
 
 static const Tensor no_bias;
@@ -829,4 +946,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("silu_mul", &silu_mul);
     m.def("decode_step", &decode_step);
     m.def("sample", &sample);
+    m.def("softmax_rows", &softmax_rows);
+    m.def("logit_grad", &logit_grad);
 }

@@ -16,7 +16,12 @@ accumulate in fp32. Gradients are computed only for inputs that need them: a fro
 under LoRA costs no weight gradient.
 
 Matmuls run in the dtype of the inputs (bf16 where the hardware has it); softmax, logsumexp and
-the gradient of the logits are fp32, each chunk's in buffers reused over the chunks.
+the gradient of the logits are fp32. Where the engine's native kernels are built (CPU, fp32 /
+bf16), a chunk's logits go from the matmul straight into the kept probabilities' rows and one
+kernel per chunk turns them into probabilities and per-row sums (``softmax_rows``), and one makes
+the logits' gradient from the kept probabilities (``logit_grad``): the torch ops' chain of fp32
+passes took a third of the unembedding's time (docs/benchmarks.md). Elsewhere the torch ops do it,
+each chunk's in buffers reused over the chunks.
 """
 
 from __future__ import annotations
@@ -24,22 +29,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from trinity.engine import gemv, pool
+
 CHUNK_ELEMENTS = 1 << 22  # fp32 logits per chunk: 16 MiB, reused by malloc (process.py)
 # Kept probabilities per pass at most (2048 tokens x a 152k vocabulary in bf16: 0.6 GiB); a larger
 # pass recomputes the logits in the backward instead.
 KEEP_PROBS_BYTES = 1 << 30
+# Logits per chunk in the native path (matmul dtype, no fp32 copy): up to 256 rows, whose matmul
+# ran at 0.40 TFLOP/s where 85 rows ran at 0.33 (bf16, demo head), in at most 24 MiB, below
+# glibc's mmap threshold (process.py), so the work buffer of a pass without kept probabilities
+# is not mapped afresh each time.
+NATIVE_CHUNK_ROWS, NATIVE_CHUNK_BYTES = 256, 24 << 20
 
 
-def _logits_into(out32, out16, hidden, weight, low, b, rows=slice(None), cols=slice(None)):
-    """fp32 logits of a chunk, written into ``out32`` (``out16``: the matmul's output in the
-    input dtype, unless that is fp32)."""
-    mm_out = out32 if out16 is None else out16
+def _logits_into(out, out_mm, hidden, weight, low, b, rows=slice(None), cols=slice(None)):
+    """The logits of a chunk, written into ``out`` (through ``out_mm``, the matmul's output in
+    the input dtype, where that is not ``out``'s)."""
+    mm_out = out if out_mm is None else out_mm
     torch.mm(hidden[rows], weight[cols].T, out=mm_out)
     if low.shape[-1]:
         mm_out.addmm_(low[rows], b[cols].T)
-    if out16 is not None:
-        out32.copy_(out16)
-    return out32
+    if out_mm is not None:
+        out.copy_(out_mm)
+    return out
 
 
 def _workspace(hidden, rows: int, cols: int):
@@ -49,49 +61,83 @@ def _workspace(hidden, rows: int, cols: int):
     return out32, out16
 
 
+def _native(hidden: Tensor):
+    """The engine's native kernels (trinity/engine/kernels.cpp) where they serve this pass: on
+    the CPU, in fp32 or bf16, where they are built."""
+    if hidden.device.type != "cpu" or hidden.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return gemv.kernels()
+
+
+def _softmax_rows(logits_CV, targets_C, probs_CV, logprobs_C, lse_C, entropy_C, shifted):
+    """The torch ops' ``softmax_rows`` (the native kernel's): from fp32 logits (overwritten),
+    each row's target logprob and log Z, the entropy where ``entropy_C`` has rows, the
+    probabilities where ``probs_CV`` has rows; ``shifted``: fp32 room for the entropy's exps."""
+    max_C = logits_CV.amax(dim=-1)
+    target_C = logits_CV.gather(1, targets_C[:, None]).squeeze(1)
+    # s = logits - max; lse = max + log sum exp(s); entropy = log Z - sum(e^s s) / Z
+    s_CV = logits_CV.sub_(max_C[:, None])
+    if entropy_C.numel():
+        exp_CV = torch.exp(s_CV, out=shifted)
+        z_C = exp_CV.sum(-1)
+        if probs_CV.numel():
+            torch.div(exp_CV, z_C[:, None], out=probs_CV)
+        entropy_C.copy_(z_C.log() - exp_CV.mul_(s_CV).sum(-1) / z_C)
+    else:
+        z_C = s_CV.exp_().sum(-1)
+        if probs_CV.numel():
+            probs_CV.copy_(s_CV.div_(z_C[:, None]))
+    lse_C.copy_(z_C.log_().add_(max_C))
+    torch.sub(target_C, lse_C, out=logprobs_C)
+
+
 class _TargetLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_NH, weight_VH, low_NR, b_VR, targets_N, want_entropy, keep, fixed):
         n, vocab = hidden_NH.shape[0], weight_VH.shape[0]
-        chunk = max(1, CHUNK_ELEMENTS // vocab)
+        native = _native(hidden_NH)
+        if native is not None:
+            width = vocab * hidden_NH.element_size()
+            chunk = max(1, min(NATIVE_CHUNK_ROWS, NATIVE_CHUNK_BYTES // width))
+        else:
+            chunk = max(1, CHUNK_ELEMENTS // vocab)
         logprobs_N = hidden_NH.new_empty(n, dtype=torch.float32)
         lse_N = hidden_NH.new_empty(n, dtype=torch.float32)
         entropy_N = hidden_NH.new_empty(n if want_entropy else 0, dtype=torch.float32)
-        work32, work16 = _workspace(hidden_NH, min(chunk, n), vocab)
-        shifted = work32.new_empty(work32.shape) if want_entropy else None
-        probs_NV = hidden_NH.new_empty((n, vocab) if keep else (0, vocab))
+        # Kept probabilities in a pooled buffer (trinity/engine/pool.py), given back by the
+        # backward: at tens of MB, a fresh one per pass was thousands of page faults.
+        ctx.pooled = (pool.free_list(), pool.take(n * vocab, hidden_NH)) if keep else None
+        probs_NV = ctx.pooled[1][: n * vocab].view(n, vocab) if keep else hidden_NH.new_empty(0, 0)
+        if native is not None:  # logits in the matmul dtype, into the probabilities' rows
+            work = None if keep else hidden_NH.new_empty(min(chunk, n), vocab)
+        else:
+            work32, work16 = _workspace(hidden_NH, min(chunk, n), vocab)
+            shifted = work32.new_empty(work32.shape) if want_entropy else None
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
             size = rows.stop - start
-            logits_CV = _logits_into(
-                work32[:size],
-                None if work16 is None else work16[:size],
-                hidden_NH,
-                weight_VH,
-                low_NR,
-                b_VR,
-                rows=rows,
-            )
-            max_C = logits_CV.amax(dim=-1)
-            target_C = logits_CV.gather(1, targets_N[rows, None]).squeeze(1)
-            # s = logits - max; lse = max + log sum exp(s); entropy = log Z - sum(e^s s) / Z
-            s_CV = logits_CV.sub_(max_C[:, None])
-            if want_entropy:
-                exp_CV = torch.exp(s_CV, out=shifted[:size])
-                z_C = exp_CV.sum(-1)
-                if keep:
-                    torch.div(exp_CV, z_C[:, None], out=probs_NV[rows])
-                entropy_N[rows] = z_C.log() - exp_CV.mul_(s_CV).sum(-1) / z_C
+            outs = (targets_N[rows], probs_NV[rows], logprobs_N[rows], lse_N[rows])
+            if native is not None:
+                logits_CV = probs_NV[rows] if keep else work[:size]
+                _logits_into(logits_CV, None, hidden_NH, weight_VH, low_NR, b_VR, rows=rows)
+                native.softmax_rows(logits_CV, *outs, entropy_N[rows])
             else:
-                z_C = s_CV.exp_().sum(-1)
-                if keep:
-                    probs_NV[rows] = s_CV.div_(z_C[:, None])
-            lse_C = z_C.log_().add_(max_C)
-            lse_N[rows] = lse_C
-            logprobs_N[rows] = target_C - lse_C
-        ctx.save_for_backward(
-            hidden_NH, weight_VH, low_NR, b_VR, targets_N, lse_N, entropy_N, probs_NV
-        )
+                logits_CV = _logits_into(
+                    work32[:size],
+                    None if work16 is None else work16[:size],
+                    hidden_NH,
+                    weight_VH,
+                    low_NR,
+                    b_VR,
+                    rows=rows,
+                )
+                extra = None if shifted is None else shifted[:size]
+                _softmax_rows(logits_CV, *outs, entropy_N[rows], extra)
+        ctx.save_for_backward(hidden_NH, weight_VH, low_NR, b_VR, targets_N, lse_N, entropy_N)
+        # Held outside autograd's saved tensors: the buffer is the pool's once the backward has
+        # given it back, and its next user's writes must not fail a later backward of this
+        # graph (retain_graph), which recomputes instead.
+        ctx.probs_NV = probs_NV
         ctx.set_materialize_grads(False)
         if fixed:  # returned, never differentiated: the kept probabilities have no log p
             ctx.mark_non_differentiable(entropy_N)
@@ -99,11 +145,11 @@ class _TargetLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprobs_N, grad_entropy_N):
-        hidden_NH, weight_VH, low_NR, b_VR, targets_N, lse_N, entropy_N, probs_NV = (
-            ctx.saved_tensors
-        )
+        hidden_NH, weight_VH, low_NR, b_VR, targets_N, lse_N, entropy_N = ctx.saved_tensors
         need = ctx.needs_input_grad
         n, vocab = hidden_NH.shape[0], weight_VH.shape[0]
+        # None kept, or given back by an earlier backward: the logits are recomputed.
+        probs_NV = ctx.probs_NV if ctx.pooled is not None else ctx.probs_NV[:0]
         if grad_logprobs_N is None:
             grad_logprobs_N = lse_N.new_zeros(n)
         use_entropy = grad_entropy_N is not None and entropy_N.numel() > 0
@@ -127,40 +173,50 @@ class _TargetLogprobs(torch.autograd.Function):
         grad_b = torch.empty_like(b_VR) if need[3] else None
         chunk = max(1, CHUNK_ELEMENTS // max(n, 1))
         g_N1 = grad_logprobs_N.float()[:, None]
-        rows_N = torch.arange(n, device=hidden_NH.device)
-        work32, work16 = _workspace(hidden_NH, n, min(chunk, vocab))
-        coef32 = work32.new_empty(work32.shape) if use_entropy else None
+        native = _native(hidden_NH) if probs_NV.numel() else None
+        if native is not None:  # the logits' gradient straight from the kept probabilities
+            work = hidden_NH.new_empty(n, min(chunk, vocab))
+            rows_K = targets_N.new_empty(0) if keep_K is None else keep_K
+            g_N = g_N1[:, 0].contiguous()
+        else:
+            rows_N = torch.arange(n, device=hidden_NH.device)
+            work32, work16 = _workspace(hidden_NH, n, min(chunk, vocab))
+            coef32 = work32.new_empty(work32.shape) if use_entropy else None
+            neg_g_N1 = -g_N1
         product = hidden_NH.new_empty(hidden_NH.shape) if grad_hidden is not None else None
-        neg_g_N1 = -g_N1
         for start in range(0, vocab, chunk):
             cols = slice(start, min(start + chunk, vocab))
             size = cols.stop - start
             # d logprob_t / d logit_tv = 1[v == y_t] - p_tv, times the incoming gradient g_t;
             # d entropy_t / d logit_tv = -p_tv (log p_tv + H_t), times its gradient gH_t.
-            if probs_NV.numel():  # the kept rows' chunk (the whole N x V is not copied)
-                probs_NC = probs_NV[:, cols] if keep_K is None else probs_NV[keep_K, cols]
-                grad_NC = torch.mul(probs_NC, neg_g_N1, out=work32[:, :size])
+            if native is not None:
+                grad_NC = work[:, :size]
+                native.logit_grad(probs_NV, rows_K, targets_N, g_N, start, grad_NC)
             else:
-                grad_NC = _logits_into(
-                    work32[:, :size],
-                    None if work16 is None else work16[:, :size],
-                    hidden_NH,
-                    weight_VH,
-                    low_NR,
-                    b_VR,
-                    cols=cols,
-                )
-                grad_NC.sub_(lse_N[:, None])
-                if use_entropy:
-                    coef_NC = torch.add(grad_NC, entropy_N[:, None], out=coef32[:, :size])
-                    coef_NC.mul_(grad_entropy_N.float()[:, None]).add_(g_N1).neg_()
-                    grad_NC.exp_().mul_(coef_NC)
+                if probs_NV.numel():  # the kept rows' chunk (the whole N x V is not copied)
+                    probs_NC = probs_NV[:, cols] if keep_K is None else probs_NV[keep_K, cols]
+                    grad_NC = torch.mul(probs_NC, neg_g_N1, out=work32[:, :size])
                 else:
-                    grad_NC.exp_().mul_(neg_g_N1)
-            hit_N = (targets_N >= cols.start) & (targets_N < cols.stop)
-            grad_NC[rows_N[hit_N], targets_N[hit_N] - cols.start] += g_N1[hit_N, 0]
-            if work16 is not None:
-                grad_NC = work16[:, :size].copy_(grad_NC)
+                    grad_NC = _logits_into(
+                        work32[:, :size],
+                        None if work16 is None else work16[:, :size],
+                        hidden_NH,
+                        weight_VH,
+                        low_NR,
+                        b_VR,
+                        cols=cols,
+                    )
+                    grad_NC.sub_(lse_N[:, None])
+                    if use_entropy:
+                        coef_NC = torch.add(grad_NC, entropy_N[:, None], out=coef32[:, :size])
+                        coef_NC.mul_(grad_entropy_N.float()[:, None]).add_(g_N1).neg_()
+                        grad_NC.exp_().mul_(coef_NC)
+                    else:
+                        grad_NC.exp_().mul_(neg_g_N1)
+                hit_N = (targets_N >= cols.start) & (targets_N < cols.stop)
+                grad_NC[rows_N[hit_N], targets_N[hit_N] - cols.start] += g_N1[hit_N, 0]
+                if work16 is not None:
+                    grad_NC = work16[:, :size].copy_(grad_NC)
             if grad_hidden is not None:
                 grad_hidden += torch.mm(grad_NC, weight_VH[cols], out=product)
             if grad_weight is not None:
@@ -169,6 +225,9 @@ class _TargetLogprobs(torch.autograd.Function):
                 grad_low += grad_NC @ b_VR[cols]
             if grad_b is not None:
                 torch.mm(grad_NC.T, low_NR, out=grad_b[cols])
+        if ctx.pooled is not None:  # the probabilities' last use
+            pool.give_back(*ctx.pooled)
+            ctx.pooled = None
         if grad_hidden is not None:
             grad_hidden = _rows_of(grad_hidden.to(hidden_NH.dtype), keep_K, full_n)
         if grad_low is not None:
@@ -211,5 +270,5 @@ def target_logprobs(
         and hidden_NH.shape[0] * weight_VH.shape[0] * hidden_NH.element_size() <= KEEP_PROBS_BYTES
     )
     return _TargetLogprobs.apply(
-        hidden_NH, weight_VH, low_NR, b_VR, targets_N, want_entropy, keep, fixed
+        hidden_NH, weight_VH, low_NR, b_VR, targets_N.contiguous(), want_entropy, keep, fixed
     )
