@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import logging
 import math
@@ -257,7 +258,16 @@ async def run_rl(
                     log.info("explorer resumes from published weights v%d", published.version)
                 explorer.model_version = published.version
             jobs.append(explorer.run(start_step, total_steps))
-        await asyncio.gather(*jobs)
+        # What set-up made (torch, transformers, the model's modules: ~500 thousand objects)
+        # leaves the collector's generations for the loop: each full collection walked them
+        # all (0.25 s with the demo model) and the loop's own survivors (a sampler's adapter,
+        # experiences) brought one every few steps. Given back at the end, so that a finished
+        # run's cyclic garbage stays collectable.
+        gc.freeze()
+        try:
+            await asyncio.gather(*jobs)
+        finally:
+            gc.unfreeze()
         if train and config.trainer.save_hf_checkpoint != "never":
             out = job_dir.final_adapter_dir
             await backends.trainer.export_adapter(str(out))
