@@ -92,6 +92,23 @@ def test_a_snapshot_takes_over_the_adapter_of_a_dropped_sampler(engine):
     engine.remove_model("policy")
 
 
+def test_the_first_snapshot_builds_the_adapter_of_the_second(tiny_model_dir):
+    """The first LoRA sampler comes with a spare adapter, so the second weight sync (the first
+    sampler still there) builds none inside its step; a dropped sampler's is reused after."""
+    engine = Engine(str(tiny_model_dir), dtype=torch.float32)  # no spare from other tests
+    engine.create_model("policy", LoraSpec(rank=4, seed=0))
+    before = adapters(engine)
+    engine.snapshot_sampler("policy", "s1")
+    assert adapters(engine) == before + 2
+    train(engine, "policy", 1, seed=1)
+    engine.snapshot_sampler("policy", "s2")
+    engine.drop_sampler("s1")
+    train(engine, "policy", 1, seed=2)
+    engine.snapshot_sampler("policy", "s3")
+    assert adapters(engine) == before + 2
+    assert greedy(engine, "s3")[1] != greedy(engine, "s2")[1]
+
+
 def test_two_process_handoff_keeps_one_adapter_per_side(tiny_model_dir, tmp_path):
     """The trainer of a pair publishes without snapshots (its adapters stay its own model's), the
     explorer's sampler switches weights in one adapter however many versions go by."""

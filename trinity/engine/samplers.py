@@ -53,7 +53,8 @@ class Samplers:
         self._load_plain = load_plain
         self._merged: nn.Module | None = None
         self.merged_adapter: str | None = None  # the adapter in _merged while it is current
-        # The last dropped LoRA sampler, whose adapter the next sampler of its shape takes over:
+        # The last dropped LoRA sampler (or the one built beside the first, ``snapshot``), whose
+        # adapter the next sampler of its shape takes over:
         # peft builds an adapter in ~0.25 s for the demo model, on the critical path of every
         # weight sync (a new sampler per step, the previous one dropped after it), while copying
         # the weights in takes milliseconds.
@@ -79,7 +80,15 @@ class Samplers:
                 self.by_name[name] = Sampler(None, None, frozen)
                 return
             adapter = self._take_spare(lambda spare: model.spec.same_shape(spare.spec))
-            adapter = adapter or self.adapters.add(model.spec, "s")
+            if adapter is None:
+                first = not any(s.adapter is not None for s in self.by_name.values())
+                adapter = self.adapters.add(model.spec, "s")
+                if first and self._spare is None:
+                    # Each weight sync makes the next sampler while this one may still be
+                    # sampling, so a second adapter is needed from the second sync on; built
+                    # now, at the first, it is not built inside a later step (peft: ~0.3 s).
+                    spare = self.adapters.add(model.spec, "s")
+                    self._spare = Sampler(model.spec, spare, self.adapters.base)
             sampler = Sampler(model.spec, adapter, self.adapters.base)
         with torch.no_grad():
             for key, p in self.adapters.params(sampler.adapter).items():
