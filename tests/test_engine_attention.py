@@ -162,10 +162,15 @@ def test_block_columns_are_reused_only_for_the_same_unchanged_mask():
     mask = torch.zeros(1, 1, 300, 300, dtype=torch.bool)
     mask[..., :10] = True
     first = attention._columns_of(mask)
+    biases, gather = attention._block_biases(mask, 3, torch.bfloat16), attention._gather_plan(mask)
     assert attention._columns_of(mask) is first
     assert attention._columns_of(mask[:, :, :, :]) is first  # a view with the same layout
+    assert attention._block_biases(mask, 3, torch.bfloat16) is biases  # made once per pass
+    assert attention._gather_plan(mask[:, :, :, :]) is gather
     mask[..., 200:, 150] = True  # in place: the last block now sees column 150
     changed = attention._columns_of(mask)
     assert changed is not first and 150 in changed[-1].tolist()
+    assert attention._block_biases(mask, 3, torch.bfloat16) is not biases
+    assert 150 in attention._gather_plan(mask)[0][-changed[-1].numel() :].tolist()
     other = mask.clone()
     assert attention._columns_of(other) is not changed

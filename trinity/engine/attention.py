@@ -22,6 +22,7 @@ dimension, Q a block's query positions, R its rows (G x Q).
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -48,7 +49,7 @@ def block_columns(mask_B1QT: Tensor) -> list[Tensor | None]:
     return columns
 
 
-_LAST: tuple = (None, None, None)  # (weakref to a mask's storage tensor, its view, its columns)
+_LAST: tuple = (None, None, None, None)  # (weakref to a mask's base, its view, columns, plans)
 
 
 def _columns_of(mask_B1QT: Tensor) -> list[Tensor | None]:
@@ -59,11 +60,51 @@ def _columns_of(mask_B1QT: Tensor) -> list[Tensor | None]:
     global _LAST
     base = mask_B1QT if mask_B1QT._base is None else mask_B1QT._base
     view = (mask_B1QT.data_ptr(), mask_B1QT.shape, mask_B1QT.stride(), mask_B1QT._version)
-    ref, seen, columns = _LAST
+    ref, seen, columns, _ = _LAST
     if ref is None or ref() is not base or seen != view:
         columns = block_columns(mask_B1QT)
-        _LAST = (weakref.ref(base), view, columns)
+        _LAST = (weakref.ref(base), view, columns, {})
     return columns
+
+
+def _block_biases(mask_B1QT: Tensor, group: int, dtype: torch.dtype) -> list[Tensor]:
+    """Per query block, the additive mask of its scores, [B, Q G, C] in ``dtype`` over the
+    block's ``block_columns`` (0 where seen, the dtype's lowest value elsewhere; rows ordered
+    (position, group head)): the same for every layer, so made once per pass (``_LAST``)."""
+    columns = _columns_of(mask_B1QT)
+    plans = _LAST[3]
+    if (group, dtype) not in plans:
+        lowest = torch.finfo(dtype).min
+        biases = []
+        for i, start in enumerate(range(0, mask_B1QT.shape[2], QUERY_BLOCK)):
+            seen_BQT = mask_B1QT[:, 0, start : start + QUERY_BLOCK]
+            if columns[i] is not None:
+                seen_BQT = seen_BQT.index_select(2, columns[i])
+            bias_BQC = torch.zeros(seen_BQT.shape, dtype=dtype, device=seen_BQT.device)
+            biases.append(bias_BQC.masked_fill_(~seen_BQT, lowest).repeat_interleave(group, 1))
+        plans[(group, dtype)] = biases
+    return plans[(group, dtype)]
+
+
+def _gather_plan(mask_B1QT: Tensor) -> tuple[Tensor, list[int]]:
+    """(every block's ``block_columns`` one after another, each block's count), once per pass
+    (``_LAST``), for index_select (its backward, index_add, ran ~1.5x faster than indexing's)."""
+    columns = _columns_of(mask_B1QT)
+    plans = _LAST[3]
+    if "gather" not in plans:
+        whole = torch.arange(mask_B1QT.shape[3], device=mask_B1QT.device)
+        parts = [whole if c is None else c for c in columns]
+        plans["gather"] = torch.cat(parts), [len(c) for c in parts]
+    return plans["gather"]
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_bias(start: int, end: int, group: int, dtype: torch.dtype, device: torch.device):
+    """The additive causal mask of a block of queries [start, end) over keys [0, end):
+    [1, Q G, end], -inf past each query's position, rows ordered (position, group head)."""
+    future_QC = torch.ones(end - start, end, dtype=torch.bool, device=device).triu_(start + 1)
+    bias_QC = torch.zeros(future_QC.shape, dtype=dtype, device=device)
+    return bias_QC.masked_fill_(future_QC, float("-inf")).repeat_interleave(group, 0)[None]
 
 
 def causal_attention(
@@ -72,41 +113,46 @@ def causal_attention(
     v_BKTD: Tensor,
     scale: float,
     mask_B1QT: Tensor | None = None,
-    columns: list[Tensor | None] | None = None,
 ) -> Tensor:
     """``softmax(q k^T * scale + mask) v`` as [B, Q, A, D]: causal over the queries (Q = T) when
     ``mask_B1QT`` is None, else where the boolean mask is set (a query with no key set gets the
     mean of the values, not NaN: such rows are padding), each query block over its
-    ``block_columns`` only."""
-    length = q_BATD.shape[2]
-    group = q_BATD.shape[1] // k_BKTD.shape[1]
-    q_BKGTD = (q_BATD * scale).unflatten(1, (k_BKTD.shape[1], group))
-    if mask_B1QT is not None and columns is None:
-        columns = block_columns(mask_B1QT)
+    ``block_columns`` only.
+
+    The queries are laid out once as [B, K, T, G, D], so a block's rows (position, group head)
+    are a view and its gradient comes back through one concatenation (``split``); the scale and
+    the mask go into the scores' matmul (``baddbmm`` with an additive mask made once per pass).
+    """
+    batch, length = q_BATD.shape[0], q_BATD.shape[2]
+    kv, dim = k_BKTD.shape[1], k_BKTD.shape[3]
+    group = q_BATD.shape[1] // kv
+    q_BKTGD = q_BATD.unflatten(1, (kv, group)).transpose(2, 3).contiguous()
+    if mask_B1QT is not None:
+        biases = _block_biases(mask_B1QT, group, q_BATD.dtype)
+        # Every block's key columns gathered by one index_select each for K and V, then split:
+        # the backward is one index_add into one zeroed gradient, not one per block.
+        columns_C, sizes = _gather_plan(mask_B1QT)
+        k_blocks = k_BKTD.index_select(2, columns_C).split(sizes, dim=2)
+        v_blocks = v_BKTD.index_select(2, columns_C).split(sizes, dim=2)
     blocks = []
-    for i, start in enumerate(range(0, length, QUERY_BLOCK)):
-        end = min(length, start + QUERY_BLOCK)
-        q_BKRD = q_BKGTD[:, :, :, start:end].flatten(2, 3)  # rows: (group head, position)
+    for i, q_BKQGD in enumerate(q_BKTGD.split(QUERY_BLOCK, dim=2)):
+        start = i * QUERY_BLOCK
+        end = start + q_BKQGD.shape[2]
+        q_NRD = q_BKQGD.flatten(0, 1).flatten(1, 2)  # N: (batch, KV head); R: (position, head)
         if mask_B1QT is None:
             k_BKCD, v_BKCD = k_BKTD[:, :, :end], v_BKTD[:, :, :end]
+            bias_NRC = _causal_bias(start, end, group, q_BATD.dtype, q_BATD.device)
         else:
-            seen_B1QC = mask_B1QT[:, :, start:end]
-            k_BKCD, v_BKCD = k_BKTD, v_BKTD
-            if columns[i] is not None:  # index_select: its backward (index_add) is ~1.5x
-                k_BKCD = k_BKTD.index_select(2, columns[i])  # faster than indexing's
-                v_BKCD = v_BKTD.index_select(2, columns[i])
-                seen_B1QC = seen_B1QC.index_select(3, columns[i])
-        scores_BKGQC = (q_BKRD @ k_BKCD.transpose(-1, -2)).unflatten(2, (group, end - start))
-        if mask_B1QT is None:
-            future_QC = torch.ones(end - start, end, dtype=torch.bool, device=q_BATD.device)
-            scores_BKGQC = scores_BKGQC.masked_fill(future_QC.triu_(start + 1), float("-inf"))
-        else:
-            hidden_B11QC = ~seen_B1QC[:, None]
-            scores_BKGQC = scores_BKGQC.masked_fill(hidden_B11QC, torch.finfo(q_BATD.dtype).min)
-        probs_BKRC = torch.softmax(scores_BKGQC, dim=-1).flatten(2, 3)
-        blocks.append((probs_BKRC @ v_BKCD).unflatten(2, (group, end - start)))
-    out_BKGTD = torch.cat(blocks, dim=3)
-    return out_BKGTD.flatten(1, 2).transpose(1, 2).contiguous()
+            k_BKCD, v_BKCD = k_blocks[i], v_blocks[i]
+            bias_NRC = biases[i]
+            if batch > 1:  # one mask per row of the batch, for each of its KV heads
+                bias_NRC = bias_NRC.repeat_interleave(kv, 0)
+        k_NCD, v_NCD = k_BKCD.flatten(0, 1), v_BKCD.flatten(0, 1)
+        scores_NRC = torch.baddbmm(bias_NRC, q_NRD, k_NCD.transpose(1, 2), alpha=scale)
+        probs_NRC = torch.softmax(scores_NRC, dim=-1)
+        blocks.append((probs_NRC @ v_NCD).view(batch, kv, end - start, group, dim))
+    out_BKTGD = torch.cat(blocks, dim=2)
+    return out_BKTGD.permute(0, 2, 1, 3, 4).reshape(batch, length, kv * group, dim)
 
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -131,7 +177,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
             dtype = torch.get_autocast_dtype(device)  # rotary leaves q and k in fp32)
             query, key, value = (x.to(dtype) for x in (query, key, value))
         mask = attention_mask if masked else None
-        return causal_attention(query, key, value, scale, mask, columns), None
+        return causal_attention(query, key, value, scale, mask), None
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )
