@@ -7,8 +7,9 @@ Identical shapes on both sides: the demo model (SmolLM2-135M-Instruct) in the en
 (bf16 where the CPU has it natively, else fp32) on both sides, the same
 arithmetic prompts, 4 prompts x 4 samples per step, at most 64 new tokens (both stop at EOS; the
 mean completion length of each side is reported next to its time), LoRA rank 32 / alpha 32 on
-all linear layers, one optimizer step per batch, no KL term, no gradient checkpointing. The first
-step of each side is warm-up and not counted. ``--rounds`` (default 2) runs Trinity then TRL that
+the decoder's linear layers (peft's "all-linear" leaves the output head out, so Trinity's side
+sets ``train_unembed: false``), one optimizer step per batch, no KL term, no gradient
+checkpointing. The first step of each side is warm-up and not counted. ``--rounds`` (default 2) runs Trinity then TRL that
 many times and pools each side's timed steps (the machine drifts between runs: TRL's step moved
 from 17 to 20 s). Each side runs in a fresh process of its own: a
 second OpenMP team in one process (the matmul-peak trial's, or the other side's worker thread's)

@@ -3,7 +3,8 @@
 A pass (trinity/engine/packing.py) is either rows run alone, right-padded (no attention mask:
 right padding never precedes a real token), or clusters with a shared prefix packed into one row
 without padding (every prefix, then every member's suffix) under a mask that lets a suffix see
-its cluster's prefix: one decoder call. Hidden states of the real tokens go through
+its cluster's prefix: one decoder call (its norms and MLPs by trinity/engine/fused_layers.py's
+native functions). Hidden states of the real tokens go through
 ``logprobs.target_logprobs`` (chunked, no full fp32 logits); gradients flow back through the
 shared parts.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from trinity.engine import fused_layers
 from trinity.engine.logprobs import target_logprobs
 from trinity.engine.packing import Cluster, Example, packed_pass, padded_rows
 
@@ -93,8 +95,9 @@ class Forward:
         if clusters[0].prefix == 0:
             return self._unshared(module, adapter, clusters[0].members, want_entropy, entropy_grad)
         inputs = packed_pass(clusters, self.window)
-        with self.autocast():
-            hidden_NH = module.get_decoder()(
+        decoder = module.get_decoder()
+        with self.autocast(), fused_layers.fused(decoder):
+            hidden_NH = decoder(
                 input_ids=inputs.ids_1N.to(self.device),
                 attention_mask=inputs.mask_11NN.to(self.device),
                 position_ids=inputs.position_1N.to(self.device),
@@ -147,9 +150,10 @@ class Forward:
             empty = torch.zeros(0, device=self.device)
             return empty, empty
         ids_BT, mask_BT = padded_rows(group, self.pad_token_id)
-        with self.autocast():
-            hidden_BTH = (
-                module.get_decoder()(input_ids=ids_BT.to(self.device), use_cache=False)
+        decoder = module.get_decoder()
+        with self.autocast(), fused_layers.fused(decoder):
+            hidden_BTH = decoder(
+                input_ids=ids_BT.to(self.device), use_cache=False
             ).last_hidden_state
         if bool(mask_BT.all()):  # equal lengths: a view, no gather
             hidden_NH = hidden_BTH.flatten(0, 1).to(self.dtype)
