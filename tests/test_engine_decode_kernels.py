@@ -214,11 +214,23 @@ def biased():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("adapters", [None, ["a"], ["a", BASE_ADAPTER, "b"], ["c", "a"], "biased"])
+@pytest.mark.parametrize(
+    "adapters",
+    [
+        None,
+        ["a"],
+        ["a", BASE_ADAPTER, "b"],
+        ["c", "a"],
+        ["a"] * 9,
+        ["a", "b", BASE_ADAPTER, "c", "a", "a", "b", "a", "c"],
+        "biased",
+    ],
+)
 def test_native_step_equals_op_step(native, models, biased, dtype, adapters, monkeypatch):
     """The native step (one C++ call) against the torch ops, on the same cache and tokens: the
     same logits (fp32 1e-4; bf16: two layers of bf16 roundings apart) and the same cache; batch 1
-    to 3, with LoRA adapters (a mix of them and the base per row, an odd rank) and with biases."""
+    to 9 (9: the B products added by rows in several tasks, one adapter's by B's blocks), with
+    LoRA adapters (a mix of them and the base per row, an odd rank) and with biases."""
     model = biased[dtype] if adapters == "biased" else models[dtype]
     batch = 2 if adapters == "biased" else 1 if adapters is None else len(adapters)
     adapters = None if adapters == "biased" else adapters

@@ -21,8 +21,10 @@ with the same roundings, but rmsnorm fused with the residual add before it, rota
 cache writes, a one-query GQA attention over each row's valid columns (one pass over its keys, one
 over its values, fp32 softmax) instead of SDPA (whose CPU kernel costs per row and head, not per
 FLOP), SiLU-and-multiply in one pass, and no Python between the ops. LoRA goes in as the same
-masked low-rank terms, each B product added by outer products (``low_rank_add``: no per-output
-sums over the rank). Its other matmuls, LoRA A included, are the engine's small-M kernel where
+masked low-rank terms: each A product in the parallel region of its base weight's matmul, each B
+product by outer products (no per-output sums over the rank) over B's nonzero blocks only, added
+to the rows the next op reads (rotary, the residual add, SiLU-and-multiply) in that op's own
+parallel region (``LowTerm`` in kernels.cpp). Its matmuls are the engine's small-M kernel where
 that beats at::linear (``small_mm``: up to 32 rows a thread; at batch 16 a step went from 45 to
 30 ms). Without the build, or with ``TRINITY_FUSED_DECODE=0``, or under
 ``torch.compile``, the step is the torch ops above (matmuls of a few rows still by the kernel), and
@@ -96,6 +98,7 @@ class _Proj:
     bias_O: torch.Tensor | None
     a_by: dict  # adapter -> A [r, in] (the fused parts' ranks concatenated)
     b_by: dict  # adapter -> B [out, r] (scaling folded), block-diagonal over the fused parts
+    blocks_by: dict  # adapter -> B's blocks, (row, row end, rank column, column end) each
 
 
 def _fuse(modules: list[nn.Module]) -> _Proj:
@@ -109,25 +112,27 @@ def _fuse(modules: list[nn.Module]) -> _Proj:
     return _Proj(weight, bias, *_fused_loras(modules))
 
 
-def _fused_loras(modules: list[nn.Module]) -> tuple[dict, dict]:
-    """(A, B) per adapter of the fused projection: the parts' ranks concatenated in A, B
-    block-diagonal (scaling folded in)."""
+def _fused_loras(modules: list[nn.Module]) -> tuple[dict, dict, dict]:
+    """(A, B, B's blocks) per adapter of the fused projection: the parts' ranks concatenated in
+    A, B block-diagonal (scaling folded in)."""
     parts = [_linear_parts(m) for m in modules]
     out_rows = sum(base.out_features for base, _ in parts)
-    a_by, b_by = {}, {}
+    a_by, b_by, blocks_by = {}, {}, {}
     for name in set().union(*(loras for _, loras in parts)):
         a_by[name] = torch.cat([loras[name][0] for _, loras in parts if name in loras])
         # Block-diagonal B: each fused part's output rows take only that part's rank columns.
         b_full = a_by[name].new_zeros(out_rows, a_by[name].shape[0])
+        blocks_by[name] = []
         row = col = 0
         for base, loras in parts:
             if name in loras:
                 a, b = loras[name]
                 b_full[row : row + base.out_features, col : col + a.shape[0]] = b
+                blocks_by[name].append((row, row + base.out_features, col, col + a.shape[0]))
                 col += a.shape[0]
             row += base.out_features
         b_by[name] = b_full
-    return a_by, b_by
+    return a_by, b_by, blocks_by
 
 
 class Weights:
@@ -185,7 +190,7 @@ class Weights:
         terms again, the base weights' decode-layout copies kept (rebuilding those took ~0.4 s for
         the demo model, every GRPO step); ``signature``: the model's now."""
         for proj, modules in self.sources:
-            proj.a_by, proj.b_by = _fused_loras(modules)
+            proj.a_by, proj.b_by, proj.blocks_by = _fused_loras(modules)
         self.signature = signature
 
 
@@ -371,13 +376,16 @@ def _select_rows(cache_LBHTD: torch.Tensor, index_K: torch.Tensor) -> torch.Tens
 class LoraTerm(NamedTuple):
     """A projection's adapters for one batch: ``a_NI`` (A_cat), ``b_ON`` (B_cat, scaling
     folded in), ``mask_BN`` (each row's block of the rank, None when every row has the one
-    adapter present), and ``b_packed`` (B_cat as the native ``low_rank_add`` takes it:
-    [N / S, O, S], S = 2 for bf16, whose pairs it multiplies, else 1)."""
+    adapter present), ``b_packed`` (B_cat as the native ``low_rank_add`` takes it:
+    [N / S, O, S], S = 2 for bf16, whose pairs it multiplies, else 1), and ``segments`` (for
+    the native step: B's nonzero blocks [n, 4], rows (output column, its end, rank column, its
+    end), where one adapter's blocks split on pairs; else empty, the whole of B)."""
 
     a_NI: torch.Tensor
     b_ON: torch.Tensor
     mask_BN: torch.Tensor | None
     b_packed: torch.Tensor
+    segments: torch.Tensor
 
 
 def lora_inputs(weights: Weights, adapters_B: list[str] | None, device) -> list | None:
@@ -407,7 +415,10 @@ def lora_inputs(weights: Weights, adapters_B: list[str] | None, device) -> list 
             a, b = F.pad(a, (0, 0, 0, 1)), F.pad(b, (0, 1))
         packed = b.view(b.shape[0], -1, pair).transpose(0, 1).contiguous()
         if len(names) == 1:  # every row has this adapter
-            out.append(LoraTerm(a, b, None, packed))
+            blocks = proj.blocks_by[names[0]]
+            whole = any(c % pair for block in blocks for c in block[2:])
+            segments = _ABSENT if whole else torch.tensor(blocks, dtype=torch.long)
+            out.append(LoraTerm(a, b, None, packed, segments))
             continue
         mask = torch.zeros(len(adapters_B), a.shape[0], dtype=dtype)
         col = 0
@@ -416,7 +427,7 @@ def lora_inputs(weights: Weights, adapters_B: list[str] | None, device) -> list 
             rows = [i for i, name in enumerate(adapters_B) if name == n]
             mask[rows, col : col + r] = 1.0
             col += r
-        out.append(LoraTerm(a, b, mask.to(device), packed))
+        out.append(LoraTerm(a, b, mask.to(device), packed, _ABSENT))
     return out
 
 
@@ -448,7 +459,9 @@ def decode_step(
             else [
                 _ABSENT if t is None else t
                 for term in lora
-                for t in ((term.a_NI, term.b_packed, term.mask_BN) if term else (None,) * 3)
+                for t in (
+                    (term.a_NI, term.b_packed, term.mask_BN, term.segments) if term else (None,) * 4
+                )
             ],
             keys_LBHTD,
             values_LBHTD,

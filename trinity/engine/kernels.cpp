@@ -283,6 +283,30 @@ Tensor small_mm(Tensor x, Tensor w) {
     return y;
 }
 
+// (x @ w.T, x @ a.T): small_mm of both in one parallel region, their tiles one range (a LoRA's
+// A beside its base weight: its own region cost more than its work at a decode batch).
+static std::pair<Tensor, Tensor> small_mm_pair(const Tensor& x, const Tensor& w, const Tensor& a) {
+    const int64_t M = x.size(0), K = x.size(1), O = w.size(0), R = a.size(0);
+    auto y = torch::empty({M, O}, x.options()), low = torch::empty({M, R}, x.options());
+    const int64_t tiles = (O + TILE_O - 1) / TILE_O, a_tiles = (R + TILE_O - 1) / TILE_O;
+    const int64_t grain = std::max<int64_t>(1, (1 << 16) / (TILE_O * M * K));
+    at::parallel_for(0, tiles + a_tiles, grain, [&](int64_t b, int64_t e) {
+        auto run = [&](const Tensor& m, const Tensor& out, int64_t n, int64_t t0, int64_t t1) {
+            if (t1 <= t0) return;
+            t0 *= TILE_O;
+            t1 = std::min(n, t1 * TILE_O);
+            if (is_bf16(m))
+                mm_range(data<uint16_t>(m), data<uint16_t>(x), data<uint16_t>(out), K, n, M, t0,
+                         t1);
+            else
+                mm_range(data<float>(m), data<float>(x), data<float>(out), K, n, M, t0, t1);
+        };
+        run(w, y, O, b, std::min(e, tiles));
+        run(a, low, R, std::max(b, tiles) - tiles, e - tiles);
+    });
+    return {y, low};
+}
+
 // ---- the low-rank term of a LoRA'd projection: y += low @ b.T, K the rank ----
 // Why: as a matmul (small_mm's dot products, or at::linear) a LoRA B costs its per-output sums
 // over a K of 32-96: the demo model's gate-up B, [16, 64] x [64, 3072], took 42 us, the four of
@@ -329,13 +353,14 @@ static inline void store16(uint16_t* p, __m512 v) {  // v holds bf16 values exac
 }
 
 template <class T, int NR, int NV>
-static inline void low_tile(const T* low, const T* bp, T* y, int64_t K, int64_t O, int64_t o) {
+static inline void low_tile(const T* low, const T* bp, T* y, int64_t K, int64_t O, int64_t o,
+                            int64_t k0, int64_t k1) {
     using C = Chunk<T>;
     constexpr int64_t S = PAIR<T>;
     __m512 acc[NR][NV];
     for (int r = 0; r < NR; ++r)
         for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += S) {
+    for (int64_t k = k0; k < k1; k += S) {
         typename C::R bv[NV];
         for (int v = 0; v < NV; ++v) bv[v] = C::load(bp + ((k / S) * O + o + 16 * v) * S);
         for (int r = 0; r < NR; ++r) {
@@ -352,34 +377,35 @@ static inline void low_tile(const T* low, const T* bp, T* y, int64_t K, int64_t 
 
 template <class T, int NV>
 static void low_rows(const T* low, const T* bp, T* y, int64_t M, int64_t K, int64_t O,
-                     int64_t o) {
+                     int64_t o, int64_t k0, int64_t k1) {
     int64_t m = 0;
     for (; m + LOW_ROWS <= M; m += LOW_ROWS)
-        low_tile<T, LOW_ROWS, NV>(low + m * K, bp, y + m * O, K, O, o);
+        low_tile<T, LOW_ROWS, NV>(low + m * K, bp, y + m * O, K, O, o, k0, k1);
     switch (M - m) {
-        case 3: low_tile<T, 3, NV>(low + m * K, bp, y + m * O, K, O, o); break;
-        case 2: low_tile<T, 2, NV>(low + m * K, bp, y + m * O, K, O, o); break;
-        case 1: low_tile<T, 1, NV>(low + m * K, bp, y + m * O, K, O, o); break;
+        case 3: low_tile<T, 3, NV>(low + m * K, bp, y + m * O, K, O, o, k0, k1); break;
+        case 2: low_tile<T, 2, NV>(low + m * K, bp, y + m * O, K, O, o, k0, k1); break;
+        case 1: low_tile<T, 1, NV>(low + m * K, bp, y + m * O, K, O, o, k0, k1); break;
     }
 }
 #endif
 
-// Outputs [b, e) of y += low @ b.T (the vector tiles where AVX-512 is there, else and for a
-// last partial vector one output at a time).
+// Outputs [b, e) of y += low @ b.T over the rank's columns [k0, k1) (the others being zeros
+// of b there), the vector tiles where AVX-512 is there, else and for a last partial vector one
+// output at a time.
 template <class T>
 static void low_range(const T* low, const T* bp, T* y, int64_t M, int64_t K, int64_t O,
-                      int64_t b, int64_t e) {
+                      int64_t b, int64_t e, int64_t k0, int64_t k1) {
     constexpr int64_t S = PAIR<T>;
     int64_t o = b;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     for (; o + 16 * LOW_VECS <= e; o += 16 * LOW_VECS)
-        low_rows<T, LOW_VECS>(low, bp, y, M, K, O, o);
-    for (; o + 16 <= e; o += 16) low_rows<T, 1>(low, bp, y, M, K, O, o);
+        low_rows<T, LOW_VECS>(low, bp, y, M, K, O, o, k0, k1);
+    for (; o + 16 <= e; o += 16) low_rows<T, 1>(low, bp, y, M, K, O, o, k0, k1);
 #endif
     for (int64_t m = 0; m < M; ++m)
         for (int64_t i = o; i < e; ++i) {
             float acc = 0;
-            for (int64_t k = 0; k < K; ++k)
+            for (int64_t k = k0; k < k1; ++k)
                 acc += f32(low[m * K + k]) * f32(bp[((k / S) * O + i) * S + k % S]);
             y[m * O + i] = store<T>(f32(y[m * O + i]) + rnd<T>(acc));
         }
@@ -403,10 +429,44 @@ void low_rank_add(Tensor y, Tensor low, Tensor bp) {
         b *= 64;
         e = std::min(O, e * 64);
         if (is_bf16(y))
-            low_range(data<uint16_t>(low), data<uint16_t>(bp), data<uint16_t>(y), M, K, O, b, e);
+            low_range(data<uint16_t>(low), data<uint16_t>(bp), data<uint16_t>(y), M, K, O, b, e,
+                      0, K);
         else
-            low_range(data<float>(low), data<float>(bp), data<float>(y), M, K, O, b, e);
+            low_range(data<float>(low), data<float>(bp), data<float>(y), M, K, O, b, e, 0, K);
     });
+}
+
+// A projection's low-rank term not yet added to its output y [M, O]: low [M, K] (masked), b
+// packed as low_rank_add takes it, and ``segments`` [n, 4] (int64 rows: output columns [o0, o1)
+// take the rank's columns [k0, k1) only, the block-diagonal B of fused projections; empty: all
+// outputs over the whole rank). Why: a decode step added each B product in a parallel region of
+// its own over the output columns (and computed each A product in another), 240 regions a step
+// for the demo model's adapter, 3.6 ms of a 24.5 ms batch-16 step; here A's rows go with the
+// base weight's tiles (``project``) and the B product into the rows the next op works on anyway
+// (rotary, the residual add before a norm, SiLU-and-multiply), skipping B's zero blocks.
+struct LowTerm {
+    Tensor low, bp, segments;
+    bool pending() const { return low.defined(); }
+};
+
+// Rows [r0, r1) of y [M, O] += their low-rank term (rounded as low_rank_add).
+template <class T>
+static void add_low_rows(const LowTerm& term, T* y, int64_t O, int64_t r0, int64_t r1) {
+    if (!term.pending() || r1 <= r0) return;
+    const int64_t K = term.low.size(1);
+    const T *low = data<T>(term.low) + r0 * K, *bp = data<T>(term.bp);
+    y += r0 * O;
+    if (term.segments.numel() == 0) return low_range(low, bp, y, r1 - r0, K, O, 0, O, 0, K);
+    const int64_t* seg = term.segments.data_ptr<int64_t>();
+    for (int64_t i = 0; i < term.segments.size(0); ++i, seg += 4)
+        low_range(low, bp, y, r1 - r0, K, O, seg[0], seg[1], seg[2], seg[3]);
+}
+
+// Rows per task of a row-parallel op that also adds a pending term: a low-rank tile's 4 rows,
+// so a batch of 16 splits over the threads (without one, a few rows' work is less than a
+// parallel region costs).
+static inline int64_t row_grain(const LowTerm* term, int64_t grain) {
+    return term != nullptr && term->pending() ? 4 : grain;
 }
 
 // ---- rmsnorm, with the residual add before it ----
@@ -429,25 +489,28 @@ static void norm_row(T* x, const T* delta, const T* w, T* out, int64_t n, float 
 
 template <class T>
 static void norm_rows(const Tensor& x, const Tensor* delta, const Tensor& w, const Tensor& out,
-                      double eps) {
+                      double eps, const LowTerm* term) {
     const int64_t n = x.size(1);
-    at::parallel_for(0, x.size(0), 16, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, x.size(0), row_grain(term, 16), [&](int64_t b, int64_t e) {
+        if (term != nullptr && term->pending()) add_low_rows<T>(*term, data<T>(*delta), n, b, e);
         for (int64_t r = b; r < e; ++r)
             norm_row<T>(data<T>(x) + r * n, delta ? data<T>(*delta) + r * n : nullptr,
                         data<T>(w), data<T>(out) + r * n, n, float(eps));
     });
 }
 
+// ``term``: delta's pending low-rank term, added before the residual add.
 static void norm_into(const Tensor& x, const Tensor* delta, const Tensor& w, const Tensor& out,
-                      double eps) {
+                      double eps, const LowTerm* term = nullptr) {
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous() && out.is_contiguous());
     TORCH_CHECK(w.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type());
     TORCH_CHECK(delta == nullptr || (delta->is_contiguous() && delta->sizes() == x.sizes() &&
                                      delta->scalar_type() == x.scalar_type()));
+    TORCH_CHECK(term == nullptr || !term->pending() || delta != nullptr);
     if (is_bf16(x))
-        norm_rows<uint16_t>(x, delta, w, out, eps);
+        norm_rows<uint16_t>(x, delta, w, out, eps, term);
     else
-        norm_rows<float>(x, delta, w, out, eps);
+        norm_rows<float>(x, delta, w, out, eps, term);
 }
 
 // w * rmsnorm(x) [B, H].
@@ -471,7 +534,8 @@ Tensor add_rms_norm(Tensor x, Tensor delta, Tensor w, double eps) {
 // ``x * cos + rotate_half(x) * sin``, each product and the sum rounded to T.
 template <class T>
 static void rope_rows(const Tensor& qkv, const Tensor& cos, const Tensor& sin,
-                      const Tensor& keys, const Tensor& values, int64_t column, int64_t heads) {
+                      const Tensor& keys, const Tensor& values, int64_t column, int64_t heads,
+                      const LowTerm* term) {
     const int64_t kv = keys.size(1), D = keys.size(3), half = D / 2;
     // Strides read once: each TensorBase::stride is a call, which also stops vectorization.
     const int64_t qs = qkv.stride(0), cs = cos.stride(0), ss = sin.stride(0);
@@ -480,7 +544,8 @@ static void rope_rows(const Tensor& qkv, const Tensor& cos, const Tensor& sin,
     T *q = data<T>(qkv), *kp = data<T>(keys) + column * keys.stride(2),
       *vp = data<T>(values) + column * values.stride(2);
     const T *c = data<T>(cos), *s = data<T>(sin);
-    at::parallel_for(0, qkv.size(0), 16, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, qkv.size(0), row_grain(term, 16), [&](int64_t b0, int64_t b1) {
+        if (term != nullptr) add_low_rows<T>(*term, q, qs, b0, b1);
         for (int64_t b = b0; b < b1; ++b) {
             const T *cb = c + b * cs, *sb = s + b * ss;
             for (int64_t h = 0; h < heads + kv; ++h) {
@@ -500,8 +565,10 @@ static void rope_rows(const Tensor& qkv, const Tensor& cos, const Tensor& sin,
     });
 }
 
-void rope_write(Tensor qkv, Tensor cos, Tensor sin, Tensor keys, Tensor values, int64_t column,
-                int64_t heads) {
+// ``term``: qkv's pending low-rank term, added before the rotation.
+static void rope_write_as(const Tensor& qkv, const Tensor& cos, const Tensor& sin,
+                          const Tensor& keys, const Tensor& values, int64_t column, int64_t heads,
+                          const LowTerm* term) {
     const int64_t kv = keys.size(1), D = keys.size(3);
     TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) == (heads + 2 * kv) * D);
     TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1 && D % 2 == 0);
@@ -509,10 +576,16 @@ void rope_write(Tensor qkv, Tensor cos, Tensor sin, Tensor keys, Tensor values, 
     TORCH_CHECK(0 <= column && column < keys.size(2));
     for (const Tensor* t : {&cos, &sin, &keys, &values})
         TORCH_CHECK(t->scalar_type() == qkv.scalar_type());
+    TORCH_CHECK(term == nullptr || !term->pending() || qkv.is_contiguous());
     if (is_bf16(qkv))
-        rope_rows<uint16_t>(qkv, cos, sin, keys, values, column, heads);
+        rope_rows<uint16_t>(qkv, cos, sin, keys, values, column, heads, term);
     else
-        rope_rows<float>(qkv, cos, sin, keys, values, column, heads);
+        rope_rows<float>(qkv, cos, sin, keys, values, column, heads, term);
+}
+
+void rope_write(Tensor qkv, Tensor cos, Tensor sin, Tensor keys, Tensor values, int64_t column,
+                int64_t heads) {
+    rope_write_as(qkv, cos, sin, keys, values, column, heads, nullptr);
 }
 
 // ---- one-query attention over each row's cached prefix (GQA) ----
@@ -652,11 +725,13 @@ Tensor attend(Tensor q, Tensor keys, Tensor values, Tensor mask, int64_t n, int6
 
 // ---- silu(gate) * up ----
 
-template <class T> static void silu_mul_rows(const Tensor& gu, const Tensor& out) {
+template <class T>
+static void silu_mul_rows(const Tensor& gu, const Tensor& out, const LowTerm* term) {
     const int64_t inner = out.size(1), gs = gu.stride(0);
-    const T* gp = data<T>(gu);
+    T* gp = data<T>(gu);
     T* op = data<T>(out);
-    at::parallel_for(0, gu.size(0), 8, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, gu.size(0), row_grain(term, 8), [&](int64_t b, int64_t e) {
+        if (term != nullptr) add_low_rows<T>(*term, gp, gs, b, e);
         for (int64_t r = b; r < e; ++r) {
             const T* g = gp + r * gs;
             const T* u = g + inner;
@@ -670,16 +745,20 @@ template <class T> static void silu_mul_rows(const Tensor& gu, const Tensor& out
     });
 }
 
-// gu [B, 2 I] (gate, then up) -> silu(gate) * up [B, I], the SiLU rounded to T first.
-Tensor silu_mul(Tensor gu) {
+// gu [B, 2 I] (gate, then up) -> silu(gate) * up [B, I], the SiLU rounded to T first;
+// ``term``: gu's pending low-rank term, added first.
+static Tensor silu_mul_as(const Tensor& gu, const LowTerm* term) {
     TORCH_CHECK(gu.dim() == 2 && gu.stride(1) == 1 && gu.size(1) % 2 == 0);
+    TORCH_CHECK(term == nullptr || !term->pending() || gu.is_contiguous());
     auto out = torch::empty({gu.size(0), gu.size(1) / 2}, gu.options());
     if (is_bf16(gu))
-        silu_mul_rows<uint16_t>(gu, out);
+        silu_mul_rows<uint16_t>(gu, out, term);
     else
-        silu_mul_rows<float>(gu, out);
+        silu_mul_rows<float>(gu, out, term);
     return out;
 }
+
+Tensor silu_mul(Tensor gu) { return silu_mul_as(gu, nullptr); }
 
 // ---- choosing tokens ----
 
@@ -1064,51 +1143,69 @@ static Tensor matmul(const Tensor& x, const Tensor& w, const Tensor& bias) {
 }
 
 // x @ w.T (+ bias) (+ the masked low-rank term ((x A^T) * mask) B^T), as fast_decode._apply;
-// lora: (A, B packed as low_rank_add takes it, row mask).
-static Tensor project(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor* lora) {
-    Tensor out = matmul(x, w, bias);
-    if (lora != nullptr && lora[0].numel() > 0) {  // an empty mask: every row has the adapter
-        Tensor low = matmul(x, lora[0], no_bias);
-        if (lora[2].numel() > 0) low = low * lora[2];
-        low_rank_add(out, low.contiguous(), lora[1]);
+// lora: (A, B packed as low_rank_add takes it, row mask, segments as LowTerm's). With
+// ``pending`` the low-rank term is left there for the next op to add (see LowTerm), else added
+// here.
+static Tensor project(const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor* lora,
+                      LowTerm* pending) {
+    if (pending != nullptr) *pending = LowTerm{};
+    if (lora == nullptr || lora[0].numel() == 0) return matmul(x, w, bias);
+    const Tensor& a = lora[0];
+    Tensor out, low;
+    if (small_mm_wins(x.size(0), x.size(1), w.size(0)) &&
+        small_mm_wins(x.size(0), x.size(1), a.size(0)) && w.is_contiguous() && a.is_contiguous() &&
+        x.scalar_type() == w.scalar_type() && a.scalar_type() == w.scalar_type() &&
+        (w.scalar_type() == torch::kFloat32 || is_bf16(w))) {
+        std::tie(out, low) = small_mm_pair(x.contiguous(), w, a);
+        if (bias.defined() && bias.numel() > 0) out = out + bias;
+    } else {
+        out = matmul(x, w, bias);
+        low = matmul(x, a, no_bias);
     }
+    if (lora[2].numel() > 0) low = low * lora[2];  // an empty mask: every row has the adapter
+    if (pending != nullptr)
+        *pending = LowTerm{low.contiguous(), lora[1], lora[3]};
+    else
+        low_rank_add(out, low.contiguous(), lora[1]);  // over the whole rank: B's zeros add 0
     return out;
 }
 
 // The logits [B, V] of one token per row, every layer in this one call. x [B, H]: the embedded
 // tokens (the residual stream, updated in place). weights: per layer norm1, qkv w, qkv bias,
 // o w, o bias, norm2, gate-up w, gate-up bias, down w, down bias; then the final norm, head w,
-// head bias (an absent bias: an empty tensor). lora: none at all, or (A, packed B, row mask) per
-// projection (4 per layer, then the head; empty tensors where a projection has none).
-// keys / values [L, B, kv, T, D]: this step's k / v written at ``column``, attention over the
-// columns < mask.size(1) where mask [B, n] is set. cos / sin [B, D] in x's dtype.
+// head bias (an absent bias: an empty tensor). lora: none at all, or (A, packed B, row mask,
+// segments) per projection (4 per layer, then the head; empty tensors where a projection has
+// none). keys / values [L, B, kv, T, D]: this step's k / v written at ``column``, attention over
+// the columns < mask.size(1) where mask [B, n] is set. cos / sin [B, D] in x's dtype. Each
+// projection's B product goes into the next op (LowTerm), the head's is added at once.
 Tensor decode_step(Tensor x, std::vector<Tensor> weights, std::vector<Tensor> lora, Tensor keys,
                    Tensor values, Tensor cos, Tensor sin, Tensor mask, int64_t column,
                    int64_t heads, double eps) {
     at::NoGradGuard no_grad;
     const int64_t layers = keys.size(0), kv = keys.size(2), D = keys.size(4);
     TORCH_CHECK(weights.size() == size_t(10 * layers + 3), "decode_step: weights per layer");
-    TORCH_CHECK(lora.empty() || lora.size() == size_t(3 * (4 * layers + 1)), "decode_step: lora");
-    auto lora_of = [&](int64_t p) { return lora.empty() ? nullptr : &lora[3 * p]; };
+    TORCH_CHECK(lora.empty() || lora.size() == size_t(4 * (4 * layers + 1)), "decode_step: lora");
+    auto lora_of = [&](int64_t p) { return lora.empty() ? nullptr : &lora[4 * p]; };
     cos = cos.contiguous();
     sin = sin.contiguous();
     Tensor h = torch::empty_like(x), down;
+    LowTerm term, down_term;  // down's stays pending into the next layer's first norm
     for (int64_t l = 0; l < layers; ++l) {
         const Tensor* w = &weights[10 * l];
-        norm_into(x, down.defined() ? &down : nullptr, w[0], h, eps);
-        Tensor qkv = project(h, w[1], w[2], lora_of(4 * l));
+        norm_into(x, down.defined() ? &down : nullptr, w[0], h, eps, &down_term);
+        Tensor qkv = project(h, w[1], w[2], lora_of(4 * l), &term);
         Tensor k = keys.select(0, l), v = values.select(0, l);
         TORCH_CHECK(qkv.size(1) == (heads + 2 * kv) * D && qkv.is_contiguous());
-        rope_write(qkv, cos, sin, k, v, column, heads);
+        rope_write_as(qkv, cos, sin, k, v, column, heads, &term);
         Tensor att = attend(qkv, k, v, mask, mask.size(1), heads);
-        Tensor o = project(att, w[3], w[4], lora_of(4 * l + 1));
-        norm_into(x, &o, w[5], h, eps);
-        Tensor act = silu_mul(project(h, w[6], w[7], lora_of(4 * l + 2)));
-        down = project(act, w[8], w[9], lora_of(4 * l + 3)).contiguous();
+        Tensor o = project(att, w[3], w[4], lora_of(4 * l + 1), &term);
+        norm_into(x, &o, w[5], h, eps, &term);
+        Tensor act = silu_mul_as(project(h, w[6], w[7], lora_of(4 * l + 2), &term), &term);
+        down = project(act, w[8], w[9], lora_of(4 * l + 3), &down_term);
     }
     const Tensor* w = &weights[10 * layers];
-    norm_into(x, down.defined() ? &down : nullptr, w[0], h, eps);
-    return project(h, w[1], w[2], lora_of(4 * layers));
+    norm_into(x, down.defined() ? &down : nullptr, w[0], h, eps, &down_term);
+    return project(h, w[1], w[2], lora_of(4 * layers), nullptr);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
