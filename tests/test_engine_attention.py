@@ -79,10 +79,8 @@ def test_masked_attention_matches_sdpa_values_and_gradients(queries):
         )
 
 
-def test_packed_pass_attention_sees_only_its_block_columns_and_matches_sdpa():
-    """A packed pass (two prompts, then their responses, one row of 300 tokens): each query block
-    runs over the columns it sees only, far fewer than the row, and values and gradients equal
-    SDPA's over the whole row with the same mask (fp32, 1e-5)."""
+def packed_mask(window: int | None = None) -> torch.Tensor:
+    """A packed pass's mask: two prompts (40, 30 tokens), then their 3 and 2 responses: 300."""
     from trinity.engine.packing import Cluster, Example, packed_pass
 
     def member(prompt: list[int], n: int) -> Example:
@@ -93,11 +91,26 @@ def test_packed_pass_attention_sees_only_its_block_columns_and_matches_sdpa():
         Cluster(40, [member(a, n) for n in (50, 20, 64)]),
         Cluster(30, [member(b, n) for n in (33, 63)]),
     ]
-    mask_11NN = packed_pass(clusters).mask_11NN
+    return packed_pass(clusters, window).mask_11NN
+
+
+@pytest.mark.parametrize("path", ["members", "blocks"])
+def test_packed_pass_attention_matches_sdpa(path, monkeypatch):
+    """A packed pass, one row of 300 tokens, by either path: members (each prompt and response
+    padded to the longest, one batched matmul) or query blocks over the columns they see, far
+    fewer than the row; values and gradients equal SDPA's over the whole row with the same mask
+    (fp32, 1e-5)."""
+    mask_11NN = packed_mask()
     length = mask_11NN.shape[-1]
     assert length == 300
     columns = attention.block_columns(mask_11NN)
     assert max(c.numel() for c in columns if c is not None) < length * 0.75
+    taken = []
+    if path == "blocks":
+        monkeypatch.setattr(attention, "_members_of", lambda mask: None)
+    else:
+        real = attention._member_attention
+        monkeypatch.setattr(attention, "_member_attention", lambda *a: taken.append(1) or real(*a))
     q, k, v = attention_inputs(1, length, torch.float32, seed=3)
     grad_out = torch.randn(1, length, 6, 16, generator=torch.Generator().manual_seed(4))
 
@@ -108,9 +121,31 @@ def test_packed_pass_attention_sees_only_its_block_columns_and_matches_sdpa():
     got = forward_backward(
         lambda q, k, v: attention.causal_attention(q, k, v, 0.25, mask_11NN), [q, k, v], grad_out
     )
+    assert taken == ([1] if path == "members" else [])
     expected = forward_backward(reference, [q, k, v], grad_out)
     for name, x, y in zip(("out", "grad q", "grad k", "grad v"), got, expected, strict=True):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_members_of_a_packed_pass_and_of_other_masks():
+    """A packed pass's mask is its prompts and responses as members (each response's extra keys
+    its prompt); a mask of any other shape is not members: a sliding window, a batch of two, a
+    query seeing a later key, a response seeing two prompts."""
+    mask_11NN = packed_mask()
+    plan = attention.members(mask_11NN)
+    starts = plan.query_MQ[:, 0].tolist()
+    assert starts == [0, 40, 70, 120, 140, 204, 237]
+    assert plan.key_MC[:, 0].tolist() == [0, 40, 0, 0, 0, 40, 40]  # its prompt, or its own
+    assert plan.query_MQ.shape == (7, 64) and plan.key_MC.shape == (7, 40 + 64)
+    assert sorted(plan.position_N.tolist()) == plan.position_N.tolist()  # members in order
+    assert attention.members(packed_mask(window=16)) is None
+    assert attention.members(mask_11NN.repeat(2, 1, 1, 1)) is None
+    future = mask_11NN.clone()
+    future[0, 0, 150, 151] = True
+    assert attention.members(future) is None
+    two = mask_11NN.clone()
+    two[0, 0, 150, 40:70] = True
+    assert attention.members(two) is None
 
 
 def test_causal_attention_in_bf16_is_as_close_to_fp32_as_sdpa():

@@ -10,7 +10,9 @@ queries with the keys (without a mask, the engine's right-padded rows, only up t
 last position: the masked upper triangle beyond it is never computed; with a boolean mask, a
 packed pass of prompts and their responses, the keys any of the block's queries sees,
 masked), softmax, one matmul with the values;
-autograd differentiates these large matmuls at matmul speed. The query heads of a KV group are
+autograd differentiates these large matmuls at matmul speed. A packed pass whose mask is exactly
+prompts and responses (``members``) runs instead, where that is fewer scores, as one padded batch
+of them: each response over its prompt and itself, one matmul for all. The query heads of a KV group are
 stacked as rows of one matmul, so keys and values are never repeated. It keeps the block's
 probabilities (2 bytes each in bf16) for the backward, so more keys per block than ``MAX_LENGTH``
 (where its lead over the flash kernel also shrinks) and every other call (sampling, float
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -98,6 +101,124 @@ def _gather_plan(mask_B1QT: Tensor) -> tuple[Tensor, list[int]]:
     return plans["gather"]
 
 
+class Members(NamedTuple):
+    """A one-row mask as members: query positions [start, start + length) of member m see the
+    keys [extra, extra + extra_length) and their own member's positions up to themselves (a
+    packed pass's prompt: no extra keys; a response: its prompt's). Padded to the longest
+    member (``length``, ``extra_length``): ``query_MQ``, ``key_MC`` (each member's query and key
+    positions, padding repeating its first), ``seen_MQC`` (the keys each query sees; a padding
+    query its own padding key), ``position_N`` (each position's row in the flattened
+    [M Q] queries), ``work`` (M Q C scores)."""
+
+    query_MQ: Tensor
+    key_MC: Tensor
+    seen_MQC: Tensor
+    position_N: Tensor
+    work: int
+
+
+def members(mask_11QT: Tensor) -> Members | None:
+    """The mask as ``Members``, or None where it is not exactly that (any batch > 1, sliding
+    windows, keys beyond the queries). Why: in a GRPO pass the query blocks of 128 positions
+    each see two prompts and several responses, a few hundred keys of which a query uses ~60;
+    members padded to the longest one are one batched matmul over ~40 % fewer scores, and a
+    layer's attention is a few ops where the blocks made ~70."""
+    if mask_11QT.shape[0] != 1 or mask_11QT.shape[2] != mask_11QT.shape[3]:
+        return None
+    seen_NN = mask_11QT[0, 0]
+    n = seen_NN.shape[0]
+    if n == 0 or not bool(seen_NN.diagonal().all()):
+        return None
+    # position q continues q - 1's member when it sees what q - 1 sees and itself, nothing more
+    grown = seen_NN[:-1].clone()
+    grown[torch.arange(n - 1), torch.arange(1, n)] = True
+    starts = [0] + (torch.nonzero(~(grown == seen_NN[1:]).all(1))[:, 0] + 1).tolist()
+    start_M = torch.tensor(starts)
+    length_M = torch.diff(start_M, append=torch.tensor([n]))
+    # a member's extra keys: those its first row sees besides itself (checked to be one run
+    # before the member, below, with the whole mask rebuilt from the members)
+    first_MN = seen_NN[start_M].clone()
+    first_MN[torch.arange(len(starts)), start_M] = False
+    extra_length_M = first_MN.sum(1)
+    extra_M = torch.where(extra_length_M > 0, first_MN.int().argmax(1), 0)
+    member_N = torch.arange(len(starts)).repeat_interleave(length_M)
+    columns_N = torch.arange(n)
+    lo_N, hi_N = extra_M[member_N], (extra_M + extra_length_M)[member_N]
+    rebuilt_NN = (columns_N >= lo_N[:, None]) & (columns_N < hi_N[:, None])
+    rebuilt_NN |= (columns_N >= start_M[member_N][:, None]) & (columns_N <= columns_N[:, None])
+    if not torch.equal(rebuilt_NN, seen_NN) or bool(((extra_M + extra_length_M) > start_M).any()):
+        return None
+    length, extra_length = int(length_M.max()), int(extra_length_M.max())
+    steps_Q, steps_X = torch.arange(length), torch.arange(extra_length)
+    own_MQ = steps_Q < length_M[:, None]
+    query_MQ = start_M[:, None] + torch.where(own_MQ, steps_Q, 0)
+    extra_MX = steps_X < extra_length_M[:, None]
+    key_MC = torch.cat(
+        [torch.where(extra_MX, extra_M[:, None] + steps_X, start_M[:, None]), query_MQ], 1
+    )
+    own_MQQ = own_MQ[:, None, :] & (steps_Q[None, :, None] >= steps_Q[None, None, :])
+    own_MQQ |= torch.eye(length, dtype=torch.bool)  # a padding row sees its member's first key
+    seen_MQC = torch.cat([extra_MX[:, None, :].expand(-1, length, -1), own_MQQ], 2)
+    position_N = member_N * length + columns_N - start_M[member_N]
+    return Members(query_MQ, key_MC, seen_MQC, position_N, seen_MQC.numel())
+
+
+def _members_of(mask_B1QT: Tensor) -> Members | None:
+    """``members`` of the mask, once per pass (``_LAST``), where its padded scores are fewer than
+    the query blocks' over their ``block_columns``; else None."""
+    columns = _columns_of(mask_B1QT)
+    plans = _LAST[3]
+    if "members" not in plans:
+        plan = members(mask_B1QT)
+        length = mask_B1QT.shape[2]
+        blocks = sum(
+            min(QUERY_BLOCK, length - start) * (mask_B1QT.shape[3] if c is None else c.numel())
+            for start, c in zip(range(0, length, QUERY_BLOCK), columns, strict=True)
+        )
+        plans["members"] = plan if plan is not None and plan.work < blocks else None
+    return plans["members"]
+
+
+def _member_bias(plan: Members, kv: int, group: int, dtype: torch.dtype) -> Tensor:
+    """The additive mask of the members' scores, [M K, Q G, C] (rows (position, group head)),
+    once per pass (``_LAST``)."""
+    plans = _LAST[3]
+    if ("member bias", group, dtype) not in plans:
+        seen_MRC = plan.seen_MQC.repeat_interleave(group, 1)
+        bias_MRC = torch.zeros(seen_MRC.shape, dtype=dtype, device=seen_MRC.device)
+        bias_MRC.masked_fill_(~seen_MRC, torch.finfo(dtype).min)
+        plans[("member bias", group, dtype)] = bias_MRC.repeat_interleave(kv, 0)
+    return plans[("member bias", group, dtype)]
+
+
+def _member_attention(
+    q_BATD: Tensor, k_BKTD: Tensor, v_BKTD: Tensor, scale: float, plan: Members
+) -> Tensor:
+    """``causal_attention`` over ``members``: every member's queries and keys gathered into one
+    padded batch [M K, ...] (one index_select each), one masked matmul for the scores, one for
+    the values, each position's output gathered back from its member's row."""
+    length, kv, dim = q_BATD.shape[2], k_BKTD.shape[1], k_BKTD.shape[3]
+    group = q_BATD.shape[1] // kv
+    count, queries = plan.query_MQ.shape
+    keys = plan.key_MC.shape[1]
+    device = q_BATD.device
+    q_KNGD = q_BATD[0].unflatten(0, (kv, group)).transpose(1, 2)
+    q_KMQGD = q_KNGD.index_select(1, plan.query_MQ.flatten().to(device))
+    q_NRD = q_KMQGD.view(kv, count, queries * group, dim).transpose(0, 1).flatten(0, 1)
+    key_C = plan.key_MC.flatten().to(device)
+    k_NCD, v_NCD = (
+        x[0].index_select(1, key_C).view(kv, count, keys, dim).transpose(0, 1).flatten(0, 1)
+        for x in (k_BKTD, v_BKTD)
+    )
+    bias_NRC = _member_bias(plan, kv, group, q_BATD.dtype).to(device)
+    scores_NRC = torch.baddbmm(bias_NRC, q_NRD, k_NCD.transpose(1, 2), alpha=scale)
+    out_NRD = torch.softmax(scores_NRC, dim=-1) @ v_NCD
+    out_MQKGD = out_NRD.view(count, kv, queries, group, dim).transpose(1, 2)
+    out_ND = out_MQKGD.reshape(count * queries, kv * group * dim)
+    out_ND = out_ND.index_select(0, plan.position_N.to(device))
+    return out_ND.view(1, length, kv * group, dim)
+
+
 @functools.lru_cache(maxsize=16)
 def _causal_bias(start: int, end: int, group: int, dtype: torch.dtype, device: torch.device):
     """The additive causal mask of a block of queries [start, end) over keys [0, end):
@@ -117,12 +238,14 @@ def causal_attention(
     """``softmax(q k^T * scale + mask) v`` as [B, Q, A, D]: causal over the queries (Q = T) when
     ``mask_B1QT`` is None, else where the boolean mask is set (a query with no key set gets the
     mean of the values, not NaN: such rows are padding), each query block over its
-    ``block_columns`` only.
+    ``block_columns`` only, or where the mask is ``members`` with fewer padded scores, over them.
 
     The queries are laid out once as [B, K, T, G, D], so a block's rows (position, group head)
     are a view and its gradient comes back through one concatenation (``split``); the scale and
     the mask go into the scores' matmul (``baddbmm`` with an additive mask made once per pass).
     """
+    if mask_B1QT is not None and (plan := _members_of(mask_B1QT)) is not None:
+        return _member_attention(q_BATD, k_BKTD, v_BKTD, scale, plan)
     batch, length = q_BATD.shape[0], q_BATD.shape[2]
     kv, dim = k_BKTD.shape[1], k_BKTD.shape[3]
     group = q_BATD.shape[1] // kv
