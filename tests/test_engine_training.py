@@ -339,6 +339,65 @@ def test_grad_accumulation_over_calls_and_micro_batches(engine):
     engine.remove_model("split")
 
 
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_a_pass_without_gradient_skips_the_model_backward_exactly(engine, monkeypatch, lora):
+    """Zero advantages everywhere (GRPO groups of equal rewards): the loss's gradient on every
+    token is 0, so the backward through the model is skipped and every parameter gets an exact
+    zero gradient, as the full backward gives; the optimizer step after it (momentum from a
+    previous step) moves the weights exactly as after the full backward. One nonzero advantage
+    runs the backward."""
+    from trinity.engine import engine as engine_module
+    from trinity.engine import fused_layers
+
+    sequences = make_sequences()
+    lp = [torch.full((len(s) - 1,), -3.0) for s in sequences]
+    zero = rl_inputs(sequences, lp)
+    for inputs in zero:
+        inputs["advantages"] = torch.zeros_like(inputs["advantages"])
+    one = [dict(inputs) for inputs in zero]
+    one[1]["advantages"] = torch.zeros_like(one[1]["advantages"]).index_fill_(
+        0, torch.tensor([2]), 0.7
+    )
+    backward_calls = []
+    two_stage = engine_module._backward
+    real = fused_layers.RmsNorm.backward
+    monkeypatch.setattr(
+        fused_layers.RmsNorm, "backward", lambda ctx, dy: backward_calls.append(1) or real(ctx, dy)
+    )
+
+    def two_steps(model_id: str, full_backward: bool) -> dict[str, torch.Tensor]:
+        if full_backward:
+            monkeypatch.setattr(
+                engine_module, "_backward", lambda loss, outputs, params: loss.backward()
+            )
+        engine.create_model(model_id, LoraSpec(rank=4, seed=3) if lora else None)
+        engine.forward_backward(model_id, ce_datums(sequences), "cross_entropy")
+        engine.optim_step(model_id, BIG_STEP)  # momentum, so a zero-gradient step still moves
+        calls = len(backward_calls)
+        engine.forward_backward(model_id, rl_datums(sequences, zero), "ppo")
+        skipped = len(backward_calls) == calls
+        params = engine_params(engine, model_id)
+        assert all(p.grad is not None and not p.grad.any() for p in params.values())
+        engine.optim_step(model_id, BIG_STEP)
+        out = {name: p.detach().clone() for name, p in params.items()}
+        engine.remove_model(model_id)
+        monkeypatch.setattr(engine_module, "_backward", two_stage)
+        return out, skipped
+
+    got, skipped = two_steps("skip", full_backward=False)
+    assert skipped
+    expected, ran = two_steps("full", full_backward=True)
+    assert not ran
+    for name, p in got.items():
+        assert torch.equal(p, expected[name]), name
+    engine.create_model("one", LoraSpec(rank=4, seed=3) if lora else None)
+    calls = len(backward_calls)
+    engine.forward_backward("one", rl_datums(sequences, one), "ppo")
+    assert len(backward_calls) > calls
+    assert any(p.grad.any() for p in engine_params(engine, "one").values())
+    engine.remove_model("one")
+
+
 def test_packed_passes_serve_models_whose_layers_attend_alike():
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 

@@ -63,6 +63,23 @@ def with_rope(config, rope_scaling: dict | None = None, rope_theta: float | None
     return config
 
 
+def _backward(loss: torch.Tensor, outputs: list[torch.Tensor], params: dict) -> None:
+    """``loss.backward()`` in two stages: the loss's gradient on the pass's ``outputs`` (per-token
+    logprobs, entropy), then through the model, unless that gradient is exactly zero everywhere
+    (a GRPO batch whose groups each got equal rewards: zero advantages). Then every parameter's
+    gradient is exactly zero, and it is added as such (a parameter without one gets zeros, as
+    the backward would give it) without the backward through the model, ~2/3 of the pass."""
+    outputs = [o for o in outputs if o.requires_grad]
+    grads = torch.autograd.grad(loss, outputs, allow_unused=True, retain_graph=True)
+    kept = [(o, g) for o, g in zip(outputs, grads, strict=True) if g is not None]
+    if any(bool(g.any()) for _, g in kept):
+        torch.autograd.backward([o for o, _ in kept], [g for _, g in kept])
+        return
+    for p in params.values():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
 @dataclass
 class _Trainable(Sampler):
     """A model being trained, which can be sampled from too; ``module`` is the shared base
@@ -260,7 +277,7 @@ class Engine:
                 if weighted:
                     loss = loss + (inputs[losses.ENTROPY_WEIGHTS] * entropy_N).sum()
                 if not forward_only and loss.requires_grad:  # (False for empty datums only)
-                    loss.backward()
+                    _backward(loss, [logprobs_N, entropy_N], model.params)
             total += loss.item()
             offsets = np.cumsum([0] + [e.length for e in group])
             logprobs_np = logprobs_N.detach().cpu().numpy()
