@@ -234,6 +234,15 @@ def main() -> None:
     ours = step_tflop(n_params, prompt, trinity_len, shared_prompt=True)
     theirs = step_tflop(n_params, prompt, trl_len, shared_prompt=False)
     speedup = trl_s / trinity_s
+    # Each side stops at EOS, so their completions differ in length from run to run (Trinity's
+    # mean moved between 41 and 50 tokens with its numerics, TRL's stayed at 52): Trinity's step
+    # scaled to TRL's mean completion by the tokens of its training pass (each prompt once, then
+    # every completion), which grow faster than its sampling's decode steps do.
+    rows_per_step = PROMPTS_PER_STEP * SAMPLES_PER_PROMPT
+    at_their_length = trinity_s * (
+        (PROMPTS_PER_STEP * prompt + rows_per_step * trl_len)
+        / (PROMPTS_PER_STEP * prompt + rows_per_step * trinity_len)
+    )
     target = 5 if dtype == torch.bfloat16 else 3
     lines = [
         f"- shapes: {PROMPTS_PER_STEP} prompts x {SAMPLES_PER_PROMPT} samples x <= {NEW_TOKENS} "
@@ -247,6 +256,10 @@ def main() -> None:
         f"- TRL GRPOTrainer: {trl_s:.2f} s/step (mean completion {trl_len:.1f} tokens)",
         f"- speedup: **{speedup:.1f}x** (target >= {target}x where the engine computes in "
         f"{str(dtype).removeprefix('torch.')}): {'met' if speedup >= target else 'NOT met'}",
+        f"- at TRL's completion length: Trinity's step scaled by the tokens of its training pass "
+        f"({PROMPTS_PER_STEP} x prompt + {rows_per_step} x completion) from {trinity_len:.1f} to "
+        f"{trl_len:.1f} tokens per completion: {at_their_length:.2f} s/step, "
+        f"{trl_s / at_their_length:.1f}x",
         f"- roofline: {str(dtype).removeprefix('torch.')} matmul peak {peak:.3f} TFLOP/s "
         f"(measured in this run, best of trials); work per step (6 N per token: 2 N forward in "
         f"sampling, 4 N LoRA forward/backward; N = {n_params / 1e6:.0f} M, prompt "
