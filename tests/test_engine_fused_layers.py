@@ -21,6 +21,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
+from tests.test_engine_lora_linear import datums  # GRPO-shaped, packed with shared prompts
 from trinity.engine import Engine, LoraSpec, fused_layers, gemv
 
 CONFIG = LlamaConfig(hidden_size=96, intermediate_size=160, hidden_act="silu", rms_norm_eps=1e-5)
@@ -114,28 +115,6 @@ def test_only_llama_code_is_swapped():
 
 
 # ------------------------------------------------------------------ engine level
-
-
-def datums() -> list[types.Datum]:
-    """GRPO-shaped: two prompts of three samples each (packed with a shared prefix)."""
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(2):
-        prompt = torch.randint(0, 49152, (10,), generator=g).tolist()
-        for s in range(3):
-            seq = prompt + torch.randint(0, 49152, (4 + 3 * s,), generator=g).tolist()
-            m = len(seq) - 1
-            out.append(
-                types.Datum(
-                    model_input=types.ModelInput.from_ints(seq[:-1]),
-                    loss_fn_inputs={
-                        "target_tokens": seq[1:],
-                        "logprobs": [-11.0] * m,
-                        "advantages": [0.0] * 9 + [0.5 - s * 0.4] * (m - 9),
-                    },
-                )
-            )
-    return out
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])

@@ -26,6 +26,7 @@ from transformers.activations import SiLUActivation
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from trinity.engine import gemv
+from trinity.engine.lora_linear import swapped_forwards
 
 ENABLED = os.environ.get("TRINITY_FUSED_LAYERS", "1") != "0"
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -115,13 +116,5 @@ def fused(decoder: nn.Module):
         return
     if decoder not in _SWAPS:
         _SWAPS[decoder] = _swaps(decoder)
-    swapped = []
-    for module, forward in _SWAPS[decoder]:
-        if "forward" not in module.__dict__:
-            module.forward = forward.__get__(module)
-            swapped.append(module)
-    try:
+    with swapped_forwards(_SWAPS[decoder]):
         yield
-    finally:
-        for module in swapped:
-            del module.forward

@@ -120,17 +120,21 @@ def _forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 @contextmanager
-def fused(layers):
-    """Within: ``layers`` (peft ``lora.Linear`` modules) run ``_forward``; ones that already
-    carry an instance forward (someone else's hook) are left alone."""
+def swapped_forwards(pairs):
+    """Within: the module of each (module, function) pair runs ``function`` as its forward;
+    a module that already carries an instance forward (someone else's hook) is left alone."""
     swapped = []
-    if ENABLED:
-        for layer in layers:
-            if "forward" not in layer.__dict__:
-                layer.forward = _forward.__get__(layer)
-                swapped.append(layer)
+    for module, forward in pairs:
+        if "forward" not in module.__dict__:
+            module.forward = forward.__get__(module)
+            swapped.append(module)
     try:
         yield
     finally:
-        for layer in swapped:
-            del layer.forward
+        for module in swapped:
+            del module.forward
+
+
+def fused(layers):
+    """Within: ``layers`` (peft ``lora.Linear`` modules) run ``_forward``."""
+    return swapped_forwards([(layer, _forward) for layer in layers] if ENABLED else [])
