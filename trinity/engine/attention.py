@@ -11,9 +11,9 @@ last position: the masked upper triangle beyond it is never computed; with a boo
 packed pass of prompts and their responses, the keys any of the block's queries sees,
 masked), softmax, one matmul with the values;
 autograd differentiates these large matmuls at matmul speed. A packed pass whose mask is exactly
-prompts and responses (``members``) runs instead, where that is fewer scores, as one padded batch
-of them: each response over its prompt and itself, one matmul for all. The query heads of a KV group are
-stacked as rows of one matmul, so keys and values are never repeated. It keeps the block's
+prompts and responses (``members``) runs instead, where that is fewer scores, as one padded
+batch of them: each response over its prompt and itself, one matmul for all. The query heads of
+a KV group are stacked as rows of one matmul, so keys and values are never repeated. It keeps the block's
 probabilities (2 bytes each in bf16) for the backward, so more keys per block than ``MAX_LENGTH``
 (where its lead over the flash kernel also shrinks) and every other call (sampling, float
 masks) go to "sdpa" unchanged.
@@ -104,9 +104,9 @@ def _gather_plan(mask_B1QT: Tensor) -> tuple[Tensor, list[int]]:
 class Members(NamedTuple):
     """A one-row mask as members: query positions [start, start + length) of member m see the
     keys [extra, extra + extra_length) and their own member's positions up to themselves (a
-    packed pass's prompt: no extra keys; a response: its prompt's). Padded to the longest
-    member (``length``, ``extra_length``): ``query_MQ``, ``key_MC`` (each member's query and key
-    positions, padding repeating its first), ``seen_MQC`` (the keys each query sees; a padding
+    packed pass's prompt: no extra keys; a response: its prompt's). Padded to the longest member
+    and the longest extra run: ``query_MQ``, ``key_MC`` (each member's query and key positions,
+    on the CPU, padding repeating its first), ``seen_MQC`` (the keys each query sees; a padding
     query its own padding key), ``position_N`` (each position's row in the flattened
     [M Q] queries), ``work`` (M Q C scores)."""
 
@@ -125,7 +125,7 @@ def members(mask_11QT: Tensor) -> Members | None:
     layer's attention is a few ops where the blocks made ~70."""
     if mask_11QT.shape[0] != 1 or mask_11QT.shape[2] != mask_11QT.shape[3]:
         return None
-    seen_NN = mask_11QT[0, 0]
+    seen_NN = mask_11QT[0, 0].cpu()
     n = seen_NN.shape[0]
     if n == 0 or not bool(seen_NN.diagonal().all()):
         return None
@@ -179,16 +179,17 @@ def _members_of(mask_B1QT: Tensor) -> Members | None:
     return plans["members"]
 
 
-def _member_bias(plan: Members, kv: int, group: int, dtype: torch.dtype) -> Tensor:
+def _member_bias(plan: Members, kv: int, group: int, dtype: torch.dtype, device) -> Tensor:
     """The additive mask of the members' scores, [M K, Q G, C] (rows (position, group head)),
     once per pass (``_LAST``)."""
     plans = _LAST[3]
-    if ("member bias", group, dtype) not in plans:
-        seen_MRC = plan.seen_MQC.repeat_interleave(group, 1)
-        bias_MRC = torch.zeros(seen_MRC.shape, dtype=dtype, device=seen_MRC.device)
+    key = ("member bias", group, dtype, device)
+    if key not in plans:
+        seen_MRC = plan.seen_MQC.repeat_interleave(group, 1).to(device)
+        bias_MRC = torch.zeros(seen_MRC.shape, dtype=dtype, device=device)
         bias_MRC.masked_fill_(~seen_MRC, torch.finfo(dtype).min)
-        plans[("member bias", group, dtype)] = bias_MRC.repeat_interleave(kv, 0)
-    return plans[("member bias", group, dtype)]
+        plans[key] = bias_MRC.repeat_interleave(kv, 0)
+    return plans[key]
 
 
 def _member_attention(
@@ -210,7 +211,7 @@ def _member_attention(
         x[0].index_select(1, key_C).view(kv, count, keys, dim).transpose(0, 1).flatten(0, 1)
         for x in (k_BKTD, v_BKTD)
     )
-    bias_NRC = _member_bias(plan, kv, group, q_BATD.dtype).to(device)
+    bias_NRC = _member_bias(plan, kv, group, q_BATD.dtype, device)
     scores_NRC = torch.baddbmm(bias_NRC, q_NRD, k_NCD.transpose(1, 2), alpha=scale)
     out_NRD = torch.softmax(scores_NRC, dim=-1) @ v_NCD
     out_MQKGD = out_NRD.view(count, kv, queries, group, dim).transpose(1, 2)

@@ -8,10 +8,10 @@ rows, with the ops' roundings (the fp32 reductions in another order, SiLU's exp 
 
 ``fused(decoder)`` swaps these forwards in for the modules of a decoder whose forward is exactly
 Hugging Face's Llama one (the same code: Llama, Mistral, Qwen2 / 3 and others copy it), for the
-duration of a pass (``Forward``: training and forward-only passes alike, so both give the same
-logprobs). A call with inputs the kernels do not take (not on the CPU, a dtype other than fp32 /
-bf16, a weight of another dtype than the input) runs the module's own forward; without the native build nothing
-is swapped, nor with ``TRINITY_FUSED_LAYERS=0`` (read once, at import).
+duration of a pass (``Forward``: training and forward-only passes alike). A call with inputs the
+kernels do not take (not on the CPU, a dtype other than fp32 / bf16, a weight of another dtype
+than the input) runs the module's own forward; without the native build nothing is swapped, nor
+with ``TRINITY_FUSED_LAYERS=0`` (read once, at import).
 """
 
 from __future__ import annotations
