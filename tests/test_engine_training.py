@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from tests.conftest import demo_tokenizer, tiny_llama
 from trinity.engine import Engine, LoraSpec, attention, losses
 from trinity.engine.optim import AdamW
-from trinity.engine.packing import micro_batches, prepare_example
+from trinity.engine.packing import batch_inputs, micro_batches, prepare_example
 
 LENGTHS = (9, 14, 5)
 BIG_STEP = types.AdamParams(learning_rate=0.05)  # moves B away from 0 so the adapter matters
@@ -339,13 +339,53 @@ def test_grad_accumulation_over_calls_and_micro_batches(engine):
     engine.remove_model("split")
 
 
+@pytest.mark.parametrize("loss_fn", sorted(losses.LOSSES))
+def test_inert_datums_are_the_ones_whose_loss_has_no_gradient(loss_fn):
+    """``losses.inert`` says a datum has no gradient only where autograd finds none: zero
+    advantages (zero weights and entropy weights for cross-entropy), except DRO,
+    whose penalty keeps one; one nonzero gate value makes it live."""
+    g = torch.Generator().manual_seed(0)
+    n = 7
+    loss = losses.get_loss(loss_fn)
+    config = losses.resolve_config(loss_fn, {"beta": 0.1} if loss_fn == "dro" else None)
+    base = {
+        "target_tokens": list(range(1, n + 1)),
+        "logprobs": (-2 + 0.3 * torch.randn(n, generator=g)).tolist(),
+        "advantages": [0.0] * n,
+        "weights": [0.0] * n,
+    }
+
+    def inert_and_gradient(inputs: dict) -> tuple[bool, bool]:
+        kept = {
+            k: types.TensorData.from_torch(torch.tensor(v))
+            for k, v in inputs.items()
+            if k in loss.inputs or k in loss.input_defaults
+        }
+        datum = types.Datum(
+            model_input=types.ModelInput.from_ints(list(range(n))), loss_fn_inputs=kept
+        )
+        example = prepare_example(0, datum, loss, 49152, 1024)
+        # near the sampler's logprobs, so no ratio is clipped (GSPO's band is 1e-4 wide)
+        lp = (torch.tensor(base["logprobs"]) + 1e-5 * torch.randn(n, generator=g)).requires_grad_()
+        terms = losses.token_losses(loss_fn, lp, batch_inputs([example], config), config)
+        (grad,) = torch.autograd.grad(terms.sum(), lp)
+        return losses.inert(loss, example.inputs), bool(grad.any())
+
+    assert inert_and_gradient(base) == (loss_fn != "dro", loss_fn == "dro")
+    gate = "weights" if loss_fn == "cross_entropy" else "advantages"
+    assert inert_and_gradient(base | {gate: [0.0] * (n - 1) + [0.5]}) == (False, True)
+    if loss_fn == "cross_entropy":  # its entropy term enters through the pass, not ``lp``
+        entropy = base | {losses.ENTROPY_WEIGHTS: [0.0, 0.2] + [0.0] * (n - 2)}
+        assert inert_and_gradient(entropy)[0] is False
+
+
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_a_pass_without_gradient_skips_the_model_backward_exactly(engine, monkeypatch, lora):
-    """Zero advantages everywhere (GRPO groups of equal rewards): the loss's gradient on every
-    token is 0, so the backward through the model is skipped and every parameter gets an exact
-    zero gradient, as the full backward gives; the optimizer step after it (momentum from a
-    previous step) moves the weights exactly as after the full backward. One nonzero advantage
-    runs the backward."""
+def test_datums_without_gradient_stay_out_of_the_backward_exactly(engine, monkeypatch, lora):
+    """A datum whose advantages are all 0 (a GRPO group of equal rewards) has no gradient: it
+    runs forward only, so the backward covers the other datums' tokens alone, and with none
+    left no backward runs and every parameter gets an exact zero gradient. Against the full
+    backward over every datum: the same gradients and logprobs (fp32, another packing), and
+    the optimizer's step after an all-zero pass (momentum from a step before) bit-identical."""
     from trinity.engine import engine as engine_module
     from trinity.engine import fused_layers
 
@@ -358,44 +398,56 @@ def test_a_pass_without_gradient_skips_the_model_backward_exactly(engine, monkey
     one[1]["advantages"] = torch.zeros_like(one[1]["advantages"]).index_fill_(
         0, torch.tensor([2]), 0.7
     )
-    backward_calls = []
-    two_stage = engine_module._backward
+    rows = []  # the rows of each norm's backward: the tokens the backward covers
     real = fused_layers.RmsNorm.backward
     monkeypatch.setattr(
-        fused_layers.RmsNorm, "backward", lambda ctx, dy: backward_calls.append(1) or real(ctx, dy)
+        fused_layers.RmsNorm, "backward", lambda ctx, dy: rows.append(len(dy)) or real(ctx, dy)
     )
 
-    def two_steps(model_id: str, full_backward: bool) -> dict[str, torch.Tensor]:
-        if full_backward:
-            monkeypatch.setattr(
-                engine_module, "_backward", lambda loss, outputs, params: loss.backward()
-            )
-        engine.create_model(model_id, LoraSpec(rank=4, seed=3) if lora else None)
-        engine.forward_backward(model_id, ce_datums(sequences), "cross_entropy")
-        engine.optim_step(model_id, BIG_STEP)  # momentum, so a zero-gradient step still moves
-        calls = len(backward_calls)
-        engine.forward_backward(model_id, rl_datums(sequences, zero), "ppo")
-        skipped = len(backward_calls) == calls
-        params = engine_params(engine, model_id)
-        assert all(p.grad is not None and not p.grad.any() for p in params.values())
-        engine.optim_step(model_id, BIG_STEP)
-        out = {name: p.detach().clone() for name, p in params.items()}
-        engine.remove_model(model_id)
-        monkeypatch.setattr(engine_module, "_backward", two_stage)
-        return out, skipped
+    def full_backward() -> None:  # every datum through the backward, as before
+        monkeypatch.setattr(losses, "inert", lambda loss, inputs: False)
+        monkeypatch.setattr(engine_module, "_backward", lambda loss, _: loss.backward() or True)
 
-    got, skipped = two_steps("skip", full_backward=False)
-    assert skipped
-    expected, ran = two_steps("full", full_backward=True)
-    assert not ran
-    for name, p in got.items():
-        assert torch.equal(p, expected[name]), name
-    engine.create_model("one", LoraSpec(rank=4, seed=3) if lora else None)
-    calls = len(backward_calls)
-    engine.forward_backward("one", rl_datums(sequences, one), "ppo")
-    assert len(backward_calls) > calls
-    assert any(p.grad.any() for p in engine_params(engine, "one").values())
-    engine.remove_model("one")
+    def run(inputs, full: bool):
+        """(logprobs, grads) of a pass over ``inputs`` after a cross-entropy step, the norms'
+        backward rows, and the weights after the optimizer's step that follows the pass."""
+        engine.create_model("m", LoraSpec(rank=4, seed=3) if lora else None)
+        engine.forward_backward("m", ce_datums(sequences), "cross_entropy")
+        engine.optim_step("m", BIG_STEP)  # momentum, so a zero-gradient step still moves
+        if full:
+            full_backward()
+        rows.clear()
+        out = engine.forward_backward("m", rl_datums(sequences, inputs), "ppo")
+        monkeypatch.undo()
+        monkeypatch.setattr(
+            fused_layers.RmsNorm, "backward", lambda ctx, dy: rows.append(len(dy)) or real(ctx, dy)
+        )
+        covered = list(rows)
+        params = engine_params(engine, "m")
+        grads = {name: p.grad.clone() for name, p in params.items()}
+        engine.optim_step("m", BIG_STEP)
+        weights = {name: p.detach().clone() for name, p in params.items()}
+        engine.remove_model("m")
+        logprobs = [torch.tensor(o["logprobs"].data) for o in out.loss_fn_outputs]
+        return logprobs, grads, covered, weights
+
+    _, grads, covered, weights = run(zero, full=False)
+    assert covered == []  # no backward at all
+    assert all(not g.any() for g in grads.values())
+    _, ref_grads, ref_covered, ref_weights = run(zero, full=True)
+    assert ref_covered and all(not g.any() for g in ref_grads.values())
+    for name, w in weights.items():
+        assert torch.equal(w, ref_weights[name]), name
+
+    logprobs, grads, covered, _ = run(one, full=False)
+    assert covered and max(covered) == LENGTHS[1]  # the one datum with gradient
+    ref_logprobs, ref_grads, ref_covered, _ = run(one, full=True)
+    assert max(ref_covered) > LENGTHS[1]
+    assert any(g.any() for g in grads.values())
+    for name, g in grads.items():
+        assert_grads_close(g, ref_grads[name], name)
+    for got, want in zip(logprobs, ref_logprobs, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_packed_passes_serve_models_whose_layers_attend_alike():

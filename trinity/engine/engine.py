@@ -63,21 +63,18 @@ def with_rope(config, rope_scaling: dict | None = None, rope_theta: float | None
     return config
 
 
-def _backward(loss: torch.Tensor, outputs: list[torch.Tensor], params: dict) -> None:
+def _backward(loss: torch.Tensor, outputs: list[torch.Tensor]) -> bool:
     """``loss.backward()`` in two stages: the loss's gradient on the pass's ``outputs`` (per-token
     logprobs, entropy), then through the model, unless that gradient is exactly zero everywhere
-    (a GRPO batch whose groups each got equal rewards: zero advantages). Then every parameter's
-    gradient is exactly zero, and it is added as such (a parameter without one gets zeros, as
-    the backward would give it) without the backward through the model, ~2/3 of the pass."""
+    (then every parameter's gradient would be exactly zero, at ~2/3 of the pass's cost).
+    Whether the backward ran."""
     outputs = [o for o in outputs if o.requires_grad]
     grads = torch.autograd.grad(loss, outputs, allow_unused=True, retain_graph=True)
     kept = [(o, g) for o, g in zip(outputs, grads, strict=True) if g is not None]
-    if any(bool(g.any()) for _, g in kept):
-        torch.autograd.backward([o for o, _ in kept], [g for _, g in kept])
-        return
-    for p in params.values():
-        if p.requires_grad and p.grad is None:
-            p.grad = torch.zeros_like(p)
+    if not any(bool(g.any()) for _, g in kept):
+        return False
+    torch.autograd.backward([o for o, _ in kept], [g for _, g in kept])
+    return True
 
 
 @dataclass
@@ -261,32 +258,47 @@ class Engine:
         # the decoder's LoRA linears of a training pass run fused (trinity/engine/lora_linear.py)
         train = model.adapter is not None and not forward_only
         fused = self._adapters.linears(model.adapter) if train else []
-        for clusters in micro_batches(examples, self.micro_batch_tokens, self._share_prefixes):
-            group = [e for _, members in clusters for e in members]
-            # an entropy term (losses.ENTROPY_WEIGHTS) needs the entropy, with its gradient; a
-            # returned one alone needs no gradient (and the backward then keeps probabilities)
-            weighted = any(
-                losses.ENTROPY_WEIGHTS in d.loss_fn_inputs for d in (datums[e.index] for e in group)
-            )
-            with torch.set_grad_enabled(not forward_only), lora_linear.fused(fused):
-                logprobs_N, entropy_N = self._forward.logprobs(
-                    model.module, model.adapter, clusters, return_entropy or weighted, weighted
+        # A datum whose loss is 0 whatever its logprobs (``losses.inert``: a GRPO group of equal
+        # rewards) has no gradient: it runs in passes of its own that no backward follows (the
+        # same fused forward, so its logprobs are computed alike), and the backward covers the
+        # other datums' tokens alone. Where no backward runs at all, every parameter still gets
+        # its exact zero gradient (the optimizer's step then moves it as after a backward).
+        idle = {e.index for e in examples if not forward_only and losses.inert(loss_def, e.inputs)}
+        backward = False
+        for part, live in (
+            ([e for e in examples if e.index not in idle], not forward_only),
+            ([e for e in examples if e.index in idle], False),
+        ):
+            for clusters in micro_batches(part, self.micro_batch_tokens, self._share_prefixes):
+                group = [e for _, members in clusters for e in members]
+                # an entropy term (losses.ENTROPY_WEIGHTS) needs the entropy, with its gradient;
+                # a returned one alone needs none (and the backward then keeps probabilities)
+                weighted = any(
+                    losses.ENTROPY_WEIGHTS in datums[e.index].loss_fn_inputs for e in group
                 )
-                inputs = {k: v.to(self.device) for k, v in batch_inputs(group, config).items()}
-                loss = losses.token_losses(loss_fn, logprobs_N, inputs, config).sum()
-                if weighted:
-                    loss = loss + (inputs[losses.ENTROPY_WEIGHTS] * entropy_N).sum()
-                if not forward_only and loss.requires_grad:  # (False for empty datums only)
-                    _backward(loss, [logprobs_N, entropy_N], model.params)
-            total += loss.item()
-            offsets = np.cumsum([0] + [e.length for e in group])
-            logprobs_np = logprobs_N.detach().cpu().numpy()
-            entropy_np = entropy_N.detach().cpu().numpy()
-            for e, start, end in zip(group, offsets[:-1], offsets[1:], strict=True):
-                out = outputs[e.index]
-                out["logprobs"] = types.TensorData.from_numpy(logprobs_np[start:end].copy())
-                if return_entropy:
-                    out["entropy"] = types.TensorData.from_numpy(entropy_np[start:end].copy())
+                with torch.set_grad_enabled(not forward_only), lora_linear.fused(fused):
+                    logprobs_N, entropy_N = self._forward.logprobs(
+                        model.module, model.adapter, clusters, return_entropy or weighted, weighted
+                    )
+                    inputs = {k: v.to(self.device) for k, v in batch_inputs(group, config).items()}
+                    loss = losses.token_losses(loss_fn, logprobs_N, inputs, config).sum()
+                    if weighted:
+                        loss = loss + (inputs[losses.ENTROPY_WEIGHTS] * entropy_N).sum()
+                    if live and loss.requires_grad:  # (False for empty datums only)
+                        backward |= _backward(loss, [logprobs_N, entropy_N])
+                total += loss.item()
+                offsets = np.cumsum([0] + [e.length for e in group])
+                logprobs_np = logprobs_N.detach().cpu().numpy()
+                entropy_np = entropy_N.detach().cpu().numpy()
+                for e, start, end in zip(group, offsets[:-1], offsets[1:], strict=True):
+                    out = outputs[e.index]
+                    out["logprobs"] = types.TensorData.from_numpy(logprobs_np[start:end].copy())
+                    if return_entropy:
+                        out["entropy"] = types.TensorData.from_numpy(entropy_np[start:end].copy())
+        if not forward_only and not backward:
+            for p in model.params.values():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
         return types.ForwardBackwardOutput(
             loss_fn_output_type="ArrayRecord", loss_fn_outputs=outputs, metrics={"loss:sum": total}
         )

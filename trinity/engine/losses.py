@@ -49,6 +49,9 @@ class LossFn:
     optional_inputs: tuple[str, ...] = ()
     # per-token inputs a datum may leave out, computed from its other inputs
     input_defaults: dict[str, Callable[[Inputs], Tensor]] = field(default_factory=dict)
+    # per-token inputs that scale every term of a token's loss: where all are 0 on every token
+    # of a datum, its loss is 0 whatever its logprobs (no gradient; ``inert``)
+    gates: tuple[str, ...] = ()
 
 
 ENTROPY_WEIGHTS = "entropy_weights"
@@ -117,27 +120,41 @@ def _nonzero_advantages(inputs: Inputs) -> Tensor:
 
 
 _RL_INPUTS = ("target_tokens", "logprobs", "advantages")
+_ADVANTAGES = ("advantages",)
 _CLIP = ("clip_low_threshold", "clip_high_threshold")
 
 LOSSES: dict[str, LossFn] = {
     # our extension: optional per-token "entropy_weights" e add sum(e * H), H the token's entropy
     # over the full vocabulary (an exact entropy term in a linearized custom loss)
     "cross_entropy": LossFn(
-        ("target_tokens", "weights"), {}, cross_entropy, input_defaults={ENTROPY_WEIGHTS: _zeros}
+        ("target_tokens", "weights"),
+        {},
+        cross_entropy,
+        input_defaults={ENTROPY_WEIGHTS: _zeros},
+        gates=("weights", ENTROPY_WEIGHTS),
     ),
-    "importance_sampling": LossFn(_RL_INPUTS, {}, importance_sampling),
-    "ppo": LossFn(_RL_INPUTS, {_CLIP[0]: 0.8, _CLIP[1]: 1.2}, ppo, _CLIP),
-    "cispo": LossFn(_RL_INPUTS, {_CLIP[0]: 0.0, _CLIP[1]: 4.0}, cispo, _CLIP),
-    "dro": LossFn(_RL_INPUTS, {"beta": None}, dro),
+    "importance_sampling": LossFn(_RL_INPUTS, {}, importance_sampling, gates=_ADVANTAGES),
+    "ppo": LossFn(_RL_INPUTS, {_CLIP[0]: 0.8, _CLIP[1]: 1.2}, ppo, _CLIP, gates=_ADVANTAGES),
+    "cispo": LossFn(_RL_INPUTS, {_CLIP[0]: 0.0, _CLIP[1]: 4.0}, cispo, _CLIP, gates=_ADVANTAGES),
+    "dro": LossFn(_RL_INPUTS, {"beta": None}, dro),  # its penalty has a gradient at A = 0
     "gspo": LossFn(
         _RL_INPUTS,
         {_CLIP[0]: 1 - 3e-4, _CLIP[1]: 1 + 4e-4},  # the GSPO paper's sequence-ratio band
         gspo,
         _CLIP,
         {"sequence_ratio_mask": _nonzero_advantages},
+        gates=_ADVANTAGES,
     ),
-    "stable_reinforce": LossFn(_RL_INPUTS, {_CLIP[0]: 0.5, _CLIP[1]: 2.0}, stable_reinforce, _CLIP),
+    "stable_reinforce": LossFn(
+        _RL_INPUTS, {_CLIP[0]: 0.5, _CLIP[1]: 2.0}, stable_reinforce, _CLIP, gates=_ADVANTAGES
+    ),
 }
+
+
+def inert(loss: LossFn, inputs: Inputs) -> bool:
+    """Whether a datum's loss is 0 whatever its logprobs: every gate input 0 on every token (a
+    GRPO group whose rewards were all equal: zero advantages)."""
+    return bool(loss.gates) and not any(bool(inputs[key].any()) for key in loss.gates)
 
 
 def get_loss(name: str) -> LossFn:
