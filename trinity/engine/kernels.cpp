@@ -259,6 +259,18 @@ static void mm_range(const T* w, const T* x, T* y, int64_t K, int64_t O, int64_t
 }
 #endif
 
+// Output columns [TILE_O t0, TILE_O t1) (clipped to w's rows) of y = x @ w.T, fp32 or bf16.
+static void mm_tiles(const Tensor& x, const Tensor& w, const Tensor& y, int64_t t0, int64_t t1) {
+    const int64_t M = x.size(0), K = x.size(1), O = w.size(0);
+    if (t1 <= t0) return;
+    t0 *= TILE_O;
+    t1 = std::min(O, t1 * TILE_O);
+    if (is_bf16(w))
+        mm_range(data<uint16_t>(w), data<uint16_t>(x), data<uint16_t>(y), K, O, M, t0, t1);
+    else
+        mm_range(data<float>(w), data<float>(x), data<float>(y), K, O, M, t0, t1);
+}
+
 // x [M, K] and w [O, K] contiguous, both fp32 or both bf16; returns x @ w.T in their dtype (fp32
 // sums, rounded once, as F.linear).
 Tensor small_mm(Tensor x, Tensor w) {
@@ -271,15 +283,7 @@ Tensor small_mm(Tensor x, Tensor w) {
     // Tasks of at least ~64k multiply-adds: smaller ones cost more to hand out than they share.
     const int64_t tiles = (O + TILE_O - 1) / TILE_O;
     const int64_t grain = std::max<int64_t>(1, (1 << 16) / (TILE_O * M * K));
-    at::parallel_for(0, tiles, grain, [&](int64_t b, int64_t e) {
-        b *= TILE_O;
-        e = std::min(O, e * TILE_O);
-        if (is_bf16(w))
-            mm_range(data<uint16_t>(w), data<uint16_t>(x), data<uint16_t>(y), K, O, M, b, e);
-        else
-            mm_range(w.data_ptr<float>(), x.data_ptr<float>(), y.data_ptr<float>(), K, O, M, b,
-                     e);
-    });
+    at::parallel_for(0, tiles, grain, [&](int64_t b, int64_t e) { mm_tiles(x, w, y, b, e); });
     return y;
 }
 
@@ -291,18 +295,8 @@ static std::pair<Tensor, Tensor> small_mm_pair(const Tensor& x, const Tensor& w,
     const int64_t tiles = (O + TILE_O - 1) / TILE_O, a_tiles = (R + TILE_O - 1) / TILE_O;
     const int64_t grain = std::max<int64_t>(1, (1 << 16) / (TILE_O * M * K));
     at::parallel_for(0, tiles + a_tiles, grain, [&](int64_t b, int64_t e) {
-        auto run = [&](const Tensor& m, const Tensor& out, int64_t n, int64_t t0, int64_t t1) {
-            if (t1 <= t0) return;
-            t0 *= TILE_O;
-            t1 = std::min(n, t1 * TILE_O);
-            if (is_bf16(m))
-                mm_range(data<uint16_t>(m), data<uint16_t>(x), data<uint16_t>(out), K, n, M, t0,
-                         t1);
-            else
-                mm_range(data<float>(m), data<float>(x), data<float>(out), K, n, M, t0, t1);
-        };
-        run(w, y, O, b, std::min(e, tiles));
-        run(a, low, R, std::max(b, tiles) - tiles, e - tiles);
+        mm_tiles(x, w, y, b, std::min(e, tiles));
+        mm_tiles(x, a, low, std::max(b, tiles) - tiles, e - tiles);
     });
     return {y, low};
 }
@@ -473,18 +467,25 @@ static inline int64_t row_grain(const LowTerm* term, int64_t grain) {
 
 // One row: x += delta (in place, when given), then out = w * (x * rsqrt(mean(x^2) + eps)), the
 // statistics in fp32 and the normed row rounded to T before the weight (fast_decode._rms_norm).
+// (normed_row: the second part alone, returning 1 / sqrt(mean(x^2) + eps).)
 template <class T>
-static void norm_row(T* x, const T* delta, const T* w, T* out, int64_t n, float eps) {
-    if (delta != nullptr) {
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) x[i] = store<T>(f32(x[i]) + f32(delta[i]));
-    }
+static float normed_row(const T* x, const T* w, T* out, int64_t n, float eps) {
     float squares = 0;
 #pragma omp simd reduction(+ : squares)
     for (int64_t i = 0; i < n; ++i) squares += f32(x[i]) * f32(x[i]);
     const float inv = 1.0f / std::sqrt(squares / float(n) + eps);
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) out[i] = store<T>(f32(w[i]) * rnd<T>(f32(x[i]) * inv));
+    return inv;
+}
+
+template <class T>
+static void norm_row(T* x, const T* delta, const T* w, T* out, int64_t n, float eps) {
+    if (delta != nullptr) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) x[i] = store<T>(f32(x[i]) + f32(delta[i]));
+    }
+    normed_row<T>(x, w, out, n, eps);
 }
 
 template <class T>
@@ -725,6 +726,15 @@ Tensor attend(Tensor q, Tensor keys, Tensor values, Tensor mask, int64_t n, int6
 
 // ---- silu(gate) * up ----
 
+// One row: z = rnd(silu(g)) * u (SiLU rounded to T first, as the torch ops).
+template <class T> static void silu_mul_row(const T* g, const T* u, T* z, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+        const float x = f32(g[i]);
+        z[i] = store<T>(rnd<T>(x / (1.0f + exp_approx(-x))) * f32(u[i]));
+    }
+}
+
 template <class T>
 static void silu_mul_rows(const Tensor& gu, const Tensor& out, const LowTerm* term) {
     const int64_t inner = out.size(1), gs = gu.stride(0);
@@ -732,16 +742,8 @@ static void silu_mul_rows(const Tensor& gu, const Tensor& out, const LowTerm* te
     T* op = data<T>(out);
     at::parallel_for(0, gu.size(0), row_grain(term, 8), [&](int64_t b, int64_t e) {
         if (term != nullptr) add_low_rows<T>(*term, gp, gs, b, e);
-        for (int64_t r = b; r < e; ++r) {
-            const T* g = gp + r * gs;
-            const T* u = g + inner;
-            T* o = op + r * inner;
-#pragma omp simd
-            for (int64_t i = 0; i < inner; ++i) {
-                const float x = f32(g[i]);
-                o[i] = store<T>(rnd<T>(x / (1.0f + exp_approx(-x))) * f32(u[i]));
-            }
-        }
+        for (int64_t r = b; r < e; ++r)
+            silu_mul_row<T>(gp + r * gs, gp + r * gs + inner, op + r * inner, inner);
     });
 }
 
@@ -965,17 +967,7 @@ static void norm_forward_as(const Tensor& x, const Tensor& w, const Tensor& y, c
     T* yp = data<T>(y);
     float* rp = rstd.data_ptr<float>();
     at::parallel_for(0, x.size(0), 16, [&](int64_t b, int64_t e) {
-        for (int64_t n = b; n < e; ++n) {
-            const T* xr = xp + n * C;
-            T* yr = yp + n * C;
-            float squares = 0;
-#pragma omp simd reduction(+ : squares)
-            for (int64_t i = 0; i < C; ++i) squares += f32(xr[i]) * f32(xr[i]);
-            const float r = 1.0f / std::sqrt(squares / float(C) + eps);
-            rp[n] = r;
-#pragma omp simd
-            for (int64_t i = 0; i < C; ++i) yr[i] = store<T>(f32(wp[i]) * rnd<T>(f32(xr[i]) * r));
-        }
+        for (int64_t n = b; n < e; ++n) rp[n] = normed_row<T>(xp + n * C, wp, yp + n * C, C, eps);
     });
 }
 
@@ -1066,15 +1058,7 @@ static void swiglu_forward_as(const Tensor& g, const Tensor& u, const Tensor& z)
     const T *gp = data<T>(g), *up = data<T>(u);
     T* zp = data<T>(z);
     at::parallel_for(0, z.size(0), 8, [&](int64_t b, int64_t e) {
-        for (int64_t n = b; n < e; ++n) {
-            const T *gr = gp + n * gs, *ur = up + n * us;
-            T* zr = zp + n * I;
-#pragma omp simd
-            for (int64_t i = 0; i < I; ++i) {
-                const float x = f32(gr[i]);
-                zr[i] = store<T>(rnd<T>(x / (1.0f + exp_approx(-x))) * f32(ur[i]));
-            }
-        }
+        for (int64_t n = b; n < e; ++n) silu_mul_row<T>(gp + n * gs, up + n * us, zp + n * I, I);
     });
 }
 
